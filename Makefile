@@ -1,0 +1,45 @@
+# Palisade — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.palisade-installed
+export PALISADE_HOME ?= $(CURDIR)/var
+
+.DEFAULT_GOAL := help
+.PHONY: help setup model run test check lint typecheck bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(STAMP) ## Create .venv and install Palisade with its dev tools
+
+model: $(STAMP) ## Fetch the default model (SmolLM2-135M-Instruct) into $PALISADE_HOME/models
+	$(BIN)/palisade models fetch-default
+
+run: model ## Start an appliance serving the default model and print how to call it
+	$(BIN)/palisade appliance serve
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP) ## mypy --strict over every package and the tests
+	$(BIN)/mypy
+
+check: lint typecheck ## Lint and type-check
+
+test: model check ## Install everything and run lint, types and the whole test suite
+	$(BIN)/pytest
+
+bench: model ## Run the benchmarks (tables on stdout, JSON under var/bench/)
+	$(BIN)/python -m tests.bench
+
+clean: ## Remove the virtual env and caches (keeps var/)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

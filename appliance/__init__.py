@@ -1,0 +1,65 @@
+"""The edge node's data plane: engines, scheduling, the OpenAI endpoints and metrics."""
+
+from appliance._private.app import ApplianceState, create_app
+from appliance._private.cli import appliance_cli, models_cli
+from appliance._private.config import (
+    DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_ID,
+    DEFAULT_PORT,
+    ApplianceConfig,
+    ModelConfig,
+    load_appliance_config,
+    palisade_home,
+)
+from appliance._private.engine import Engine, EngineLoad, Finish, Generation, SamplingParams
+from appliance._private.errors import (
+    ApplianceError,
+    ContextLengthExceededError,
+    ModelFetchError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    QueueFullError,
+    UnsupportedParameterError,
+)
+from appliance._private.llamacpp import LlamaCppEngine
+from appliance._private.model_store import (
+    DEFAULT_MODEL_SHA256,
+    FetchResult,
+    InstalledModel,
+    fetch_default_model,
+    installed_models,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_FILE",
+    "DEFAULT_MODEL_ID",
+    "DEFAULT_MODEL_SHA256",
+    "DEFAULT_PORT",
+    "ApplianceConfig",
+    "ApplianceError",
+    "ApplianceState",
+    "ContextLengthExceededError",
+    "Engine",
+    "EngineLoad",
+    "FetchResult",
+    "Finish",
+    "Generation",
+    "InstalledModel",
+    "LlamaCppEngine",
+    "ModelConfig",
+    "ModelFetchError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "ModelNotReadyError",
+    "QueueFullError",
+    "SamplingParams",
+    "UnsupportedParameterError",
+    "appliance_cli",
+    "create_app",
+    "fetch_default_model",
+    "installed_models",
+    "load_appliance_config",
+    "models_cli",
+    "palisade_home",
+]

@@ -1,0 +1,464 @@
+"""The appliance's HTTP application: OpenAI endpoints, ops endpoints and error rendering."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import base64
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.di import Provide
+from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
+from litestar.response import Stream
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from appliance._private import inference
+from appliance._private.config import ApplianceConfig
+from appliance._private.engine import Generation
+from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from appliance._private.metrics import ApplianceMetrics
+from appliance._private.served import ServedModel
+from federation import (
+    ENCODER,
+    LOCAL_PRINCIPAL,
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    ErrorDetail,
+    ErrorResponse,
+    ModelList,
+    PermissionDeniedError,
+    Principal,
+    Usage,
+    decode_request,
+)
+
+log = logging.getLogger("palisade.appliance")
+
+VERSION = "0.1.0"
+Authenticator = Callable[[Request[Any, Any, Any]], Awaitable[Principal]]
+T = TypeVar("T")
+
+_CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
+_COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
+_EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)
+_DONE = b"data: [DONE]\n\n"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Prompts longer than this are templated and tokenized off the event loop.
+_OFFLOAD_CHARS = 16_384
+_INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+
+async def local_principal() -> Principal:
+    """The standalone, unauthenticated principal (replaced by tenancy's authenticator)."""
+    return LOCAL_PRINCIPAL
+
+
+class ApplianceState:
+    """Everything the handlers share: config, served models and metrics."""
+
+    def __init__(self, config: ApplianceConfig) -> None:
+        self.config = config
+        self.metrics = ApplianceMetrics(
+            node_id=config.node_id, region=config.region, version=VERSION
+        )
+        self.models = {
+            model.id: ServedModel(model, config.model_path(model), self.metrics)
+            for model in config.models
+        }
+        self.load_error: ModelLoadError | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
+        self._loader: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return all(model.engine.ready for model in self.models.values())
+
+    async def start(self) -> None:
+        self._loader = asyncio.create_task(self._load_all())
+
+    async def _load_all(self) -> None:
+        for model in self.models.values():
+            try:
+                await asyncio.to_thread(model.engine.load)
+            except ModelLoadError as exc:
+                log.error("%s", exc)  # noqa: TRY400 - the message is the whole story
+                self.load_error = exc
+                self.on_fatal()
+                return
+            self.metrics.model_ready.labels(model.id).set(1)
+            log.info("model %s ready", model.id)
+
+    async def stop(self) -> None:
+        if self._loader is not None:
+            await self._loader
+        for model in self.models.values():
+            await asyncio.to_thread(model.engine.close)
+
+    def model(self, name: str, principal: Principal) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            raise ModelNotFoundError(name, sorted(self.models))
+        if principal.regions is not None and self.config.region not in principal.regions:
+            raise PermissionDeniedError(
+                f"This appliance is in region `{self.config.region}`, which is outside the "
+                f"regions your key may use ({', '.join(sorted(principal.regions))}).",
+                code="residency_violation",
+            )
+        if not served.engine.ready:
+            raise ModelNotReadyError(
+                f"The model `{name}` is still loading; retry shortly.", retry_after=1
+            )
+        return served
+
+    def receipt(self, model: ServedModel) -> dict[str, str]:
+        return {
+            "X-Palisade-Region": self.config.region,
+            "X-Palisade-Node": self.config.node_id,
+            "X-Palisade-Device": model.config.device_class,
+        }
+
+
+def create_app(
+    config: ApplianceConfig, *, authenticate: Authenticator | None = None
+) -> tuple[Litestar, ApplianceState]:
+    state = ApplianceState(config)
+    app = Litestar(
+        route_handlers=[
+            *_openai_routes(state, Provide(authenticate or local_principal)),
+            *_ops_routes(state),
+        ],
+        exception_handlers={
+            APIError: _render_api_error,
+            HTTPException: _render_http_exception,
+            Exception: _render_unexpected,
+        },
+        middleware=[_count_requests(state.metrics)],
+        on_startup=[state.start],
+        on_shutdown=[state.stop],
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )
+    return app, state
+
+
+def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteHandler]:
+    config = state.config
+
+    @post("/v1/chat/completions", dependencies={"principal": principal}, status_code=200)
+    async def chat_completions(
+        request: Request[Any, Any, Any], principal: Principal
+    ) -> Response[Any]:
+        body = decode_request(await request.body(), _CHAT_DECODER)
+        served = state.model(body.model, principal)
+        inference.check_chat(body)
+        messages = inference.template_messages(body.messages)
+        size = sum(len(message["content"]) for message in messages)
+        prompt = await _maybe_offload(served.engine.tokenize_chat, messages, size)
+        params = inference.sampling_params(
+            body,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            prompt_tokens=len(prompt),
+            context_length=served.engine.context_length,
+        )
+        generation = served.engine.submit(prompt, params)
+        reply = _Reply("chatcmpl", served.id, state.receipt(served))
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return reply.stream(_chat_events(generation, reply, include_usage=usage))
+        text = await generation.text()
+        usage_, reason = _outcome(generation)
+        choice = ChatChoice(0, AssistantMessage(content=text), reason)
+        return reply.json(ChatCompletion(reply.id, reply.created, served.id, [choice], usage_))
+
+    @post("/v1/completions", dependencies={"principal": principal}, status_code=200)
+    async def completions(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
+        body = decode_request(await request.body(), _COMPLETION_DECODER)
+        served = state.model(body.model, principal)
+        inference.check_completion(body)
+        source = inference.single_prompt(body)
+        if isinstance(source, str):
+            prompt = await _maybe_offload(served.engine.tokenize_text, source, len(source))
+        else:
+            prompt = source
+        params = inference.sampling_params(
+            body,
+            max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+            prompt_tokens=len(prompt),
+            context_length=served.engine.context_length,
+        )
+        generation = served.engine.submit(prompt, params)
+        reply = _Reply("cmpl", served.id, state.receipt(served))
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return reply.stream(_completion_events(generation, reply, include_usage=usage))
+        text = await generation.text()
+        usage_, reason = _outcome(generation)
+        choice = CompletionChoice(0, text, reason)
+        return reply.json(Completion(reply.id, reply.created, served.id, [choice], usage=usage_))
+
+    @post("/v1/embeddings", dependencies={"principal": principal}, status_code=200)
+    async def embeddings(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
+        body = decode_request(await request.body(), _EMBEDDING_DECODER)
+        served = state.model(body.model, principal)
+        inference.check_embedding(body)
+        inputs = inference.text_or_tokens(body.input, "input")
+        texts = [
+            item if isinstance(item, str) else served.engine.detokenize(item) for item in inputs
+        ]
+        vectors, tokens = await served.engine.embed(texts)
+        data = [
+            EmbeddingData(index, _encode_vector(vector, body.encoding_format))
+            for index, vector in enumerate(vectors)
+        ]
+        response = EmbeddingResponse(data, served.id, EmbeddingUsage(tokens, tokens))
+        return _Reply("emb", served.id, state.receipt(served)).json(response)
+
+    @get("/v1/models", dependencies={"principal": principal})
+    async def list_models(principal: Principal) -> Response[Any]:
+        del principal  # any authenticated caller may list models
+        cards = [model.card(config.region) for model in state.models.values()]
+        return _json(ModelList(cards))
+
+    @get("/v1/models/{model_id:path}", dependencies={"principal": principal})
+    async def get_model(model_id: str, principal: Principal) -> Response[Any]:
+        served = state.models.get(model_id.lstrip("/"))
+        if served is None:
+            raise ModelNotFoundError(model_id.lstrip("/"), sorted(state.models))
+        del principal
+        return _json(served.card(config.region))
+
+    return [chat_completions, completions, embeddings, list_models, get_model]
+
+
+def _ops_routes(state: ApplianceState) -> list[HTTPRouteHandler]:
+    config = state.config
+
+    @get("/healthz")
+    async def healthz() -> Response[Any]:
+        return _json({"status": "ok", "node": config.node_id, "region": config.region})
+
+    @get("/readyz")
+    async def readyz() -> Response[Any]:
+        if not state.ready:
+            raise ModelNotReadyError("Models are still loading; retry shortly.", retry_after=1)
+        return _json({"status": "ready", "models": sorted(state.models)})
+
+    @get("/metrics")
+    async def metrics() -> Response[Any]:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return [healthz, readyz, metrics]
+
+
+async def _maybe_offload(function: Callable[[T], list[int]], argument: T, size: int) -> list[int]:
+    if size < _OFFLOAD_CHARS:
+        return function(argument)
+    return await asyncio.to_thread(function, argument)
+
+
+class _Reply:
+    """Identity and headers shared by every piece of one response."""
+
+    __slots__ = ("created", "headers", "id", "model")
+
+    def __init__(self, prefix: str, model: str, headers: dict[str, str]) -> None:
+        self.id = f"{prefix}-{os.urandom(12).hex()}"
+        self.created = int(time.time())
+        self.model = model
+        self.headers = headers
+
+    def json(self, payload: object) -> Response[Any]:
+        return Response(ENCODER.encode(payload), media_type=MediaType.JSON, headers=self.headers)
+
+    def stream(self, events: AsyncIterator[bytes]) -> Stream:
+        return Stream(events, media_type="text/event-stream", headers=self.headers | _SSE_HEADERS)
+
+
+def _json(payload: object) -> Response[Any]:
+    return Response(ENCODER.encode(payload), media_type=MediaType.JSON)
+
+
+def _sse(payload: object) -> bytes:
+    return b"data: " + ENCODER.encode(payload) + b"\n\n"
+
+
+def _outcome(generation: Generation) -> tuple[Usage, str]:
+    finish = generation.finish
+    if finish is None or finish.reason in ("error", "cancelled"):
+        detail = finish.error if finish is not None else "no result"
+        raise APIError(f"The engine failed while generating: {detail}.", code="engine_error")
+    usage = Usage(
+        finish.prompt_tokens,
+        finish.completion_tokens,
+        finish.prompt_tokens + finish.completion_tokens,
+    )
+    return usage, finish.reason
+
+
+def _error_frame(generation: Generation) -> bytes | None:
+    finish = generation.finish
+    if finish is not None and finish.reason != "error":
+        return None
+    detail = finish.error if finish is not None else "no result"
+    error = ErrorDetail(
+        f"The engine failed while generating: {detail}.", "server_error", "engine_error"
+    )
+    return _sse(ErrorResponse(error))
+
+
+async def _chat_events(
+    generation: Generation, reply: _Reply, *, include_usage: bool
+) -> AsyncIterator[bytes]:
+    def chunk(delta: ChatDelta, reason: str | None = None) -> bytes:
+        choice = ChatChunkChoice(0, delta, reason)
+        return _sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [choice]))
+
+    yield chunk(ChatDelta(role="assistant", content=""))
+    async for text in generation.stream():
+        yield chunk(ChatDelta(content=text))
+    if (frame := _error_frame(generation)) is not None:
+        yield frame
+        return
+    usage, reason = _outcome(generation)
+    yield chunk(ChatDelta(), reason)
+    if include_usage:
+        yield _sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [], usage=usage))
+    yield _DONE
+
+
+async def _completion_events(
+    generation: Generation, reply: _Reply, *, include_usage: bool
+) -> AsyncIterator[bytes]:
+    def chunk(text: str, reason: str | None = None) -> bytes:
+        choice = CompletionChoice(0, text, reason)
+        return _sse(Completion(reply.id, reply.created, reply.model, [choice]))
+
+    async for text in generation.stream():
+        yield chunk(text)
+    if (frame := _error_frame(generation)) is not None:
+        yield frame
+        return
+    usage, reason = _outcome(generation)
+    yield chunk("", reason)
+    if include_usage:
+        yield _sse(Completion(reply.id, reply.created, reply.model, [], usage=usage))
+    yield _DONE
+
+
+def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(array.array("f", vector).tobytes()).decode("ascii")
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def _error_response(
+    status: int, detail: ErrorDetail, retry_after: int | None = None
+) -> Response[Any]:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return Response(
+        ENCODER.encode(ErrorResponse(detail)),
+        status_code=status,
+        media_type=MediaType.JSON,
+        headers=headers,
+    )
+
+
+def _render_api_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, APIError)
+    detail = ErrorDetail(exc.message, exc.error_type, exc.code, exc.param)
+    return _error_response(exc.status_code, detail, exc.retry_after)
+
+
+_HTTP_CODES = {
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+}
+_INTERNAL = ErrorDetail(
+    "The appliance hit an internal error; it has been logged. Retry, and report it if it persists.",
+    "server_error",
+    "internal_error",
+)
+
+
+def _render_http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    if status >= 500:
+        log.error("HTTP %s on %s: %s", status, request.url.path, exc.detail)
+        return _error_response(status, _INTERNAL)
+    error_type, code = _HTTP_CODES.get(status, ("invalid_request_error", "invalid_request"))
+    return _error_response(status, ErrorDetail(_http_message(request, exc), error_type, code))
+
+
+def _http_message(request: Request[Any, Any, Any], exc: HTTPException) -> str:
+    path = request.url.path
+    if exc.status_code == 404:
+        return f"No route for {request.method} {path}; see the API reference in docs/."
+    if exc.status_code == 405:
+        return f"{request.method} is not allowed on {path}."
+    if exc.status_code == 413:
+        limit = request.route_handler.resolve_request_max_body_size()
+        return (
+            f"The request body is larger than this appliance accepts ({limit} bytes); send a "
+            "smaller body or raise `max_body_bytes` in the appliance config."
+        )
+    return exc.detail
+
+
+def _render_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(500, _INTERNAL)
+
+
+def _count_requests(metrics: ApplianceMetrics) -> Callable[[ASGIApp], ASGIApp]:
+    """ASGI middleware counting inference requests by endpoint and final status."""
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            path = scope.get("path", "")
+            if scope["type"] != ScopeType.HTTP or path not in _INFERENCE_PATHS:
+                await app(scope, receive, send)
+                return
+            status = 0
+
+            async def watch(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, receive, watch)
+            finally:
+                metrics.requests.labels(path, str(status or 499)).inc()
+
+        return wrapped
+
+    return middleware

@@ -1,0 +1,149 @@
+"""The seam between the HTTP layer and whatever runs a model.
+
+The HTTP layer turns a request into prompt tokens and `SamplingParams`, calls
+`Engine.submit`, and reads text from the returned `Generation`. How generations are
+scheduled (one at a time today, continuously batched later) is the engine's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class Generation:
+    """One admitted request. The engine feeds it from its own thread; the loop reads it."""
+
+    __slots__ = (
+        "_cancelled",
+        "_events",
+        "_loop",
+        "_on_cancel",
+        "finish",
+        "first_token_at",
+        "params",
+        "prompt",
+        "submitted_at",
+    )
+
+    def __init__(
+        self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.finish: Finish | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._loop = loop
+        self._events: asyncio.Queue[str | Finish] = asyncio.Queue()
+        self._cancelled = False
+        self._on_cancel: Callable[[Generation], None] | None = None
+
+    # --- engine side (any thread) ------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def emit(self, text: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self._post(text)
+
+    def close(self, finish: Finish) -> None:
+        self._post(finish)
+
+    def _post(self, event: str | Finish) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:
+            self._cancelled = True  # the loop is gone: nobody is listening any more
+
+    # --- consumer side (event loop) ----------------------------------------------------
+
+    def on_cancel(self, callback: Callable[[Generation], None]) -> None:
+        self._on_cancel = callback
+
+    def cancel(self) -> None:
+        """Stop generating: the engine notices before its next decode step."""
+        if self._cancelled or self.finish is not None:
+            return
+        self._cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Yield text deltas until the engine finishes; leaving early cancels."""
+        try:
+            while True:
+                event = await self._events.get()
+                if isinstance(event, Finish):
+                    self.finish = event
+                    return
+                yield event
+        finally:
+            if self.finish is None:
+                self.cancel()
+
+    async def text(self) -> str:
+        return "".join([delta async for delta in self.stream()])
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What an engine is doing right now, for metrics, `Retry-After` and the router."""
+
+    running: int
+    waiting: int
+    slots: int
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from a model runtime."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def load(self) -> None:
+        """Load weights; blocking, called off the event loop before `ready` turns true."""
+
+    def close(self) -> None: ...
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+        """Render messages with the model's chat template; returns tokens and template stops."""
+
+    def tokenize_text(self, text: str) -> list[int]: ...
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+        """Admit a generation or raise `QueueFullError`; never blocks."""
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
+
+    def load_now(self) -> EngineLoad: ...

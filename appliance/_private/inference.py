@@ -1,0 +1,170 @@
+"""Translating OpenAI requests into engine work: validation, prompts and sampling."""
+
+from __future__ import annotations
+
+from appliance._private.engine import SamplingParams
+from appliance._private.errors import ContextLengthExceededError, UnsupportedParameterError
+from federation import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    EmbeddingRequest,
+    InvalidRequestError,
+    TextPart,
+)
+from federation._private.openai_wire import SamplingFields
+
+
+def check_sampling(request: SamplingFields) -> None:
+    if request.n != 1:
+        raise UnsupportedParameterError(
+            "n", "this appliance returns one choice per request; send n separate requests."
+        )
+    if request.logit_bias:
+        raise UnsupportedParameterError("logit_bias", "logit bias is not supported yet.")
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequestError(
+            "`stream_options` is only allowed when `stream` is true.",
+            code="invalid_value",
+            param="stream_options",
+        )
+
+
+def check_chat(request: ChatCompletionRequest) -> None:
+    check_sampling(request)
+    if request.logprobs or request.top_logprobs is not None:
+        raise UnsupportedParameterError("logprobs", "log probabilities are not returned yet.")
+    if request.tools or request.functions:
+        name = "tools" if request.tools else "functions"
+        raise UnsupportedParameterError(name, "tool and function calling are not supported.")
+    if request.tool_choice not in (None, "none") or request.function_call not in (None, "none"):
+        raise UnsupportedParameterError("tool_choice", "tool calling is not supported.")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise UnsupportedParameterError(
+            "response_format", "only {'type': 'text'} is supported; structured output is not."
+        )
+
+
+def check_completion(request: CompletionRequest) -> None:
+    check_sampling(request)
+    if request.echo:
+        raise UnsupportedParameterError("echo", "echoing the prompt is not supported.")
+    if request.suffix:
+        raise UnsupportedParameterError("suffix", "insertion (suffix) is not supported.")
+    if request.best_of not in (None, 1):
+        raise UnsupportedParameterError("best_of", "only best_of=1 is supported.")
+    if request.logprobs is not None:
+        raise UnsupportedParameterError("logprobs", "log probabilities are not returned yet.")
+
+
+def check_embedding(request: EmbeddingRequest) -> None:
+    if request.dimensions is not None:
+        raise UnsupportedParameterError(
+            "dimensions", "this model returns its native embedding size only."
+        )
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template expects them: role and plain text content."""
+    rendered = []
+    for index, message in enumerate(messages):
+        if message.role == "tool" or message.tool_calls:
+            raise UnsupportedParameterError(
+                f"messages[{index}]", "tool messages and tool calls are not supported."
+            )
+        role = "system" if message.role == "developer" else message.role
+        rendered.append({"role": role, "content": _text_of(message, index)})
+    return rendered
+
+
+def _text_of(message: ChatMessage, index: int) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part_index, part in enumerate(content):
+        if not isinstance(part, TextPart):
+            raise UnsupportedParameterError(
+                f"messages[{index}].content[{part_index}]",
+                "only text content parts are supported by this model.",
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def single_prompt(request: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request (text or token ids)."""
+    prompts = text_or_tokens(request.prompt, "prompt")
+    if len(prompts) > 1:
+        raise UnsupportedParameterError(
+            "prompt", "batched prompts are not supported; send one request per prompt."
+        )
+    return prompts[0]
+
+
+def text_or_tokens(value: str | list[str | int | list[int]], param: str) -> list[str | list[int]]:
+    """Normalise OpenAI's four input forms to a list of texts or token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise InvalidRequestError(f"`{param}` is empty.", code="invalid_value", param=param)
+    if all(isinstance(item, int) for item in value):
+        return [[item for item in value if isinstance(item, int)]]
+    if all(isinstance(item, str) for item in value):
+        return [item for item in value if isinstance(item, str)]
+    if all(isinstance(item, list) for item in value):
+        return [item for item in value if isinstance(item, list)]
+    raise InvalidRequestError(
+        f"`{param}` mixes strings, token ids and token lists; use one form.",
+        code="invalid_value",
+        param=param,
+    )
+
+
+def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def sampling_params(
+    request: SamplingFields, *, max_tokens: int | None, prompt_tokens: int, context_length: int
+) -> SamplingParams:
+    """Sampling settings, with `max_tokens` checked against the context window."""
+    if prompt_tokens == 0:
+        raise InvalidRequestError(
+            "The prompt is empty after tokenization; send some text.",
+            code="invalid_value",
+            param="prompt",
+        )
+    return SamplingParams(
+        max_tokens=completion_budget(max_tokens, prompt_tokens, context_length),
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        stop=stop_sequences(request.stop),
+    )
+
+
+def completion_budget(requested: int | None, prompt_tokens: int, context_length: int) -> int:
+    if prompt_tokens >= context_length:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {context_length} tokens, but the prompt "
+            f"has {prompt_tokens} tokens. Shorten the messages or the prompt.",
+            param="messages",
+        )
+    if requested is None:
+        return context_length - prompt_tokens
+    if prompt_tokens + requested > context_length:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {context_length} tokens, but "
+            f"{prompt_tokens + requested} were requested ({prompt_tokens} in the prompt, "
+            f"{requested} for the completion). Lower max_tokens to at most "
+            f"{context_length - prompt_tokens} or shorten the prompt.",
+            param="max_tokens",
+        )
+    return requested

@@ -1,0 +1,252 @@
+"""The llama.cpp engine (llama-cpp-python), decoding one generation at a time.
+
+llama-cpp-python's ctypes calls release the GIL, so decoding on the worker thread leaves
+the event loop free. The chat template comes from the GGUF's `tokenizer.chat_template`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from appliance._private.config import ModelConfig
+from appliance._private.engine import EngineLoad, Finish, FinishReason, Generation, SamplingParams
+from appliance._private.errors import (
+    ContextLengthExceededError,
+    ModelLoadError,
+    ModelNotReadyError,
+    QueueFullError,
+)
+from appliance._private.scheduler import SerialScheduler
+from appliance._private.textstream import StopMatcher, Utf8Stream
+from federation import InvalidRequestError
+
+FinishFn = Callable[[Generation, Finish], None]
+
+
+class LlamaCppEngine:
+    def __init__(self, config: ModelConfig, path: Path, on_finish: FinishFn) -> None:
+        self._config = config
+        self._path = path
+        self._on_finish = on_finish
+        self._threads = config.threads or os.cpu_count() or 1
+        self._llm: Any = None
+        self._embedder: Any = None
+        self._formatter: Any = None
+        self._eog: frozenset[int] = frozenset()
+        self._scheduler: SerialScheduler | None = None
+        self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._embeds_waiting = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._scheduler is not None
+
+    @property
+    def context_length(self) -> int:
+        return self._config.context_length
+
+    def load(self) -> None:
+        if not self._path.is_file():
+            raise ModelLoadError(
+                f"Model file {self._path} for `{self._config.id}` does not exist. Run "
+                "`palisade models fetch-default` for the default model, or fix `path` "
+                "in the appliance config."
+            )
+        self._llm = self._open(embedding=False)
+        self._formatter = self._chat_formatter()
+        self._eog = self._end_of_generation_tokens()
+        if self._config.embeddings:
+            self._embedder = self._open(embedding=True)
+        self._scheduler = SerialScheduler(
+            self._run, self._on_finish, max_queue=self._config.max_queue, name=self._config.id
+        )
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+        self._embed_pool.shutdown(wait=True, cancel_futures=True)
+        for llm in (self._llm, self._embedder):
+            if llm is not None:
+                llm.close()
+        self._llm = self._embedder = None
+
+    def _open(self, *, embedding: bool) -> Any:
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama  # heavy: imported on load only
+
+        extra: dict[str, Any] = {}
+        if embedding:
+            ctx = self._config.context_length
+            extra = {"pooling_type": LLAMA_POOLING_TYPE_MEAN, "n_batch": ctx, "n_ubatch": ctx}
+        try:
+            return Llama(
+                model_path=str(self._path),
+                n_ctx=self._config.context_length,
+                n_threads=self._threads,
+                n_threads_batch=self._threads,
+                embedding=embedding,
+                verbose=False,
+                **extra,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(
+                f"llama.cpp could not load {self._path} for `{self._config.id}`: {exc}. "
+                "Check that the file is a complete GGUF model."
+            ) from exc
+
+    def _chat_formatter(self) -> Any:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelLoadError(
+                f"{self._path} has no `tokenizer.chat_template` in its GGUF metadata, so chat "
+                "completions cannot be formatted. Use a model converted with its template."
+            )
+        eos, bos = self._llm.token_eos(), self._llm.token_bos()
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(eos),
+            bos_token=self._token_text(bos),
+            add_generation_prompt=True,
+        )
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", "replace")
+
+    def _end_of_generation_tokens(self) -> frozenset[int]:
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        return frozenset(
+            token
+            for token in range(self._llm.n_vocab())
+            if llama_cpp.llama_vocab_is_eog(vocab, token)
+        )
+
+    # --- tokenization (event loop thread; llama.cpp's tokenizer only reads the vocab) ---
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        import jinja2
+
+        try:
+            rendered = self._formatter(messages=messages)
+        except (ValueError, jinja2.TemplateError) as exc:
+            raise InvalidRequestError(
+                f"The model's chat template rejected these messages: {exc}",
+                code="invalid_messages",
+                param="messages",
+            ) from exc
+        prompt: str = rendered.prompt
+        return list(
+            self._llm.tokenize(
+                prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
+            )
+        )
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return bytes(self._llm.detokenize(tokens)).decode("utf-8", "replace")
+
+    # --- generation ---------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+        if self._scheduler is None:
+            raise ModelNotReadyError(
+                f"The model `{self._config.id}` is still loading; retry shortly.", retry_after=1
+            )
+        generation = Generation(prompt, params, asyncio.get_running_loop())
+        self._scheduler.submit(generation)
+        return generation
+
+    def load_now(self) -> EngineLoad:
+        if self._scheduler is None:
+            return EngineLoad(running=0, waiting=0, slots=1)
+        return self._scheduler.load()
+
+    def _run(self, generation: Generation) -> Finish:
+        """Decode one generation on the worker thread, checking for cancellation each step."""
+        params = generation.params
+        prompt_tokens = len(generation.prompt)
+        if generation.cancelled:
+            return Finish("cancelled", prompt_tokens, 0)
+        llm = self._llm
+        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        utf8, stops = Utf8Stream(), StopMatcher(params.stop)
+        produced = 0
+        reason: FinishReason = "length"
+        tokens = llm.generate(
+            generation.prompt,
+            temp=params.temperature,
+            top_p=params.top_p,
+            top_k=0,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+        )
+        for token in tokens:
+            if generation.cancelled:
+                return Finish("cancelled", prompt_tokens, produced)
+            if token in self._eog:
+                reason = "stop"
+                break
+            produced += 1
+            text, stopped = stops.feed(utf8.feed(llm.detokenize([token])))
+            if text:
+                generation.emit(text)
+            if stopped:
+                return Finish("stop", prompt_tokens, produced)
+            if produced >= params.max_tokens:
+                break
+        tail, _ = stops.feed(utf8.flush())
+        tail += stops.flush()
+        if tail:
+            generation.emit(tail)
+        return Finish(reason, prompt_tokens, produced)
+
+    # --- embeddings -----------------------------------------------------------------------
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled embeddings of each text, and the number of tokens read."""
+        if self._embedder is None:
+            raise InvalidRequestError(
+                f"Embeddings are disabled for `{self._config.id}` (embeddings = false in the "
+                "appliance config).",
+                code="embeddings_disabled",
+                param="model",
+            )
+        for index, text in enumerate(texts):
+            count = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if count > self._config.context_length:
+                raise ContextLengthExceededError(
+                    f"Input {index} has {count} tokens; `{self._config.id}` embeds at most "
+                    f"{self._config.context_length}. Shorten or split the input.",
+                    param="input",
+                )
+        if self._embeds_waiting > self._config.max_queue:
+            raise QueueFullError(
+                f"The embedding queue for `{self._config.id}` is full; retry shortly.",
+                retry_after=1,
+            )
+        self._embeds_waiting += 1
+        try:
+            loop = asyncio.get_running_loop()
+            vectors, total = await loop.run_in_executor(self._embed_pool, self._embed_sync, texts)
+        finally:
+            self._embeds_waiting -= 1
+        return vectors, total
+
+    def _embed_sync(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        vectors, total = self._embedder.embed(texts, normalize=True, return_count=True)
+        return [list(map(float, vector)) for vector in vectors], int(total)

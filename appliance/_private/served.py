@@ -1,0 +1,67 @@
+"""A model as the appliance serves it: config, engine, live performance and metrics."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+
+from appliance._private.config import ModelConfig
+from appliance._private.engine import Finish, Generation
+from appliance._private.llamacpp import LlamaCppEngine
+from appliance._private.metrics import ApplianceMetrics
+from federation import ModelCard, Performance
+
+_WINDOW = 256
+
+
+class ServedModel:
+    def __init__(self, config: ModelConfig, path: Path, metrics: ApplianceMetrics) -> None:
+        self.config = config
+        self.created = int(time.time())
+        self.engine = LlamaCppEngine(config, path, self._finished)
+        self._metrics = metrics
+        self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)
+        self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)
+        metrics.watch_load(config.id, self.engine.load_now)
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    def _finished(self, generation: Generation, finish: Finish) -> None:
+        """Called once per generation, from whichever thread finished it."""
+        model, metrics = self.config.id, self._metrics
+        metrics.generations.labels(model, finish.reason).inc()
+        metrics.prompt_tokens.labels(model).inc(finish.prompt_tokens)
+        metrics.completion_tokens.labels(model).inc(finish.completion_tokens)
+        first = generation.first_token_at
+        if first is None:
+            return
+        ttft = first - generation.submitted_at
+        metrics.ttft.labels(model).observe(ttft)
+        self._ttft_ms.append(ttft * 1000)
+        if finish.completion_tokens > 1:
+            tpot = (time.perf_counter() - first) / (finish.completion_tokens - 1)
+            metrics.tpot.labels(model).observe(tpot)
+            self._tpot_ms.append(tpot * 1000)
+
+    def performance(self) -> Performance:
+        return Performance(ttft_p50_ms=_median(self._ttft_ms), tpot_p50_ms=_median(self._tpot_ms))
+
+    def card(self, region: str) -> ModelCard:
+        return ModelCard(
+            id=self.config.id,
+            created=self.created,
+            owned_by="palisade",
+            pricing=self.config.pricing,
+            performance=self.performance(),
+            region=region,
+            device_class=self.config.device_class,
+            context_length=self.config.context_length,
+        )
+
+
+def _median(samples: deque[float]) -> float | None:
+    return round(statistics.median(samples), 3) if samples else None

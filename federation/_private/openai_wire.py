@@ -1,0 +1,239 @@
+"""Wire schema of the OpenAI-compatible API: one msgspec Struct per message.
+
+Requests forbid unknown fields so that a misspelt or unsupported parameter is answered
+with a 400 naming it instead of being silently ignored. New fields go last with defaults;
+a field never changes type.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+StopList = Annotated[list[str], Meta(max_length=16)]
+# Text, token ids, or a list of either (msgspec allows one array type per union).
+TextOrTokens = str | list[str | int | list[int]]
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ImageUrlPart(Struct, tag="image_url", tag_field="type"):
+    image_url: dict[str, Any]
+
+
+class InputAudioPart(Struct, tag="input_audio", tag_field="type"):
+    input_audio: dict[str, Any]
+
+
+ContentPart = TextPart | ImageUrlPart | InputAudioPart
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+class StreamOptions(Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class ResponseFormat(Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class SamplingFields(Struct, kw_only=True):
+    """Parameters shared by chat completions and completions."""
+
+    model: str
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | StopList | None = None
+    seed: int | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+
+class CompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):
+    prompt: TextOrTokens
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class EmbeddingRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    input: TextOrTokens
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+# --- responses ------------------------------------------------------------------------
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Struct):
+    content: str
+    role: str = "assistant"
+
+
+class ChatChoice(Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None = None
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    object: str = "text_completion"
+    usage: Usage | None = None
+
+
+class EmbeddingData(Struct):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(Struct):
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
+
+
+class Pricing(Struct, forbid_unknown_fields=True):
+    """Price per million tokens, in `currency`."""
+
+    input_per_million: Annotated[float, Meta(ge=0.0)] = 0.0
+    output_per_million: Annotated[float, Meta(ge=0.0)] = 0.0
+    currency: str = "USD"
+
+
+class Performance(Struct):
+    ttft_p50_ms: float | None
+    tpot_p50_ms: float | None
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    owned_by: str
+    pricing: Pricing
+    performance: Performance
+    region: str
+    device_class: str
+    context_length: int
+    object: str = "model"
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class ErrorDetail(Struct):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(Struct):
+    error: ErrorDetail
+
+
+ENCODER = msgspec.json.Encoder()
