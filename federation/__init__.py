@@ -42,6 +42,7 @@ from federation._private.openai_wire import (
     ModelList,
     Performance,
     Pricing,
+    SamplingFields,
     TextPart,
     Usage,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "Principal",
     "RateLimitError",
     "RequestTooLargeError",
+    "SamplingFields",
     "ServiceUnavailableError",
     "TextPart",
     "Usage",

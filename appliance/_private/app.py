@@ -152,6 +152,7 @@ def create_app(
         exception_handlers={
             APIError: _render_api_error,
             HTTPException: _render_http_exception,
+            ClientGoneError: _render_client_gone,
             Exception: _render_unexpected,
         },
         middleware=[_count_requests(state.metrics)],
@@ -188,7 +189,7 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return reply.stream(_chat_events(generation, reply, include_usage=usage))
-        text = await generation.text()
+        text = await _collect(request, generation)
         usage_, reason = _outcome(generation)
         choice = ChatChoice(0, AssistantMessage(content=text), reason)
         return reply.json(ChatCompletion(reply.id, reply.created, served.id, [choice], usage_))
@@ -214,7 +215,7 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return reply.stream(_completion_events(generation, reply, include_usage=usage))
-        text = await generation.text()
+        text = await _collect(request, generation)
         usage_, reason = _outcome(generation)
         choice = CompletionChoice(0, text, reason)
         return reply.json(Completion(reply.id, reply.created, served.id, [choice], usage=usage_))
@@ -295,6 +296,29 @@ class _Reply:
 
     def stream(self, events: AsyncIterator[bytes]) -> Stream:
         return Stream(events, media_type="text/event-stream", headers=self.headers | _SSE_HEADERS)
+
+
+class ClientGoneError(Exception):
+    """The client hung up before a non-streaming response was ready."""
+
+
+async def _collect(request: Request[Any, Any, Any], generation: Generation) -> str:
+    """The whole generated text; cancels the generation if the client disconnects first."""
+    text = asyncio.ensure_future(generation.text())
+    hangup = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((text, hangup), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+    if not text.done():
+        text.cancel()  # leaving Generation.stream() cancels the generation
+        raise ClientGoneError
+    return text.result()
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _json(payload: object) -> Response[Any]:
@@ -430,6 +454,11 @@ def _http_message(request: Request[Any, Any, Any], exc: HTTPException) -> str:
             "smaller body or raise `max_body_bytes` in the appliance config."
         )
     return exc.detail
+
+
+def _render_client_gone(_: Request[Any, Any, Any], __: Exception) -> Response[Any]:
+    # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
+    return Response(b"", status_code=499)
 
 
 def _render_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -10,9 +10,9 @@ from federation import (
     CompletionRequest,
     EmbeddingRequest,
     InvalidRequestError,
+    SamplingFields,
     TextPart,
 )
-from federation._private.openai_wire import SamplingFields
 
 
 def check_sampling(request: SamplingFields) -> None:

@@ -1,0 +1,31 @@
+"""Run every benchmark: `python -m tests.bench [--repeats N] [--warmups N]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tests.bench import engine
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=9, help="measured runs per side (default 9)")
+    parser.add_argument(
+        "--warmups", type=int, default=2, help="unmeasured runs per side first (default 2)"
+    )
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmups < 0:
+        parser.error("--repeats must be at least 1 and --warmups at least 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    engine.run(repeats=args.repeats, warmups=args.warmups)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Real appliance processes for tests and benchmarks: ephemeral ports, readiness polling."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from appliance import DEFAULT_MODEL_FILE, DEFAULT_MODEL_ID
+
+REPO = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"listening on (?P<url>http://\S+)")
+T = TypeVar("T")
+
+
+def default_model_path() -> Path:
+    """The default model fetched by `make test` (PALISADE_HOME or ./var)."""
+    home = Path(os.environ.get("PALISADE_HOME", REPO / "var"))
+    path = home / "models" / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make model` first")
+    return path
+
+
+def wait_for(
+    condition: Callable[[], T | None], *, timeout: float = 30.0, interval: float = 0.02
+) -> T:
+    """Poll `condition` until it returns something truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def model_toml(**overrides: object) -> str:
+    fields: dict[str, object] = {
+        "id": DEFAULT_MODEL_ID,
+        "path": str(default_model_path()),
+        "context_length": 2048,
+    }
+    fields.update(overrides)
+    return "[[models]]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in fields.items())
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+@dataclass
+class Appliance:
+    process: subprocess.Popen[str]
+    url: str
+    home: Path
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Current value of one Prometheus sample (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        want = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            metric_name, _, label_text = sample.partition("{")
+            if metric_name != name:
+                continue
+            have = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+            if all(part in have.split(",") for part in want.split(",") if part):
+                return float(value)
+        return 0.0
+
+    def log_text(self) -> str:
+        return "".join(self.output)
+
+
+@contextmanager
+def run_appliance(
+    home: Path,
+    config_text: str | None = None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
+) -> Iterator[Appliance]:
+    """Start `palisade appliance serve --port 0`, wait for /readyz, stop it with SIGTERM."""
+    home.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "palisade", "appliance", "serve", "--port", "0"]
+    if config_text is not None:
+        config = home / "appliance.toml"
+        config.write_text(config_text)
+        command += ["--config", str(config)]
+    command += list(args)
+    environment = os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environment | (env or {}),
+        cwd=REPO,
+    )
+    output: list[str] = []
+    url_found = threading.Event()
+    url_box: list[str] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if not url_box and (match := _LISTENING.search(line)):
+                url_box.append(match["url"])
+                url_found.set()
+        url_found.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        url_found.wait(ready_timeout)
+        if not url_box:
+            raise RuntimeError("appliance did not start:\n" + "".join(output))
+        appliance = Appliance(process, url_box[0], home, output)
+        wait_for(lambda: _ready(appliance), timeout=ready_timeout)
+        yield appliance
+    finally:
+        stop(process)
+        reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _ready(appliance: Appliance) -> bool:
+    if appliance.process.poll() is not None:
+        raise RuntimeError("appliance exited:\n" + appliance.log_text())
+    try:
+        return httpx.get(f"{appliance.url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
