@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -170,7 +171,7 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
 
     @post("/v1/chat/completions", dependencies={"principal": principal}, status_code=200)
     async def chat_completions(
-        request: Request[Any, Any, Any], principal: Principal
+        request: Request[Any, Any, Any], principal: NamedDependency[Principal]
     ) -> Response[Any]:
         body = decode_request(await request.body(), _CHAT_DECODER)
         served = state.model(body.model, principal)
@@ -195,7 +196,9 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
         return reply.json(ChatCompletion(reply.id, reply.created, served.id, [choice], usage_))
 
     @post("/v1/completions", dependencies={"principal": principal}, status_code=200)
-    async def completions(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
+    async def completions(
+        request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+    ) -> Response[Any]:
         body = decode_request(await request.body(), _COMPLETION_DECODER)
         served = state.model(body.model, principal)
         inference.check_completion(body)
@@ -221,7 +224,9 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
         return reply.json(Completion(reply.id, reply.created, served.id, [choice], usage=usage_))
 
     @post("/v1/embeddings", dependencies={"principal": principal}, status_code=200)
-    async def embeddings(request: Request[Any, Any, Any], principal: Principal) -> Response[Any]:
+    async def embeddings(
+        request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+    ) -> Response[Any]:
         body = decode_request(await request.body(), _EMBEDDING_DECODER)
         served = state.model(body.model, principal)
         inference.check_embedding(body)
@@ -238,13 +243,15 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
         return _Reply("emb", served.id, state.receipt(served)).json(response)
 
     @get("/v1/models", dependencies={"principal": principal})
-    async def list_models(principal: Principal) -> Response[Any]:
+    async def list_models(principal: NamedDependency[Principal]) -> Response[Any]:
         del principal  # any authenticated caller may list models
         cards = [model.card(config.region) for model in state.models.values()]
         return _json(ModelList(cards))
 
     @get("/v1/models/{model_id:path}", dependencies={"principal": principal})
-    async def get_model(model_id: str, principal: Principal) -> Response[Any]:
+    async def get_model(
+        model_id: FromPath[str], principal: NamedDependency[Principal]
+    ) -> Response[Any]:
         served = state.models.get(model_id.lstrip("/"))
         if served is None:
             raise ModelNotFoundError(model_id.lstrip("/"), sorted(state.models))
