@@ -14,7 +14,6 @@ from federation._private.errors import (
     PalisadeError,
     PermissionDeniedError,
     RateLimitError,
-    RequestTooLargeError,
     ServiceUnavailableError,
 )
 from federation._private.openai_wire import (
@@ -83,7 +82,6 @@ __all__ = [
     "Pricing",
     "Principal",
     "RateLimitError",
-    "RequestTooLargeError",
     "SamplingFields",
     "ServiceUnavailableError",
     "TextPart",

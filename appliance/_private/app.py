@@ -451,7 +451,7 @@ def _render_http_exception(request: Request[Any, Any, Any], exc: Exception) -> R
 def _http_message(request: Request[Any, Any, Any], exc: HTTPException) -> str:
     path = request.url.path
     if exc.status_code == 404:
-        return f"No route for {request.method} {path}; see the API reference in docs/."
+        return f"No route for {request.method} {path}; the OpenAI API is under /v1 (see README.md)."
     if exc.status_code == 405:
         return f"{request.method} is not allowed on {path}."
     if exc.status_code == 413:

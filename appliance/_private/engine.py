@@ -136,14 +136,17 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
-        """Render messages with the model's chat template; returns tokens and template stops."""
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render messages with the model's chat template and tokenize the result."""
 
     def tokenize_text(self, text: str) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
         """Admit a generation or raise `QueueFullError`; never blocks."""
 
-    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One embedding per text, and the number of tokens read."""
 
     def load_now(self) -> EngineLoad: ...

@@ -8,7 +8,7 @@ from collections import deque
 from pathlib import Path
 
 from appliance._private.config import ModelConfig
-from appliance._private.engine import Finish, Generation
+from appliance._private.engine import Engine, Finish, Generation
 from appliance._private.llamacpp import LlamaCppEngine
 from appliance._private.metrics import ApplianceMetrics
 from federation import ModelCard, Performance
@@ -20,7 +20,7 @@ class ServedModel:
     def __init__(self, config: ModelConfig, path: Path, metrics: ApplianceMetrics) -> None:
         self.config = config
         self.created = int(time.time())
-        self.engine = LlamaCppEngine(config, path, self._finished)
+        self.engine: Engine = LlamaCppEngine(config, path, self._finished)
         self._metrics = metrics
         self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)
         self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)

@@ -7,7 +7,6 @@
         ├── AuthenticationError        401 authentication_error
         ├── PermissionDeniedError      403 permission_error
         ├── NotFoundError              404 not_found_error
-        ├── RequestTooLargeError       413 invalid_request_error
         ├── RateLimitError             429 rate_limit_error (carries Retry-After)
         └── ServiceUnavailableError    503 service_unavailable (carries Retry-After)
 
@@ -72,12 +71,6 @@ class NotFoundError(APIError):
     status_code = 404
     error_type = "not_found_error"
     default_code = "not_found"
-
-
-class RequestTooLargeError(APIError):
-    status_code = 413
-    error_type = "invalid_request_error"
-    default_code = "request_too_large"
 
 
 class RateLimitError(APIError):
