@@ -91,7 +91,8 @@ def test_a_principal_outside_this_region_is_refused(
 def test_a_principal_in_region_is_served(server: str) -> None:
     response = httpx.post(
         f"{server}/v1/chat/completions",
-        json=CALLS[0][2], timeout=60,
+        json=CALLS[0][2],
+        timeout=60,
         headers={"x-test-regions": "eu-west,us-east"},
     )
     assert response.status_code == 200
