@@ -8,7 +8,9 @@ scheduled (one at a time today, continuously batched later) is the engine's busi
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -36,13 +38,20 @@ class Finish:
 
 
 class Generation:
-    """One admitted request. The engine feeds it from its own thread; the loop reads it."""
+    """One admitted request. The engine feeds it from its own thread; the loop reads it.
+
+    Deltas queue up in a deque and the loop is woken only when it is waiting, so a busy
+    loop takes several tokens in one go instead of paying a wake-up per token.
+    """
 
     __slots__ = (
         "_cancelled",
-        "_events",
+        "_delivered",
+        "_lock",
         "_loop",
         "_on_cancel",
+        "_pending",
+        "_waiter",
         "finish",
         "first_token_at",
         "params",
@@ -59,7 +68,10 @@ class Generation:
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self._loop = loop
-        self._events: asyncio.Queue[str | Finish] = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._pending: deque[str | Finish] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._delivered = threading.Event()
         self._cancelled = False
         self._on_cancel: Callable[[Generation], None] | None = None
 
@@ -77,9 +89,22 @@ class Generation:
     def close(self, finish: Finish) -> None:
         self._post(finish)
 
+    def wait_delivered(self, timeout: float) -> None:
+        """Block until the consumer has taken the first text (or `timeout` passes).
+
+        Called once, after the first token: letting the event loop write it before the
+        engine's threads take both cores for the next step keeps time-to-first-token low.
+        """
+        self._delivered.wait(timeout)
+
     def _post(self, event: str | Finish) -> None:
+        with self._lock:
+            self._pending.append(event)
+            waiter, self._waiter = self._waiter, None
+        if waiter is None:
+            return
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(_wake, waiter)
         except RuntimeError:
             self._cancelled = True  # the loop is gone: nobody is listening any more
 
@@ -97,20 +122,41 @@ class Generation:
             self._on_cancel(self)
 
     async def stream(self) -> AsyncIterator[str]:
-        """Yield text deltas until the engine finishes; leaving early cancels."""
+        """Yield text until the engine finishes; leaving early cancels the generation."""
         try:
-            while True:
-                event = await self._events.get()
-                if isinstance(event, Finish):
-                    self.finish = event
-                    return
-                yield event
+            while self.finish is None:
+                text = await self._take()
+                if text:
+                    yield text
+                    self._delivered.set()
         finally:
+            self._delivered.set()
             if self.finish is None:
                 self.cancel()
 
+    async def _take(self) -> str:
+        """Everything the engine has produced since the last call, waiting if none."""
+        while True:
+            with self._lock:
+                if self._pending:
+                    events = list(self._pending)
+                    self._pending.clear()
+                    break
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+        last = events[-1]
+        if isinstance(last, Finish):
+            self.finish = last
+            events.pop()
+        return "".join(event for event in events if isinstance(event, str))
+
     async def text(self) -> str:
         return "".join([delta async for delta in self.stream()])
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,8 @@ from appliance._private.textstream import StopMatcher, Utf8Stream
 from federation import InvalidRequestError
 
 FinishFn = Callable[[Generation, Finish], None]
+# After the first token, wait at most this long for the loop to send it (see wait_delivered).
+_FIRST_DELIVERY_WAIT = 0.005
 
 
 class LlamaCppEngine:
@@ -184,6 +186,7 @@ class LlamaCppEngine:
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         utf8, stops = Utf8Stream(), StopMatcher(params.stop)
         produced = 0
+        delivered = False
         reason: FinishReason = "length"
         tokens = llm.generate(
             generation.prompt,
@@ -205,6 +208,9 @@ class LlamaCppEngine:
             text, stopped = stops.feed(utf8.feed(llm.detokenize([token])))
             if text:
                 generation.emit(text)
+                if not delivered:
+                    generation.wait_delivered(_FIRST_DELIVERY_WAIT)
+                    delivered = True
             if stopped:
                 return Finish("stop", prompt_tokens, produced)
             if produced >= params.max_tokens:

@@ -17,6 +17,8 @@ from tests.conftest import MODEL
 from tests.support import Appliance, model_toml, run_appliance, wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
+# Greedy decoding of this prompt runs to max_tokens (checked: 1500 tokens without an end).
+COUNTING = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]
 
 
 def error_of(response: httpx.Response, status: int, code: str) -> dict[str, object]:
@@ -218,10 +220,10 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
 def _long_stream(appliance: Appliance, started: threading.Event, stop: threading.Event) -> None:
     body = {
         "model": MODEL,
-        "messages": HELLO,
+        "messages": COUNTING,
         "max_tokens": 1500,
         "stream": True,
-        "temperature": 0.7,
+        "temperature": 0,
     }
     with httpx.stream("POST", f"{appliance.v1}/chat/completions", json=body, timeout=120) as r:
         for _ in r.iter_lines():
@@ -260,7 +262,7 @@ def test_full_queue_is_503_with_retry_after(tight: Appliance) -> None:
 def test_disconnect_mid_stream_stops_generation(tight: Appliance) -> None:
     cancelled = tight.metric("palisade_generations_total", model=MODEL, reason="cancelled")
     tokens_before = tight.metric("palisade_completion_tokens_total", model=MODEL)
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1500, "stream": True}
+    body = {"model": MODEL, "messages": COUNTING, "max_tokens": 1500, "stream": True}
     with httpx.stream("POST", f"{tight.v1}/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         received = [next(lines) for _ in range(6)]
