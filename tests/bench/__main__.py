@@ -5,15 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tests.bench import engine
+from tests.support import REPO
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
-    parser.add_argument("--repeats", type=int, default=9, help="measured runs per side (default 9)")
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="measured runs per side (default 15)"
+    )
     parser.add_argument(
         "--warmups", type=int, default=2, help="unmeasured runs per side first (default 2)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "var" / "bench", help="report folder (var/bench)"
     )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmups < 0:
@@ -23,7 +30,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engine.run(repeats=args.repeats, warmups=args.warmups)
+    engine.run(repeats=args.repeats, warmups=args.warmups, out_dir=args.out)
     return 0
 
 

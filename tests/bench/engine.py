@@ -32,7 +32,6 @@ MESSAGES = [{"role": "user", "content": PROMPT}]
 MAX_TOKENS = 128
 CONTEXT_LENGTH = 2048
 THREADS = os.cpu_count() or 1
-OUTPUT = REPO / "var" / "bench" / "engine.json"
 DECODE_TARGET = 0.95  # appliance decode tok/s at least this fraction of raw
 TTFT_TARGET_MS = 2.0  # appliance TTFT p50 at most this much above raw
 BUSY_CORES = 0.1  # other processes using more CPU than this on average make figures unreliable
@@ -403,7 +402,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_json(
-    summary: dict[str, Any], samples: Samples, *, model: Path, repeats: int, warmups: int
+    summary: dict[str, Any],
+    samples: Samples,
+    *,
+    model: Path,
+    repeats: int,
+    warmups: int,
+    out_dir: Path,
 ) -> Path:
     report = {
         "benchmark": "engine",
@@ -425,9 +430,10 @@ def write_json(
             "appliance": [_sample(run) for run in samples.appliance],
         },
     }
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(json.dumps(report, indent=2) + "\n")
-    return OUTPUT
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "engine.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
 
 
 def _sample(run: Run) -> dict[str, Any]:
@@ -436,8 +442,8 @@ def _sample(run: Run) -> dict[str, Any]:
     return fields
 
 
-def run(*, repeats: int, warmups: int) -> dict[str, Any]:
-    """Run the benchmark, print the table, write var/bench/engine.json; returns the summary."""
+def run(*, repeats: int, warmups: int, out_dir: Path) -> dict[str, Any]:
+    """Run the benchmark, print the table, write `out_dir`/engine.json; returns the summary."""
     model = default_model_path()
     print(f"Engine benchmark: {model.name}, {THREADS} threads, up to {MAX_TOKENS} tokens")
     raw = RawEngine(model)
@@ -454,6 +460,8 @@ def run(*, repeats: int, warmups: int) -> dict[str, Any]:
         raw.close()
     summary = summarize(samples, contention)
     print_table(summary, repeats=repeats, warmups=warmups)
-    path = write_json(summary, samples, model=model, repeats=repeats, warmups=warmups)
-    print(f"\nwrote {path.relative_to(REPO)}")
+    path = write_json(
+        summary, samples, model=model, repeats=repeats, warmups=warmups, out_dir=out_dir
+    )
+    print(f"\nwrote {path}")
     return summary
