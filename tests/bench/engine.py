@@ -25,7 +25,7 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from appliance import DEFAULT_MODEL_ID
-from tests.support import REPO, Appliance, default_model_path, model_toml, run_appliance
+from tests.support import Appliance, default_model_path, model_toml, run_appliance
 
 PROMPT = "Write a long story about a dragon who guards a library."
 MESSAGES = [{"role": "user", "content": PROMPT}]
