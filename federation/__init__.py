@@ -1,9 +1,32 @@
 """Palisade's contract and control plane.
 
-Today: the OpenAI wire schema, the shared error root and config decoding. The tenancy
-policy store, node identity, membership and discovery land here with their issues.
+The OpenAI and management wire schemas, the shared error root, config decoding, and
+tenancy: API keys, roles (RBAC), rate limits, budgets, usage metering and the /admin/v1
+management API. Node identity, membership and discovery land here with their issues.
 """
 
+from federation._private.admin_api import Tenancy
+from federation._private.admin_wire import (
+    AuditEvent,
+    Budget,
+    CreatedKey,
+    Invite,
+    KeyInfo,
+    KeyLimits,
+    Org,
+    UsageRecord,
+    UsageReport,
+    UsageRow,
+    User,
+)
+from federation._private.cli import (
+    budget_cli,
+    key_cli,
+    limits_cli,
+    org_cli,
+    usage_cli,
+    user_cli,
+)
 from federation._private.decoding import convert_config, decode_request, load_config
 from federation._private.errors import (
     APIError,
@@ -16,6 +39,7 @@ from federation._private.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
+from federation._private.gate import Admission, Gate
 from federation._private.openai_wire import (
     ENCODER,
     AssistantMessage,
@@ -45,14 +69,21 @@ from federation._private.openai_wire import (
     TextPart,
     Usage,
 )
+from federation._private.policy import Action, allowed, require
 from federation._private.principal import LOCAL_PRINCIPAL, Principal
+from federation._private.store import Caller, StoreError, TenancyStore
 
 __all__ = [
     "ENCODER",
     "LOCAL_PRINCIPAL",
     "APIError",
+    "Action",
+    "Admission",
     "AssistantMessage",
+    "AuditEvent",
     "AuthenticationError",
+    "Budget",
+    "Caller",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletion",
@@ -64,18 +95,24 @@ __all__ = [
     "CompletionChoice",
     "CompletionRequest",
     "ConfigError",
+    "CreatedKey",
     "EmbeddingData",
     "EmbeddingRequest",
     "EmbeddingResponse",
     "EmbeddingUsage",
     "ErrorDetail",
     "ErrorResponse",
+    "Gate",
     "ImageUrlPart",
     "InputAudioPart",
     "InvalidRequestError",
+    "Invite",
+    "KeyInfo",
+    "KeyLimits",
     "ModelCard",
     "ModelList",
     "NotFoundError",
+    "Org",
     "PalisadeError",
     "Performance",
     "PermissionDeniedError",
@@ -84,9 +121,24 @@ __all__ = [
     "RateLimitError",
     "SamplingFields",
     "ServiceUnavailableError",
+    "StoreError",
+    "Tenancy",
+    "TenancyStore",
     "TextPart",
     "Usage",
+    "UsageRecord",
+    "UsageReport",
+    "UsageRow",
+    "User",
+    "allowed",
+    "budget_cli",
     "convert_config",
     "decode_request",
+    "key_cli",
+    "limits_cli",
     "load_config",
+    "org_cli",
+    "require",
+    "usage_cli",
+    "user_cli",
 ]

@@ -27,7 +27,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
             ),
         ]
     )
-    with run_appliance(home, config) as running:
+    with run_appliance(home, config, "--no-auth") as running:
         yield running
 
 

@@ -7,8 +7,10 @@ import asyncio
 import base64
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -24,13 +26,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance._private import inference
 from appliance._private.config import ApplianceConfig
-from appliance._private.engine import Generation
+from appliance._private.engine import Finish, Generation, SamplingParams
 from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.served import ServedModel
 from federation import (
     ENCODER,
     LOCAL_PRINCIPAL,
+    Admission,
     APIError,
     AssistantMessage,
     ChatChoice,
@@ -51,6 +54,7 @@ from federation import (
     ModelList,
     PermissionDeniedError,
     Principal,
+    Tenancy,
     Usage,
     decode_request,
 )
@@ -79,8 +83,9 @@ async def local_principal() -> Principal:
 class ApplianceState:
     """Everything the handlers share: config, served models and metrics."""
 
-    def __init__(self, config: ApplianceConfig) -> None:
+    def __init__(self, config: ApplianceConfig, tenancy: Tenancy | None = None) -> None:
         self.config = config
+        self.tenancy = tenancy
         self.metrics = ApplianceMetrics(
             node_id=config.node_id, region=config.region, version=VERSION
         )
@@ -97,6 +102,10 @@ class ApplianceState:
         return all(model.engine.ready for model in self.models.values())
 
     async def start(self) -> None:
+        if self.tenancy is not None:
+            admin_key = await self.tenancy.start()
+            if admin_key is not None:
+                _announce_admin_key(admin_key, self.tenancy.home)
         self._loader = asyncio.create_task(self._load_all())
 
     async def _load_all(self) -> None:
@@ -116,6 +125,66 @@ class ApplianceState:
             await self._loader
         for model in self.models.values():
             await asyncio.to_thread(model.engine.close)
+        if self.tenancy is not None:
+            await self.tenancy.close()
+
+    def start_generation(
+        self, principal: Principal, served: ServedModel, prompt: list[int], params: SamplingParams
+    ) -> tuple[Generation, dict[str, str]]:
+        """Admit (limits, budget), submit, and settle on the loop whenever it ends."""
+        admission = self._admit(principal, len(prompt) + params.max_tokens)
+        on_done = None
+        if admission is not None:
+
+            def on_done(finish: Finish) -> None:
+                status = "ok" if finish.reason in ("stop", "length") else finish.reason
+                self._settle(
+                    admission, served, finish.prompt_tokens, finish.completion_tokens, status
+                )
+
+        try:
+            generation = served.engine.submit(prompt, params, on_done)
+        except APIError as exc:
+            if admission is not None:
+                self._settle(admission, served, 0, 0, exc.code)
+            raise
+        headers = self.receipt(served)
+        if admission is not None:
+            headers |= admission.headers
+        return generation, headers
+
+    def _admit(self, principal: Principal, estimate: int) -> Admission | None:
+        return self.tenancy.admit(principal, estimate) if self.tenancy is not None else None
+
+    def _settle(
+        self, admission: Admission, served: ServedModel, prompt: int, completion: int, status: str
+    ) -> None:
+        assert self.tenancy is not None
+        pricing = served.config.pricing
+        cost = (prompt * pricing.input_per_million + completion * pricing.output_per_million) / 1e6
+        self.tenancy.settle(
+            admission,
+            model=served.id,
+            input_tokens=prompt,
+            output_tokens=completion,
+            status=status,
+            cost=round(cost, 9),
+        )
+
+    async def embed(
+        self, principal: Principal, served: ServedModel, texts: list[str]
+    ) -> tuple[list[list[float]], int, dict[str, str]]:
+        estimate = sum(len(text) for text in texts) // 2 + len(texts)
+        admission = self._admit(principal, estimate)
+        tokens, status = 0, "error"
+        try:
+            vectors, tokens = await served.engine.embed(texts)
+            status = "ok"
+        finally:
+            if admission is not None:
+                self._settle(admission, served, tokens, 0, status)
+        headers = self.receipt(served) | (admission.headers if admission is not None else {})
+        return vectors, tokens, headers
 
     def model(self, name: str, principal: Principal) -> ServedModel:
         served = self.models.get(name)
@@ -142,13 +211,23 @@ class ApplianceState:
 
 
 def create_app(
-    config: ApplianceConfig, *, authenticate: Authenticator | None = None
+    config: ApplianceConfig,
+    *,
+    tenancy: Tenancy | None = None,
+    authenticate: Authenticator | None = None,
 ) -> tuple[Litestar, ApplianceState]:
-    state = ApplianceState(config)
+    """The appliance app. With `tenancy`, keys are required and /admin/v1 is mounted;
+    without it, every caller is the local principal (`--no-auth`) unless `authenticate`
+    supplies another."""
+    state = ApplianceState(config, tenancy)
+    if tenancy is not None:
+        authenticate = tenancy.principal
+    admin = tenancy.routes() if tenancy is not None else []
     app = Litestar(
         route_handlers=[
             *_openai_routes(state, Provide(authenticate or local_principal)),
             *_ops_routes(state),
+            *admin,
         ],
         exception_handlers={
             APIError: _render_api_error,
@@ -185,8 +264,8 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
             prompt_tokens=len(prompt),
             context_length=served.engine.context_length,
         )
-        generation = served.engine.submit(prompt, params)
-        reply = _Reply("chatcmpl", served.id, state.receipt(served))
+        generation, headers = state.start_generation(principal, served, prompt, params)
+        reply = _Reply("chatcmpl", served.id, headers)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return reply.stream(_chat_events(generation, reply, include_usage=usage))
@@ -213,8 +292,8 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
             prompt_tokens=len(prompt),
             context_length=served.engine.context_length,
         )
-        generation = served.engine.submit(prompt, params)
-        reply = _Reply("cmpl", served.id, state.receipt(served))
+        generation, headers = state.start_generation(principal, served, prompt, params)
+        reply = _Reply("cmpl", served.id, headers)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return reply.stream(_completion_events(generation, reply, include_usage=usage))
@@ -234,13 +313,13 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
         texts = [
             item if isinstance(item, str) else served.engine.detokenize(item) for item in inputs
         ]
-        vectors, tokens = await served.engine.embed(texts)
+        vectors, tokens, headers = await state.embed(principal, served, texts)
         data = [
             EmbeddingData(index, _encode_vector(vector, body.encoding_format))
             for index, vector in enumerate(vectors)
         ]
         response = EmbeddingResponse(data, served.id, EmbeddingUsage(tokens, tokens))
-        return _Reply("emb", served.id, state.receipt(served)).json(response)
+        return _Reply("emb", served.id, headers).json(response)
 
     @get("/v1/models", dependencies={"principal": principal})
     async def list_models(principal: NamedDependency[Principal]) -> Response[Any]:
@@ -328,6 +407,15 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
         pass
 
 
+def _announce_admin_key(key: str, home: Path) -> None:
+    # Printed to the terminal exactly once, never to the log.
+    sys.stdout.write(
+        "\nCreated the system administrator. Its API key, shown only this once, is also in "
+        f"{home / 'admin.key'} (mode 0600):\n  {key}\n\n"
+    )
+    sys.stdout.flush()
+
+
 def _json(payload: object) -> Response[Any]:
     return Response(ENCODER.encode(payload), media_type=MediaType.JSON)
 
@@ -355,7 +443,7 @@ def _error_frame(generation: Generation) -> bytes | None:
         return None
     detail = finish.error if finish is not None else "no result"
     error = ErrorDetail(
-        f"The engine failed while generating: {detail}.", "server_error", "engine_error"
+        f"The engine failed while generating: {detail}.", "server_error", "engine_error", None
     )
     return _sse(ErrorResponse(error))
 
@@ -422,7 +510,7 @@ def _error_response(
 
 def _render_api_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     assert isinstance(exc, APIError)
-    detail = ErrorDetail(exc.message, exc.error_type, exc.code, exc.param)
+    detail = ErrorDetail(exc.message, exc.error_type, exc.code, exc.param, exc.retry_after)
     return _error_response(exc.status_code, detail, exc.retry_after)
 
 
@@ -435,6 +523,7 @@ _INTERNAL = ErrorDetail(
     "The appliance hit an internal error; it has been logged. Retry, and report it if it persists.",
     "server_error",
     "internal_error",
+    None,
 )
 
 
@@ -445,7 +534,8 @@ def _render_http_exception(request: Request[Any, Any, Any], exc: Exception) -> R
         log.error("HTTP %s on %s: %s", status, request.url.path, exc.detail)
         return _error_response(status, _INTERNAL)
     error_type, code = _HTTP_CODES.get(status, ("invalid_request_error", "invalid_request"))
-    return _error_response(status, ErrorDetail(_http_message(request, exc), error_type, code))
+    detail = ErrorDetail(_http_message(request, exc), error_type, code, None)
+    return _error_response(status, detail)
 
 
 def _http_message(request: Request[Any, Any, Any], exc: HTTPException) -> str:

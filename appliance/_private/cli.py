@@ -28,7 +28,7 @@ def _fail(exc: PalisadeError) -> typer.Exit:
 
 
 @appliance_cli.command("serve")
-def serve_command(
+def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     config: Annotated[
         Path | None, typer.Option("--config", help="Appliance TOML config file.")
     ] = None,
@@ -38,6 +38,13 @@ def serve_command(
     ] = None,
     region: Annotated[str | None, typer.Option(help="Region this node is pinned to.")] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id.")] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="Serve without API keys (one person, loopback only; management API off).",
+        ),
+    ] = False,
 ) -> None:
     """Serve the configured models (the default model when no config is given)."""
     logging.basicConfig(
@@ -46,7 +53,7 @@ def serve_command(
     overrides = {"host": host, "port": port, "region": region, "node_id": node_id}
     try:
         settings = load_appliance_config(config, overrides)
-        code = serve(settings)
+        code = serve(settings, no_auth=no_auth)
     except PalisadeError as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)

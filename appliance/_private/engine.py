@@ -50,6 +50,7 @@ class Generation:
         "_lock",
         "_loop",
         "_on_cancel",
+        "_on_done",
         "_pending",
         "_waiter",
         "finish",
@@ -60,7 +61,11 @@ class Generation:
     )
 
     def __init__(
-        self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+        on_done: Callable[[Finish], None] | None = None,
     ) -> None:
         self.prompt = prompt
         self.params = params
@@ -74,6 +79,7 @@ class Generation:
         self._delivered = threading.Event()
         self._cancelled = False
         self._on_cancel: Callable[[Generation], None] | None = None
+        self._on_done = on_done
 
     # --- engine side (any thread) ------------------------------------------------------
 
@@ -87,7 +93,13 @@ class Generation:
         self._post(text)
 
     def close(self, finish: Finish) -> None:
+        """The end, exactly once: posted to the reader, and `on_done` runs on the loop."""
         self._post(finish)
+        if self._on_done is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._on_done, finish)
+            except RuntimeError:
+                return  # the loop is gone; so is whoever wanted to know
 
     def wait_delivered(self, timeout: float) -> None:
         """Block until the consumer has taken the first text (or `timeout` passes).
@@ -189,8 +201,16 @@ class Engine(Protocol):
 
     def detokenize(self, tokens: list[int]) -> str: ...
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
-        """Admit a generation or raise `QueueFullError`; never blocks."""
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_done: Callable[[Finish], None] | None = None,
+    ) -> Generation:
+        """Admit a generation or raise `QueueFullError`; never blocks.
+
+        `on_done` runs on the event loop once the generation has ended for any reason.
+        """
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """One embedding per text, and the number of tokens read."""

@@ -162,12 +162,17 @@ class LlamaCppEngine:
 
     # --- generation ---------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Generation:
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_done: Callable[[Finish], None] | None = None,
+    ) -> Generation:
         if self._scheduler is None:
             raise ModelNotReadyError(
                 f"The model `{self._config.id}` is still loading; retry shortly.", retry_after=1
             )
-        generation = Generation(prompt, params, asyncio.get_running_loop())
+        generation = Generation(prompt, params, asyncio.get_running_loop(), on_done)
         self._scheduler.submit(generation)
         return generation
 

@@ -69,9 +69,11 @@ class SerialScheduler:
                 self._running.cancel()
             self._cond.notify_all()
         for generation in abandoned:
-            generation.close(
-                Finish("error", len(generation.prompt), 0, error="the appliance is shutting down")
+            finish = Finish(
+                "error", len(generation.prompt), 0, error="the appliance is shutting down"
             )
+            generation.close(finish)
+            self._on_finish(generation, finish)
         self._thread.join(timeout=30)
 
     def _retry_after(self, busy: int) -> int:
@@ -84,7 +86,9 @@ class SerialScheduler:
                 self._waiting.remove(generation)
             except ValueError:
                 return  # already running: the worker sees the flag before its next step
-        self._on_finish(generation, Finish("cancelled", len(generation.prompt), 0))
+        finish = Finish("cancelled", len(generation.prompt), 0)
+        generation.close(finish)
+        self._on_finish(generation, finish)
 
     def _next(self) -> Generation | None:
         with self._cond:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import sys
@@ -11,6 +12,7 @@ import uvicorn
 from appliance._private.app import create_app
 from appliance._private.config import ApplianceConfig
 from appliance._private.errors import ModelLoadError
+from federation import ConfigError, Tenancy
 
 log = logging.getLogger("palisade.appliance")
 
@@ -44,12 +46,28 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(config: ApplianceConfig) -> int:
+def check_no_auth(config: ApplianceConfig) -> None:
+    """`--no-auth` serves one person on one machine: loopback only."""
+    try:
+        loopback = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"--no-auth refuses to listen on {config.host}: without keys anyone who can reach "
+            "the port could use the appliance. Listen on 127.0.0.1 (or ::1), or drop --no-auth."
+        )
+
+
+def serve(config: ApplianceConfig, *, no_auth: bool = False) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     check_models(config)
+    if no_auth:
+        check_no_auth(config)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    app, state = create_app(config)
+    tenancy = None if no_auth else Tenancy(config.home(), region=config.region, node=config.node_id)
+    app, state = create_app(config, tenancy=tenancy)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -65,7 +83,12 @@ def serve(config: ApplianceConfig) -> int:
 
     state.on_fatal = stop_on_fatal
     url = f"http://{_url_host(host)}:{port}"
-    _announce(config, url)
+    if no_auth:
+        log.warning(
+            "AUTHENTICATION IS OFF (--no-auth): every request is served without a key and the "
+            "management API is disabled. Listening on loopback only."
+        )
+    _announce(config, url, no_auth=no_auth)
     server.run(sockets=[sock])
     if state.load_error is not None:
         return 1
@@ -76,13 +99,15 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _announce(config: ApplianceConfig, url: str) -> None:
+def _announce(config: ApplianceConfig, url: str, *, no_auth: bool) -> None:
     model = config.models[0].id
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    auth = "" if no_auth else '-H "Authorization: Bearer $PALISADE_API_KEY" '
+    mode = "authentication OFF (--no-auth)" if no_auth else "API keys required"
     sys.stdout.write(
         f"Palisade appliance {config.node_id} (region {config.region}) listening on {url}\n"
-        f"  models: {', '.join(m.id for m in config.models)}\n"
+        f"  models: {', '.join(m.id for m in config.models)} ({mode})\n"
         f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-d '{body}'\n"
+        f"{auth}-d '{body}'\n"
     )
     sys.stdout.flush()

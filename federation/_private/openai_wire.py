@@ -225,11 +225,12 @@ class ModelList(Struct):
     object: str = "list"
 
 
-class ErrorDetail(Struct):
+class ErrorDetail(Struct, omit_defaults=True):
     message: str
     type: str
     code: str
-    param: str | None = None
+    param: str | None
+    retry_after: int | None = None  # seconds, also sent as the Retry-After header
 
 
 class ErrorResponse(Struct):

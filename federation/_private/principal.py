@@ -17,6 +17,8 @@ class Principal:
     user: str
     key_id: str | None = None
     regions: frozenset[str] | None = None
+    role: str = "org_user"
+    logging_mode: str = "metadata"
 
 
 LOCAL_PRINCIPAL = Principal(org="local", user="local")

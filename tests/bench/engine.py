@@ -450,7 +450,7 @@ def run(*, repeats: int, warmups: int, out_dir: Path) -> dict[str, Any]:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="palisade-bench-") as home,
-            run_appliance(Path(home), model_toml(path=str(model))) as appliance,
+            run_appliance(Path(home), model_toml(path=str(model)), "--no-auth") as appliance,
             appliance_client(appliance) as client,
         ):
             watch = CpuWatch(os.getpid(), appliance.process.pid)

@@ -1,0 +1,342 @@
+"""Tenancy for one server: key authentication, the /admin/v1 management API, admission.
+
+The appliance mounts this when it runs standalone; the router will mount the same code
+when federated. Every management action is checked against the RBAC matrix in `policy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post, put
+from litestar.di import NamedDependency, Provide
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
+
+from federation._private import admin_wire as wire
+from federation._private.decoding import decode_request
+from federation._private.errors import AuthenticationError, InvalidRequestError
+from federation._private.gate import Admission, Gate
+from federation._private.openai_wire import ENCODER
+from federation._private.policy import Action, allowed, require
+from federation._private.principal import Principal
+from federation._private.store import (
+    Caller,
+    TenancyStore,
+    key_view,
+    org_view,
+    user_view,
+)
+
+log = logging.getLogger("palisade.federation.admin")
+
+_ORG = msgspec.json.Decoder(wire.OrgCreate)
+_INVITE = msgspec.json.Decoder(wire.InviteCreate)
+_ACCEPT = msgspec.json.Decoder(wire.InviteAccept)
+_KEY = msgspec.json.Decoder(wire.KeyCreate)
+_BUDGET = msgspec.json.Decoder(wire.BudgetSet)
+_LIMITS = msgspec.json.Decoder(wire.KeyLimits)
+_GROUPS = ("model", "user", "region", "day", "org", "key")
+
+
+class Tenancy:
+    """Keys, roles, limits, budgets and usage metering for one server."""
+
+    def __init__(self, home: Path, *, region: str, node: str) -> None:
+        self.home = home
+        self.region = region
+        self.node = node
+        self._store: TenancyStore | None = None
+        self._gate: Gate | None = None
+
+    @property
+    def store(self) -> TenancyStore:
+        if self._store is None:
+            raise RuntimeError("Tenancy.start() has not run")
+        return self._store
+
+    @property
+    def gate(self) -> Gate:
+        if self._gate is None:
+            raise RuntimeError("Tenancy.start() has not run")
+        return self._gate
+
+    async def start(self) -> str | None:
+        """Open the policy database; on first start, bootstrap the system admin.
+
+        Returns the new system admin key exactly once (also written 0600 to admin.key).
+        """
+        self._store = await TenancyStore.open(self.home / "policy.db")
+        self._gate = Gate(self._store, region=self.region, node=self.node)
+        await self._gate.start()
+        return await self._bootstrap()
+
+    async def close(self) -> None:
+        if self._gate is not None:
+            await self._gate.stop()
+        if self._store is not None:
+            await self._store.close()
+        self._store = self._gate = None
+
+    async def _bootstrap(self) -> str | None:
+        key = await self.store.bootstrap_admin()
+        if key is None:
+            return None
+        path = self.home / "admin.key"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=stat.S_IRUSR | stat.S_IWUSR, exist_ok=True)
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        path.write_text(key + "\n")
+        return key
+
+    # --- authentication -----------------------------------------------------------------
+
+    def caller(self, request: Request[Any, Any, Any]) -> Caller:
+        header = request.headers.get("authorization")
+        if not header:
+            raise AuthenticationError(
+                "Missing API key. Send `Authorization: Bearer pal-sk-…`.", code="invalid_api_key"
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError(
+                "Malformed Authorization header; expected `Bearer pal-sk-…`.",
+                code="invalid_api_key",
+            )
+        return self.store.authenticate(token.strip())
+
+    async def admin_caller(self, request: Request[Any, Any, Any]) -> Caller:
+        return self.caller(request)
+
+    async def principal(self, request: Request[Any, Any, Any]) -> Principal:
+        """The inference principal: org ∩ key regions, refused for roles that may not call."""
+        caller = self.caller(request)
+        require(caller.user.role, Action.CALL_INFERENCE, actor_org=caller.user.org, target_org=None)
+        regions = caller.org.regions
+        if caller.key.regions is not None:
+            regions = regions & caller.key.regions
+        return Principal(
+            org=caller.org.name,
+            user=caller.user.id,
+            key_id=caller.key.id,
+            regions=regions,
+            role=caller.user.role,
+            logging_mode=caller.org.logging_mode,
+        )
+
+    # --- admission (sync: atomic on the event loop) --------------------------------------
+
+    def admit(self, principal: Principal, estimate: int) -> Admission:
+        return self.gate.admit(principal, estimate)
+
+    def settle(
+        self,
+        admission: Admission,
+        *,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        status: str,
+        cost: float,
+    ) -> None:
+        self.gate.settle(
+            admission,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            status=status,
+            cost=cost,
+        )
+
+    def routes(self) -> list[HTTPRouteHandler]:
+        return _admin_routes(self)
+
+
+def _json(payload: object, status: int = 200) -> Response[Any]:
+    return Response(ENCODER.encode(payload), status_code=status, media_type="application/json")
+
+
+def _budget(tenancy: Tenancy, org: str) -> wire.Budget:
+    record = tenancy.store.org(org)
+    month, used, reserved = tenancy.gate.budget_state(org)
+    return wire.Budget(
+        org=org,
+        month=month,
+        limit_tokens=record.budget_tokens,
+        used_tokens=used,
+        reserved_tokens=reserved,
+    )
+
+
+def _scope_org(caller: Caller, requested: str | None, action: Action) -> str | None:
+    """The org a read is scoped to: the requested one if allowed, else the caller's own."""
+    org = requested if requested is not None else caller.user.org
+    if org is None and caller.user.role == "system_admin":
+        return None
+    require(caller.user.role, action, actor_org=caller.user.org, target_org=org)
+    return org
+
+
+def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 - one closure per route
+    auth = {"caller": Provide(tenancy.admin_caller)}
+
+    def role(caller: Caller, action: Action, org: str | None) -> None:
+        require(caller.user.role, action, actor_org=caller.user.org, target_org=org)
+
+    @post("/admin/v1/orgs", dependencies=auth)
+    async def create_org(
+        request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        role(caller, Action.MANAGE_ORGS, None)
+        spec = decode_request(await request.body(), _ORG)
+        return _json(await tenancy.store.create_org(spec, caller.user.id), 201)
+
+    @get("/admin/v1/orgs", dependencies=auth)
+    async def list_orgs(caller: NamedDependency[Caller]) -> Response[Any]:
+        visible = [
+            org_view(org)
+            for org in tenancy.store.orgs.values()
+            if allowed(caller.user.role, Action.MANAGE_ORGS, actor_org=None, target_org=None)
+            or org.name == caller.user.org
+        ]
+        return _json(wire.Listing(data=visible))
+
+    @get("/admin/v1/orgs/{name:str}/budget", dependencies=auth)
+    async def get_budget(name: FromPath[str], caller: NamedDependency[Caller]) -> Response[Any]:
+        role(caller, Action.VIEW_ORG_USAGE, name)
+        return _json(_budget(tenancy, name))
+
+    @put("/admin/v1/orgs/{name:str}/budget", dependencies=auth)
+    async def set_budget(
+        name: FromPath[str], request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        role(caller, Action.SET_BUDGET, name)
+        spec = decode_request(await request.body(), _BUDGET)
+        await tenancy.store.set_budget(name, spec.tokens, caller.user.id)
+        return _json(_budget(tenancy, name))
+
+    @post("/admin/v1/invites", dependencies=auth)
+    async def invite(
+        request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        spec = decode_request(await request.body(), _INVITE)
+        role(caller, Action.MANAGE_USERS, spec.org)
+        return _json(await tenancy.store.create_invite(spec, caller.user.id), 201)
+
+    @post("/admin/v1/invites/accept")
+    async def accept(request: Request[Any, Any, Any]) -> Response[Any]:
+        spec = decode_request(await request.body(), _ACCEPT)
+        user, key = await tenancy.store.accept_invite(spec.token, spec.key_name)
+        return _json({"user": user_view(user), "key": key}, 201)
+
+    @get("/admin/v1/users", dependencies=auth)
+    async def list_users(caller: NamedDependency[Caller], org: str | None = None) -> Response[Any]:
+        scope = _scope_org(caller, org, Action.MANAGE_USERS)
+        users = [
+            user_view(u)
+            for u in tenancy.store.users.values()
+            if u.removed_at is None and (scope is None or u.org == scope)
+        ]
+        return _json(wire.Listing(data=users))
+
+    @delete("/admin/v1/users/{user_id:str}", dependencies=auth, status_code=200)
+    async def remove_user(user_id: FromPath[str], caller: NamedDependency[Caller]) -> Response[Any]:
+        target = tenancy.store.user(user_id)
+        role(caller, Action.MANAGE_USERS, target.org or "")
+        return _json(user_view(await tenancy.store.remove_user(user_id, caller.user.id)))
+
+    @post("/admin/v1/keys", dependencies=auth)
+    async def create_key(
+        request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        role(caller, Action.CREATE_KEY, caller.user.org)
+        spec = decode_request(await request.body(), _KEY)
+        return _json(await tenancy.store.create_key(caller.user, spec, caller.user.id), 201)
+
+    @get("/admin/v1/keys", dependencies=auth)
+    async def list_keys(caller: NamedDependency[Caller], org: str | None = None) -> Response[Any]:
+        if org is None and caller.user.role != "system_admin":
+            role(caller, Action.MANAGE_OWN_KEYS, caller.user.org)
+            found = [k for k in tenancy.store.keys.values() if k.user_id == caller.user.id]
+        else:
+            scope = _scope_org(caller, org, Action.MANAGE_ORG_KEYS)
+            found = [k for k in tenancy.store.keys.values() if scope is None or k.org == scope]
+        return _json(wire.Listing(data=[key_view(k) for k in found]))
+
+    def may_manage_key(caller: Caller, key_id: str) -> None:
+        record = tenancy.store.key(key_id)
+        if record.user_id == caller.user.id:
+            role(caller, Action.MANAGE_OWN_KEYS, record.org)
+        else:
+            role(caller, Action.MANAGE_ORG_KEYS, record.org)
+
+    @delete("/admin/v1/keys/{key_id:str}", dependencies=auth, status_code=200)
+    async def revoke_key(key_id: FromPath[str], caller: NamedDependency[Caller]) -> Response[Any]:
+        may_manage_key(caller, key_id)
+        return _json(key_view(await tenancy.store.revoke_key(key_id, caller.user.id)))
+
+    @put("/admin/v1/keys/{key_id:str}/limits", dependencies=auth)
+    async def set_limits(
+        key_id: FromPath[str], request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        role(caller, Action.SET_BUDGET, tenancy.store.key(key_id).org)
+        limits = decode_request(await request.body(), _LIMITS)
+        return _json(key_view(await tenancy.store.set_limits(key_id, limits, caller.user.id)))
+
+    @get("/admin/v1/usage", dependencies=auth)
+    async def usage(
+        caller: NamedDependency[Caller],
+        by: str = "model",
+        org: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> Response[Any]:
+        if by not in _GROUPS:
+            raise InvalidRequestError(
+                f"`by` must be one of {', '.join(_GROUPS)}.", code="invalid_value", param="by"
+            )
+        scope = _usage_scope(caller, org)
+        await tenancy.gate.flush()
+        return _json(await tenancy.store.usage_report(by, scope, since, until))
+
+    @get("/admin/v1/usage/records", dependencies=auth)
+    async def usage_records(
+        caller: NamedDependency[Caller], org: str | None = None
+    ) -> Response[Any]:
+        scope = _usage_scope(caller, org)
+        await tenancy.gate.flush()
+        return _json(wire.Listing(data=await tenancy.store.usage_records(scope)))
+
+    @get("/admin/v1/audit", dependencies=auth)
+    async def audit(caller: NamedDependency[Caller], org: str | None = None) -> Response[Any]:
+        scope = _scope_org(caller, org, Action.VIEW_AUDIT)
+        return _json(wire.Listing(data=await tenancy.store.audit_events(scope)))
+
+    return [
+        create_org,
+        list_orgs,
+        get_budget,
+        set_budget,
+        invite,
+        accept,
+        list_users,
+        remove_user,
+        create_key,
+        list_keys,
+        revoke_key,
+        set_limits,
+        usage,
+        usage_records,
+        audit,
+    ]
+
+
+def _usage_scope(caller: Caller, org: str | None) -> str | None:
+    if org is None and caller.user.role == "system_admin":
+        require(caller.user.role, Action.VIEW_SYSTEM_USAGE, actor_org=None, target_org=None)
+        return None
+    return _scope_org(caller, org, Action.VIEW_ORG_USAGE)

@@ -1,0 +1,519 @@
+"""`palisade org|user|key|budget|limits|usage …`: a thin client over the /admin/v1 API.
+
+Each command finds its server with `--url` / `PALISADE_URL` and its credential with
+`--key` / `PALISADE_API_KEY`, falling back to `$PALISADE_HOME/admin.key` (the system
+admin key the server writes on first start). HTTP errors print the server's OpenAI-shaped
+message and code and exit 1; no command prints a key other than one it just created.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import httpx
+import typer
+
+DEFAULT_URL = "http://127.0.0.1:8400"
+TIMEOUT = 30.0
+
+org_cli = typer.Typer(help="Manage organizations (tenants).", no_args_is_help=True)
+user_cli = typer.Typer(help="Invite, list and remove users.", no_args_is_help=True)
+key_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+budget_cli = typer.Typer(help="Monthly token budgets per organization.", no_args_is_help=True)
+limits_cli = typer.Typer(help="Per-key rate limits.", no_args_is_help=True)
+usage_cli = typer.Typer(help="Usage and cost reports.", no_args_is_help=True)
+
+
+class LoggingMode(StrEnum):
+    full = "full"
+    metadata = "metadata"
+    zero = "zero"
+
+
+class InviteRole(StrEnum):
+    org_admin = "org_admin"
+    org_user = "org_user"
+
+
+class UsageGroup(StrEnum):
+    model = "model"
+    user = "user"
+    region = "region"
+    day = "day"
+    org = "org"
+    key = "key"
+
+
+class ReportFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+UrlOpt = Annotated[
+    str, typer.Option("--url", envvar="PALISADE_URL", help="Base URL of the Palisade server.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="PALISADE_API_KEY",
+        show_default=False,
+        help="API key (default: $PALISADE_HOME/admin.key).",
+    ),
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+OrgFilter = Annotated[str | None, typer.Option("--org", help="Only this organization.")]
+
+
+# --- plumbing ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a command sends its request, and the key it authenticates with (if any)."""
+
+    url: str
+    key: str | None
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _home() -> Path:
+    """`$PALISADE_HOME`, defaulting to `./var` (the same lookup as the appliance's)."""
+    return Path(os.environ.get("PALISADE_HOME", "var")).resolve()
+
+
+def _target(url: str, key: str | None) -> Target:
+    """The server plus a key: --key / PALISADE_API_KEY, else $PALISADE_HOME/admin.key."""
+    if key:
+        return Target(url, key.strip())
+    path = _home() / "admin.key"
+    try:
+        stored = path.read_text().strip()
+    except FileNotFoundError:
+        stored = ""
+    except OSError as exc:
+        raise _fail(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stored:
+        raise _fail(
+            f"no API key: pass --key, set PALISADE_API_KEY, or point PALISADE_HOME at the "
+            f"server's state directory (no key in {path})."
+        )
+    return Target(url, stored)
+
+
+def _error_text(response: httpx.Response) -> str:
+    """`<message> (<code>)` from an OpenAI-shaped error body, or the best we can say."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return f"{error['message']} ({error.get('code') or response.status_code})"
+    detail = body.get("detail") if isinstance(body, dict) else None
+    text = detail or response.text.strip()[:200] or response.reason_phrase
+    return f"{text} (HTTP {response.status_code})"
+
+
+def _call(
+    target: Target,
+    method: str,
+    path: str,
+    *,
+    body: object = None,
+    params: dict[str, str | None] | None = None,
+) -> Any:
+    """One API request; exits 1 with a one-line message on any failure."""
+    headers = {"Authorization": f"Bearer {target.key}"} if target.key else {}
+    query = {k: v for k, v in (params or {}).items() if v is not None}
+    try:
+        with httpx.Client(base_url=target.url.rstrip("/"), timeout=TIMEOUT) as client:
+            response = client.request(method, path, json=body, params=query, headers=headers)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise _fail(
+            f"cannot reach {target.url}: {reason}. Is the server running? "
+            "Set --url or PALISADE_URL."
+        ) from None
+    if response.is_error:
+        raise _fail(_error_text(response))
+    try:
+        return response.json()
+    except ValueError:
+        raise _fail(f"{target.url} answered {method} {path} with a body that is not JSON") from None
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines
+    )
+
+
+def _csv_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _or(value: object, fallback: str = "-") -> str:
+    return fallback if value is None else str(value)
+
+
+def _limit(value: object) -> str:
+    return _or(value, "unlimited")
+
+
+# --- org --------------------------------------------------------------------------------
+
+
+@org_cli.command("create")
+def org_create(
+    name: Annotated[str, typer.Argument(help="Organization name (lowercase, e.g. acme).")],
+    *,
+    regions: Annotated[
+        str, typer.Option("--regions", help="Comma-separated regions, e.g. eu-west,us-east.")
+    ],
+    budget_tokens: Annotated[
+        int | None, typer.Option("--budget-tokens", help="Monthly token budget (default: none).")
+    ] = None,
+    logging_mode: Annotated[
+        LoggingMode, typer.Option("--logging-mode", help="What request logs keep.")
+    ] = LoggingMode.metadata,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an organization pinned to REGIONS."""
+    body = {
+        "name": name,
+        "regions": _csv_list(regions),
+        "budget_tokens": budget_tokens,
+        "logging_mode": logging_mode.value,
+    }
+    org = _call(_target(url, key), "POST", "/admin/v1/orgs", body=body)
+    if as_json:
+        _print_json(org)
+        return
+    typer.echo(
+        f"Created org {org['name']} (regions {','.join(org['regions'])}, "
+        f"budget {_limit(org['budget_tokens'])} tokens/month, logging {org['logging_mode']})."
+    )
+
+
+@org_cli.command("list")
+def org_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False) -> None:
+    """List the organizations you can see."""
+    listing = _call(_target(url, key), "GET", "/admin/v1/orgs")
+    if as_json:
+        _print_json(listing)
+        return
+    rows = [
+        [o["name"], ",".join(o["regions"]), _limit(o["budget_tokens"]), o["logging_mode"]]
+        for o in listing["data"]
+    ]
+    typer.echo(_table(["name", "regions", "budget_tokens", "logging"], rows))
+
+
+# --- user -------------------------------------------------------------------------------
+
+
+@user_cli.command("invite")
+def user_invite(
+    email: Annotated[str, typer.Argument(help="The invitee's email address.")],
+    *,
+    org: Annotated[str, typer.Option("--org", help="Organization to join.")],
+    role: Annotated[InviteRole, typer.Option("--role", help="Role in the organization.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Invite EMAIL to an organization; prints the one-time invitation token."""
+    body = {"email": email, "org": org, "role": role.value}
+    invite = _call(_target(url, key), "POST", "/admin/v1/invites", body=body)
+    if as_json:
+        _print_json(invite)
+        return
+    typer.echo(
+        f"Invited {invite['email']} to {invite['org']} as {invite['role']} "
+        f"(expires {invite['expires_at']})."
+    )
+    typer.echo(f"Invitation token (shown once): {invite['token']}")
+    typer.echo(f"The invitee runs: palisade user accept {invite['token']}")
+
+
+@user_cli.command("accept")
+def user_accept(
+    token: Annotated[str, typer.Argument(help="The invitation token.")],
+    key_name: Annotated[
+        str, typer.Option("--key-name", help="Name for your first API key.")
+    ] = "default",
+    url: UrlOpt = DEFAULT_URL,
+    as_json: JsonFlag = False,
+) -> None:
+    """Accept an invitation (no API key needed); prints your first API key once."""
+    body = {"token": token, "key_name": key_name}
+    result = _call(Target(url, None), "POST", "/admin/v1/invites/accept", body=body)
+    user, created = result["user"], result["key"]
+    if as_json:
+        _print_json({"user": user, "key": created["key"], "key_info": created["info"]})
+        return
+    typer.echo(f"Welcome {user['email']}: user {user['id']}, {user['role']} in {user['org']}.")
+    typer.echo(f"API key {created['info']['id']} (shown once, store it now):")
+    typer.echo(created["key"])
+
+
+@user_cli.command("list")
+def user_list(
+    org: OrgFilter = None, url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
+) -> None:
+    """List users (your organization's unless --org is given)."""
+    listing = _call(_target(url, key), "GET", "/admin/v1/users", params={"org": org})
+    if as_json:
+        _print_json(listing)
+        return
+    rows = [[u["id"], u["email"], u["role"], _or(u["org"])] for u in listing["data"]]
+    typer.echo(_table(["id", "email", "role", "org"], rows))
+
+
+@user_cli.command("remove")
+def user_remove(
+    user_id: Annotated[str, typer.Argument(help="The user's id (usr_…).")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Remove a user; their keys stop working."""
+    user = _call(_target(url, key), "DELETE", f"/admin/v1/users/{_seg(user_id)}")
+    if as_json:
+        _print_json(user)
+        return
+    typer.echo(f"Removed user {user['id']} ({user['email']}).")
+
+
+# --- key --------------------------------------------------------------------------------
+
+
+@key_cli.command("create")
+def key_create(
+    name: Annotated[str, typer.Option("--name", help="A label for the key.")],
+    *,
+    regions: Annotated[
+        str | None,
+        typer.Option("--regions", help="Comma-separated regions to narrow the key to."),
+    ] = None,
+    expires_in_days: Annotated[
+        int | None, typer.Option("--expires-in-days", help="Expire the key after N days.")
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an API key for yourself; prints the key once."""
+    body = {"name": name, "regions": _csv_list(regions), "expires_in_days": expires_in_days}
+    created = _call(_target(url, key), "POST", "/admin/v1/keys", body=body)
+    info = created["info"]
+    if as_json:
+        _print_json({"id": info["id"], "key": created["key"], **info})
+        return
+    typer.echo(
+        f"Created key {info['id']} ({info['name']}) for org {info['org']}, "
+        f"expires {_or(info['expires_at'], 'never')}. Shown once, store it now:"
+    )
+    typer.echo(created["key"])
+
+
+@key_cli.command("list")
+def key_list(
+    org: OrgFilter = None, url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
+) -> None:
+    """List keys (your own unless --org is given); never shows key secrets."""
+    listing = _call(_target(url, key), "GET", "/admin/v1/keys", params={"org": org})
+    if as_json:
+        _print_json(listing)
+        return
+    rows = [
+        [
+            k["id"],
+            k["name"],
+            k["user_id"],
+            k["org"],
+            "revoked" if k["revoked_at"] else "active",
+            _or(k["expires_at"], "never"),
+            _or(k["last_used_at"], "never"),
+        ]
+        for k in listing["data"]
+    ]
+    headers = ["id", "name", "user_id", "org", "status", "expires", "last_used"]
+    typer.echo(_table(headers, rows))
+
+
+@key_cli.command("revoke")
+def key_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Revoke a key; it stops working at once."""
+    info = _call(_target(url, key), "DELETE", f"/admin/v1/keys/{_seg(key_id)}")
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"Revoked key {info['id']} ({info['name']}) at {info['revoked_at']}.")
+
+
+# --- budget and limits ------------------------------------------------------------------
+
+
+def _print_budget(budget: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(budget)
+        return
+    typer.echo(
+        f"Org {budget['org']}, {budget['month']}: {budget['used_tokens']} of "
+        f"{_limit(budget['limit_tokens'])} tokens used ({budget['reserved_tokens']} reserved)."
+    )
+
+
+@budget_cli.command("set")
+def budget_set(
+    org: Annotated[str, typer.Argument(help="Organization name.")],
+    *,
+    tokens: Annotated[
+        int | None, typer.Option("--tokens", help="Monthly token budget.", min=0)
+    ] = None,
+    unlimited: Annotated[bool, typer.Option("--unlimited", help="Remove the budget.")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Set an organization's monthly token budget."""
+    if (tokens is None) == (not unlimited):
+        raise _fail("pass exactly one of --tokens N or --unlimited.")
+    path = f"/admin/v1/orgs/{_seg(org)}/budget"
+    budget = _call(_target(url, key), "PUT", path, body={"tokens": tokens})
+    _print_budget(budget, as_json)
+
+
+@budget_cli.command("show")
+def budget_show(
+    org: Annotated[str, typer.Argument(help="Organization name.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show an organization's budget and this month's spend."""
+    budget = _call(_target(url, key), "GET", f"/admin/v1/orgs/{_seg(org)}/budget")
+    _print_budget(budget, as_json)
+
+
+@limits_cli.command("set")
+def limits_set(
+    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    *,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="Requests per minute.", min=1)] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.", min=1)] = None,
+    burst: Annotated[int | None, typer.Option("--burst", help="Bucket depth.", min=1)] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Replace a key's rate limits; a limit you omit becomes unlimited."""
+    body = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "burst": burst}
+    info = _call(_target(url, key), "PUT", f"/admin/v1/keys/{_seg(key_id)}/limits", body=body)
+    if as_json:
+        _print_json(info)
+        return
+    limits = info["limits"]
+    typer.echo(
+        f"Key {info['id']}: rpm {_limit(limits['requests_per_minute'])}, "
+        f"tpm {_limit(limits['tokens_per_minute'])}, burst {_limit(limits['burst'])}."
+    )
+
+
+# --- usage ------------------------------------------------------------------------------
+
+
+def _instant(value: str | None, flag: str) -> str | None:
+    """An ISO date or datetime, normalized to the server's UTC timestamp form."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _fail(f"{flag} must be an ISO date or datetime, e.g. 2025-06-01.") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _usage_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        row["group"],
+        str(row["requests"]),
+        str(row["input_tokens"]),
+        str(row["output_tokens"]),
+        f"{row['cost']:.6f}",
+    ]
+
+
+def _usage_text(report: dict[str, Any], fmt: ReportFormat) -> str:
+    headers = ["group", "requests", "input_tokens", "output_tokens", "cost"]
+    rows = [_usage_cells(r) for r in [*report["rows"], report["total"]]]
+    if fmt is ReportFormat.table:
+        return _table(headers, rows)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([headers, *rows])
+    return out.getvalue().rstrip("\n")
+
+
+@usage_cli.command("report")
+def usage_report(
+    *,
+    by: Annotated[UsageGroup, typer.Option("--by", help="Group rows by this.")] = UsageGroup.model,
+    org: OrgFilter = None,
+    since: Annotated[str | None, typer.Option("--since", help="From (ISO, inclusive).")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="To (ISO, exclusive).")] = None,
+    fmt: Annotated[
+        ReportFormat, typer.Option("--format", help="Output format.")
+    ] = ReportFormat.table,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+) -> None:
+    """Requests, tokens and cost, grouped, with a total row."""
+    params = {
+        "by": by.value,
+        "org": org,
+        "since": _instant(since, "--since"),
+        "until": _instant(until, "--until"),
+    }
+    report = _call(_target(url, key), "GET", "/admin/v1/usage", params=params)
+    if as_json or fmt is ReportFormat.json:
+        _print_json(report)
+        return
+    typer.echo(_usage_text(report, fmt))

@@ -1,0 +1,86 @@
+"""Role-based access control: the one matrix every management action is checked against.
+
+| action                        | system_admin | org_admin | org_user |
+|-------------------------------|--------------|-----------|----------|
+| view system-wide usage        | yes          | no        | no       |
+| manage models                 | yes          | no        | no       |
+| create/manage organizations   | yes          | no        | no       |
+| view org usage                | any org      | own       | own      |
+| invite/remove users           | any org      | own       | no       |
+| set org budgets               | any org      | own       | no       |
+| create API key                | no           | own       | own      |
+| view/revoke own keys          | no           | yes       | yes      |
+| view/revoke all org keys      | any org      | own       | no       |
+| view org audit log            | any org      | own       | no       |
+| call the inference API        | no           | yes       | yes      |
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from federation._private.errors import PermissionDeniedError
+
+
+class Action(Enum):
+    VIEW_SYSTEM_USAGE = "view system-wide usage"
+    MANAGE_MODELS = "manage models"
+    MANAGE_ORGS = "create/manage organizations"
+    VIEW_ORG_USAGE = "view org usage"
+    MANAGE_USERS = "invite/remove users"
+    SET_BUDGET = "set org budgets"
+    CREATE_KEY = "create API key"
+    MANAGE_OWN_KEYS = "view/revoke own keys"
+    MANAGE_ORG_KEYS = "view/revoke all org keys"
+    VIEW_AUDIT = "view org audit log"
+    CALL_INFERENCE = "call the inference API"
+
+
+# Per role: the actions allowed in any org ("any"), only in the actor's own org ("own").
+_ANY, _OWN = "any", "own"
+_MATRIX: dict[str, dict[Action, str]] = {
+    "system_admin": {
+        Action.VIEW_SYSTEM_USAGE: _ANY,
+        Action.MANAGE_MODELS: _ANY,
+        Action.MANAGE_ORGS: _ANY,
+        Action.VIEW_ORG_USAGE: _ANY,
+        Action.MANAGE_USERS: _ANY,
+        Action.SET_BUDGET: _ANY,
+        Action.MANAGE_ORG_KEYS: _ANY,
+        Action.VIEW_AUDIT: _ANY,
+    },
+    "org_admin": {
+        Action.VIEW_ORG_USAGE: _OWN,
+        Action.MANAGE_USERS: _OWN,
+        Action.SET_BUDGET: _OWN,
+        Action.CREATE_KEY: _OWN,
+        Action.MANAGE_OWN_KEYS: _OWN,
+        Action.MANAGE_ORG_KEYS: _OWN,
+        Action.VIEW_AUDIT: _OWN,
+        Action.CALL_INFERENCE: _OWN,
+    },
+    "org_user": {
+        Action.VIEW_ORG_USAGE: _OWN,
+        Action.CREATE_KEY: _OWN,
+        Action.MANAGE_OWN_KEYS: _OWN,
+        Action.CALL_INFERENCE: _OWN,
+    },
+}
+
+
+def allowed(role: str, action: Action, *, actor_org: str | None, target_org: str | None) -> bool:
+    """Whether `role` may do `action` on `target_org` (None: not org-scoped)."""
+    scope = _MATRIX.get(role, {}).get(action)
+    if scope == _ANY:
+        return True
+    return scope == _OWN and (target_org is None or target_org == actor_org)
+
+
+def require(role: str, action: Action, *, actor_org: str | None, target_org: str | None) -> None:
+    if not allowed(role, action, actor_org=actor_org, target_org=target_org):
+        where = f" in org `{target_org}`" if target_org else ""
+        raise PermissionDeniedError(
+            f"Your role ({role}) may not {action.value}{where}. Ask an administrator of "
+            "that organization.",
+            code="permission_denied",
+        )

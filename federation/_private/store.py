@@ -1,0 +1,638 @@
+"""The tenancy policy store: orgs, users, API keys, invites, budgets, usage and audit events.
+
+SQLite through aiosqlite. Orgs, users and keys are also held in memory, updated on every
+write, so that authentication never waits for the database and a revoked key or a lowered
+limit takes effect on the very next request.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from federation._private import keys as keylib
+from federation._private.admin_wire import (
+    AuditEvent,
+    CreatedKey,
+    Invite,
+    InviteCreate,
+    KeyCreate,
+    KeyInfo,
+    KeyLimits,
+    Org,
+    OrgCreate,
+    UsageRecord,
+    UsageReport,
+    UsageRow,
+    User,
+)
+from federation._private.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    PalisadeError,
+)
+
+Clock = Callable[[], datetime]
+INVITE_TTL = timedelta(days=7)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS orgs (
+    name TEXT PRIMARY KEY, regions TEXT NOT NULL, budget_tokens INTEGER,
+    logging_mode TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, role TEXT NOT NULL, org TEXT,
+    created_at TEXT NOT NULL, removed_at TEXT);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, user_id TEXT NOT NULL, org TEXT NOT NULL,
+    secret_hash BLOB NOT NULL, created_at TEXT NOT NULL, last_used_at TEXT, expires_at TEXT,
+    revoked_at TEXT, regions TEXT, limits TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS invites (
+    token_hash BLOB PRIMARY KEY, email TEXT NOT NULL, org TEXT NOT NULL, role TEXT NOT NULL,
+    invited_by TEXT NOT NULL, created_at TEXT NOT NULL, expires_at TEXT NOT NULL,
+    accepted_at TEXT);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY, at TEXT NOT NULL, org TEXT NOT NULL, user_id TEXT NOT NULL,
+    key_id TEXT, model TEXT NOT NULL, region TEXT NOT NULL, node TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, latency_ms REAL NOT NULL,
+    status TEXT NOT NULL, cost REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS usage_org_at ON usage (org, at);
+CREATE TABLE IF NOT EXISTS budget_usage (
+    org TEXT NOT NULL, month TEXT NOT NULL, used_tokens INTEGER NOT NULL,
+    PRIMARY KEY (org, month));
+CREATE TABLE IF NOT EXISTS audit_events (
+    id INTEGER PRIMARY KEY, at TEXT NOT NULL, event TEXT NOT NULL, actor TEXT NOT NULL,
+    org TEXT, payload TEXT NOT NULL);
+"""
+
+
+class StoreError(PalisadeError):
+    """The policy database failed; the message says which operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class OrgRecord:
+    name: str
+    regions: frozenset[str]
+    budget_tokens: int | None
+    logging_mode: str
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    id: str
+    email: str
+    role: str
+    org: str | None
+    created_at: str
+    removed_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    name: str
+    user_id: str
+    org: str
+    secret_hash: bytes
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    regions: frozenset[str] | None
+    limits: KeyLimits
+    last_used_at: str | None = None
+
+    def __repr__(self) -> str:
+        return f"KeyRecord(id={self.id!r}, org={self.org!r}, user_id={self.user_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated key with its user and org."""
+
+    key: KeyRecord
+    user: UserRecord
+    org: OrgRecord
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def month_of(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class TenancyStore:
+    def __init__(self, db: aiosqlite.Connection, clock: Clock) -> None:
+        self._db = db
+        self.clock = clock
+        self.orgs: dict[str, OrgRecord] = {}
+        self.users: dict[str, UserRecord] = {}
+        self.keys: dict[str, KeyRecord] = {}
+
+    @classmethod
+    async def open(cls, path: Path, *, clock: Clock = _now) -> TenancyStore:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(path)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.executescript(_SCHEMA)
+            await db.commit()
+        except sqlite3.Error as exc:
+            raise StoreError(f"Cannot open the policy database {path}: {exc}.") from exc
+        store = cls(db, clock)
+        await store._load()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _load(self) -> None:
+        async with self._db.execute("SELECT * FROM orgs") as rows:
+            async for row in rows:
+                self.orgs[row[0]] = OrgRecord(
+                    row[0], frozenset(json.loads(row[1])), row[2], row[3], row[4]
+                )
+        async with self._db.execute("SELECT * FROM users") as rows:
+            async for row in rows:
+                self.users[row[0]] = UserRecord(*row)
+        async with self._db.execute(
+            "SELECT id, name, user_id, org, secret_hash, created_at, expires_at, revoked_at, "
+            "regions, limits, last_used_at FROM api_keys"
+        ) as rows:
+            async for row in rows:
+                regions = frozenset(json.loads(row[8])) if row[8] is not None else None
+                limits = msgspec.json.decode(row[9], type=KeyLimits)
+                self.keys[row[0]] = KeyRecord(
+                    row[0],
+                    row[1],
+                    row[2],
+                    row[3],
+                    bytes(row[4]),
+                    row[5],
+                    row[6],
+                    row[7],
+                    regions,
+                    limits,
+                    row[10],
+                )
+
+    # --- audit --------------------------------------------------------------------------
+
+    async def _audit(
+        self, event: str, actor: str, org: str | None, payload: dict[str, Any]
+    ) -> None:
+        """Record a management event in the same transaction as the change it describes."""
+        await self._db.execute(
+            "INSERT INTO audit_events (at, event, actor, org, payload) VALUES (?, ?, ?, ?, ?)",
+            (iso(self.clock()), event, actor, org, json.dumps(payload, sort_keys=True)),
+        )
+
+    async def audit_events(self, org: str | None) -> list[AuditEvent]:
+        query = "SELECT id, at, event, actor, org, payload FROM audit_events"
+        args: tuple[Any, ...] = ()
+        if org is not None:
+            query += " WHERE org = ?"
+            args = (org,)
+        async with self._db.execute(query + " ORDER BY id", args) as rows:
+            return [
+                AuditEvent(
+                    id=r[0], at=r[1], event=r[2], actor=r[3], org=r[4], payload=json.loads(r[5])
+                )
+                async for r in rows
+            ]
+
+    # --- orgs and users -----------------------------------------------------------------
+
+    async def bootstrap_admin(self) -> str | None:
+        """Create the system admin and its key on first start; returns the key once."""
+        if any(user.role == "system_admin" for user in self.users.values()):
+            return None
+        user = await self._insert_user("admin@local", "system_admin", None)
+        key_text, record = await self._insert_key(user, "bootstrap", None, None, KeyLimits())
+        await self._audit(
+            "system_admin_created", "system", None, {"user_id": user.id, "key_id": record.id}
+        )
+        await self._db.commit()
+        return key_text
+
+    async def create_org(self, spec: OrgCreate, actor: str) -> Org:
+        if spec.name in self.orgs:
+            raise InvalidRequestError(
+                f"Organization `{spec.name}` already exists.", code="org_exists", param="name"
+            )
+        record = OrgRecord(
+            spec.name,
+            frozenset(spec.regions),
+            spec.budget_tokens,
+            spec.logging_mode,
+            iso(self.clock()),
+        )
+        await self._db.execute(
+            "INSERT INTO orgs VALUES (?, ?, ?, ?, ?)",
+            (
+                record.name,
+                json.dumps(sorted(record.regions)),
+                record.budget_tokens,
+                record.logging_mode,
+                record.created_at,
+            ),
+        )
+        await self._audit("org_created", actor, spec.name, msgspec.to_builtins(spec))
+        await self._db.commit()
+        self.orgs[record.name] = record
+        return org_view(record)
+
+    def org(self, name: str) -> OrgRecord:
+        record = self.orgs.get(name)
+        if record is None:
+            raise NotFoundError(
+                f"Organization `{name}` does not exist.", code="org_not_found", param="org"
+            )
+        return record
+
+    async def set_budget(self, name: str, tokens: int | None, actor: str) -> OrgRecord:
+        record = replace(self.org(name), budget_tokens=tokens)
+        await self._db.execute("UPDATE orgs SET budget_tokens = ? WHERE name = ?", (tokens, name))
+        await self._audit("budget_changed", actor, name, {"budget_tokens": tokens})
+        await self._db.commit()
+        self.orgs[name] = record
+        return record
+
+    async def _insert_user(self, email: str, role: str, org: str | None) -> UserRecord:
+        if any(u.email == email and u.removed_at is None for u in self.users.values()):
+            raise InvalidRequestError(
+                f"A user with email {email} already exists.", code="user_exists", param="email"
+            )
+        user = UserRecord("usr_" + keylib.new_key()[1], email, role, org, iso(self.clock()))
+        await self._db.execute(
+            "INSERT INTO users VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(email) DO UPDATE SET "
+            "id = excluded.id, role = excluded.role, org = excluded.org, "
+            "created_at = excluded.created_at, removed_at = NULL",
+            (user.id, email, role, org, user.created_at),
+        )
+        self.users = {k: v for k, v in self.users.items() if v.email != email}
+        self.users[user.id] = user
+        return user
+
+    def user(self, user_id: str) -> UserRecord:
+        user = self.users.get(user_id)
+        if user is None or user.removed_at is not None:
+            raise NotFoundError(f"User `{user_id}` does not exist.", code="user_not_found")
+        return user
+
+    async def create_invite(self, spec: InviteCreate, actor: str) -> Invite:
+        self.org(spec.org)
+        token, token_hash = keylib.new_token()
+        now = self.clock()
+        expires = iso(now + INVITE_TTL)
+        await self._db.execute(
+            "INSERT INTO invites VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+            (token_hash, spec.email, spec.org, spec.role, actor, iso(now), expires),
+        )
+        await self._audit("user_invited", actor, spec.org, {"email": spec.email, "role": spec.role})
+        await self._db.commit()
+        return Invite(
+            token=token, email=spec.email, org=spec.org, role=spec.role, expires_at=expires
+        )
+
+    async def accept_invite(self, token: str, key_name: str) -> tuple[UserRecord, CreatedKey]:
+        token_hash = keylib.hash_secret(token) if token.isascii() else b""
+        async with self._db.execute(
+            "SELECT email, org, role, expires_at, accepted_at FROM invites WHERE token_hash = ?",
+            (token_hash,),
+        ) as rows:
+            row = await rows.fetchone()
+        if row is None or row[4] is not None or row[3] <= iso(self.clock()):
+            raise AuthenticationError(
+                "This invitation token is unknown, already used or expired. Ask your "
+                "organization admin for a new invitation.",
+                code="invalid_invite",
+            )
+        email, org, role = row[0], row[1], row[2]
+        self.org(org)
+        user = await self._insert_user(email, role, org)
+        await self._db.execute(
+            "UPDATE invites SET accepted_at = ? WHERE token_hash = ?",
+            (iso(self.clock()), token_hash),
+        )
+        key_text, record = await self._insert_key(user, key_name, None, None, KeyLimits())
+        await self._audit(
+            "user_joined", user.id, org, {"email": email, "role": role, "key_id": record.id}
+        )
+        await self._audit("key_created", user.id, org, {"key_id": record.id, "name": key_name})
+        await self._db.commit()
+        return user, CreatedKey(key=key_text, info=key_view(record))
+
+    async def remove_user(self, user_id: str, actor: str) -> UserRecord:
+        user = self.user(user_id)
+        now = iso(self.clock())
+        removed = replace(user, removed_at=now)
+        await self._db.execute("UPDATE users SET removed_at = ? WHERE id = ?", (now, user_id))
+        await self._db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
+            (now, user_id),
+        )
+        await self._audit(
+            "user_removed", actor, user.org, {"user_id": user_id, "email": user.email}
+        )
+        await self._db.commit()
+        self.users[user_id] = removed
+        for key in [k for k in self.keys.values() if k.user_id == user_id and k.revoked_at is None]:
+            self.keys[key.id] = replace(key, revoked_at=now)
+        return removed
+
+    # --- keys -----------------------------------------------------------------------------
+
+    async def _insert_key(
+        self,
+        user: UserRecord,
+        name: str,
+        regions: Iterable[str] | None,
+        expires_in_days: int | None,
+        limits: KeyLimits,
+    ) -> tuple[str, KeyRecord]:
+        key_text, key_id, secret_hash = keylib.new_key()
+        now = self.clock()
+        expires = iso(now + timedelta(days=expires_in_days)) if expires_in_days else None
+        record = KeyRecord(
+            key_id,
+            name,
+            user.id,
+            user.org or "",
+            secret_hash,
+            iso(now),
+            expires,
+            None,
+            frozenset(regions) if regions is not None else None,
+            limits,
+        )
+        await self._db.execute(
+            "INSERT INTO api_keys (id, name, user_id, org, secret_hash, created_at, expires_at, "
+            "regions, limits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                name,
+                user.id,
+                record.org,
+                secret_hash,
+                record.created_at,
+                expires,
+                json.dumps(sorted(record.regions)) if record.regions is not None else None,
+                msgspec.json.encode(limits),
+            ),
+        )
+        self.keys[record.id] = record
+        return key_text, record
+
+    async def create_key(self, user: UserRecord, spec: KeyCreate, actor: str) -> CreatedKey:
+        if spec.regions is not None and user.org is not None:
+            outside = set(spec.regions) - self.org(user.org).regions
+            if outside:
+                raise InvalidRequestError(
+                    f"Regions {sorted(outside)} are outside org `{user.org}`'s regions; a key "
+                    "may only narrow its org's regions.",
+                    code="invalid_value",
+                    param="regions",
+                )
+        key_text, record = await self._insert_key(
+            user, spec.name, spec.regions, spec.expires_in_days, spec.limits or KeyLimits()
+        )
+        await self._audit(
+            "key_created",
+            actor,
+            record.org,
+            {"key_id": record.id, "name": spec.name, "regions": spec.regions},
+        )
+        await self._db.commit()
+        return CreatedKey(key=key_text, info=key_view(record))
+
+    def key(self, key_id: str) -> KeyRecord:
+        record = self.keys.get(key_id)
+        if record is None:
+            raise NotFoundError(f"API key `{key_id}` does not exist.", code="key_not_found")
+        return record
+
+    async def revoke_key(self, key_id: str, actor: str) -> KeyRecord:
+        record = self.key(key_id)
+        if record.revoked_at is None:
+            record = replace(record, revoked_at=iso(self.clock()))
+            await self._db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ?", (record.revoked_at, key_id)
+            )
+            await self._audit("key_revoked", actor, record.org, {"key_id": key_id})
+            await self._db.commit()
+            self.keys[key_id] = record
+        return record
+
+    async def set_limits(self, key_id: str, limits: KeyLimits, actor: str) -> KeyRecord:
+        record = replace(self.key(key_id), limits=limits)
+        await self._db.execute(
+            "UPDATE api_keys SET limits = ? WHERE id = ?", (msgspec.json.encode(limits), key_id)
+        )
+        await self._audit(
+            "limits_changed",
+            actor,
+            record.org,
+            {"key_id": key_id, "limits": msgspec.to_builtins(limits)},
+        )
+        await self._db.commit()
+        self.keys[key_id] = record
+        return record
+
+    def authenticate(self, presented: str) -> Caller:
+        """The caller behind a key, or 401 `invalid_api_key` (never echoing the key)."""
+        parsed = keylib.parse_key(presented)
+        record = self.keys.get(parsed.key_id) if parsed else None
+        if (
+            parsed is None
+            or record is None
+            or not keylib.secret_matches(parsed.secret, record.secret_hash)
+        ):
+            raise _invalid_key()
+        now = iso(self.clock())
+        if record.revoked_at is not None or (
+            record.expires_at is not None and record.expires_at <= now
+        ):
+            raise _invalid_key()
+        user = self.users.get(record.user_id)
+        if user is None or user.removed_at is not None:
+            raise _invalid_key()
+        org = self.orgs.get(record.org) or OrgRecord("", frozenset(), None, "metadata", now)
+        return Caller(record, user, org)
+
+    # --- usage and budgets --------------------------------------------------------------------
+
+    async def month_usage(self, month: str) -> dict[str, int]:
+        async with self._db.execute(
+            "SELECT org, used_tokens FROM budget_usage WHERE month = ?", (month,)
+        ) as rows:
+            return {row[0]: row[1] async for row in rows}
+
+    async def write_usage(self, records: list[UsageRecord], last_used: dict[str, str]) -> None:
+        """One transaction: the usage rows, the month's budget counters, keys' last use."""
+        await self._db.executemany(
+            "INSERT INTO usage (at, org, user_id, key_id, model, region, node, input_tokens, "
+            "output_tokens, latency_ms, status, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.at,
+                    r.org,
+                    r.user_id,
+                    r.key_id,
+                    r.model,
+                    r.region,
+                    r.node,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.latency_ms,
+                    r.status,
+                    r.cost,
+                )
+                for r in records
+            ],
+        )
+        totals: dict[tuple[str, str], int] = {}
+        for r in records:
+            slot = (r.org, r.at[:7])
+            totals[slot] = totals.get(slot, 0) + r.input_tokens + r.output_tokens
+        await self._db.executemany(
+            "INSERT INTO budget_usage VALUES (?, ?, ?) ON CONFLICT(org, month) "
+            "DO UPDATE SET used_tokens = used_tokens + excluded.used_tokens",
+            [(org, month, used) for (org, month), used in totals.items()],
+        )
+        await self._db.executemany(
+            "UPDATE api_keys SET last_used_at = ? WHERE id = ?",
+            [(at, kid) for kid, at in last_used.items()],
+        )
+        await self._db.commit()
+        for key_id, at in last_used.items():
+            if key_id in self.keys:
+                self.keys[key_id] = replace(self.keys[key_id], last_used_at=at)
+
+    async def usage_records(self, org: str | None) -> list[UsageRecord]:
+        query = (
+            "SELECT at, org, user_id, key_id, model, region, node, input_tokens, "
+            "output_tokens, latency_ms, status, cost FROM usage"
+        )
+        args: tuple[Any, ...] = ()
+        if org is not None:
+            query += " WHERE org = ?"
+            args = (org,)
+        async with self._db.execute(query + " ORDER BY id", args) as rows:
+            return [
+                UsageRecord(
+                    at=r[0],
+                    org=r[1],
+                    user_id=r[2],
+                    key_id=r[3],
+                    model=r[4],
+                    region=r[5],
+                    node=r[6],
+                    input_tokens=r[7],
+                    output_tokens=r[8],
+                    latency_ms=r[9],
+                    status=r[10],
+                    cost=r[11],
+                )
+                async for r in rows
+            ]
+
+    async def usage_report(
+        self, by: str, org: str | None, since: str | None, until: str | None
+    ) -> UsageReport:
+        group = {
+            "model": "model",
+            "user": "user_id",
+            "region": "region",
+            "day": "substr(at, 1, 10)",
+            "org": "org",
+            "key": "coalesce(key_id, '-')",
+        }[by]
+        where, args = ["1 = 1"], []
+        for clause, value in (("org = ?", org), ("at >= ?", since), ("at < ?", until)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        # `group` comes from the fixed map above and `where` from fixed clauses.
+        query = (
+            f"SELECT {group}, count(*), sum(input_tokens), sum(output_tokens), sum(cost) "  # noqa: S608
+            f"FROM usage WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
+        )
+        async with self._db.execute(query, args) as rows:
+            data = [
+                UsageRow(
+                    group=str(r[0]),
+                    requests=r[1],
+                    input_tokens=r[2],
+                    output_tokens=r[3],
+                    cost=round(r[4], 6),
+                )
+                async for r in rows
+            ]
+        total = UsageRow(
+            group="total",
+            requests=sum(r.requests for r in data),
+            input_tokens=sum(r.input_tokens for r in data),
+            output_tokens=sum(r.output_tokens for r in data),
+            cost=round(sum(r.cost for r in data), 6),
+        )
+        return UsageReport(by=by, rows=data, total=total)
+
+
+def _invalid_key() -> AuthenticationError:
+    return AuthenticationError(
+        "Invalid API key. Send `Authorization: Bearer pal-sk-…` with a key that has not been "
+        "revoked or expired; an admin can issue one with `palisade key create`.",
+        code="invalid_api_key",
+    )
+
+
+def org_view(record: OrgRecord) -> Org:
+    return Org(
+        name=record.name,
+        regions=sorted(record.regions),
+        budget_tokens=record.budget_tokens,
+        logging_mode=record.logging_mode,
+        created_at=record.created_at,
+    )
+
+
+def user_view(record: UserRecord) -> User:
+    return User(
+        id=record.id,
+        email=record.email,
+        role=record.role,
+        org=record.org,
+        created_at=record.created_at,
+    )
+
+
+def key_view(record: KeyRecord) -> KeyInfo:
+    return KeyInfo(
+        id=record.id,
+        name=record.name,
+        user_id=record.user_id,
+        org=record.org,
+        created_at=record.created_at,
+        last_used_at=record.last_used_at,
+        expires_at=record.expires_at,
+        revoked_at=record.revoked_at,
+        regions=sorted(record.regions) if record.regions is not None else None,
+        limits=record.limits,
+    )
