@@ -23,8 +23,8 @@ setup: $(STAMP) ## Create .venv and install Palisade with its dev tools
 model: $(STAMP) ## Fetch the default model (SmolLM2-135M-Instruct) into $PALISADE_HOME/models
 	$(BIN)/palisade models fetch-default
 
-run: model ## Start an appliance serving the default model and print how to call it
-	$(BIN)/palisade appliance serve
+run: model ## Start an appliance serving the default model, with a demo org, key and curl line
+	$(BIN)/palisade appliance serve --demo
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -69,7 +69,7 @@ from federation._private.openai_wire import (
     TextPart,
     Usage,
 )
-from federation._private.policy import Action, allowed, require
+from federation._private.policy import Action, allowed, require, require_everywhere
 from federation._private.principal import LOCAL_PRINCIPAL, Principal
 from federation._private.store import Caller, StoreError, TenancyStore
 
@@ -139,6 +139,7 @@ __all__ = [
     "load_config",
     "org_cli",
     "require",
+    "require_everywhere",
     "usage_cli",
     "user_cli",
 ]

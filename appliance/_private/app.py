@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar import Litestar, MediaType, Request, Response, get, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
@@ -33,9 +33,11 @@ from appliance._private.served import ServedModel
 from federation import (
     ENCODER,
     LOCAL_PRINCIPAL,
+    Action,
     Admission,
     APIError,
     AssistantMessage,
+    Caller,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -53,10 +55,12 @@ from federation import (
     ErrorResponse,
     ModelList,
     PermissionDeniedError,
+    Pricing,
     Principal,
     Tenancy,
     Usage,
     decode_request,
+    require,
 )
 
 log = logging.getLogger("palisade.appliance")
@@ -68,6 +72,7 @@ T = TypeVar("T")
 _CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
 _COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
 _EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)
+_PRICING_DECODER = msgspec.json.Decoder(Pricing)
 _DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Prompts longer than this are templated and tokenized off the event loop.
@@ -83,9 +88,13 @@ async def local_principal() -> Principal:
 class ApplianceState:
     """Everything the handlers share: config, served models and metrics."""
 
-    def __init__(self, config: ApplianceConfig, tenancy: Tenancy | None = None) -> None:
+    def __init__(
+        self, config: ApplianceConfig, tenancy: Tenancy | None = None, *, demo: bool = False
+    ) -> None:
         self.config = config
         self.tenancy = tenancy
+        self.demo = demo
+        self.url = f"http://{config.host}:{config.port}"
         self.metrics = ApplianceMetrics(
             node_id=config.node_id, region=config.region, version=VERSION
         )
@@ -106,6 +115,8 @@ class ApplianceState:
             admin_key = await self.tenancy.start()
             if admin_key is not None:
                 _announce_admin_key(admin_key, self.tenancy.home)
+            if self.demo:
+                _announce_demo(await self.tenancy.demo_key(), self)
         self._loader = asyncio.create_task(self._load_all())
 
     async def _load_all(self) -> None:
@@ -215,14 +226,16 @@ def create_app(
     *,
     tenancy: Tenancy | None = None,
     authenticate: Authenticator | None = None,
+    demo: bool = False,
 ) -> tuple[Litestar, ApplianceState]:
     """The appliance app. With `tenancy`, keys are required and /admin/v1 is mounted;
     without it, every caller is the local principal (`--no-auth`) unless `authenticate`
     supplies another."""
-    state = ApplianceState(config, tenancy)
+    state = ApplianceState(config, tenancy, demo=demo)
+    admin: list[HTTPRouteHandler] = []
     if tenancy is not None:
         authenticate = tenancy.principal
-    admin = tenancy.routes() if tenancy is not None else []
+        admin = [*tenancy.routes(), *_model_admin_routes(state, tenancy)]
     app = Litestar(
         route_handlers=[
             *_openai_routes(state, Provide(authenticate or local_principal)),
@@ -405,6 +418,38 @@ async def _collect(request: Request[Any, Any, Any], generation: Generation) -> s
 async def _disconnected(request: Request[Any, Any, Any]) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _model_admin_routes(state: ApplianceState, tenancy: Tenancy) -> list[HTTPRouteHandler]:
+    caller_dependency = {"caller": Provide(tenancy.admin_caller)}
+
+    @put("/admin/v1/models/{model_id:str}/pricing", dependencies=caller_dependency)
+    async def set_pricing(
+        model_id: FromPath[str], request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        require(caller.user.role, Action.MANAGE_MODELS, actor_org=caller.user.org, target_org=None)
+        served = state.models.get(model_id)
+        if served is None:
+            raise ModelNotFoundError(model_id, sorted(state.models))
+        pricing = decode_request(await request.body(), _PRICING_DECODER)
+        served.config = msgspec.structs.replace(served.config, pricing=pricing)
+        payload = {"model": model_id, **msgspec.to_builtins(pricing)}
+        await tenancy.store.record_event("model_pricing_changed", caller.user.id, None, payload)
+        return _json(served.card(state.config.region))
+
+    return [set_pricing]
+
+
+def _announce_demo(key: str, state: ApplianceState) -> None:
+    model = next(iter(state.models))
+    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    sys.stdout.write(
+        f"Demo org `demo`: API key for demo@local (also in {state.config.home() / 'demo.key'}):\n"
+        f"  export PALISADE_API_KEY={key}\n"
+        f"  curl -s {state.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {key}' -d '{body}'\n\n"
+    )
+    sys.stdout.flush()
 
 
 def _announce_admin_key(key: str, home: Path) -> None:

@@ -45,6 +45,10 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
             help="Serve without API keys (one person, loopback only; management API off).",
         ),
     ] = False,
+    demo: Annotated[
+        bool,
+        typer.Option("--demo", help="Also create a demo org and user and print a ready curl line."),
+    ] = False,
 ) -> None:
     """Serve the configured models (the default model when no config is given)."""
     logging.basicConfig(
@@ -53,7 +57,7 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     overrides = {"host": host, "port": port, "region": region, "node_id": node_id}
     try:
         settings = load_appliance_config(config, overrides)
-        code = serve(settings, no_auth=no_auth)
+        code = serve(settings, no_auth=no_auth, demo=demo)
     except PalisadeError as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)

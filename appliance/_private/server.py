@@ -59,7 +59,7 @@ def check_no_auth(config: ApplianceConfig) -> None:
         )
 
 
-def serve(config: ApplianceConfig, *, no_auth: bool = False) -> int:
+def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     check_models(config)
     if no_auth:
@@ -67,7 +67,9 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False) -> int:
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     tenancy = None if no_auth else Tenancy(config.home(), region=config.region, node=config.node_id)
-    app, state = create_app(config, tenancy=tenancy)
+    if no_auth and demo:
+        raise ConfigError("--demo makes a demo org and key; it needs keys, so drop --no-auth.")
+    app, state = create_app(config, tenancy=tenancy, demo=demo)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -83,6 +85,7 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False) -> int:
 
     state.on_fatal = stop_on_fatal
     url = f"http://{_url_host(host)}:{port}"
+    state.url = url
     if no_auth:
         log.warning(
             "AUTHENTICATION IS OFF (--no-auth): every request is served without a key and the "

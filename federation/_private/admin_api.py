@@ -6,23 +6,24 @@ when federated. Every management action is checked against the RBAC matrix in `p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import FromPath
+from litestar.params import FromPath, Parameter
 
 from federation._private import admin_wire as wire
 from federation._private.decoding import decode_request
 from federation._private.errors import AuthenticationError, InvalidRequestError
 from federation._private.gate import Admission, Gate
 from federation._private.openai_wire import ENCODER
-from federation._private.policy import Action, allowed, require
+from federation._private.policy import Action, allowed, require, require_everywhere
 from federation._private.principal import Principal
 from federation._private.store import (
     Caller,
@@ -82,15 +83,29 @@ class Tenancy:
             await self._store.close()
         self._store = self._gate = None
 
+    async def demo_key(self) -> str:
+        """A key for the `demo` org's user (made on first use), kept 0600 in demo.key."""
+        path = self.home / "demo.key"
+        if path.is_file():
+            with contextlib.suppress(AuthenticationError):
+                self.store.authenticate(path.read_text().strip())
+                return path.read_text().strip()
+        store = self.store
+        if "demo" not in store.orgs:
+            await store.create_org(wire.OrgCreate(name="demo", regions=[self.region]), "system")
+        user = next(
+            (u for u in store.users.values() if u.email == "demo@local" and u.removed_at is None),
+            None,
+        ) or await store.add_user("demo@local", "org_user", "demo", "system")
+        created = await store.create_key(user, wire.KeyCreate(name="demo"), "system")
+        _write_secret(path, created.key)
+        return created.key
+
     async def _bootstrap(self) -> str | None:
         key = await self.store.bootstrap_admin()
         if key is None:
             return None
-        path = self.home / "admin.key"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=stat.S_IRUSR | stat.S_IWUSR, exist_ok=True)
-        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-        path.write_text(key + "\n")
+        _write_secret(self.home / "admin.key", key)
         return key
 
     # --- authentication -----------------------------------------------------------------
@@ -154,6 +169,14 @@ class Tenancy:
 
     def routes(self) -> list[HTTPRouteHandler]:
         return _admin_routes(self)
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    """Write a key to a file only its owner can read (0600 before the secret lands)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=stat.S_IRUSR | stat.S_IWUSR, exist_ok=True)
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    path.write_text(secret + "\n")
 
 
 def _json(payload: object, status: int = 200) -> Response[Any]:
@@ -258,13 +281,22 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
         return _json(await tenancy.store.create_key(caller.user, spec, caller.user.id), 201)
 
     @get("/admin/v1/keys", dependencies=auth)
-    async def list_keys(caller: NamedDependency[Caller], org: str | None = None) -> Response[Any]:
-        if org is None and caller.user.role != "system_admin":
-            role(caller, Action.MANAGE_OWN_KEYS, caller.user.org)
-            found = [k for k in tenancy.store.keys.values() if k.user_id == caller.user.id]
+    async def list_keys(
+        caller: NamedDependency[Caller],
+        org: str | None = None,
+        all_orgs: Annotated[bool, Parameter(query="all")] = False,
+    ) -> Response[Any]:
+        """Own keys by default; `org=X` for an org's keys; `all=true` for every key."""
+        keys = tenancy.store.keys.values()
+        if all_orgs:
+            require_everywhere(caller.user.role, Action.MANAGE_ORG_KEYS)
+            found = list(keys)
+        elif org is not None:
+            role(caller, Action.MANAGE_ORG_KEYS, org)
+            found = [k for k in keys if k.org == org]
         else:
-            scope = _scope_org(caller, org, Action.MANAGE_ORG_KEYS)
-            found = [k for k in tenancy.store.keys.values() if scope is None or k.org == scope]
+            role(caller, Action.MANAGE_OWN_KEYS, caller.user.org)
+            found = [k for k in keys if k.user_id == caller.user.id]
         return _json(wire.Listing(data=[key_view(k) for k in found]))
 
     def may_manage_key(caller: Caller, key_id: str) -> None:
@@ -290,24 +322,28 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
     @get("/admin/v1/usage", dependencies=auth)
     async def usage(
         caller: NamedDependency[Caller],
+        *,
         by: str = "model",
         org: str | None = None,
         since: str | None = None,
         until: str | None = None,
+        all_orgs: Annotated[bool, Parameter(query="all")] = False,
     ) -> Response[Any]:
         if by not in _GROUPS:
             raise InvalidRequestError(
                 f"`by` must be one of {', '.join(_GROUPS)}.", code="invalid_value", param="by"
             )
-        scope = _usage_scope(caller, org)
+        scope = _usage_scope(caller, org, all_orgs=all_orgs)
         await tenancy.gate.flush()
         return _json(await tenancy.store.usage_report(by, scope, since, until))
 
     @get("/admin/v1/usage/records", dependencies=auth)
     async def usage_records(
-        caller: NamedDependency[Caller], org: str | None = None
+        caller: NamedDependency[Caller],
+        org: str | None = None,
+        all_orgs: Annotated[bool, Parameter(query="all")] = False,
     ) -> Response[Any]:
-        scope = _usage_scope(caller, org)
+        scope = _usage_scope(caller, org, all_orgs=all_orgs)
         await tenancy.gate.flush()
         return _json(wire.Listing(data=await tenancy.store.usage_records(scope)))
 
@@ -335,8 +371,9 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
     ]
 
 
-def _usage_scope(caller: Caller, org: str | None) -> str | None:
-    if org is None and caller.user.role == "system_admin":
-        require(caller.user.role, Action.VIEW_SYSTEM_USAGE, actor_org=None, target_org=None)
+def _usage_scope(caller: Caller, org: str | None, *, all_orgs: bool) -> str | None:
+    """One org's usage, or (`all=true`, or a system admin naming no org) every org's."""
+    if all_orgs or (org is None and caller.user.role == "system_admin"):
+        require_everywhere(caller.user.role, Action.VIEW_SYSTEM_USAGE)
         return None
     return _scope_org(caller, org, Action.VIEW_ORG_USAGE)

@@ -76,6 +76,15 @@ def allowed(role: str, action: Action, *, actor_org: str | None, target_org: str
     return scope == _OWN and (target_org is None or target_org == actor_org)
 
 
+def require_everywhere(role: str, action: Action) -> None:
+    """For actions across every org at once: only roles allowed in any org."""
+    if _MATRIX.get(role, {}).get(action) != _ANY:
+        raise PermissionDeniedError(
+            f"Your role ({role}) may not {action.value} across all organizations.",
+            code="permission_denied",
+        )
+
+
 def require(role: str, action: Action, *, actor_org: str | None, target_org: str | None) -> None:
     if not allowed(role, action, actor_org=actor_org, target_org=target_org):
         where = f" in org `{target_org}`" if target_org else ""

@@ -203,6 +203,13 @@ class TenancyStore:
             (iso(self.clock()), event, actor, org, json.dumps(payload, sort_keys=True)),
         )
 
+    async def record_event(
+        self, event: str, actor: str, org: str | None, payload: dict[str, Any]
+    ) -> None:
+        """Audit a management action taken outside the store (e.g. a model's pricing)."""
+        await self._audit(event, actor, org, payload)
+        await self._db.commit()
+
     async def audit_events(self, org: str | None) -> list[AuditEvent]:
         query = "SELECT id, at, event, actor, org, payload FROM audit_events"
         args: tuple[Any, ...] = ()
@@ -288,6 +295,15 @@ class TenancyStore:
         )
         self.users = {k: v for k, v in self.users.items() if v.email != email}
         self.users[user.id] = user
+        return user
+
+    async def add_user(self, email: str, role: str, org: str | None, actor: str) -> UserRecord:
+        """Create a user directly (bootstrap and demo accounts; people join by invitation)."""
+        user = await self._insert_user(email, role, org)
+        await self._audit(
+            "user_created", actor, org, {"user_id": user.id, "email": email, "role": role}
+        )
+        await self._db.commit()
         return user
 
     def user(self, user_id: str) -> UserRecord:

@@ -1,0 +1,79 @@
+"""Provisioning tenants on a real server through its /admin/v1 API (for tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import Appliance, model_toml, run_appliance
+
+
+@dataclass(frozen=True)
+class Member:
+    user_id: str
+    key: str
+    key_id: str
+    org: str | None
+    role: str
+
+
+class Admin:
+    """A client for /admin/v1 acting with one key."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url
+        self.key = key
+        self.http = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        )
+
+    def call(self, method: str, path: str, body: Any = None, **params: Any) -> httpx.Response:
+        return self.http.request(method, path, json=body, params=params or None)
+
+    def ok(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        response = self.call(method, path, body, **params)
+        assert response.status_code in (200, 201), response.text
+        return response.json()
+
+    def create_org(self, name: str, regions: list[str], budget: int | None = None) -> None:
+        self.ok(
+            "POST", "/admin/v1/orgs", {"name": name, "regions": regions, "budget_tokens": budget}
+        )
+
+    def member(self, org: str, role: str, email: str) -> Member:
+        invite = self.ok("POST", "/admin/v1/invites", {"email": email, "org": org, "role": role})
+        accepted = httpx.post(
+            f"{self.url}/admin/v1/invites/accept", json={"token": invite["token"]}, timeout=30
+        )
+        assert accepted.status_code == 201, accepted.text
+        data = accepted.json()
+        return Member(data["user"]["id"], data["key"]["key"], data["key"]["info"]["id"], org, role)
+
+    def as_member(self, member: Member) -> Admin:
+        return Admin(self.url, member.key)
+
+
+def admin_of(appliance: Appliance) -> Admin:
+    key = (appliance.home / "admin.key").read_text().strip()
+    return Admin(appliance.url, key)
+
+
+def system_member(appliance: Appliance) -> Member:
+    admin = admin_of(appliance)
+    users = admin.ok("GET", "/admin/v1/users")["data"]
+    me = next(u for u in users if u["role"] == "system_admin")
+    key_id = admin.key.split("-")[2]
+    return Member(me["id"], admin.key, key_id, None, "system_admin")
+
+
+@contextmanager
+def secured_appliance(home: Path, region: str = "eu-west", **model: object) -> Iterator[Appliance]:
+    """An appliance with tenancy on (keys required), in `region`."""
+    config = f'region = "{region}"\n' + model_toml(**model)
+    with run_appliance(home, config) as running:
+        yield running

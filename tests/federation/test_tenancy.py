@@ -1,0 +1,424 @@
+"""Tenancy on a real appliance: keys, RBAC, rate limits, budgets, metering, local mode."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL
+from tests.federation.tenants import Admin, Member, admin_of, secured_appliance, system_member
+from tests.support import REPO, Appliance, model_toml, wait_for
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say one word."}], "max_tokens": 2}
+_emails = (f"person{n}@example.eu" for n in itertools.count())
+_org_names = (f"org-{n}" for n in itertools.count())
+
+
+@dataclass
+class World:
+    appliance: Appliance
+    admin: Admin
+    system: Member
+    acme_admin: Member
+    acme_user: Member
+    globex_admin: Member
+
+    def client(self, member: Member) -> Admin:
+        return Admin(self.appliance.url, member.key)
+
+    def fresh(self, org: str, role: str = "org_user") -> Member:
+        return self.admin.member(org, role, next(_emails))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with secured_appliance(tmp_path_factory.mktemp("tenancy"), max_queue=128) as appliance:
+        admin = admin_of(appliance)
+        admin.create_org("acme", ["eu-west"])
+        admin.create_org("globex", ["eu-west", "us-east"])
+        yield World(
+            appliance,
+            admin,
+            system_member(appliance),
+            admin.member("acme", "org_admin", "ada@acme.eu"),
+            admin.member("acme", "org_user", "bob@acme.eu"),
+            admin.member("globex", "org_admin", "gail@globex.eu"),
+        )
+
+
+def chat(world: World, key: str, **extra: object) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(
+        f"{world.appliance.v1}/chat/completions", json=CHAT | extra, headers=headers, timeout=60
+    )
+
+
+def error_code(response: httpx.Response) -> str:
+    code: str = response.json()["error"]["code"]
+    return code
+
+
+# --- authentication -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "Bearer",
+        "Basic dXNlcjpwYXNz",
+        "Bearer pal-sk-nothere",
+        "Bearer pal-sk-000000000000-" + "A" * 43,
+    ],
+)
+def test_missing_malformed_and_unknown_keys_are_401(world: World, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    response = httpx.post(f"{world.appliance.v1}/chat/completions", json=CHAT, headers=headers)
+    assert response.status_code == 401
+    assert error_code(response) == "invalid_api_key"
+
+
+def test_sdk_sees_invalid_key_and_revocation_takes_effect_at_once(world: World) -> None:
+    member = world.fresh("acme")
+    sdk = openai.OpenAI(base_url=world.appliance.v1, api_key=member.key, max_retries=0)
+    assert sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    ).usage
+    world.admin.ok("DELETE", f"/admin/v1/keys/{member.key_id}")
+    with pytest.raises(openai.AuthenticationError) as caught:
+        sdk.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert caught.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=world.appliance.v1, api_key="sk-wrong", max_retries=0).models.list()
+
+
+def test_invite_token_works_once(world: World) -> None:
+    invite = world.admin.ok(
+        "POST", "/admin/v1/invites", {"email": next(_emails), "org": "acme", "role": "org_user"}
+    )
+    first = httpx.post(
+        f"{world.appliance.url}/admin/v1/invites/accept", json={"token": invite["token"]}
+    )
+    second = httpx.post(
+        f"{world.appliance.url}/admin/v1/invites/accept", json={"token": invite["token"]}
+    )
+    assert first.status_code == 201
+    assert first.json()["key"]["key"].startswith("pal-sk-")
+    assert second.status_code == 401
+    assert error_code(second) == "invalid_invite"
+
+
+def test_org_user_cannot_revoke_another_users_key(world: World) -> None:
+    victim = world.fresh("acme")
+    response = world.client(world.acme_user).call("DELETE", f"/admin/v1/keys/{victim.key_id}")
+    assert response.status_code == 403
+    assert error_code(response) == "permission_denied"
+    assert chat(world, victim.key).status_code == 200
+
+
+def test_management_writes_are_audited(world: World) -> None:
+    member = world.fresh("acme")
+    created = world.client(member).ok("POST", "/admin/v1/keys", {"name": "ci"})
+    world.client(member).ok("DELETE", f"/admin/v1/keys/{created['info']['id']}")
+    world.client(world.acme_admin).ok("PUT", "/admin/v1/orgs/acme/budget", {"tokens": 10_000_000})
+    events = world.client(world.acme_admin).ok("GET", "/admin/v1/audit", org="acme")["data"]
+    kinds = {(e["event"], e["payload"].get("key_id")) for e in events}
+    assert ("key_created", created["info"]["id"]) in kinds
+    assert ("key_revoked", created["info"]["id"]) in kinds
+    budget = [e for e in events if e["event"] == "budget_changed"][-1]
+    assert budget["actor"] == world.acme_admin.user_id
+    assert budget["payload"] == {"budget_tokens": 10_000_000}
+    assert all(e["org"] == "acme" for e in events)
+
+
+# --- RBAC: every cell of the matrix ------------------------------------------------------------
+
+ROLES = ["system_admin", "org_admin", "org_user"]
+# (action, where) → roles allowed. `own`/`other` is the target org relative to the actor.
+MATRIX: dict[tuple[str, str], set[str]] = {
+    ("view system-wide usage", "all"): {"system_admin"},
+    ("manage models", "all"): {"system_admin"},
+    ("create/manage organizations", "all"): {"system_admin"},
+    ("view org usage", "own"): {"system_admin", "org_admin", "org_user"},
+    ("view org usage", "other"): {"system_admin"},
+    ("invite/remove users", "own"): {"system_admin", "org_admin"},
+    ("invite/remove users", "other"): {"system_admin"},
+    ("set org budgets", "own"): {"system_admin", "org_admin"},
+    ("set org budgets", "other"): {"system_admin"},
+    ("create API key", "own"): {"org_admin", "org_user"},
+    ("view/revoke own keys", "own"): {"org_admin", "org_user"},
+    ("view/revoke all org keys", "own"): {"system_admin", "org_admin"},
+    ("view/revoke all org keys", "other"): {"system_admin"},
+    ("view org audit log", "own"): {"system_admin", "org_admin"},
+    ("view org audit log", "other"): {"system_admin"},
+    ("call the inference API", "own"): {"org_admin", "org_user"},
+}
+
+
+def _actor(world: World, role: str) -> Member:
+    return {
+        "system_admin": world.system,
+        "org_admin": world.fresh("acme", "org_admin"),
+        "org_user": world.fresh("acme"),
+    }[role]
+
+
+def _attempt(world: World, action: str, where: str, actor: Member) -> list[httpx.Response]:
+    """Do `action` as `actor` on its own org (acme) or another (globex)."""
+    client = world.client(actor)
+    org = "globex" if where == "other" else "acme"
+    calls: dict[str, Callable[[], list[httpx.Response]]] = {
+        "view system-wide usage": lambda: [
+            client.call("GET", "/admin/v1/usage", by="org", all="true")
+        ],
+        "manage models": lambda: [
+            client.call(
+                "PUT",
+                f"/admin/v1/models/{MODEL}/pricing",
+                {"input_per_million": 0.1, "output_per_million": 0.2},
+            )
+        ],
+        "create/manage organizations": lambda: [
+            client.call(
+                "POST",
+                "/admin/v1/orgs",
+                {"name": next(_org_names), "regions": ["eu-west"]},
+            )
+        ],
+        "view org usage": lambda: [client.call("GET", "/admin/v1/usage", by="model", org=org)],
+        "invite/remove users": lambda: [
+            client.call(
+                "POST",
+                "/admin/v1/invites",
+                {"email": next(_emails), "org": org, "role": "org_user"},
+            ),
+            client.call("DELETE", f"/admin/v1/users/{world.fresh(org).user_id}"),
+        ],
+        "set org budgets": lambda: [
+            client.call("PUT", f"/admin/v1/orgs/{org}/budget", {"tokens": None})
+        ],
+        "create API key": lambda: [client.call("POST", "/admin/v1/keys", {"name": "k"})],
+        "view/revoke own keys": lambda: [
+            client.call("GET", "/admin/v1/keys"),
+            client.call("DELETE", f"/admin/v1/keys/{actor.key_id}"),
+        ],
+        "view/revoke all org keys": lambda: [
+            client.call("GET", "/admin/v1/keys", org=org),
+            client.call("DELETE", f"/admin/v1/keys/{world.fresh(org).key_id}"),
+        ],
+        "view org audit log": lambda: [client.call("GET", "/admin/v1/audit", org=org)],
+        "call the inference API": lambda: [chat(world, actor.key)],
+    }
+    return calls[action]()
+
+
+@pytest.mark.parametrize(
+    ("action", "where", "role"), [(a, w, r) for (a, w) in MATRIX for r in ROLES]
+)
+def test_rbac_matrix(world: World, action: str, where: str, role: str) -> None:
+    allowed = role in MATRIX[(action, where)]
+    for response in _attempt(world, action, where, _actor(world, role)):
+        if allowed:
+            assert response.status_code in (200, 201), response.text[:300]
+        else:
+            assert response.status_code == 403, response.text[:300]
+            assert error_code(response) == "permission_denied"
+
+
+# --- budgets and rate limits under concurrency -------------------------------------------------
+
+
+def test_budget_admits_at_most_what_fits_under_concurrency(world: World) -> None:
+    world.admin.create_org("tight", ["eu-west"])
+    member = world.fresh("tight")
+    calibration = chat(world, world.acme_user.key).json()["usage"]
+    worst_case = calibration["prompt_tokens"] + 2  # CHAT["max_tokens"]
+    world.admin.ok("PUT", "/admin/v1/orgs/tight/budget", {"tokens": 10 * worst_case})
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(lambda _: chat(world, member.key), range(50)))
+    admitted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert 1 <= len(admitted) <= 10
+    assert sum(r.json()["usage"]["total_tokens"] for r in admitted) <= 10 * worst_case
+    assert {r.status_code for r in refused} == {429}
+    assert {error_code(r) for r in refused} == {"budget_exceeded"}
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    budget = world.admin.ok("GET", "/admin/v1/orgs/tight/budget")
+    assert budget["used_tokens"] <= budget["limit_tokens"]
+    assert budget["reserved_tokens"] == 0
+
+
+def test_rate_limit_admits_at_most_rate_plus_burst(world: World) -> None:
+    member = world.fresh("acme")
+    limits = {"requests_per_minute": 30, "burst": 10}
+    world.client(world.acme_admin).ok("PUT", f"/admin/v1/keys/{member.key_id}/limits", limits)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(lambda _: chat(world, member.key, max_tokens=1), range(100)))
+    admitted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert 10 <= len(admitted) <= 30 + 10
+    assert {error_code(r) for r in refused} == {"rate_limit_exceeded"}
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all(r.json()["error"]["retry_after"] >= 1 for r in refused)
+    ok = admitted[0].headers
+    assert ok["x-ratelimit-limit-requests"] == "30"
+    assert int(ok["x-ratelimit-remaining-requests"]) < 10
+    assert ok["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_token_limit_headers_and_lowering_a_limit_applies_to_the_next_request(world: World) -> None:
+    member = world.fresh("acme")
+    admin = world.client(world.acme_admin)
+    admin.ok("PUT", f"/admin/v1/keys/{member.key_id}/limits", {"tokens_per_minute": 100_000})
+    first = chat(world, member.key)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) < 100_000
+    admin.ok(
+        "PUT", f"/admin/v1/keys/{member.key_id}/limits", {"requests_per_minute": 1, "burst": 1}
+    )
+    assert chat(world, member.key).status_code == 200
+    limited = chat(world, member.key)
+    assert limited.status_code == 429
+    assert error_code(limited) == "rate_limit_exceeded"
+
+
+def test_key_regions_may_only_narrow_the_org(world: World) -> None:
+    member = world.fresh("acme")
+    response = world.client(member).call(
+        "POST", "/admin/v1/keys", {"name": "x", "regions": ["us-east"]}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "regions"
+    narrow = world.fresh("globex")
+    created = world.client(narrow).ok(
+        "POST", "/admin/v1/keys", {"name": "us", "regions": ["us-east"]}
+    )
+    refused = chat(world, created["key"])  # the appliance is in eu-west
+    assert refused.status_code == 403
+    assert error_code(refused) == "residency_violation"
+
+
+# --- metering ------------------------------------------------------------------------------------
+
+
+def test_usage_report_sums_match_the_records_to_the_token(world: World) -> None:
+    member = world.fresh("globex")
+    for max_tokens in (1, 2, 3):
+        assert chat(world, member.key, max_tokens=max_tokens).status_code == 200
+    admin = world.client(world.globex_admin)
+    records = wait_for(
+        lambda: (
+            [
+                r
+                for r in admin.ok("GET", "/admin/v1/usage/records", org="globex")["data"]
+                if r["user_id"] == member.user_id
+            ]
+            or None
+        )
+    )
+    assert len(records) == 3
+    assert [r["output_tokens"] for r in records] == [1, 2, 3]
+    assert {(r["region"], r["node"], r["model"], r["status"]) for r in records} == {
+        ("eu-west", "appliance-local", MODEL, "ok")
+    }
+    all_records = admin.ok("GET", "/admin/v1/usage/records", org="globex")["data"]
+    for by in ("model", "user", "region", "day"):
+        report = admin.ok("GET", "/admin/v1/usage", by=by, org="globex")
+        assert report["total"]["requests"] == len(all_records)
+        assert report["total"]["input_tokens"] == sum(r["input_tokens"] for r in all_records)
+        assert report["total"]["output_tokens"] == sum(r["output_tokens"] for r in all_records)
+        assert (
+            sum(row["output_tokens"] for row in report["rows"]) == report["total"]["output_tokens"]
+        )
+    by_user = {
+        row["group"]: row
+        for row in admin.ok("GET", "/admin/v1/usage", by="user", org="globex")["rows"]
+    }
+    assert by_user[member.user_id]["output_tokens"] == 6
+
+
+def test_usage_records_carry_cost_from_model_pricing(world: World) -> None:
+    world.admin.ok(
+        "PUT",
+        f"/admin/v1/models/{MODEL}/pricing",
+        {"input_per_million": 2.0, "output_per_million": 4.0},
+    )
+    member = world.fresh("globex")
+    usage = chat(world, member.key).json()["usage"]
+    admin = world.client(world.globex_admin)
+    record = wait_for(
+        lambda: next(
+            (
+                r
+                for r in admin.ok("GET", "/admin/v1/usage/records", org="globex")["data"]
+                if r["user_id"] == member.user_id
+            ),
+            None,
+        )
+    )
+    expected = (usage["prompt_tokens"] * 2.0 + usage["completion_tokens"] * 4.0) / 1e6
+    assert record["cost"] == pytest.approx(expected)
+    card = httpx.get(
+        f"{world.appliance.v1}/models", headers={"Authorization": f"Bearer {member.key}"}
+    ).json()
+    assert card["data"][0]["pricing"]["output_per_million"] == 4.0
+
+
+# --- local mode -----------------------------------------------------------------------------------
+
+
+def test_no_auth_refuses_a_non_loopback_address(tmp_path: Path) -> None:
+    config = tmp_path / "a.toml"
+    config.write_text(model_toml())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "palisade",
+            "appliance",
+            "serve",
+            "--no-auth",
+            "--host",
+            "0.0.0.0",  # noqa: S104 - the refusal is the test
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "--no-auth refuses to listen on 0.0.0.0" in result.stderr
+
+
+def test_no_auth_serves_without_keys_and_disables_management(appliance: Appliance) -> None:
+    assert httpx.post(f"{appliance.v1}/chat/completions", json=CHAT, timeout=60).status_code == 200
+    assert httpx.get(f"{appliance.url}/admin/v1/orgs").status_code == 404
+    assert "AUTHENTICATION IS OFF (--no-auth)" in appliance.log_text()
+    assert not (appliance.home / "admin.key").exists()
+
+
+def test_secure_by_default_every_route_needs_a_key(world: World) -> None:
+    url = world.appliance.url
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/admin/v1/orgs"),
+        ("GET", "/admin/v1/usage"),
+    ]:
+        response = httpx.request(method, f"{url}{path}", json={})
+        assert response.status_code == 401, (path, response.text)
