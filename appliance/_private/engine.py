@@ -93,13 +93,17 @@ class Generation:
         self._post(text)
 
     def close(self, finish: Finish) -> None:
-        """The end, exactly once: posted to the reader, and `on_done` runs on the loop."""
-        self._post(finish)
+        """The end, exactly once: `on_done` runs on the loop, and the reader sees `finish`.
+
+        `on_done` is queued first, so it has run before anything the reader does after
+        seeing the end (such as completing the response) can reach another request.
+        """
         if self._on_done is not None:
             try:
                 self._loop.call_soon_threadsafe(self._on_done, finish)
             except RuntimeError:
-                return  # the loop is gone; so is whoever wanted to know
+                self._cancelled = True  # the loop is gone; so is whoever wanted to know
+        self._post(finish)
 
     def wait_delivered(self, timeout: float) -> None:
         """Block until the consumer has taken the first text (or `timeout` passes).

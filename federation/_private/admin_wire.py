@@ -11,6 +11,9 @@ LoggingMode = Literal["full", "metadata", "zero"]
 OrgName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Region = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)]
+# SQLite integers are signed 64-bit: bigger counts are refused with a 400, not a 500.
+TokenCount = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+PerMinute = Annotated[int, Meta(ge=1, le=2**53)]
 UsageGroup = Literal["model", "user", "region", "day", "org", "key"]
 T = TypeVar("T")
 
@@ -18,7 +21,7 @@ T = TypeVar("T")
 class OrgCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     name: OrgName
     regions: Annotated[list[Region], Meta(min_length=1)]
-    budget_tokens: Annotated[int, Meta(ge=0)] | None = None
+    budget_tokens: TokenCount | None = None
     logging_mode: LoggingMode = "metadata"
 
 
@@ -60,9 +63,9 @@ class User(Struct, kw_only=True):
 class KeyLimits(Struct, forbid_unknown_fields=True, kw_only=True):
     """Per-key rate limits; `None` means unlimited. `burst` is the bucket depth."""
 
-    requests_per_minute: Annotated[int, Meta(ge=1)] | None = None
-    tokens_per_minute: Annotated[int, Meta(ge=1)] | None = None
-    burst: Annotated[int, Meta(ge=1)] | None = None
+    requests_per_minute: PerMinute | None = None
+    tokens_per_minute: PerMinute | None = None
+    burst: PerMinute | None = None
 
 
 class KeyCreate(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -93,7 +96,7 @@ class CreatedKey(Struct, kw_only=True):
 
 
 class BudgetSet(Struct, forbid_unknown_fields=True, kw_only=True):
-    tokens: Annotated[int, Meta(ge=0)] | None
+    tokens: TokenCount | None
 
 
 class Budget(Struct, kw_only=True):

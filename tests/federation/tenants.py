@@ -28,12 +28,17 @@ class Admin:
     def __init__(self, url: str, key: str) -> None:
         self.url = url
         self.key = key
-        self.http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
-        )
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> httpx.Response:
-        return self.http.request(method, path, json=body, params=params or None)
+        # One connection per call: these clients are made freely and never need closing.
+        return httpx.request(
+            method,
+            f"{self.url}{path}",
+            json=body,
+            params=params or None,
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=60,
+        )
 
     def ok(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         response = self.call(method, path, body, **params)

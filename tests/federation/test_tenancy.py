@@ -318,16 +318,13 @@ def test_usage_report_sums_match_the_records_to_the_token(world: World) -> None:
     for max_tokens in (1, 2, 3):
         assert chat(world, member.key, max_tokens=max_tokens).status_code == 200
     admin = world.client(world.globex_admin)
-    records = wait_for(
-        lambda: (
-            [
-                r
-                for r in admin.ok("GET", "/admin/v1/usage/records", org="globex")["data"]
-                if r["user_id"] == member.user_id
-            ]
-            or None
-        )
-    )
+
+    def mine() -> list[dict[str, object]] | None:
+        data = admin.ok("GET", "/admin/v1/usage/records", org="globex")["data"]
+        rows = [r for r in data if r["user_id"] == member.user_id]
+        return rows if len(rows) == 3 else None
+
+    records = wait_for(mine)
     assert len(records) == 3
     assert [r["output_tokens"] for r in records] == [1, 2, 3]
     assert {(r["region"], r["node"], r["model"], r["status"]) for r in records} == {
