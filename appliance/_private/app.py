@@ -185,7 +185,8 @@ class ApplianceState:
     async def embed(
         self, principal: Principal, served: ServedModel, texts: list[str]
     ) -> tuple[list[list[float]], int, dict[str, str]]:
-        estimate = sum(len(text) for text in texts) // 2 + len(texts)
+        # Byte-level tokenizers never make more tokens than bytes (+ BOS/EOS): a true bound.
+        estimate = sum(len(text.encode()) + 2 for text in texts)
         admission = self._admit(principal, estimate)
         tokens, status = 0, "error"
         try:

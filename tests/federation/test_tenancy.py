@@ -259,6 +259,34 @@ def test_budget_admits_at_most_what_fits_under_concurrency(world: World) -> None
     assert budget["reserved_tokens"] == 0
 
 
+def test_cancelled_stream_settles_to_what_it_used(world: World) -> None:
+    world.admin.create_org("streamers", ["eu-west"], budget=1_000_000)
+    member = world.fresh("streamers")
+    body = CHAT | {
+        "max_tokens": 1500,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
+    }
+    headers = {"Authorization": f"Bearer {member.key}"}
+    with httpx.stream(
+        "POST", f"{world.appliance.v1}/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        lines = r.iter_lines()
+        assert [next(lines) for _ in range(4)]
+        reserved = world.admin.ok("GET", "/admin/v1/orgs/streamers/budget")["reserved_tokens"]
+        assert reserved > 1500  # the worst case is held while the stream runs
+    budget = wait_for(
+        lambda: (
+            (b := world.admin.ok("GET", "/admin/v1/orgs/streamers/budget"))["reserved_tokens"] == 0
+            and b
+        )
+    )
+    assert 0 < budget["used_tokens"] < 1500
+    records = world.admin.ok("GET", "/admin/v1/usage/records", org="streamers")["data"]
+    assert [r["status"] for r in records] == ["cancelled"]
+    assert records[0]["input_tokens"] + records[0]["output_tokens"] == budget["used_tokens"]
+
+
 def test_rate_limit_admits_at_most_rate_plus_burst(world: World) -> None:
     member = world.fresh("acme")
     limits = {"requests_per_minute": 30, "burst": 10}
