@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from appliance import appliance_cli, models_cli
+from federation import budget_cli, key_cli, limits_cli, org_cli, usage_cli, user_cli
 
 app = typer.Typer(
     name="palisade",
@@ -13,6 +14,12 @@ app = typer.Typer(
 )
 app.add_typer(appliance_cli, name="appliance")
 app.add_typer(models_cli, name="models")
+app.add_typer(org_cli, name="org")
+app.add_typer(user_cli, name="user")
+app.add_typer(key_cli, name="key")
+app.add_typer(budget_cli, name="budget")
+app.add_typer(limits_cli, name="limits")
+app.add_typer(usage_cli, name="usage")
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def _home() -> Path:
 def _target(url: str, key: str | None) -> Target:
     """The server plus a key: --key / PALISADE_API_KEY, else $PALISADE_HOME/admin.key."""
     if key:
-        return Target(url, key.strip())
+        return _checked(Target(url, key.strip()))
     path = _home() / "admin.key"
     try:
         stored = path.read_text().strip()
@@ -112,7 +112,17 @@ def _target(url: str, key: str | None) -> Target:
             f"no API key: pass --key, set PALISADE_API_KEY, or point PALISADE_HOME at the "
             f"server's state directory (no key in {path})."
         )
-    return Target(url, stored)
+    return _checked(Target(url, stored))
+
+
+def _checked(target: Target) -> Target:
+    key = target.key or ""
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise _fail(
+            "the API key has spaces or non-ASCII characters; "
+            "check --key, PALISADE_API_KEY or admin.key."
+        )
+    return target
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -144,7 +154,7 @@ def _call(
         with httpx.Client(base_url=target.url.rstrip("/"), timeout=TIMEOUT) as client:
             response = client.request(method, path, json=body, params=query, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        reason = str(exc) or type(exc).__name__
+        reason = str(exc).rstrip(".") or type(exc).__name__
         raise _fail(
             f"cannot reach {target.url}: {reason}. Is the server running? "
             "Set --url or PALISADE_URL."

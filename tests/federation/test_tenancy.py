@@ -343,8 +343,10 @@ def test_key_regions_may_only_narrow_the_org(world: World) -> None:
 
 def test_usage_report_sums_match_the_records_to_the_token(world: World) -> None:
     member = world.fresh("globex")
+    counting = [{"role": "user", "content": "Count from 1 to 1000."}]  # runs to max_tokens
     for max_tokens in (1, 2, 3):
-        assert chat(world, member.key, max_tokens=max_tokens).status_code == 200
+        response = chat(world, member.key, max_tokens=max_tokens, messages=counting)
+        assert response.status_code == 200
     admin = world.client(world.globex_admin)
 
     def mine() -> list[dict[str, object]] | None:
