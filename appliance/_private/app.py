@@ -165,7 +165,7 @@ class ApplianceState:
         return generation, headers
 
     def _admit(self, principal: Principal, estimate: int) -> Admission | None:
-        return self.tenancy.admit(principal, estimate) if self.tenancy is not None else None
+        return self.tenancy.gate.admit(principal, estimate) if self.tenancy is not None else None
 
     def _settle(
         self, admission: Admission, served: ServedModel, prompt: int, completion: int, status: str
@@ -173,7 +173,7 @@ class ApplianceState:
         assert self.tenancy is not None
         pricing = served.config.pricing
         cost = (prompt * pricing.input_per_million + completion * pricing.output_per_million) / 1e6
-        self.tenancy.settle(
+        self.tenancy.gate.settle(
             admission,
             model=served.id,
             input_tokens=prompt,

@@ -186,7 +186,7 @@ class LlamaCppEngine:
         params = generation.params
         prompt_tokens = len(generation.prompt)
         if generation.cancelled:
-            return Finish("cancelled", prompt_tokens, 0)
+            return Finish("cancelled", 0, 0)  # never started: nothing to bill
         llm = self._llm
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         utf8, stops = Utf8Stream(), StopMatcher(params.stop)

@@ -86,7 +86,7 @@ class SerialScheduler:
                 self._waiting.remove(generation)
             except ValueError:
                 return  # already running: the worker sees the flag before its next step
-        finish = Finish("cancelled", len(generation.prompt), 0)
+        finish = Finish("cancelled", 0, 0)  # never started: nothing to bill
         generation.close(finish)
         self._on_finish(generation, finish)
 

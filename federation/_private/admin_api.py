@@ -21,7 +21,7 @@ from litestar.params import FromPath, Parameter
 from federation._private import admin_wire as wire
 from federation._private.decoding import decode_request
 from federation._private.errors import AuthenticationError, InvalidRequestError
-from federation._private.gate import Admission, Gate
+from federation._private.gate import Gate
 from federation._private.openai_wire import ENCODER
 from federation._private.policy import Action, allowed, require, require_everywhere
 from federation._private.principal import Principal
@@ -141,30 +141,6 @@ class Tenancy:
             regions=regions,
             role=caller.user.role,
             logging_mode=caller.org.logging_mode,
-        )
-
-    # --- admission (sync: atomic on the event loop) --------------------------------------
-
-    def admit(self, principal: Principal, estimate: int) -> Admission:
-        return self.gate.admit(principal, estimate)
-
-    def settle(
-        self,
-        admission: Admission,
-        *,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        status: str,
-        cost: float,
-    ) -> None:
-        self.gate.settle(
-            admission,
-            model=model,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            status=status,
-            cost=cost,
         )
 
     def routes(self) -> list[HTTPRouteHandler]:
