@@ -5,7 +5,9 @@ tenancy: API keys, roles (RBAC), rate limits, budgets, usage metering and the /a
 management API. Node identity, membership and discovery land here with their issues.
 """
 
-from federation._private.admin_api import Tenancy
+import importlib
+from typing import TYPE_CHECKING
+
 from federation._private.admin_wire import (
     AuditEvent,
     Budget,
@@ -18,14 +20,6 @@ from federation._private.admin_wire import (
     UsageReport,
     UsageRow,
     User,
-)
-from federation._private.cli import (
-    budget_cli,
-    key_cli,
-    limits_cli,
-    org_cli,
-    usage_cli,
-    user_cli,
 )
 from federation._private.decoding import convert_config, decode_request, load_config
 from federation._private.errors import (
@@ -40,6 +34,7 @@ from federation._private.errors import (
     ServiceUnavailableError,
 )
 from federation._private.gate import Admission, Gate
+from federation._private.identity import NodeIdentity, signature_valid
 from federation._private.openai_wire import (
     ENCODER,
     AssistantMessage,
@@ -111,6 +106,7 @@ __all__ = [
     "KeyLimits",
     "ModelCard",
     "ModelList",
+    "NodeIdentity",
     "NotFoundError",
     "Org",
     "PalisadeError",
@@ -140,6 +136,36 @@ __all__ = [
     "org_cli",
     "require",
     "require_everywhere",
+    "signature_valid",
     "usage_cli",
     "user_cli",
 ]
+
+if TYPE_CHECKING:
+    from federation._private.admin_api import Tenancy
+    from federation._private.cli import (
+        budget_cli,
+        key_cli,
+        limits_cli,
+        org_cli,
+        usage_cli,
+        user_cli,
+    )
+
+# Loaded on first use: they pull in Litestar, typer and httpx, which processes that never
+# serve HTTP or parse a command line (the audit-log writer, the offline verifier) do without.
+_LAZY = {
+    "Tenancy": "federation._private.admin_api",
+    "budget_cli": "federation._private.cli",
+    "key_cli": "federation._private.cli",
+    "limits_cli": "federation._private.cli",
+    "org_cli": "federation._private.cli",
+    "usage_cli": "federation._private.cli",
+    "user_cli": "federation._private.cli",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'federation' has no attribute {name!r}")
