@@ -5,32 +5,56 @@ whose checkpoints the node signs with its Ed25519 key. Exports carry entries, pr
 checkpoints and a signed manifest; `verify_export` checks one with no server or network.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from compliance._private.errors import AuditLogError, ComplianceError, VerificationError
 from compliance._private.export import (
     FORMAT,
+    RESIDENCY_FORMAT,
     Report,
     Scope,
     build_export,
+    build_residency,
     sign_document,
     verify_export,
     verify_file,
 )
 from compliance._private.log import AuditLog, Checkpoint, canonical, read_checkpoints, read_entries
+from compliance._private.recorder import Recorder, effective_mode
 
 __all__ = [
     "FORMAT",
+    "RESIDENCY_FORMAT",
     "AuditLog",
     "AuditLogError",
     "Checkpoint",
     "ComplianceError",
+    "Recorder",
     "Report",
     "Scope",
     "VerificationError",
+    "audit_cli",
     "build_export",
+    "build_residency",
     "canonical",
+    "effective_mode",
     "read_checkpoints",
     "read_entries",
     "sign_document",
     "verify_export",
     "verify_file",
 ]
+
+if TYPE_CHECKING:
+    from compliance._private.cli import audit_cli
+
+# Loaded on first use: the CLI pulls in typer and httpx, which the audit-log writer process
+# and other importers that never parse a command line do without.
+_LAZY = {"audit_cli": "compliance._private.cli"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'compliance' has no attribute {name!r}")

@@ -66,7 +66,7 @@ from federation._private.openai_wire import (
 )
 from federation._private.policy import Action, allowed, require, require_everywhere
 from federation._private.principal import LOCAL_PRINCIPAL, Principal
-from federation._private.store import Caller, StoreError, TenancyStore
+from federation._private.store import AuditSink, Caller, StoreError, TenancyStore
 
 __all__ = [
     "ENCODER",
@@ -76,6 +76,7 @@ __all__ = [
     "Admission",
     "AssistantMessage",
     "AuditEvent",
+    "AuditSink",
     "AuthenticationError",
     "Budget",
     "Caller",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from appliance import appliance_cli, models_cli
+from compliance import audit_cli
 from federation import budget_cli, key_cli, limits_cli, org_cli, usage_cli, user_cli
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app.add_typer(key_cli, name="key")
 app.add_typer(budget_cli, name="budget")
 app.add_typer(limits_cli, name="limits")
 app.add_typer(usage_cli, name="usage")
+app.add_typer(audit_cli, name="audit")
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ from appliance._private.engine import Finish, Generation, SamplingParams
 from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.served import ServedModel
+from compliance import Recorder, build_export, build_residency
+from compliance import Scope as AuditScope
 from federation import (
     ENCODER,
     LOCAL_PRINCIPAL,
@@ -61,6 +63,7 @@ from federation import (
     Usage,
     decode_request,
     require,
+    require_everywhere,
 )
 
 log = logging.getLogger("palisade.appliance")
@@ -89,10 +92,16 @@ class ApplianceState:
     """Everything the handlers share: config, served models and metrics."""
 
     def __init__(
-        self, config: ApplianceConfig, tenancy: Tenancy | None = None, *, demo: bool = False
+        self,
+        config: ApplianceConfig,
+        tenancy: Tenancy | None = None,
+        *,
+        demo: bool = False,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
         self.tenancy = tenancy
+        self.recorder = recorder
         self.demo = demo
         self.url = f"http://{config.host}:{config.port}"
         self.metrics = ApplianceMetrics(
@@ -138,37 +147,64 @@ class ApplianceState:
             await asyncio.to_thread(model.engine.close)
         if self.tenancy is not None:
             await self.tenancy.close()
+        if self.recorder is not None:
+            await asyncio.to_thread(self.recorder.close)
 
     def start_generation(
-        self, principal: Principal, served: ServedModel, prompt: list[int], params: SamplingParams
-    ) -> tuple[Generation, dict[str, str]]:
-        """Admit (limits, budget), submit, and settle on the loop whenever it ends."""
+        self,
+        principal: Principal,
+        served: ServedModel,
+        prompt: list[int],
+        params: SamplingParams,
+        prefix: str,
+    ) -> tuple[Generation, _Reply]:
+        """Admit (limits, budget), submit, and settle and audit on the loop when it ends."""
         admission = self._admit(principal, len(prompt) + params.max_tokens)
+        reply = _Reply(prefix, served.id, self.receipt(served))
         on_done = None
         if admission is not None:
 
             def on_done(finish: Finish) -> None:
                 status = "ok" if finish.reason in ("stop", "length") else finish.reason
-                self._settle(
-                    admission, served, finish.prompt_tokens, finish.completion_tokens, status
-                )
+                used = finish.prompt_tokens, finish.completion_tokens
+                self._settle(admission, served, *used, status=status, record_id=reply.id)
 
         try:
             generation = served.engine.submit(prompt, params, on_done)
         except APIError as exc:
             if admission is not None:
-                self._settle(admission, served, 0, 0, exc.code)
+                self._settle(admission, served, 0, 0, status=exc.code, record_id=reply.id)
             raise
-        headers = self.receipt(served)
         if admission is not None:
-            headers |= admission.headers
-        return generation, headers
+            reply.headers = reply.headers | admission.headers
+        return generation, reply
+
+    def content_keeper(
+        self, principal: Principal, reply: _Reply, request: object
+    ) -> Callable[[str], None] | None:
+        """For orgs logging in `full`: a callback that seals the request and its answer."""
+        recorder = self.recorder
+        if recorder is None or recorder.mode_for(principal.logging_mode) != "full":
+            return None
+
+        def keep(text: str) -> None:
+            content = {"request": msgspec.to_builtins(request), "response": text}
+            recorder.content(principal.logging_mode, reply.id, principal.org, content)
+
+        return keep
 
     def _admit(self, principal: Principal, estimate: int) -> Admission | None:
         return self.tenancy.gate.admit(principal, estimate) if self.tenancy is not None else None
 
     def _settle(
-        self, admission: Admission, served: ServedModel, prompt: int, completion: int, status: str
+        self,
+        admission: Admission,
+        served: ServedModel,
+        prompt: int,
+        completion: int,
+        *,
+        status: str,
+        record_id: str,
     ) -> None:
         assert self.tenancy is not None
         pricing = served.config.pricing
@@ -181,6 +217,23 @@ class ApplianceState:
             status=status,
             cost=round(cost, 9),
         )
+        if self.recorder is not None:
+            principal = admission.principal
+            self.recorder.request(
+                principal.logging_mode,
+                {
+                    "id": record_id,
+                    "org": principal.org,
+                    "user": principal.user,
+                    "key_id": principal.key_id,
+                    "model": served.id,
+                    "region": self.config.region,
+                    "node": self.config.node_id,
+                    "input_tokens": prompt,
+                    "output_tokens": completion,
+                    "status": status,
+                },
+            )
 
     async def embed(
         self, principal: Principal, served: ServedModel, texts: list[str]
@@ -194,7 +247,8 @@ class ApplianceState:
             status = "ok"
         finally:
             if admission is not None:
-                self._settle(admission, served, tokens, 0, status)
+                record_id = f"emb-{os.urandom(12).hex()}"
+                self._settle(admission, served, tokens, 0, status=status, record_id=record_id)
         headers = self.receipt(served) | (admission.headers if admission is not None else {})
         return vectors, tokens, headers
 
@@ -228,15 +282,18 @@ def create_app(
     tenancy: Tenancy | None = None,
     authenticate: Authenticator | None = None,
     demo: bool = False,
+    recorder: Recorder | None = None,
 ) -> tuple[Litestar, ApplianceState]:
     """The appliance app. With `tenancy`, keys are required and /admin/v1 is mounted;
     without it, every caller is the local principal (`--no-auth`) unless `authenticate`
     supplies another."""
-    state = ApplianceState(config, tenancy, demo=demo)
+    state = ApplianceState(config, tenancy, demo=demo, recorder=recorder)
     admin: list[HTTPRouteHandler] = []
     if tenancy is not None:
         authenticate = tenancy.principal
         admin = [*tenancy.routes(), *_model_admin_routes(state, tenancy)]
+        if recorder is not None:
+            admin += _audit_routes(state, tenancy, recorder)
     app = Litestar(
         route_handlers=[
             *_openai_routes(state, Provide(authenticate or local_principal)),
@@ -259,7 +316,9 @@ def create_app(
     return app, state
 
 
-def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteHandler]:
+def _openai_routes(  # noqa: PLR0915 - one closure per route
+    state: ApplianceState, principal: Provide
+) -> list[HTTPRouteHandler]:
     config = state.config
 
     @post("/v1/chat/completions", dependencies={"principal": principal}, status_code=200)
@@ -278,12 +337,14 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
             prompt_tokens=len(prompt),
             context_length=served.engine.context_length,
         )
-        generation, headers = state.start_generation(principal, served, prompt, params)
-        reply = _Reply("chatcmpl", served.id, headers)
+        generation, reply = state.start_generation(principal, served, prompt, params, "chatcmpl")
+        keep = state.content_keeper(principal, reply, body)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return reply.stream(_chat_events(generation, reply, include_usage=usage))
+            return reply.stream(_chat_events(generation, reply, include_usage=usage, keep=keep))
         text = await _collect(request, generation)
+        if keep is not None:
+            keep(text)
         usage_, reason = _outcome(generation)
         choice = ChatChoice(0, AssistantMessage(content=text), reason)
         return reply.json(ChatCompletion(reply.id, reply.created, served.id, [choice], usage_))
@@ -306,12 +367,16 @@ def _openai_routes(state: ApplianceState, principal: Provide) -> list[HTTPRouteH
             prompt_tokens=len(prompt),
             context_length=served.engine.context_length,
         )
-        generation, headers = state.start_generation(principal, served, prompt, params)
-        reply = _Reply("cmpl", served.id, headers)
+        generation, reply = state.start_generation(principal, served, prompt, params, "cmpl")
+        keep = state.content_keeper(principal, reply, body)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return reply.stream(_completion_events(generation, reply, include_usage=usage))
+            return reply.stream(
+                _completion_events(generation, reply, include_usage=usage, keep=keep)
+            )
         text = await _collect(request, generation)
+        if keep is not None:
+            keep(text)
         usage_, reason = _outcome(generation)
         choice = CompletionChoice(0, text, reason)
         return reply.json(Completion(reply.id, reply.created, served.id, [choice], usage=usage_))
@@ -441,6 +506,42 @@ def _model_admin_routes(state: ApplianceState, tenancy: Tenancy) -> list[HTTPRou
     return [set_pricing]
 
 
+def _audit_routes(
+    state: ApplianceState, tenancy: Tenancy, recorder: Recorder
+) -> list[HTTPRouteHandler]:
+    caller_dependency = {"caller": Provide(tenancy.admin_caller)}
+    origin = state.config.node_id
+
+    @get("/admin/v1/audit/export", dependencies=caller_dependency)
+    async def export(
+        caller: NamedDependency[Caller],
+        org: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> Response[Any]:
+        if org is None:
+            require_everywhere(caller.user.role, Action.VIEW_AUDIT)
+        else:
+            require(caller.user.role, Action.VIEW_AUDIT, actor_org=caller.user.org, target_org=org)
+        scope = AuditScope(org=org, since=since, until=until)
+        data = await asyncio.to_thread(
+            build_export, recorder.db, recorder.identity, origin=origin, scope=scope
+        )
+        return Response(data, media_type=MediaType.JSON)
+
+    @get("/admin/v1/audit/residency", dependencies=caller_dependency)
+    async def residency(
+        caller: NamedDependency[Caller], org: str, since: str | None = None
+    ) -> Response[Any]:
+        require(caller.user.role, Action.VIEW_AUDIT, actor_org=caller.user.org, target_org=org)
+        data = await asyncio.to_thread(
+            build_residency, recorder.db, recorder.identity, origin=origin, org=org, since=since
+        )
+        return Response(data, media_type=MediaType.JSON)
+
+    return [export, residency]
+
+
 def _announce_demo(key: str, state: ApplianceState) -> None:
     model = next(iter(state.models))
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
@@ -495,15 +596,24 @@ def _error_frame(generation: Generation) -> bytes | None:
 
 
 async def _chat_events(
-    generation: Generation, reply: _Reply, *, include_usage: bool
+    generation: Generation,
+    reply: _Reply,
+    *,
+    include_usage: bool,
+    keep: Callable[[str], None] | None = None,
 ) -> AsyncIterator[bytes]:
     def chunk(delta: ChatDelta, reason: str | None = None) -> bytes:
         choice = ChatChunkChoice(0, delta, reason)
         return _sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [choice]))
 
     yield chunk(ChatDelta(role="assistant", content=""))
+    kept: list[str] = []
     async for text in generation.stream():
+        if keep is not None:
+            kept.append(text)
         yield chunk(ChatDelta(content=text))
+    if keep is not None:
+        keep("".join(kept))
     if (frame := _error_frame(generation)) is not None:
         yield frame
         return
@@ -515,14 +625,23 @@ async def _chat_events(
 
 
 async def _completion_events(
-    generation: Generation, reply: _Reply, *, include_usage: bool
+    generation: Generation,
+    reply: _Reply,
+    *,
+    include_usage: bool,
+    keep: Callable[[str], None] | None = None,
 ) -> AsyncIterator[bytes]:
     def chunk(text: str, reason: str | None = None) -> bytes:
         choice = CompletionChoice(0, text, reason)
         return _sse(Completion(reply.id, reply.created, reply.model, [choice]))
 
+    kept: list[str] = []
     async for text in generation.stream():
+        if keep is not None:
+            kept.append(text)
         yield chunk(text)
+    if keep is not None:
+        keep("".join(kept))
     if (frame := _error_frame(generation)) is not None:
         yield frame
         return

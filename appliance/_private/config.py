@@ -42,6 +42,9 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_PORT
     data_dir: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    # Node-wide logging floor: it can only make an org stricter (`metadata` = no content kept).
+    logging_floor: Literal["full", "metadata", "zero"] = "full"
+    content_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
     models: Annotated[list[ModelConfig], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: [default_model_config()]
     )

@@ -12,6 +12,7 @@ import uvicorn
 from appliance._private.app import create_app
 from appliance._private.config import ApplianceConfig
 from appliance._private.errors import ModelLoadError
+from compliance import Recorder
 from federation import ConfigError, Tenancy
 
 log = logging.getLogger("palisade.appliance")
@@ -66,10 +67,13 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
         check_no_auth(config)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    tenancy = None if no_auth else Tenancy(config.home(), region=config.region, node=config.node_id)
+    recorder = None if no_auth else _recorder(config)
+    tenancy = None
+    if recorder is not None:
+        tenancy = Tenancy(config.home(), region=config.region, node=config.node_id, audit=recorder)
     if no_auth and demo:
         raise ConfigError("--demo makes a demo org and key; it needs keys, so drop --no-auth.")
-    app, state = create_app(config, tenancy=tenancy, demo=demo)
+    app, state = create_app(config, tenancy=tenancy, demo=demo, recorder=recorder)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -96,6 +100,15 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
     if state.load_error is not None:
         return 1
     return 0
+
+
+def _recorder(config: ApplianceConfig) -> Recorder:
+    return Recorder(
+        config.home(),
+        origin=config.node_id,
+        floor=config.logging_floor,
+        retention_days=config.content_retention_days,
+    )
 
 
 def _url_host(host: str) -> str:

@@ -353,3 +353,36 @@ def _check_manifest(document: dict[str, Any], manifest: dict[str, Any], key: byt
 
 def verify_file(path: Path, *, trusted_key: bytes | None = None) -> Report:
     return verify_export(path.read_bytes(), trusted_key=trusted_key)
+
+
+RESIDENCY_FORMAT = "palisade-residency-report/1"
+
+
+def build_residency(
+    db: Path, identity: NodeIdentity, *, origin: str, org: str, since: str | None
+) -> bytes:
+    """A signed list of the regions and nodes that processed `org`'s requests since `since`."""
+    regions: dict[str, int] = {}
+    nodes: dict[tuple[str, str], int] = {}
+    scope = Scope(org=org, since=since)
+    for body in read_entries(db):
+        entry = json.loads(body)
+        if entry.get("kind") != "request" or not scope.selects(entry):
+            continue
+        region, node = str(entry.get("region")), str(entry.get("node"))
+        regions[region] = regions.get(region, 0) + 1
+        nodes[(node, region)] = nodes.get((node, region), 0) + 1
+    document = {
+        "format": RESIDENCY_FORMAT,
+        "origin": origin,
+        "public_key": identity.public_key.hex(),
+        "org": org,
+        "since": since,
+        "regions": [{"region": r, "requests": n} for r, n in sorted(regions.items())],
+        "nodes": [
+            {"node": node, "region": region, "requests": n}
+            for (node, region), n in sorted(nodes.items())
+        ],
+        "checkpoint": _head(db),
+    }
+    return sign_document(document, identity)

@@ -26,6 +26,7 @@ from federation._private.openai_wire import ENCODER
 from federation._private.policy import Action, allowed, require, require_everywhere
 from federation._private.principal import Principal
 from federation._private.store import (
+    AuditSink,
     Caller,
     TenancyStore,
     key_view,
@@ -47,10 +48,13 @@ _GROUPS = ("model", "user", "region", "day", "org", "key")
 class Tenancy:
     """Keys, roles, limits, budgets and usage metering for one server."""
 
-    def __init__(self, home: Path, *, region: str, node: str) -> None:
+    def __init__(
+        self, home: Path, *, region: str, node: str, audit: AuditSink | None = None
+    ) -> None:
         self.home = home
         self.region = region
         self.node = node
+        self._audit = audit
         self._store: TenancyStore | None = None
         self._gate: Gate | None = None
 
@@ -71,7 +75,7 @@ class Tenancy:
 
         Returns the new system admin key exactly once (also written 0600 to admin.key).
         """
-        self._store = await TenancyStore.open(self.home / "policy.db")
+        self._store = await TenancyStore.open(self.home / "policy.db", sink=self._audit)
         self._gate = Gate(self._store, region=self.region, node=self.node)
         await self._gate.start()
         return await self._bootstrap()

@@ -92,6 +92,7 @@ class Gate:
         self._reserved: dict[tuple[str, str], int] = {}
         self._loaded_months: set[str] = set()
         self._pending: list[UsageRecord] = []
+        self._totals: dict[tuple[str, str], int] = {}
         self._last_used: dict[str, str] = {}
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -227,7 +228,13 @@ class Gate:
         if buckets is not None and buckets.tokens is not None:
             refund = admission.reserved - actual
             buckets.tokens.level = min(buckets.tokens.capacity, buckets.tokens.level + refund)
+        self._totals[slot] = self._totals.get(slot, 0) + actual
         at = iso(self._store.clock())
+        if principal.key_id:
+            self._last_used[principal.key_id] = at
+        if principal.logging_mode == "zero":
+            self._wake_if_full()
+            return  # zero logging: the budget counters above, and no per-request row
         self._pending.append(
             UsageRecord(
                 at=at,
@@ -244,9 +251,10 @@ class Gate:
                 cost=cost,
             )
         )
-        if principal.key_id:
-            self._last_used[principal.key_id] = at
-        if len(self._pending) >= _FLUSH_BATCH:
+        self._wake_if_full()
+
+    def _wake_if_full(self) -> None:
+        if len(self._pending) >= _FLUSH_BATCH or len(self._totals) >= _FLUSH_BATCH:
             self._wakeup.set()
 
     def budget_state(self, org: str) -> tuple[str, int, int]:
@@ -254,14 +262,16 @@ class Gate:
         return month, self._used.get((org, month), 0), self._reserved.get((org, month), 0)
 
     async def flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._totals:
             return
-        records, last_used = self._pending, self._last_used
-        self._pending, self._last_used = [], {}
+        records, totals, last_used = self._pending, self._totals, self._last_used
+        self._pending, self._totals, self._last_used = [], {}, {}
         try:
-            await self._store.write_usage(records, last_used)
+            await self._store.write_usage(records, totals, last_used)
         except Exception:
             self._pending[:0] = records  # nothing accepted is lost: retried on the next flush
+            for slot, used in totals.items():
+                self._totals[slot] = self._totals.get(slot, 0) + used
             self._last_used = last_used | self._last_used
             raise
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import msgspec
@@ -72,6 +72,17 @@ CREATE TABLE IF NOT EXISTS audit_events (
     id INTEGER PRIMARY KEY, at TEXT NOT NULL, event TEXT NOT NULL, actor TEXT NOT NULL,
     org TEXT, payload TEXT NOT NULL);
 """
+
+
+class AuditSink(Protocol):
+    """Where management events go. The store keeps them in its own table unless a node
+    supplies a sink (the compliance package's tamper-evident log)."""
+
+    async def record(
+        self, event: str, actor: str, org: str | None, payload: dict[str, Any]
+    ) -> None: ...
+
+    async def events(self, org: str | None) -> list[AuditEvent]: ...
 
 
 class StoreError(PalisadeError):
@@ -137,15 +148,20 @@ def _now() -> datetime:
 
 
 class TenancyStore:
-    def __init__(self, db: aiosqlite.Connection, clock: Clock) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, clock: Clock, sink: AuditSink | None = None
+    ) -> None:
         self._db = db
         self.clock = clock
+        self._sink = sink
         self.orgs: dict[str, OrgRecord] = {}
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, KeyRecord] = {}
 
     @classmethod
-    async def open(cls, path: Path, *, clock: Clock = _now) -> TenancyStore:
+    async def open(
+        cls, path: Path, *, clock: Clock = _now, sink: AuditSink | None = None
+    ) -> TenancyStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             db = await aiosqlite.connect(path)
@@ -155,7 +171,7 @@ class TenancyStore:
             await db.commit()
         except sqlite3.Error as exc:
             raise StoreError(f"Cannot open the policy database {path}: {exc}.") from exc
-        store = cls(db, clock)
+        store = cls(db, clock, sink)
         await store._load()
         return store
 
@@ -197,7 +213,14 @@ class TenancyStore:
     async def _audit(
         self, event: str, actor: str, org: str | None, payload: dict[str, Any]
     ) -> None:
-        """Record a management event in the same transaction as the change it describes."""
+        """Record a management event before the change it describes is committed.
+
+        With a sink, the event is durable in the audit log before the change commits, so a
+        crash can leave a recorded attempt but never an unrecorded change.
+        """
+        if self._sink is not None:
+            await self._sink.record(event, actor, org, payload)
+            return
         await self._db.execute(
             "INSERT INTO audit_events (at, event, actor, org, payload) VALUES (?, ?, ?, ?, ?)",
             (iso(self.clock()), event, actor, org, json.dumps(payload, sort_keys=True)),
@@ -211,6 +234,8 @@ class TenancyStore:
         await self._db.commit()
 
     async def audit_events(self, org: str | None) -> list[AuditEvent]:
+        if self._sink is not None:
+            return await self._sink.events(org)
         query = "SELECT id, at, event, actor, org, payload FROM audit_events"
         args: tuple[Any, ...] = ()
         if org is not None:
@@ -500,8 +525,17 @@ class TenancyStore:
         ) as rows:
             return {row[0]: row[1] async for row in rows}
 
-    async def write_usage(self, records: list[UsageRecord], last_used: dict[str, str]) -> None:
-        """One transaction: the usage rows, the month's budget counters, keys' last use."""
+    async def write_usage(
+        self,
+        records: list[UsageRecord],
+        totals: dict[tuple[str, str], int],
+        last_used: dict[str, str],
+    ) -> None:
+        """One transaction: usage rows, the months' budget counters, keys' last use.
+
+        `totals` covers every settled request, including those of `zero`-logging orgs,
+        which leave no per-request row.
+        """
         await self._db.executemany(
             "INSERT INTO usage (at, org, user_id, key_id, model, region, node, input_tokens, "
             "output_tokens, latency_ms, status, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -523,10 +557,6 @@ class TenancyStore:
                 for r in records
             ],
         )
-        totals: dict[tuple[str, str], int] = {}
-        for r in records:
-            slot = (r.org, r.at[:7])
-            totals[slot] = totals.get(slot, 0) + r.input_tokens + r.output_tokens
         await self._db.executemany(
             "INSERT INTO budget_usage VALUES (?, ?, ?) ON CONFLICT(org, month) "
             "DO UPDATE SET used_tokens = used_tokens + excluded.used_tokens",

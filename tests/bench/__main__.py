@@ -1,4 +1,7 @@
-"""Run every benchmark: `python -m tests.bench [--repeats N] [--warmups N]`."""
+"""Run the benchmarks: `python -m tests.bench [--only engine|audit] [--repeats N] [--warmups N]`.
+
+Without --only, the engine benchmark runs first, then the audit-log benchmark.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +10,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.bench import engine
+from tests.bench import audit, engine
 from tests.support import REPO
+
+BENCHMARKS = ("engine", "audit")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument(
-        "--repeats", type=int, default=15, help="measured runs per side (default 15)"
+        "--only", choices=BENCHMARKS, help="run just this benchmark (default: all, in order)"
     )
     parser.add_argument(
-        "--warmups", type=int, default=2, help="unmeasured runs per side first (default 2)"
+        "--repeats", type=int, default=15, help="engine: measured runs per side (default 15)"
+    )
+    parser.add_argument(
+        "--warmups", type=int, default=2, help="engine: unmeasured runs per side first (default 2)"
     )
     parser.add_argument(
         "--out", type=Path, default=REPO / "var" / "bench", help="report folder (var/bench)"
@@ -30,7 +38,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    engine.run(repeats=args.repeats, warmups=args.warmups, out_dir=args.out)
+    chosen = [args.only] if args.only else list(BENCHMARKS)
+    if "engine" in chosen:
+        engine.run(repeats=args.repeats, warmups=args.warmups, out_dir=args.out)
+    if "audit" in chosen:
+        if "engine" in chosen:
+            print()
+        audit.run(out_dir=args.out)
     return 0
 
 
