@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from contextlib import closing
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from compliance import (
     verify_export,
 )
 from federation import NodeIdentity, signature_valid
+from tests.support import REPO, wait_for
 
 ORIGIN = "edge-eu-1"
 
@@ -50,10 +54,33 @@ def export(db: Path, node: NodeIdentity, scope: Scope | None = None) -> bytes:
     return build_export(db, node, origin=ORIGIN, scope=scope or Scope())
 
 
-def problem(data: bytes, node: NodeIdentity) -> str:
-    report = verify_export(data, trusted_key=node.public_key)
+def problem(data: bytes, trusted: NodeIdentity) -> str:
+    """What `palisade audit verify` (offline, as an auditor runs it) says is wrong."""
+    report = verify_export(data, trusted_key=trusted.public_key)
     assert not report.ok
     assert report.problem is not None
+    with tempfile.NamedTemporaryFile(suffix=".json") as export_file:
+        export_file.write(data)
+        export_file.flush()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "palisade",
+                "audit",
+                "verify",
+                export_file.name,
+                "--trusted-key",
+                trusted.public_key.hex(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert report.problem in result.stderr
     return report.problem
 
 
@@ -188,9 +215,8 @@ def test_checkpoint_edited(db: Path, node: NodeIdentity) -> None:
 
 def test_wrong_public_key(db: Path, node: NodeIdentity, tmp_path: Path) -> None:
     stranger = NodeIdentity.load_or_create(tmp_path / "stranger")
-    report = verify_export(export(db, node), trusted_key=stranger.public_key)
-    assert report.problem is not None
-    assert "not the trusted key" in report.problem
+    # The export is the node's; the auditor was given a stranger's key to trust.
+    assert "not the trusted key" in problem(export(db, node), stranger)
 
 
 def test_truncated_export_file(db: Path, node: NodeIdentity) -> None:
@@ -203,3 +229,14 @@ def test_truncated_export_file(db: Path, node: NodeIdentity) -> None:
 def test_export_file_edited_after_signing(db: Path, node: NodeIdentity) -> None:
     data = export(db, node).replace(b'"scope":{"org":null', b'"scope":{"org":"x"')
     assert "the manifest's SHA-256 does not match" in problem(data, node)
+
+
+def test_checkpoints_are_signed_on_a_timer(tmp_path: Path, node: NodeIdentity) -> None:
+    path = tmp_path / "timer.db"
+    log = AuditLog(path, node, origin=ORIGIN, checkpoint_every=10_000, checkpoint_seconds=0.05)
+    fill(log, 3)
+    try:
+        wait_for(lambda: [c.size for c in read_checkpoints(path)] == [3])
+    finally:
+        log.close()
+    assert [c.size for c in read_checkpoints(path)] == [3]  # nothing new at close: no re-sign
