@@ -36,6 +36,8 @@ class Recorder:
         self.origin = origin
         self.floor = floor
         self.identity = NodeIdentity.load_or_create(home)
+        # What auditors pin with `palisade audit verify --trusted-key @node.pub`.
+        (home / "node.pub").write_text(self.identity.public_key.hex() + "\n")
         self.log = AuditLog(home / "audit.db", self.identity, origin=origin)
         self.vault = ContentVault(
             home / "content.db",
