@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from compliance._private.log import (
     GENESIS,
     Checkpoint,
@@ -35,6 +37,7 @@ from compliance._private.merkle import (
 from federation import NodeIdentity, signature_valid
 
 FORMAT = "palisade-audit-export/1"
+_DECODE = msgspec.json.Decoder().decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +66,8 @@ def build_export(db: Path, identity: NodeIdentity, *, origin: str, scope: Scope)
     leaves = [leaf_hash(body) for body in bodies]
     tree_size = checkpoints[-1].size if checkpoints else 0
     chosen = [i for i, body in enumerate(bodies) if scope.selects(json.loads(body))]
-    signed = [i for i in chosen if i < tree_size]
+    # A full export is checked by recomputing every root; only filtered ones need proofs.
+    signed = [] if scope.full else [i for i in chosen if i < tree_size]
     proofs = dict(zip(signed, inclusion_proofs(signed, leaves[:tree_size]), strict=True))
     export = {
         "format": FORMAT,
@@ -84,13 +88,22 @@ def build_export(db: Path, identity: NodeIdentity, *, origin: str, scope: Scope)
 
 
 def sign_document(document: dict[str, Any], identity: NodeIdentity) -> bytes:
-    """Wrap `document` with a manifest: its SHA-256 and the node's signature over it."""
+    """Wrap `document` with a manifest: its SHA-256 and the node's signature over it.
+
+    The file is the canonical JSON of {"export": document, "manifest": …}; the signed bytes
+    are exactly the document's bytes inside it, so a verifier checks them without
+    re-encoding anything.
+    """
     body = canonical(document)
     manifest = {
         "sha256": hashlib.sha256(body).hexdigest(),
         "signature": identity.sign(body).hex(),
     }
-    return canonical({"export": document, "manifest": manifest}) + b"\n"
+    return _PREFIX + body + _SEPARATOR + canonical(manifest) + b"}\n"
+
+
+_PREFIX = b'{"export":'
+_SEPARATOR = b',"manifest":'
 
 
 def _head(db: Path) -> dict[str, str] | None:
@@ -151,6 +164,7 @@ def verify_export(data: bytes, *, trusted_key: bytes | None = None) -> Report:
 
 def _verify(data: bytes, trusted_key: bytes | None, report: Report) -> None:
     document, manifest = _parse(data)
+    signed_bytes = _signed_bytes(data)
     key = _public_key(document, trusted_key, report)
     checkpoints = _checked_checkpoints(document, key, report)
     entries = _entries(document)
@@ -166,23 +180,30 @@ def _verify(data: bytes, trusted_key: bytes | None, report: Report) -> None:
         _check_inclusions(entries, tree_size, checkpoints[-1].root if checkpoints else b"")
     _check_consistency(document, checkpoints)
     _check_head(document, checkpoints, key)
-    report.signed_entries = sum(1 for index, _, _ in entries if index < tree_size)
+    report.signed_entries = sum(1 for entry in entries if entry[0] < tree_size)
     report.unsigned_tail = report.entries - report.signed_entries
     if report.unsigned_tail:
         report.notes.append(
             f"{report.unsigned_tail} entries after the last checkpoint (size {tree_size}) are an "
             "unsigned tail: they are chained but no signature covers them yet"
         )
-    _check_manifest(document, manifest, key)
+    _check_manifest(signed_bytes, manifest, key)
+
+
+def _signed_bytes(data: bytes) -> bytes:
+    """The document's bytes as the node signed them (see `sign_document`)."""
+    end = data.rfind(_SEPARATOR)
+    if not data.startswith(_PREFIX) or end < 0:
+        raise _ExportError("the export is not in canonical form: its signed part cannot be found")
+    return data[len(_PREFIX) : end]
 
 
 def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
-        parsed = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        parsed = _DECODE(data)
+    except msgspec.DecodeError as exc:
         raise _ExportError(
-            f"the file is not a complete export: truncated or corrupted{where} ({exc})"
+            f"the file is not a complete export: truncated or corrupted ({exc})"
         ) from None
     if not isinstance(parsed, dict) or not isinstance(parsed.get("export"), dict):
         raise _ExportError("the file is not a Palisade audit export (no `export` object)")
@@ -232,7 +253,7 @@ def _checked_checkpoints(document: dict[str, Any], key: bytes, report: Report) -
     return checkpoints
 
 
-Entry = tuple[int, bytes, list[str] | None]
+Entry = tuple[int, bytes, list[str] | None, dict[str, Any]]
 
 
 def _entries(document: dict[str, Any]) -> list[Entry]:
@@ -240,47 +261,48 @@ def _entries(document: dict[str, Any]) -> list[Entry]:
     for position, item in enumerate(document.get("entries") or []):
         try:
             body = str(item["entry"]).encode()
-            index = int(json.loads(body)["index"])
-        except (KeyError, ValueError, TypeError):
+            fields = _DECODE(body)
+            index = int(fields["index"])
+        except (KeyError, ValueError, TypeError, msgspec.DecodeError):
             raise _ExportError(f"entry at position {position} in the file is malformed") from None
-        entries.append((index, body, item.get("proof")))
+        entries.append((index, body, item.get("proof"), fields))
     return entries
 
 
 def _check_full(entries: list[Entry], checkpoints: list[Checkpoint]) -> None:
     """Every entry present, in order, chained; every checkpoint's root recomputed."""
     tree, prev = CompactRange(), GENESIS
-    due = iter(checkpoints)
+    due = iter([(checkpoint.size, checkpoint.root) for checkpoint in checkpoints])
     pending = next(due, None)
-    for position, (index, body, _) in enumerate(entries):
+    for position, (index, body, _, fields) in enumerate(entries):
         if index != position:
             raise _ExportError(
                 f"entry {position} is missing or out of place: found index {index} there "
                 "(an entry was deleted, inserted or reordered)"
             )
-        if json.loads(body).get("prev") != prev.hex():
+        if fields.get("prev") != prev.hex():
             raise _ExportError(
                 f"entry {index} does not chain to entry {index - 1}: entry {index} or the one "
                 "before it was changed, swapped or forged"
             )
         prev = leaf_hash(body)
         tree.append(prev)
-        while pending is not None and pending.size == tree.size:
-            if tree.root() != pending.root:
+        while pending is not None and pending[0] == tree.size:
+            if tree.root() != pending[1]:
                 raise _ExportError(
-                    f"checkpoint size {pending.size}: the entries do not produce its signed root "
-                    f"(an entry at or before {pending.size - 1} was changed and re-chained)"
+                    f"checkpoint size {pending[0]}: the entries do not produce its signed root "
+                    f"(an entry at or before {pending[0] - 1} was changed and re-chained)"
                 )
             pending = next(due, None)
     if pending is not None:
         raise _ExportError(
-            f"checkpoint size {pending.size} covers more entries than the export holds "
+            f"checkpoint size {pending[0]} covers more entries than the export holds "
             f"({len(entries)}): entries were removed from the end"
         )
 
 
 def _check_inclusions(entries: list[Entry], tree_size: int, root: bytes) -> None:
-    for index, body, proof in entries:
+    for index, body, proof, _ in entries:
         if index >= tree_size:
             continue
         hashes = _hashes(proof, index)
@@ -335,8 +357,7 @@ def _check_head(document: dict[str, Any], checkpoints: list[Checkpoint], key: by
         )
 
 
-def _check_manifest(document: dict[str, Any], manifest: dict[str, Any], key: bytes) -> None:
-    body = canonical(document)
+def _check_manifest(body: bytes, manifest: dict[str, Any], key: bytes) -> None:
     if manifest.get("sha256") != hashlib.sha256(body).hexdigest():
         raise _ExportError(
             "the manifest's SHA-256 does not match: the file was modified after export"
