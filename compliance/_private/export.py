@@ -28,11 +28,11 @@ from compliance._private.log import (
 )
 from compliance._private.merkle import (
     CompactRange,
+    InclusionVerifier,
     consistency_proof,
     inclusion_proofs,
     leaf_hash,
     verify_consistency,
-    verify_inclusion,
 )
 from federation import NodeIdentity, signature_valid
 
@@ -302,11 +302,12 @@ def _check_full(entries: list[Entry], checkpoints: list[Checkpoint]) -> None:
 
 
 def _check_inclusions(entries: list[Entry], tree_size: int, root: bytes) -> None:
+    verifier = InclusionVerifier(tree_size, root)
     for index, body, proof, _ in entries:
         if index >= tree_size:
             continue
         hashes = _hashes(proof, index)
-        if not verify_inclusion(leaf_hash(body), index, tree_size, hashes, root):
+        if not verifier.verify(leaf_hash(body), index, hashes):
             raise _ExportError(
                 f"entry {index}: not included in the signed tree of size {tree_size}: it was "
                 "changed, moved or forged"

@@ -385,6 +385,56 @@ def _root_from_inclusion(
     return node if sn == 0 else None
 
 
+class InclusionVerifier:
+    """Checks many inclusion proofs against one signed tree, remembering proven nodes.
+
+    Once a proof has led to the signed root, every node hash on its path is proven. A later
+    proof that reaches a proven node can stop there: equal means included, different means
+    not. Neighbouring entries share most of their paths, so an org export's proofs cost a
+    few hashes each instead of a full path.
+    """
+
+    def __init__(self, size: int, root_hash: bytes) -> None:
+        self.size = size
+        self.root = root_hash
+        self._proven: dict[tuple[int, int], bytes] = {}
+
+    def verify(self, leaf: bytes, index: int, proof: Sequence[bytes]) -> bool:  # noqa: PLR0911
+        """Whether `leaf` is at `index` in the signed tree.
+
+        True whenever `verify_inclusion` is. It may also be True when the proof's upper
+        elements are wrong but its lower part already reached a proven node: the leaf is
+        then proven included all the same.
+        """
+        if not (_is_hash(leaf) and _is_hash(self.root) and _all_hashes(proof)):
+            return False
+        if not 0 <= index < self.size:
+            return False
+        fn, sn, level, node = index, self.size - 1, 0, leaf
+        path: list[tuple[tuple[int, int], bytes]] = []
+        for sibling in proof:
+            if sn == 0:
+                return False
+            if fn & 1 or fn == sn:
+                node = node_hash(sibling, node)
+                while fn and not fn & 1:
+                    fn, sn, level = fn >> 1, sn >> 1, level + 1
+            else:
+                node = node_hash(node, sibling)
+            fn, sn, level = fn >> 1, sn >> 1, level + 1
+            known = self._proven.get((level, fn))
+            if known is not None:
+                if known != node:
+                    return False
+                self._proven.update(path)
+                return True
+            path.append(((level, fn), node))
+        if sn != 0 or node != self.root:
+            return False
+        self._proven.update(path)
+        return True
+
+
 def verify_consistency(
     old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
 ) -> bool:
