@@ -8,7 +8,7 @@ checkpoints and a signed manifest; `verify_export` checks one with no server or 
 import importlib
 from typing import TYPE_CHECKING
 
-from compliance._private.errors import AuditLogError, ComplianceError, VerificationError
+from compliance._private.errors import AuditLogError, ComplianceError
 from compliance._private.export import (
     FORMAT,
     RESIDENCY_FORMAT,
@@ -21,7 +21,7 @@ from compliance._private.export import (
     verify_file,
 )
 from compliance._private.log import AuditLog, Checkpoint, canonical, read_checkpoints, read_entries
-from compliance._private.recorder import Recorder, effective_mode
+from compliance._private.recorder import Recorder
 
 __all__ = [
     "FORMAT",
@@ -33,12 +33,10 @@ __all__ = [
     "Recorder",
     "Report",
     "Scope",
-    "VerificationError",
     "audit_cli",
     "build_export",
     "build_residency",
     "canonical",
-    "effective_mode",
     "read_checkpoints",
     "read_entries",
     "sign_document",

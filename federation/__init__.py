@@ -64,7 +64,13 @@ from federation._private.openai_wire import (
     TextPart,
     Usage,
 )
-from federation._private.policy import Action, allowed, require, require_everywhere
+from federation._private.policy import (
+    Action,
+    allowed,
+    effective_mode,
+    require,
+    require_everywhere,
+)
 from federation._private.principal import LOCAL_PRINCIPAL, Principal
 from federation._private.store import AuditSink, Caller, StoreError, TenancyStore
 
@@ -131,6 +137,7 @@ __all__ = [
     "budget_cli",
     "convert_config",
     "decode_request",
+    "effective_mode",
     "key_cli",
     "limits_cli",
     "load_config",

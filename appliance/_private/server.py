@@ -70,7 +70,13 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
     recorder = None if no_auth else _recorder(config)
     tenancy = None
     if recorder is not None:
-        tenancy = Tenancy(config.home(), region=config.region, node=config.node_id, audit=recorder)
+        tenancy = Tenancy(
+            config.home(),
+            region=config.region,
+            node=config.node_id,
+            audit=recorder,
+            logging_floor=config.logging_floor,
+        )
     if no_auth and demo:
         raise ConfigError("--demo makes a demo org and key; it needs keys, so drop --no-auth.")
     app, state = create_app(config, tenancy=tenancy, demo=demo, recorder=recorder)

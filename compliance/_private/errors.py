@@ -17,7 +17,3 @@ class ComplianceError(PalisadeError):
 
 class AuditLogError(ComplianceError):
     """The audit log cannot be opened or written."""
-
-
-class VerificationError(ComplianceError):
-    """An export or a log failed verification; the message names what and where."""

@@ -23,9 +23,9 @@ from compliance._private.log import (
     GENESIS,
     Checkpoint,
     canonical,
-    read_checkpoints,
     read_entries,
     read_head,
+    read_log,
 )
 from compliance._private.merkle import (
     CompactRange,
@@ -62,8 +62,8 @@ class Scope:
 
 def build_export(db: Path, identity: NodeIdentity, *, origin: str, scope: Scope) -> bytes:
     """The export file's bytes for `scope`, signed with the node's key."""
-    bodies = read_entries(db)
-    checkpoints = read_checkpoints(db)
+    head = _head(db)  # first: the snapshot below is at least as new as the head
+    bodies, checkpoints = read_log(db)
     leaves = [leaf_hash(body) for body in bodies]
     tree_size = checkpoints[-1].size if checkpoints else 0
     chosen = [i for i, body in enumerate(bodies) if scope.selects(json.loads(body))]
@@ -78,7 +78,7 @@ def build_export(db: Path, identity: NodeIdentity, *, origin: str, scope: Scope)
         "full": scope.full,
         "tree_size": tree_size,
         "checkpoints": [_checkpoint_json(cp) for cp in checkpoints],
-        "head": _head(db),
+        "head": head,
         "consistency": _consistency(checkpoints, leaves),
         "entries": [
             {"entry": bodies[i].decode(), "proof": _hex(proofs[i]) if i in proofs else None}

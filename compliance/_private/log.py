@@ -325,6 +325,16 @@ def read_head(db: Path) -> Checkpoint | None:
     return Checkpoint(record["body"].encode(), bytes.fromhex(record["signature"]))
 
 
+def read_log(path: Path) -> tuple[list[bytes], list[Checkpoint]]:
+    """Entries and checkpoints from one read transaction (one consistent snapshot)."""
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)) as db:
+        db.execute("BEGIN")
+        bodies = [bytes(body) for (body,) in db.execute("SELECT body FROM entries ORDER BY idx")]
+        rows = db.execute("SELECT body, signature FROM checkpoints ORDER BY size").fetchall()
+        db.execute("COMMIT")
+    return bodies, [Checkpoint(bytes(body), bytes(signature)) for body, signature in rows]
+
+
 def read_entries(path: Path) -> list[bytes]:
     """Every entry body in order, from a read-only connection."""
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:

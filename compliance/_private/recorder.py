@@ -15,15 +15,9 @@ from typing import Any, Literal
 
 from compliance._private.log import AuditLog, read_entries
 from compliance._private.vault import ContentVault, load_or_create_content_key
-from federation import AuditEvent, NodeIdentity
+from federation import AuditEvent, NodeIdentity, effective_mode
 
 Mode = Literal["full", "metadata", "zero"]
-_STRICTNESS: dict[str, int] = {"full": 0, "metadata": 1, "zero": 2}
-
-
-def effective_mode(org_mode: str, floor: str) -> str:
-    """The stricter of the org's mode and the node's floor."""
-    return max(org_mode, floor, key=lambda mode: _STRICTNESS.get(mode, 1))
 
 
 class Recorder:

@@ -23,7 +23,13 @@ from federation._private.decoding import decode_request
 from federation._private.errors import AuthenticationError, InvalidRequestError
 from federation._private.gate import Gate
 from federation._private.openai_wire import ENCODER
-from federation._private.policy import Action, allowed, require, require_everywhere
+from federation._private.policy import (
+    Action,
+    allowed,
+    effective_mode,
+    require,
+    require_everywhere,
+)
 from federation._private.principal import Principal
 from federation._private.store import (
     AuditSink,
@@ -49,11 +55,18 @@ class Tenancy:
     """Keys, roles, limits, budgets and usage metering for one server."""
 
     def __init__(
-        self, home: Path, *, region: str, node: str, audit: AuditSink | None = None
+        self,
+        home: Path,
+        *,
+        region: str,
+        node: str,
+        audit: AuditSink | None = None,
+        logging_floor: str = "full",
     ) -> None:
         self.home = home
         self.region = region
         self.node = node
+        self.logging_floor = logging_floor
         self._audit = audit
         self._store: TenancyStore | None = None
         self._gate: Gate | None = None
@@ -144,7 +157,7 @@ class Tenancy:
             key_id=caller.key.id,
             regions=regions,
             role=caller.user.role,
-            logging_mode=caller.org.logging_mode,
+            logging_mode=effective_mode(caller.org.logging_mode, self.logging_floor),
         )
 
     def routes(self) -> list[HTTPRouteHandler]:

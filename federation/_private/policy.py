@@ -93,3 +93,11 @@ def require(role: str, action: Action, *, actor_org: str | None, target_org: str
             "that organization.",
             code="permission_denied",
         )
+
+
+_STRICTNESS = {"full": 0, "metadata": 1, "zero": 2}
+
+
+def effective_mode(org_mode: str, floor: str) -> str:
+    """The stricter of an org's logging mode and the node's floor (full < metadata < zero)."""
+    return max(org_mode, floor, key=lambda mode: _STRICTNESS.get(mode, 1))

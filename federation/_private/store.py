@@ -219,7 +219,11 @@ class TenancyStore:
         crash can leave a recorded attempt but never an unrecorded change.
         """
         if self._sink is not None:
-            await self._sink.record(event, actor, org, payload)
+            try:
+                await self._sink.record(event, actor, org, payload)
+            except BaseException:
+                await self._db.rollback()  # no change may commit without its event
+                raise
             return
         await self._db.execute(
             "INSERT INTO audit_events (at, event, actor, org, payload) VALUES (?, ?, ?, ?, ?)",

@@ -20,7 +20,7 @@ from compliance._private.vault import ContentVault, load_or_create_content_key
 from federation import NodeIdentity
 from tests.conftest import MODEL
 from tests.federation.tenants import Admin, Member, admin_of, secured_appliance
-from tests.support import REPO, Appliance, wait_for
+from tests.support import REPO, Appliance, model_toml, run_appliance, wait_for
 
 
 @dataclass
@@ -200,3 +200,31 @@ def test_cli_export_then_offline_verify(node: Node, tmp_path: Path) -> None:
     )
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["ok"] is True
+
+
+def test_node_floor_makes_every_org_stricter(tmp_path: Path) -> None:
+    config = 'region = "eu-west"\nlogging_floor = "zero"\n' + model_toml()
+    with run_appliance(tmp_path, config) as appliance:
+        admin = admin_of(appliance)
+        admin.ok(
+            "POST",
+            "/admin/v1/orgs",
+            {"name": "chatty", "regions": ["eu-west"], "logging_mode": "full"},
+        )
+        member = admin.member("chatty", "org_user", "chatty@example.eu")
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        headers = {"Authorization": f"Bearer {member.key}"}
+        assert (
+            httpx.post(
+                f"{appliance.v1}/chat/completions", json=body, headers=headers, timeout=60
+            ).status_code
+            == 200
+        )
+        wait_for(lambda: admin.ok("GET", "/admin/v1/orgs/chatty/budget")["used_tokens"] > 0)
+        assert admin.ok("GET", "/admin/v1/usage/records", org="chatty")["data"] == []
+        entries = [json.loads(b) for b in read_entries(appliance.home / "audit.db")]
+        assert [e for e in entries if e.get("kind") == "request"] == []
+        assert (
+            not (appliance.home / "content.db").exists()
+            or b"hi" not in (appliance.home / "content.db").read_bytes()
+        )
