@@ -15,8 +15,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,8 +24,20 @@ import typer
 from compliance._private.export import Report, verify_export
 from compliance._private.log import canonical
 from federation import signature_valid
+from federation.client import (
+    DEFAULT_URL,
+    JsonFlag,
+    KeyOpt,
+    Target,
+    UrlOpt,
+    error_text,
+    fail,
+    instant,
+    print_json,
+    resolve_target,
+    unreachable,
+)
 
-DEFAULT_URL = "http://127.0.0.1:8400"
 TIMEOUT = 300.0  # a full export of a busy node is large; the server builds it in one go
 KEY_HEX_LENGTH = 64  # an Ed25519 public key is 32 bytes
 
@@ -35,30 +45,12 @@ audit_cli = typer.Typer(
     help="Audit log: export, verify and residency reports.", no_args_is_help=True
 )
 
-UrlOpt = Annotated[
-    str, typer.Option("--url", envvar="PALISADE_URL", help="Base URL of the Palisade server.")
-]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--key",
-        envvar="PALISADE_API_KEY",
-        show_default=False,
-        help="API key (default: $PALISADE_HOME/admin.key).",
-    ),
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 SinceOpt = Annotated[
     str | None, typer.Option("--since", help="From this ISO date or datetime (inclusive).")
 ]
 
 
 # --- plumbing ------------------------------------------------------------------------------
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
 
 
 def _reason(exc: OSError) -> str:
@@ -69,72 +61,6 @@ def fingerprint(public_key: bytes) -> str:
     """A short, comparable name for a node key: the first 16 hex digits of its SHA-256."""
     digest = hashlib.sha256(public_key).hexdigest()[:16]
     return "SHA256:" + ":".join(digest[i : i + 4] for i in range(0, len(digest), 4))
-
-
-def _print_json(data: object) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def _instant(value: str | None, flag: str) -> str | None:
-    """An ISO date or datetime in the log's own timestamp form (UTC, milliseconds).
-
-    Entry times are compared as strings, so the bound must be written the same way.
-    """
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise _fail(f"{flag} must be an ISO date or datetime, e.g. 2025-06-01.") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a command sends its request, and the key it authenticates with."""
-
-    url: str
-    key: str
-
-
-def _target(url: str, key: str | None) -> Target:
-    """The server plus a key: --key / PALISADE_API_KEY, else $PALISADE_HOME/admin.key."""
-    if not key:
-        path = Path(os.environ.get("PALISADE_HOME", "var")).resolve() / "admin.key"
-        try:
-            key = path.read_text().strip()
-        except FileNotFoundError:
-            key = ""
-        except OSError as exc:
-            raise _fail(f"cannot read {path}: {_reason(exc)}") from None
-        if not key:
-            raise _fail(
-                "no API key: pass --key, set PALISADE_API_KEY, or point PALISADE_HOME at the "
-                f"server's state directory (no key in {path})."
-            )
-    key = key.strip()
-    if not (key.isascii() and key.isprintable()) or " " in key:
-        raise _fail(
-            "the API key has spaces or non-ASCII characters; "
-            "check --key, PALISADE_API_KEY or admin.key."
-        )
-    return Target(url, key)
-
-
-def _error_text(response: httpx.Response) -> str:
-    """`<message> (<code>)` from an OpenAI-shaped error body, or the best we can say."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        return f"{error['message']} ({error.get('code') or response.status_code})"
-    detail = body.get("detail") if isinstance(body, dict) else None
-    text = detail or response.text.strip()[:200] or response.reason_phrase
-    return f"{text} (HTTP {response.status_code})"
 
 
 @contextmanager
@@ -149,22 +75,18 @@ def _get(target: Target, path: str, params: dict[str, str | None]) -> Iterator[h
         ):
             if response.is_error:
                 response.read()
-                raise _fail(_error_text(response))
+                raise fail(error_text(response))
             yield response
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        reason = str(exc).rstrip(".") or type(exc).__name__
-        raise _fail(
-            f"cannot reach {target.url}: {reason}. Is the server running? "
-            "Set --url or PALISADE_URL."
-        ) from None
+        raise unreachable(target.url, exc) from None
 
 
 def _writable(out: Path) -> Path:
     """`out`, after checking its folder exists, so no request is made for nothing."""
     if out.is_dir():
-        raise _fail(f"--out {out} is a directory; name the file to write.")
+        raise fail(f"--out {out} is a directory; name the file to write.")
     if not out.parent.is_dir():
-        raise _fail(f"cannot write {out}: the folder {out.parent} does not exist.")
+        raise fail(f"cannot write {out}: the folder {out.parent} does not exist.")
     return out
 
 
@@ -179,7 +101,7 @@ def _replacing(out: Path) -> Iterator[Any]:
             os.fsync(sink.fileno())
         os.replace(partial, out)
     except OSError as exc:
-        raise _fail(f"cannot write {out}: {_reason(exc)}") from None
+        raise fail(f"cannot write {out}: {_reason(exc)}") from None
     finally:
         with suppress(OSError):
             partial.unlink()
@@ -210,11 +132,11 @@ def _trusted_key(value: str | None) -> bytes | None:
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             why = _reason(exc) if isinstance(exc, OSError) else "not a text file"
-            raise _fail(f"cannot read the trusted key from {path}: {why}") from None
+            raise fail(f"cannot read the trusted key from {path}: {why}") from None
         source = str(path)
     text = text.strip().lower()
     if len(text) != KEY_HEX_LENGTH or not all(c in "0123456789abcdef" for c in text):
-        raise _fail(
+        raise fail(
             f"{source} must hold the node's Ed25519 public key as {KEY_HEX_LENGTH} hex "
             "digits (or pass @FILE for a file holding it)."
         )
@@ -227,7 +149,7 @@ def _read_export(file: Path) -> bytes:
     try:
         return file.read_bytes()
     except OSError as exc:
-        raise _fail(f"cannot read {file}: {_reason(exc)}") from None
+        raise fail(f"cannot read {file}: {_reason(exc)}") from None
 
 
 def _context(data: bytes) -> dict[str, Any]:
@@ -319,7 +241,7 @@ def audit_verify(
     data = _read_export(file)
     report = verify_export(data, trusted_key=trusted)
     if as_json:
-        _print_json(_verify_json(file, report, trusted is not None, data))
+        print_json(_verify_json(file, report, trusted is not None, data))
     else:
         _print_summary(file, report, trusted is not None, data)
     if not report.ok:
@@ -347,10 +269,10 @@ def audit_export(
     """Download a signed export of the audit log to FILE, byte for byte."""
     params = {
         "org": org,
-        "since": _instant(since, "--since"),
-        "until": _instant(until, "--until"),
+        "since": instant(since, "--since"),
+        "until": instant(until, "--until"),
     }
-    target = _target(url, key)
+    target = resolve_target(url, key)
     _writable(out)
     written = 0
     with _get(target, "/admin/v1/audit/export", params) as response, _replacing(out) as sink:
@@ -358,7 +280,7 @@ def audit_export(
             sink.write(chunk)
             written += len(chunk)
     if not written:
-        raise _fail(f"{target.url} answered with an empty export; {out} is empty.")
+        raise fail(f"{target.url} answered with an empty export; {out} is empty.")
     typer.echo(
         f"Wrote audit export {out} ({_size(written)}); check it offline with "
         f"`palisade audit verify {out} --trusted-key <node key>`."
@@ -371,7 +293,7 @@ def audit_export(
 def _signature_problem(parsed: object) -> tuple[dict[str, Any], str | None]:
     """The signed document, and why its manifest does not verify (None if it does)."""
     if not isinstance(parsed, dict) or not isinstance(parsed.get("export"), dict):
-        raise _fail("the server's answer is not a signed residency report (no `export` object).")
+        raise fail("the server's answer is not a signed residency report (no `export` object).")
     document: dict[str, Any] = parsed["export"]
     manifest = parsed.get("manifest")
     if not isinstance(manifest, dict):
@@ -432,8 +354,8 @@ def audit_residency(
     as_json: JsonFlag = False,
 ) -> None:
     """Where an organization's requests ran: the regions and nodes, signed by the node."""
-    params = {"org": org, "since": _instant(since, "--since")}
-    target = _target(url, key)
+    params = {"org": org, "since": instant(since, "--since")}
+    target = resolve_target(url, key)
     if out is not None:
         _writable(out)
     with _get(target, "/admin/v1/audit/residency", params) as response:
@@ -441,15 +363,15 @@ def audit_residency(
     try:
         parsed = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _fail(f"{target.url} answered with a residency report that is not JSON.") from None
+        raise fail(f"{target.url} answered with a residency report that is not JSON.") from None
     document, problem = _signature_problem(parsed)
     if problem is not None:
-        raise _fail(f"the residency report from {target.url} is not validly signed: {problem}.")
+        raise fail(f"the residency report from {target.url} is not validly signed: {problem}.")
     if out is not None:
         with _replacing(out) as sink:
             sink.write(data)
     if as_json:
-        _print_json(parsed)
+        print_json(parsed)
     else:
         key_hex = str(document.get("public_key", ""))
         lines = [

@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
 import httpx
 import typer
 
-DEFAULT_URL = "http://127.0.0.1:8400"
+from federation._private.client import (
+    DEFAULT_URL,
+    JsonFlag,
+    KeyOpt,
+    Target,
+    UrlOpt,
+    error_text,
+    fail,
+    instant,
+    print_json,
+    resolve_target,
+    unreachable,
+)
+
 TIMEOUT = 30.0
 
 org_cli = typer.Typer(help="Manage organizations (tenants).", no_args_is_help=True)
@@ -59,84 +67,10 @@ class ReportFormat(StrEnum):
     json = "json"
 
 
-UrlOpt = Annotated[
-    str, typer.Option("--url", envvar="PALISADE_URL", help="Base URL of the Palisade server.")
-]
-KeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--key",
-        envvar="PALISADE_API_KEY",
-        show_default=False,
-        help="API key (default: $PALISADE_HOME/admin.key).",
-    ),
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 OrgFilter = Annotated[str | None, typer.Option("--org", help="Only this organization.")]
 
 
 # --- plumbing ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a command sends its request, and the key it authenticates with (if any)."""
-
-    url: str
-    key: str | None
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def _home() -> Path:
-    """`$PALISADE_HOME`, defaulting to `./var` (the same lookup as the appliance's)."""
-    return Path(os.environ.get("PALISADE_HOME", "var")).resolve()
-
-
-def _target(url: str, key: str | None) -> Target:
-    """The server plus a key: --key / PALISADE_API_KEY, else $PALISADE_HOME/admin.key."""
-    if key:
-        return _checked(Target(url, key.strip()))
-    path = _home() / "admin.key"
-    try:
-        stored = path.read_text().strip()
-    except FileNotFoundError:
-        stored = ""
-    except OSError as exc:
-        raise _fail(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stored:
-        raise _fail(
-            f"no API key: pass --key, set PALISADE_API_KEY, or point PALISADE_HOME at the "
-            f"server's state directory (no key in {path})."
-        )
-    return _checked(Target(url, stored))
-
-
-def _checked(target: Target) -> Target:
-    key = target.key or ""
-    if not (key.isascii() and key.isprintable()) or " " in key:
-        raise _fail(
-            "the API key has spaces or non-ASCII characters; "
-            "check --key, PALISADE_API_KEY or admin.key."
-        )
-    return target
-
-
-def _error_text(response: httpx.Response) -> str:
-    """`<message> (<code>)` from an OpenAI-shaped error body, or the best we can say."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        return f"{error['message']} ({error.get('code') or response.status_code})"
-    detail = body.get("detail") if isinstance(body, dict) else None
-    text = detail or response.text.strip()[:200] or response.reason_phrase
-    return f"{text} (HTTP {response.status_code})"
 
 
 def _call(
@@ -154,25 +88,17 @@ def _call(
         with httpx.Client(base_url=target.url.rstrip("/"), timeout=TIMEOUT) as client:
             response = client.request(method, path, json=body, params=query, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        reason = str(exc).rstrip(".") or type(exc).__name__
-        raise _fail(
-            f"cannot reach {target.url}: {reason}. Is the server running? "
-            "Set --url or PALISADE_URL."
-        ) from None
+        raise unreachable(target.url, exc) from None
     if response.is_error:
-        raise _fail(_error_text(response))
+        raise fail(error_text(response))
     try:
         return response.json()
     except ValueError:
-        raise _fail(f"{target.url} answered {method} {path} with a body that is not JSON") from None
+        raise fail(f"{target.url} answered {method} {path} with a body that is not JSON") from None
 
 
 def _seg(value: str) -> str:
     return quote(value, safe="")
-
-
-def _print_json(data: object) -> None:
-    typer.echo(json.dumps(data, indent=2))
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -224,9 +150,9 @@ def org_create(
         "budget_tokens": budget_tokens,
         "logging_mode": logging_mode.value,
     }
-    org = _call(_target(url, key), "POST", "/admin/v1/orgs", body=body)
+    org = _call(resolve_target(url, key), "POST", "/admin/v1/orgs", body=body)
     if as_json:
-        _print_json(org)
+        print_json(org)
         return
     typer.echo(
         f"Created org {org['name']} (regions {','.join(org['regions'])}, "
@@ -237,9 +163,9 @@ def org_create(
 @org_cli.command("list")
 def org_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False) -> None:
     """List the organizations you can see."""
-    listing = _call(_target(url, key), "GET", "/admin/v1/orgs")
+    listing = _call(resolve_target(url, key), "GET", "/admin/v1/orgs")
     if as_json:
-        _print_json(listing)
+        print_json(listing)
         return
     rows = [
         [o["name"], ",".join(o["regions"]), _limit(o["budget_tokens"]), o["logging_mode"]]
@@ -263,9 +189,9 @@ def user_invite(
 ) -> None:
     """Invite EMAIL to an organization; prints the one-time invitation token."""
     body = {"email": email, "org": org, "role": role.value}
-    invite = _call(_target(url, key), "POST", "/admin/v1/invites", body=body)
+    invite = _call(resolve_target(url, key), "POST", "/admin/v1/invites", body=body)
     if as_json:
-        _print_json(invite)
+        print_json(invite)
         return
     typer.echo(
         f"Invited {invite['email']} to {invite['org']} as {invite['role']} "
@@ -289,7 +215,7 @@ def user_accept(
     result = _call(Target(url, None), "POST", "/admin/v1/invites/accept", body=body)
     user, created = result["user"], result["key"]
     if as_json:
-        _print_json({"user": user, "key": created["key"], "key_info": created["info"]})
+        print_json({"user": user, "key": created["key"], "key_info": created["info"]})
         return
     typer.echo(f"Welcome {user['email']}: user {user['id']}, {user['role']} in {user['org']}.")
     typer.echo(f"API key {created['info']['id']} (shown once, store it now):")
@@ -301,9 +227,9 @@ def user_list(
     org: OrgFilter = None, url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
 ) -> None:
     """List users (your organization's unless --org is given)."""
-    listing = _call(_target(url, key), "GET", "/admin/v1/users", params={"org": org})
+    listing = _call(resolve_target(url, key), "GET", "/admin/v1/users", params={"org": org})
     if as_json:
-        _print_json(listing)
+        print_json(listing)
         return
     rows = [[u["id"], u["email"], u["role"], _or(u["org"])] for u in listing["data"]]
     typer.echo(_table(["id", "email", "role", "org"], rows))
@@ -317,9 +243,9 @@ def user_remove(
     as_json: JsonFlag = False,
 ) -> None:
     """Remove a user; their keys stop working."""
-    user = _call(_target(url, key), "DELETE", f"/admin/v1/users/{_seg(user_id)}")
+    user = _call(resolve_target(url, key), "DELETE", f"/admin/v1/users/{_seg(user_id)}")
     if as_json:
-        _print_json(user)
+        print_json(user)
         return
     typer.echo(f"Removed user {user['id']} ({user['email']}).")
 
@@ -344,10 +270,10 @@ def key_create(
 ) -> None:
     """Create an API key for yourself; prints the key once."""
     body = {"name": name, "regions": _csv_list(regions), "expires_in_days": expires_in_days}
-    created = _call(_target(url, key), "POST", "/admin/v1/keys", body=body)
+    created = _call(resolve_target(url, key), "POST", "/admin/v1/keys", body=body)
     info = created["info"]
     if as_json:
-        _print_json({"id": info["id"], "key": created["key"], **info})
+        print_json({"id": info["id"], "key": created["key"], **info})
         return
     typer.echo(
         f"Created key {info['id']} ({info['name']}) for org {info['org']}, "
@@ -361,9 +287,9 @@ def key_list(
     org: OrgFilter = None, url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
 ) -> None:
     """List keys (your own unless --org is given); never shows key secrets."""
-    listing = _call(_target(url, key), "GET", "/admin/v1/keys", params={"org": org})
+    listing = _call(resolve_target(url, key), "GET", "/admin/v1/keys", params={"org": org})
     if as_json:
-        _print_json(listing)
+        print_json(listing)
         return
     rows = [
         [
@@ -389,9 +315,9 @@ def key_revoke(
     as_json: JsonFlag = False,
 ) -> None:
     """Revoke a key; it stops working at once."""
-    info = _call(_target(url, key), "DELETE", f"/admin/v1/keys/{_seg(key_id)}")
+    info = _call(resolve_target(url, key), "DELETE", f"/admin/v1/keys/{_seg(key_id)}")
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     typer.echo(f"Revoked key {info['id']} ({info['name']}) at {info['revoked_at']}.")
 
@@ -401,7 +327,7 @@ def key_revoke(
 
 def _print_budget(budget: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(budget)
+        print_json(budget)
         return
     typer.echo(
         f"Org {budget['org']}, {budget['month']}: {budget['used_tokens']} of "
@@ -423,9 +349,9 @@ def budget_set(
 ) -> None:
     """Set an organization's monthly token budget."""
     if (tokens is None) == (not unlimited):
-        raise _fail("pass exactly one of --tokens N or --unlimited.")
+        raise fail("pass exactly one of --tokens N or --unlimited.")
     path = f"/admin/v1/orgs/{_seg(org)}/budget"
-    budget = _call(_target(url, key), "PUT", path, body={"tokens": tokens})
+    budget = _call(resolve_target(url, key), "PUT", path, body={"tokens": tokens})
     _print_budget(budget, as_json)
 
 
@@ -437,7 +363,7 @@ def budget_show(
     as_json: JsonFlag = False,
 ) -> None:
     """Show an organization's budget and this month's spend."""
-    budget = _call(_target(url, key), "GET", f"/admin/v1/orgs/{_seg(org)}/budget")
+    budget = _call(resolve_target(url, key), "GET", f"/admin/v1/orgs/{_seg(org)}/budget")
     _print_budget(budget, as_json)
 
 
@@ -454,9 +380,11 @@ def limits_set(
 ) -> None:
     """Replace a key's rate limits; a limit you omit becomes unlimited."""
     body = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "burst": burst}
-    info = _call(_target(url, key), "PUT", f"/admin/v1/keys/{_seg(key_id)}/limits", body=body)
+    info = _call(
+        resolve_target(url, key), "PUT", f"/admin/v1/keys/{_seg(key_id)}/limits", body=body
+    )
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     limits = info["limits"]
     typer.echo(
@@ -466,19 +394,6 @@ def limits_set(
 
 
 # --- usage ------------------------------------------------------------------------------
-
-
-def _instant(value: str | None, flag: str) -> str | None:
-    """An ISO date or datetime, normalized to the server's UTC timestamp form."""
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise _fail(f"{flag} must be an ISO date or datetime, e.g. 2025-06-01.") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
 def _usage_cells(row: dict[str, Any]) -> list[str]:
@@ -519,11 +434,11 @@ def usage_report(
     params = {
         "by": by.value,
         "org": org,
-        "since": _instant(since, "--since"),
-        "until": _instant(until, "--until"),
+        "since": instant(since, "--since"),
+        "until": instant(until, "--until"),
     }
-    report = _call(_target(url, key), "GET", "/admin/v1/usage", params=params)
+    report = _call(resolve_target(url, key), "GET", "/admin/v1/usage", params=params)
     if as_json or fmt is ReportFormat.json:
-        _print_json(report)
+        print_json(report)
         return
     typer.echo(_usage_text(report, fmt))

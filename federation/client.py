@@ -1,0 +1,32 @@
+"""Shared plumbing for `palisade` client commands (imported by each package's CLI only).
+
+Kept out of `federation/__init__` because it pulls in typer and httpx.
+"""
+
+from federation._private.client import (
+    DEFAULT_URL,
+    JsonFlag,
+    KeyOpt,
+    Target,
+    UrlOpt,
+    error_text,
+    fail,
+    instant,
+    print_json,
+    resolve_target,
+    unreachable,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "JsonFlag",
+    "KeyOpt",
+    "Target",
+    "UrlOpt",
+    "error_text",
+    "fail",
+    "instant",
+    "print_json",
+    "resolve_target",
+    "unreachable",
+]
