@@ -385,6 +385,40 @@ def _root_from_inclusion(
     return node if sn == 0 else None
 
 
+def inclusion_path(index: int, size: int, steps: int) -> list[tuple[int, int]]:
+    """The (level, position) of the node each step of an inclusion proof computes.
+
+    Mirrors the walk in `InclusionVerifier.verify`, so an exporter can cut a proof where it
+    reaches a node that an earlier proof in the same file already established.
+    """
+    fn, sn, level = index, size - 1, 0
+    keys = []
+    for _ in range(steps):
+        if (fn & 1 or fn == sn) and not fn & 1:
+            while fn and not fn & 1:
+                fn, sn, level = fn >> 1, sn >> 1, level + 1
+        fn, sn, level = fn >> 1, sn >> 1, level + 1
+        keys.append((level, fn))
+    return keys
+
+
+def shared_proofs(indices: Sequence[int], leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Inclusion proofs for `indices` (ascending), each cut where it joins an earlier one.
+
+    Read in order by an `InclusionVerifier`, they prove exactly what the full proofs prove,
+    at a fraction of the size: neighbouring entries share all but their lowest nodes.
+    """
+    full = inclusion_proofs(indices, leaves)
+    covered: set[tuple[int, int]] = set()
+    cut = []
+    for index, proof in zip(indices, full, strict=True):
+        keys = inclusion_path(index, len(leaves), len(proof))
+        stop = next((step + 1 for step, key in enumerate(keys) if key in covered), len(proof))
+        cut.append(proof[:stop])
+        covered.update(keys[:stop])
+    return cut
+
+
 class InclusionVerifier:
     """Checks many inclusion proofs against one signed tree, remembering proven nodes.
 

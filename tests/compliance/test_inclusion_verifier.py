@@ -9,6 +9,7 @@ from compliance._private.merkle import (
     InclusionVerifier,
     MerkleTree,
     leaf_hash,
+    shared_proofs,
     verify_inclusion,
 )
 
@@ -54,3 +55,24 @@ def test_a_wrong_leaf_next_to_proven_ones_is_refused() -> None:
     assert not verifier.verify(leaf_hash(b"x"), 4, tree.inclusion_proof(4))
     assert not verifier.verify(leaves[5], 4, tree.inclusion_proof(4))
     assert verifier.verify(leaves[4], 4, tree.inclusion_proof(4))
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(min_value=1, max_value=150), data=st.data())
+def test_shared_proofs_prove_every_entry_and_catch_a_forged_one(
+    size: int, data: st.DataObject
+) -> None:
+    leaves = [leaf_hash(f"entry-{i}".encode()) for i in range(size)]
+    root = MerkleTree(leaves).root()
+    indices = sorted(data.draw(st.sets(st.integers(0, size - 1), min_size=1)))
+    proofs = shared_proofs(indices, leaves)
+    verifier = InclusionVerifier(size, root)
+    assert all(verifier.verify(leaves[i], i, p) for i, p in zip(indices, proofs, strict=True))
+    forged = data.draw(st.integers(0, len(indices) - 1))
+    fresh = InclusionVerifier(size, root)
+    results = [
+        fresh.verify(leaf_hash(b"forged") if n == forged else leaves[i], i, p)
+        for n, (i, p) in enumerate(zip(indices, proofs, strict=True))
+    ]
+    assert results[forged] is False
+    assert all(results[:forged])
