@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import msgspec
 
@@ -308,39 +307,11 @@ def _check_inclusions(entries: list[Entry], tree_size: int, root: bytes) -> None
     for index, body, proof, _ in entries:
         if index >= tree_size:
             continue
-        if not isinstance(proof, list):
-            raise _ExportError(f"entry {index}: its inclusion proof is malformed")
-        if not verifier.verify(leaf_hash(body), index, _HexProof(proof)):
+        if not verifier.verify(leaf_hash(body), index, _hashes(proof, index)):
             raise _ExportError(
                 f"entry {index}: not included in the signed tree of size {tree_size}: it was "
                 "changed, moved or forged"
             )
-
-
-class _HexProof(Sequence[bytes]):
-    """A proof's hex strings, decoded only as the verifier reaches them."""
-
-    def __init__(self, items: list[str]) -> None:
-        self._items = items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @overload
-    def __getitem__(self, index: int) -> bytes: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
-    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
-        if isinstance(index, slice):
-            return [_unhex(item) for item in self._items[index]]
-        return _unhex(self._items[index])
-
-
-def _unhex(item: object) -> bytes:
-    try:
-        return bytes.fromhex(str(item))
-    except ValueError:
-        return b""  # not a hash: the verifier refuses it
 
 
 def _hashes(proof: list[str] | None, index: int) -> list[bytes]:

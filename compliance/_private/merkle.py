@@ -444,7 +444,7 @@ class InclusionVerifier:
             return False
         fn, sn, level, node = index, self.size - 1, 0, leaf
         path: list[tuple[tuple[int, int], bytes]] = []
-        for sibling in proof:  # elements are checked as they are used: proofs may be lazy
+        for sibling in proof:  # each element is checked only if the walk reaches it
             if sn == 0 or not _is_hash(sibling):
                 return False
             if fn & 1 or fn == sn:
