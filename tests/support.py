@@ -167,3 +167,28 @@ def stop(process: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+def run_palisade(
+    *args: str,
+    env: dict[str, str] | None = None,
+    unset: tuple[str, ...] = (),
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run the `palisade` CLI as a user would (a real process); it never ends in a traceback.
+
+    `env` entries are laid over this process's environment, without the `unset` names; a
+    wide COLUMNS keeps help and tables on one line each.
+    """
+    base = {name: value for name, value in os.environ.items() if name not in unset}
+    result = subprocess.run(
+        [sys.executable, "-m", "palisade", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**base, "COLUMNS": "200", **(env or {})},
+        check=False,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from appliance import DEFAULT_MODEL_ID, ApplianceConfig, load_appliance_config
 from federation import ConfigError
-from tests.support import REPO
+from tests.support import run_palisade
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -110,14 +108,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_serve_with_bad_config_exits_non_zero_with_the_message(tmp_path: Path) -> None:
     path = write(tmp_path, "[[models]]\nid = 'a'\npath = 'a.gguf'\nthreads = 'many'\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "palisade", "appliance", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
+    result = run_palisade("appliance", "serve", "--config", str(path))
     assert result.returncode == 1
     assert "bad value for key `models[0].threads`" in result.stderr
     assert "Traceback" not in result.stderr
@@ -125,24 +116,7 @@ def test_serve_with_bad_config_exits_non_zero_with_the_message(tmp_path: Path) -
 
 def test_serve_with_missing_model_file_says_how_to_fix(tmp_path: Path) -> None:
     path = write(tmp_path, f"[[models]]\nid = 'a'\npath = '{tmp_path / 'missing.gguf'}'\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palisade",
-            "appliance",
-            "serve",
-            "--config",
-            str(path),
-            "--port",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
+    result = run_palisade("appliance", "serve", "--config", str(path), "--port", "0")
     assert result.returncode == 1
     assert "missing.gguf for `a` does not exist" in result.stderr
     assert "palisade models fetch-default" in result.stderr

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from appliance import DEFAULT_MODEL_FILE, DEFAULT_MODEL_SHA256, ModelFetchError, fetch_default_model
-from tests.support import REPO
+from tests.support import run_palisade
 
 
 def palisade(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "palisade", *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=REPO,
-        check=False,
-        env=os.environ | {"PALISADE_HOME": str(home)},
-    )
+    return run_palisade(*args, env={"PALISADE_HOME": str(home)}, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,24 +12,13 @@ import pytest
 
 from compliance import AuditLog, Scope, build_export
 from federation import NodeIdentity
-from tests.support import REPO
+from tests.support import REPO, run_palisade
 
 ORIGIN = "edge-eu-1"
 
 
 def palisade(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a user would; it must never end in a traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "palisade", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
+    return run_palisade(*args, env=env)
 
 
 def verify(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import subprocess
-import sys
 import tempfile
 from contextlib import closing
 from pathlib import Path
@@ -23,7 +21,7 @@ from compliance import (
     verify_export,
 )
 from federation import NodeIdentity, signature_valid
-from tests.support import REPO, wait_for
+from tests.support import run_palisade, wait_for
 
 ORIGIN = "edge-eu-1"
 
@@ -62,22 +60,8 @@ def problem(data: bytes, trusted: NodeIdentity) -> str:
     with tempfile.NamedTemporaryFile(suffix=".json") as export_file:
         export_file.write(data)
         export_file.flush()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "palisade",
-                "audit",
-                "verify",
-                export_file.name,
-                "--trusted-key",
-                trusted.public_key.hex(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            check=False,
+        result = run_palisade(
+            "audit", "verify", export_file.name, "--trusted-key", trusted.public_key.hex()
         )
     assert result.returncode == 1
     assert report.problem in result.stderr

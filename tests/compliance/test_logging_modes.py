@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ from compliance._private.vault import ContentVault, load_or_create_content_key
 from federation import NodeIdentity
 from tests.conftest import MODEL
 from tests.federation.tenants import Admin, Member, admin_of, secured_appliance
-from tests.support import REPO, Appliance, model_toml, run_appliance, wait_for
+from tests.support import Appliance, model_toml, run_appliance, run_palisade, wait_for
 
 
 @dataclass
@@ -158,45 +156,17 @@ def test_cli_export_then_offline_verify(node: Node, tmp_path: Path) -> None:
     out = tmp_path / "org-metadata.audit.json"
     member = node.members["metadata"]
     env = os.environ | {"PALISADE_URL": node.appliance.url, "PALISADE_API_KEY": member.key}
-    exported = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palisade",
-            "audit",
-            "export",
-            "--out",
-            str(out),
-            "--org",
-            "org-metadata",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=env,
-        check=False,
-    )
+    exported = run_palisade("audit", "export", "--out", str(out), "--org", "org-metadata", env=env)
     assert exported.returncode == 0, exported.stderr
     offline = os.environ | {"PALISADE_URL": "http://127.0.0.1:9"}
-    verified = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palisade",
-            "audit",
-            "verify",
-            str(out),
-            "--trusted-key",
-            f"@{node.appliance.home / 'node.pub'}",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
+    verified = run_palisade(
+        "audit",
+        "verify",
+        str(out),
+        "--trusted-key",
+        f"@{node.appliance.home / 'node.pub'}",
+        "--json",
         env=offline,
-        check=False,
     )
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["ok"] is True

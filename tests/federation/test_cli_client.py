@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support import REPO, Appliance, model_toml, run_appliance, wait_for
+from tests.support import Appliance, model_toml, run_appliance, run_palisade, wait_for
 
 MODEL = "smollm2-135m-instruct"
 ORG = "acme"
@@ -64,21 +63,11 @@ def palisade(
     url: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would; never a traceback, never the admin key in its output."""
-    env = {k: v for k, v in os.environ.items() if k != "PALISADE_API_KEY"}
-    env |= {
+    env = {
         "PALISADE_HOME": str(home or server.appliance.home),
         "PALISADE_URL": url or server.appliance.url,
-        "COLUMNS": "200",
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "palisade", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=env,
-        check=False,
-    )
+    result = run_palisade(*args, env=env, unset=("PALISADE_API_KEY",))
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert server.admin_key not in output
@@ -140,15 +129,7 @@ COMMANDS = [
 
 @pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
 def test_every_command_has_help(args: list[str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "palisade", *args, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-        env=os.environ | {"COLUMNS": "200"},
-    )
+    result = run_palisade(*args, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
     if len(args) == 2:
@@ -356,15 +337,7 @@ def test_a_bad_key_is_refused_with_its_code(server: Server) -> None:
 
 def test_the_key_can_come_from_the_environment(server: Server, alice: Member) -> None:
     env = os.environ | {"PALISADE_HOME": str(server.empty_home), "PALISADE_API_KEY": alice.key}
-    result = subprocess.run(
-        [sys.executable, "-m", "palisade", "key", "list", "--url", server.appliance.url, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env=env,
-        check=False,
-    )
+    result = run_palisade("key", "list", "--url", server.appliance.url, "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert alice.key_id in {k["id"] for k in json.loads(result.stdout)["data"]}
 

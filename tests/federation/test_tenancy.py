@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ import pytest
 
 from tests.conftest import MODEL
 from tests.federation.tenants import Admin, Member, admin_of, secured_appliance, system_member
-from tests.support import REPO, Appliance, model_toml, wait_for
+from tests.support import Appliance, model_toml, run_palisade, wait_for
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say one word."}], "max_tokens": 2}
 _emails = (f"person{n}@example.eu" for n in itertools.count())
@@ -409,24 +407,14 @@ def test_usage_records_carry_cost_from_model_pricing(world: World) -> None:
 def test_no_auth_refuses_a_non_loopback_address(tmp_path: Path) -> None:
     config = tmp_path / "a.toml"
     config.write_text(model_toml())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palisade",
-            "appliance",
-            "serve",
-            "--no-auth",
-            "--host",
-            "0.0.0.0",  # noqa: S104 - the refusal is the test
-            "--config",
-            str(config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
+    result = run_palisade(
+        "appliance",
+        "serve",
+        "--no-auth",
+        "--host",
+        "0.0.0.0",  # noqa: S104 - the refusal is the test
+        "--config",
+        str(config),
     )
     assert result.returncode == 1
     assert "--no-auth refuses to listen on 0.0.0.0" in result.stderr

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from tests.support import REPO
+from tests.support import REPO, run_palisade
 
 
 @pytest.mark.parametrize(
@@ -23,14 +22,7 @@ from tests.support import REPO
     ],
 )
 def test_every_command_has_help(args: list[str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "palisade", *args, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-    )
+    result = run_palisade(*args, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
 
@@ -47,14 +39,6 @@ def test_console_script_is_installed() -> None:
 
 
 def test_serve_help_lists_the_override_flags() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "palisade", "appliance", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
-        env={"COLUMNS": "200", "PATH": ""},
-    )
+    result = run_palisade("appliance", "serve", "--help")
     for flag in ("--config", "--host", "--port", "--region", "--node-id"):
         assert flag in result.stdout
