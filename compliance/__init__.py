@@ -18,7 +18,6 @@ from compliance._private.export import (
     build_residency,
     sign_document,
     verify_export,
-    verify_file,
 )
 from compliance._private.log import AuditLog, Checkpoint, canonical, read_checkpoints, read_entries
 from compliance._private.recorder import Recorder
@@ -41,7 +40,6 @@ __all__ = [
     "read_entries",
     "sign_document",
     "verify_export",
-    "verify_file",
 ]
 
 if TYPE_CHECKING:

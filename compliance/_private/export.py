@@ -373,10 +373,6 @@ def _check_manifest(body: bytes, manifest: dict[str, Any], key: bytes) -> None:
         )
 
 
-def verify_file(path: Path, *, trusted_key: bytes | None = None) -> Report:
-    return verify_export(path.read_bytes(), trusted_key=trusted_key)
-
-
 RESIDENCY_FORMAT = "palisade-residency-report/1"
 
 

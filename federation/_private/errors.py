@@ -2,6 +2,7 @@
 
     PalisadeError                      root of everything Palisade raises on purpose
     ├── ConfigError                    a config file or flag is wrong (names the key)
+    ├── StoreError                     the policy database cannot be opened (store.py)
     └── APIError                       answered over HTTP in the OpenAI error shape
         ├── InvalidRequestError        400 invalid_request_error
         ├── AuthenticationError        401 authentication_error
