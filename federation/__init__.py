@@ -2,7 +2,8 @@
 
 The OpenAI and management wire schemas, the shared error root, config decoding, and
 tenancy: API keys, roles (RBAC), rate limits, budgets, usage metering and the /admin/v1
-management API. Node identity, membership and discovery land here with their issues.
+management API, node identity, principal assertions and the fleet protocol (heartbeats,
+the join secret).
 """
 
 import importlib
@@ -21,6 +22,11 @@ from federation._private.admin_wire import (
     UsageRow,
     User,
 )
+from federation._private.assertion import (
+    ASSERTION_HEADER,
+    AssertionSigner,
+    AssertionVerifier,
+)
 from federation._private.decoding import convert_config, decode_request, load_config
 from federation._private.errors import (
     APIError,
@@ -33,8 +39,25 @@ from federation._private.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
+from federation._private.fleet_wire import (
+    FLEET_DECODER,
+    HEARTBEAT_DECODER,
+    REPLY_DECODER,
+    FleetNode,
+    FleetStatus,
+    Heartbeat,
+    HeartbeatReply,
+    NodeModel,
+)
 from federation._private.gate import Admission, Gate
 from federation._private.identity import NodeIdentity, signature_valid
+from federation._private.join import (
+    JOIN_SECRET_ENV,
+    SIGNATURE_HEADER,
+    join_secret,
+    sign_fleet_message,
+    verify_fleet_message,
+)
 from federation._private.openai_wire import (
     ENCODER,
     AssistantMessage,
@@ -75,11 +98,19 @@ from federation._private.principal import LOCAL_PRINCIPAL, Principal
 from federation._private.store import AuditSink, Caller, StoreError, TenancyStore
 
 __all__ = [
+    "ASSERTION_HEADER",
     "ENCODER",
+    "FLEET_DECODER",
+    "HEARTBEAT_DECODER",
+    "JOIN_SECRET_ENV",
     "LOCAL_PRINCIPAL",
+    "REPLY_DECODER",
+    "SIGNATURE_HEADER",
     "APIError",
     "Action",
     "Admission",
+    "AssertionSigner",
+    "AssertionVerifier",
     "AssistantMessage",
     "AuditEvent",
     "AuditSink",
@@ -104,7 +135,11 @@ __all__ = [
     "EmbeddingUsage",
     "ErrorDetail",
     "ErrorResponse",
+    "FleetNode",
+    "FleetStatus",
     "Gate",
+    "Heartbeat",
+    "HeartbeatReply",
     "ImageUrlPart",
     "InputAudioPart",
     "InvalidRequestError",
@@ -114,6 +149,7 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "NodeIdentity",
+    "NodeModel",
     "NotFoundError",
     "Org",
     "PalisadeError",
@@ -138,15 +174,18 @@ __all__ = [
     "convert_config",
     "decode_request",
     "effective_mode",
+    "join_secret",
     "key_cli",
     "limits_cli",
     "load_config",
     "org_cli",
     "require",
     "require_everywhere",
+    "sign_fleet_message",
     "signature_valid",
     "usage_cli",
     "user_cli",
+    "verify_fleet_message",
 ]
 
 if TYPE_CHECKING:

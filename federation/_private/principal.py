@@ -10,7 +10,9 @@ class Principal:
     """The authenticated caller of a request.
 
     `regions` is the set of regions the caller may be served in; `None` means the
-    principal is not region-restricted (a local, single-user appliance).
+    principal is not region-restricted (a local, single-user appliance). `via` names the
+    router that authenticated the caller and vouched for it in a signed assertion; that
+    router enforces limits and budgets and meters usage, so the appliance does not again.
     """
 
     org: str
@@ -19,6 +21,7 @@ class Principal:
     regions: frozenset[str] | None = None
     role: str = "org_user"
     logging_mode: str = "metadata"
+    via: str | None = None
 
 
 LOCAL_PRINCIPAL = Principal(org="local", user="local")

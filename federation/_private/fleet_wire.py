@@ -1,0 +1,86 @@
+"""Wire schema of the fleet protocol (`/federation/v1/...`): heartbeats and the fleet view.
+
+An appliance sends a `Heartbeat` every second; the first one registers it. The router
+answers with a `HeartbeatReply` carrying its public key, which the appliance uses to
+verify the principal assertions the router attaches to forwarded requests. Both bodies
+are signed with the fleet join secret (see `join`). New fields go last with defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from federation._private.openai_wire import Pricing
+
+Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+DeviceClass = Literal["cpu", "gpu", "rdu"]
+NodeState = Literal["up", "down", "ejected"]
+
+
+class NodeModel(Struct, kw_only=True):
+    """One model a node serves, with its declared device class and live latency."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    device_class: DeviceClass
+    context_length: int
+    ready: bool
+    pricing: Pricing = msgspec.field(default_factory=Pricing)
+    ttft_ewma_ms: float | None = None
+    tpot_ewma_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    queue_depth: int = 0
+    in_flight: int = 0
+
+
+class Heartbeat(Struct, kw_only=True):
+    """What an appliance tells the router every second (the first one registers it)."""
+
+    node_id: Name
+    region: Name
+    url: Annotated[str, Meta(pattern=r"^https?://")]
+    version: str
+    models: list[NodeModel]
+    sequence: int = 0
+    queue_depth: int = 0
+    in_flight: int = 0
+    ttft_ewma_ms: float | None = None
+    tpot_ewma_ms: float | None = None
+
+
+class HeartbeatReply(Struct, kw_only=True):
+    """The router's answer: its assertion-signing key and the cadence it expects."""
+
+    router_id: str
+    router_public_key: str
+    interval_s: float
+    missed_beats_down: int
+
+
+class FleetNode(Struct, kw_only=True):
+    """One row of `palisade fleet status`."""
+
+    node_id: str
+    region: str
+    url: str
+    device_classes: list[str]
+    models: list[str]
+    state: NodeState
+    in_flight: int
+    queue_depth: int
+    ttft_p50_ms: float | None
+    heartbeat_age_s: float
+    version: str
+    consecutive_failures: int = 0
+
+
+class FleetStatus(Struct, kw_only=True):
+    router_id: str
+    nodes: list[FleetNode]
+
+
+HEARTBEAT_DECODER = msgspec.json.Decoder(Heartbeat)
+REPLY_DECODER = msgspec.json.Decoder(HeartbeatReply)
+FLEET_DECODER = msgspec.json.Decoder(FleetStatus)
