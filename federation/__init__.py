@@ -95,6 +95,7 @@ from federation._private.policy import (
     require_everywhere,
 )
 from federation._private.principal import LOCAL_PRINCIPAL, Principal
+from federation._private.serving import bind_socket, url_of
 from federation._private.store import AuditSink, Caller, StoreError, TenancyStore
 
 __all__ = [
@@ -170,10 +171,13 @@ __all__ = [
     "UsageRow",
     "User",
     "allowed",
+    "bind_socket",
     "budget_cli",
     "convert_config",
     "decode_request",
     "effective_mode",
+    "error_handlers",
+    "error_response",
     "join_secret",
     "key_cli",
     "limits_cli",
@@ -183,6 +187,7 @@ __all__ = [
     "require_everywhere",
     "sign_fleet_message",
     "signature_valid",
+    "url_of",
     "usage_cli",
     "user_cli",
     "verify_fleet_message",
@@ -198,11 +203,14 @@ if TYPE_CHECKING:
         usage_cli,
         user_cli,
     )
+    from federation._private.http_errors import error_handlers, error_response
 
 # Loaded on first use: they pull in Litestar, typer and httpx, which processes that never
 # serve HTTP or parse a command line (the audit-log writer, the offline verifier) do without.
 _LAZY = {
     "Tenancy": "federation._private.admin_api",
+    "error_handlers": "federation._private.http_errors",
+    "error_response": "federation._private.http_errors",
     "budget_cli": "federation._private.cli",
     "key_cli": "federation._private.cli",
     "limits_cli": "federation._private.cli",

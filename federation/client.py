@@ -9,11 +9,13 @@ from federation._private.client import (
     KeyOpt,
     Target,
     UrlOpt,
+    call_api,
     error_text,
     fail,
     instant,
     print_json,
     resolve_target,
+    table,
     unreachable,
 )
 
@@ -23,10 +25,12 @@ __all__ = [
     "KeyOpt",
     "Target",
     "UrlOpt",
+    "call_api",
     "error_text",
     "fail",
     "instant",
     "print_json",
     "resolve_target",
+    "table",
     "unreachable",
 ]

@@ -1,7 +1,44 @@
 """The global front door: residency-filtered, latency-aware routing across appliances.
 
-Empty until the router issue lands; the package exists so the layout and import rules of
-DESIGN.md hold from the first commit.
+`palisade router serve` authenticates keys (the tenancy store lives here in a fleet),
+computes each request's effective regions, and forwards it, with a signed principal
+assertion, to the fastest healthy appliance of the most preferred device class in those
+regions; it fails over before the first byte and fails closed on residency.
 """
 
-__all__: list[str] = []
+from router._private.app import RouterState, create_router_app
+from router._private.cli import fleet_cli, router_cli
+from router._private.config import (
+    DEFAULT_PORT,
+    DEFAULT_PREFERENCE,
+    HealthConfig,
+    ProxyConfig,
+    RouterConfig,
+    load_router_config,
+)
+from router._private.errors import (
+    BackendUnavailableError,
+    NoBackendError,
+    RegionHeaderError,
+    RouterError,
+)
+from router._private.fleet import Fleet, Node
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_PREFERENCE",
+    "BackendUnavailableError",
+    "Fleet",
+    "HealthConfig",
+    "NoBackendError",
+    "Node",
+    "ProxyConfig",
+    "RegionHeaderError",
+    "RouterConfig",
+    "RouterError",
+    "RouterState",
+    "create_router_app",
+    "fleet_cli",
+    "load_router_config",
+    "router_cli",
+]

@@ -100,16 +100,22 @@ class Tenancy:
             await self._store.close()
         self._store = self._gate = None
 
-    async def demo_key(self) -> str:
-        """A key for the `demo` org's user (made on first use), kept 0600 in demo.key."""
+    async def demo_key(self, regions: list[str] | None = None) -> str:
+        """A key for the `demo` org's user (made on first use), kept 0600 in demo.key.
+
+        The demo org may use `regions` (default: this server's own region).
+        """
+        regions = regions or [self.region]
+        store = self.store
+        if "demo" not in store.orgs:
+            await store.create_org(wire.OrgCreate(name="demo", regions=regions), "system")
+        elif store.orgs["demo"].regions != frozenset(regions):
+            await store.set_regions("demo", regions, "system")
         path = self.home / "demo.key"
         if path.is_file():
             with contextlib.suppress(AuthenticationError):
-                self.store.authenticate(path.read_text().strip())
+                store.authenticate(path.read_text().strip())
                 return path.read_text().strip()
-        store = self.store
-        if "demo" not in store.orgs:
-            await store.create_org(wire.OrgCreate(name="demo", regions=[self.region]), "system")
         user = next(
             (u for u in store.users.values() if u.email == "demo@local" and u.removed_at is None),
             None,

@@ -14,7 +14,6 @@ from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import quote
 
-import httpx
 import typer
 
 from federation._private.client import (
@@ -23,15 +22,13 @@ from federation._private.client import (
     KeyOpt,
     Target,
     UrlOpt,
-    error_text,
+    call_api,
     fail,
     instant,
     print_json,
     resolve_target,
-    unreachable,
+    table,
 )
-
-TIMEOUT = 30.0
 
 org_cli = typer.Typer(help="Manage organizations (tenants).", no_args_is_help=True)
 user_cli = typer.Typer(help="Invite, list and remove users.", no_args_is_help=True)
@@ -73,40 +70,8 @@ OrgFilter = Annotated[str | None, typer.Option("--org", help="Only this organiza
 # --- plumbing ---------------------------------------------------------------------------
 
 
-def _call(
-    target: Target,
-    method: str,
-    path: str,
-    *,
-    body: object = None,
-    params: dict[str, str | None] | None = None,
-) -> Any:
-    """One API request; exits 1 with a one-line message on any failure."""
-    headers = {"Authorization": f"Bearer {target.key}"} if target.key else {}
-    query = {k: v for k, v in (params or {}).items() if v is not None}
-    try:
-        with httpx.Client(base_url=target.url.rstrip("/"), timeout=TIMEOUT) as client:
-            response = client.request(method, path, json=body, params=query, headers=headers)
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise unreachable(target.url, exc) from None
-    if response.is_error:
-        raise fail(error_text(response))
-    try:
-        return response.json()
-    except ValueError:
-        raise fail(f"{target.url} answered {method} {path} with a body that is not JSON") from None
-
-
 def _seg(value: str) -> str:
     return quote(value, safe="")
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = [headers, *rows]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines
-    )
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -150,7 +115,7 @@ def org_create(
         "budget_tokens": budget_tokens,
         "logging_mode": logging_mode.value,
     }
-    org = _call(resolve_target(url, key), "POST", "/admin/v1/orgs", body=body)
+    org = call_api(resolve_target(url, key), "POST", "/admin/v1/orgs", body=body)
     if as_json:
         print_json(org)
         return
@@ -163,7 +128,7 @@ def org_create(
 @org_cli.command("list")
 def org_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False) -> None:
     """List the organizations you can see."""
-    listing = _call(resolve_target(url, key), "GET", "/admin/v1/orgs")
+    listing = call_api(resolve_target(url, key), "GET", "/admin/v1/orgs")
     if as_json:
         print_json(listing)
         return
@@ -171,7 +136,7 @@ def org_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = 
         [o["name"], ",".join(o["regions"]), _limit(o["budget_tokens"]), o["logging_mode"]]
         for o in listing["data"]
     ]
-    typer.echo(_table(["name", "regions", "budget_tokens", "logging"], rows))
+    typer.echo(table(["name", "regions", "budget_tokens", "logging"], rows))
 
 
 # --- user -------------------------------------------------------------------------------
@@ -189,7 +154,7 @@ def user_invite(
 ) -> None:
     """Invite EMAIL to an organization; prints the one-time invitation token."""
     body = {"email": email, "org": org, "role": role.value}
-    invite = _call(resolve_target(url, key), "POST", "/admin/v1/invites", body=body)
+    invite = call_api(resolve_target(url, key), "POST", "/admin/v1/invites", body=body)
     if as_json:
         print_json(invite)
         return
@@ -212,7 +177,7 @@ def user_accept(
 ) -> None:
     """Accept an invitation (no API key needed); prints your first API key once."""
     body = {"token": token, "key_name": key_name}
-    result = _call(Target(url, None), "POST", "/admin/v1/invites/accept", body=body)
+    result = call_api(Target(url, None), "POST", "/admin/v1/invites/accept", body=body)
     user, created = result["user"], result["key"]
     if as_json:
         print_json({"user": user, "key": created["key"], "key_info": created["info"]})
@@ -227,12 +192,12 @@ def user_list(
     org: OrgFilter = None, url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
 ) -> None:
     """List users (your organization's unless --org is given)."""
-    listing = _call(resolve_target(url, key), "GET", "/admin/v1/users", params={"org": org})
+    listing = call_api(resolve_target(url, key), "GET", "/admin/v1/users", params={"org": org})
     if as_json:
         print_json(listing)
         return
     rows = [[u["id"], u["email"], u["role"], _or(u["org"])] for u in listing["data"]]
-    typer.echo(_table(["id", "email", "role", "org"], rows))
+    typer.echo(table(["id", "email", "role", "org"], rows))
 
 
 @user_cli.command("remove")
@@ -243,7 +208,7 @@ def user_remove(
     as_json: JsonFlag = False,
 ) -> None:
     """Remove a user; their keys stop working."""
-    user = _call(resolve_target(url, key), "DELETE", f"/admin/v1/users/{_seg(user_id)}")
+    user = call_api(resolve_target(url, key), "DELETE", f"/admin/v1/users/{_seg(user_id)}")
     if as_json:
         print_json(user)
         return
@@ -270,7 +235,7 @@ def key_create(
 ) -> None:
     """Create an API key for yourself; prints the key once."""
     body = {"name": name, "regions": _csv_list(regions), "expires_in_days": expires_in_days}
-    created = _call(resolve_target(url, key), "POST", "/admin/v1/keys", body=body)
+    created = call_api(resolve_target(url, key), "POST", "/admin/v1/keys", body=body)
     info = created["info"]
     if as_json:
         print_json({"id": info["id"], "key": created["key"], **info})
@@ -287,7 +252,7 @@ def key_list(
     org: OrgFilter = None, url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
 ) -> None:
     """List keys (your own unless --org is given); never shows key secrets."""
-    listing = _call(resolve_target(url, key), "GET", "/admin/v1/keys", params={"org": org})
+    listing = call_api(resolve_target(url, key), "GET", "/admin/v1/keys", params={"org": org})
     if as_json:
         print_json(listing)
         return
@@ -304,7 +269,7 @@ def key_list(
         for k in listing["data"]
     ]
     headers = ["id", "name", "user_id", "org", "status", "expires", "last_used"]
-    typer.echo(_table(headers, rows))
+    typer.echo(table(headers, rows))
 
 
 @key_cli.command("revoke")
@@ -315,7 +280,7 @@ def key_revoke(
     as_json: JsonFlag = False,
 ) -> None:
     """Revoke a key; it stops working at once."""
-    info = _call(resolve_target(url, key), "DELETE", f"/admin/v1/keys/{_seg(key_id)}")
+    info = call_api(resolve_target(url, key), "DELETE", f"/admin/v1/keys/{_seg(key_id)}")
     if as_json:
         print_json(info)
         return
@@ -351,7 +316,7 @@ def budget_set(
     if (tokens is None) == (not unlimited):
         raise fail("pass exactly one of --tokens N or --unlimited.")
     path = f"/admin/v1/orgs/{_seg(org)}/budget"
-    budget = _call(resolve_target(url, key), "PUT", path, body={"tokens": tokens})
+    budget = call_api(resolve_target(url, key), "PUT", path, body={"tokens": tokens})
     _print_budget(budget, as_json)
 
 
@@ -363,7 +328,7 @@ def budget_show(
     as_json: JsonFlag = False,
 ) -> None:
     """Show an organization's budget and this month's spend."""
-    budget = _call(resolve_target(url, key), "GET", f"/admin/v1/orgs/{_seg(org)}/budget")
+    budget = call_api(resolve_target(url, key), "GET", f"/admin/v1/orgs/{_seg(org)}/budget")
     _print_budget(budget, as_json)
 
 
@@ -380,7 +345,7 @@ def limits_set(
 ) -> None:
     """Replace a key's rate limits; a limit you omit becomes unlimited."""
     body = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "burst": burst}
-    info = _call(
+    info = call_api(
         resolve_target(url, key), "PUT", f"/admin/v1/keys/{_seg(key_id)}/limits", body=body
     )
     if as_json:
@@ -410,7 +375,7 @@ def _usage_text(report: dict[str, Any], fmt: ReportFormat) -> str:
     headers = ["group", "requests", "input_tokens", "output_tokens", "cost"]
     rows = [_usage_cells(r) for r in [*report["rows"], report["total"]]]
     if fmt is ReportFormat.table:
-        return _table(headers, rows)
+        return table(headers, rows)
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows([headers, *rows])
     return out.getvalue().rstrip("\n")
@@ -437,7 +402,7 @@ def usage_report(
         "since": instant(since, "--since"),
         "until": instant(until, "--until"),
     }
-    report = _call(resolve_target(url, key), "GET", "/admin/v1/usage", params=params)
+    report = call_api(resolve_target(url, key), "GET", "/admin/v1/usage", params=params)
     if as_json or fmt is ReportFormat.json:
         print_json(report)
         return

@@ -8,12 +8,13 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
 
-DEFAULT_URL = "http://127.0.0.1:8400"
+DEFAULT_URL = "http://127.0.0.1:8300"
+TIMEOUT = 30.0
 
 UrlOpt = Annotated[
     str, typer.Option("--url", envvar="PALISADE_URL", help="Base URL of the Palisade server.")
@@ -105,3 +106,36 @@ def instant(value: str | None, flag: str) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def call_api(
+    target: Target,
+    method: str,
+    path: str,
+    *,
+    body: object = None,
+    params: dict[str, str | None] | None = None,
+) -> Any:
+    """One API request; exits 1 with a one-line message on any failure."""
+    headers = {"Authorization": f"Bearer {target.key}"} if target.key else {}
+    query = {k: v for k, v in (params or {}).items() if v is not None}
+    try:
+        with httpx.Client(base_url=target.url.rstrip("/"), timeout=TIMEOUT) as client:
+            response = client.request(method, path, json=body, params=query, headers=headers)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise unreachable(target.url, exc) from None
+    if response.is_error:
+        raise fail(error_text(response))
+    try:
+        return response.json()
+    except ValueError:
+        raise fail(f"{target.url} answered {method} {path} with a body that is not JSON") from None
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in lines
+    )

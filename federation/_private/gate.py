@@ -214,8 +214,14 @@ class Gate:
         output_tokens: int,
         status: str,
         cost: float,
+        region: str | None = None,
+        node: str | None = None,
     ) -> None:
-        """Release the reservation, charge the real count and queue one usage record."""
+        """Release the reservation, charge the real count and queue one usage record.
+
+        `region` and `node` name where the request ran when that is not this server (the
+        router meters requests its appliances served).
+        """
         if admission.settled:
             return
         admission.settled = True
@@ -242,8 +248,8 @@ class Gate:
                 user_id=principal.user,
                 key_id=principal.key_id,
                 model=model,
-                region=self._region,
-                node=self._node,
+                region=region or self._region,
+                node=node or self._node,
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 latency_ms=round((self._monotonic() - admission.started) * 1000, 3),

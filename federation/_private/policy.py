@@ -13,6 +13,7 @@
 | view/revoke all org keys      | any org      | own       | no       |
 | view org audit log            | any org      | own       | no       |
 | call the inference API        | no           | yes       | yes      |
+| view the fleet                | yes          | no        | no       |
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Action(Enum):
     MANAGE_ORG_KEYS = "view/revoke all org keys"
     VIEW_AUDIT = "view org audit log"
     CALL_INFERENCE = "call the inference API"
+    VIEW_FLEET = "view the fleet"
 
 
 # Per role: the actions allowed in any org ("any"), only in the actor's own org ("own").
@@ -48,6 +50,7 @@ _MATRIX: dict[str, dict[Action, str]] = {
         Action.SET_BUDGET: _ANY,
         Action.MANAGE_ORG_KEYS: _ANY,
         Action.VIEW_AUDIT: _ANY,
+        Action.VIEW_FLEET: _ANY,
     },
     "org_admin": {
         Action.VIEW_ORG_USAGE: _OWN,

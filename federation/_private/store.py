@@ -310,6 +310,16 @@ class TenancyStore:
         self.orgs[name] = record
         return record
 
+    async def set_regions(self, name: str, regions: Iterable[str], actor: str) -> OrgRecord:
+        """Change where an org's requests may run; its keys' own regions still narrow it."""
+        record = replace(self.org(name), regions=frozenset(regions))
+        text = json.dumps(sorted(record.regions))
+        await self._db.execute("UPDATE orgs SET regions = ? WHERE name = ?", (text, name))
+        await self._audit("org_regions_changed", actor, name, {"regions": sorted(record.regions)})
+        await self._db.commit()
+        self.orgs[name] = record
+        return record
+
     async def _insert_user(self, email: str, role: str, org: str | None) -> UserRecord:
         if any(u.email == email and u.removed_at is None for u in self.users.values()):
             raise InvalidRequestError(

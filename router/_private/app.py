@@ -1,0 +1,402 @@
+"""The router's HTTP application: the OpenAI API in front of the fleet, the management API,
+the fleet protocol and the ops endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from compliance import Recorder
+from federation import (
+    ENCODER,
+    HEARTBEAT_DECODER,
+    SIGNATURE_HEADER,
+    Action,
+    AssertionSigner,
+    Caller,
+    HeartbeatReply,
+    ModelCard,
+    ModelList,
+    NodeIdentity,
+    NotFoundError,
+    Performance,
+    Principal,
+    Tenancy,
+    decode_request,
+    error_handlers,
+    require_everywhere,
+    sign_fleet_message,
+    verify_fleet_message,
+)
+from router._private.config import RouterConfig
+from router._private.errors import RegionHeaderError
+from router._private.fleet import Fleet
+from router._private.metrics import RouterMetrics
+from router._private.proxy import Call, Forwarder
+
+log = logging.getLogger("palisade.router")
+
+VERSION = "0.1.0"
+REGIONS_HEADER = "x-palisade-regions"
+_INFERENCE = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Routed(msgspec.Struct):
+    """What the router reads from a request body; the node validates the rest."""
+
+    model: str
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+_ROUTED = msgspec.json.Decoder(_Routed)
+
+
+class RouterState:
+    """Everything the handlers share."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        tenancy: Tenancy,
+        recorder: Recorder,
+        join_secret: bytes,
+        *,
+        demo_regions: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.tenancy = tenancy
+        self.recorder = recorder
+        self.join_secret = join_secret
+        self.demo_regions = demo_regions
+        self.identity = NodeIdentity.load_or_create(config.home())
+        self.fleet = Fleet(config.health)
+        self.metrics = RouterMetrics(router_id=config.router_id, version=VERSION)
+        self.metrics.watch_fleet(lambda: self.fleet.status(config.router_id))
+        self.signer = AssertionSigner(self.identity, config.router_id, ttl_s=config.assertion_ttl_s)
+        self.forwarder = Forwarder(config, self.fleet, self.signer, self.metrics, recorder=recorder)
+        self.url = f"http://{config.host}:{config.port}"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._probing: set[str] = set()
+
+    async def start(self) -> None:
+        admin_key = await self.tenancy.start()
+        if admin_key is not None:
+            _announce_admin_key(admin_key, self.tenancy.home)
+        self.forwarder.gate = self.tenancy.gate
+        await self.forwarder.start()
+        self._tasks = [
+            asyncio.create_task(self._sweep_forever()),
+            asyncio.create_task(self._probe_forever()),
+        ]
+        if self.demo_regions is not None:
+            _announce_demo(await self.tenancy.demo_key(self.demo_regions), self)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.forwarder.close()
+        await self.tenancy.close()
+        await asyncio.to_thread(self.recorder.close)
+
+    # --- health loops ---------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        period = self.config.health.heartbeat_interval_s / 4
+        while True:
+            for node in self.fleet.sweep():
+                log.warning(
+                    "node %s (%s) is down: no heartbeat for %.1f s",
+                    node.id,
+                    node.region,
+                    self.config.health.heartbeat_interval_s * self.config.health.missed_beats_down,
+                )
+            await asyncio.sleep(period)
+
+    async def _probe_forever(self) -> None:
+        while True:
+            for node in list(self.fleet.nodes.values()):
+                if node.id not in self._probing and self.fleet.probe_due(node):
+                    self._probing.add(node.id)
+                    asyncio.create_task(self._probe(node.id))  # noqa: RUF006 - tracked by id
+            await asyncio.sleep(self.config.health.probe_interval_s)
+
+    async def _probe(self, node_id: str) -> None:
+        node = self.fleet.nodes.get(node_id)
+        try:
+            if node is None:
+                return
+            was = self.fleet.state(node)
+            ok = await self.forwarder.probe(node, self.config.health.probe_timeout_s)
+            self.fleet.probed(node, ok=ok)
+            now = self.fleet.state(node)
+            if now != was:
+                log.warning("node %s (%s): %s -> %s", node.id, node.region, was, now)
+        finally:
+            self._probing.discard(node_id)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def regions_for(self, principal: Principal, header: str | None) -> frozenset[str]:
+        """Org ∩ key regions, narrowed (never widened) by the X-Palisade-Regions header."""
+        allowed = principal.regions if principal.regions is not None else frozenset()
+        if header is None:
+            return allowed
+        asked = frozenset(part.strip() for part in header.split(",") if part.strip())
+        outside = asked - allowed
+        if outside or not asked:
+            raise RegionHeaderError(
+                f"X-Palisade-Regions asks for {', '.join(sorted(outside)) or 'no region'}, "
+                f"outside the regions this key may use ({', '.join(sorted(allowed)) or 'none'}); "
+                "the header may only narrow them.",
+                param="X-Palisade-Regions",
+            )
+        return asked
+
+
+def create_router_app(
+    config: RouterConfig,
+    *,
+    tenancy: Tenancy,
+    recorder: Recorder,
+    join_secret: bytes,
+    demo_regions: list[str] | None = None,
+) -> tuple[Litestar, RouterState]:
+    state = RouterState(config, tenancy, recorder, join_secret, demo_regions=demo_regions)
+    app = Litestar(
+        route_handlers=[
+            *_openai_routes(state),
+            *_fleet_routes(state),
+            *_ops_routes(state),
+            *tenancy.routes(),
+        ],
+        exception_handlers=error_handlers("router", log),
+        on_startup=[state.start],
+        on_shutdown=[state.stop],
+        request_max_body_size=config.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )
+    return app, state
+
+
+def _openai_routes(state: RouterState) -> list[HTTPRouteHandler]:
+    tenancy = state.tenancy
+    metrics = state.metrics
+
+    async def route(request: Request[Any, Any, Any], endpoint: str) -> Response[Any]:
+        try:
+            response = await _forward(state, request, endpoint)
+        except Exception as exc:
+            status = getattr(exc, "status_code", 500)
+            metrics.requests.labels(_INFERENCE[endpoint], str(status)).inc()
+            raise
+        metrics.requests.labels(_INFERENCE[endpoint], str(response.status_code or 200)).inc()
+        return response
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await route(request, "/v1/chat/completions")
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await route(request, "/v1/completions")
+
+    @post("/v1/embeddings", status_code=200)
+    async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await route(request, "/v1/embeddings")
+
+    @get("/v1/models")
+    async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
+        principal = await tenancy.principal(request)
+        regions = state.regions_for(principal, request.headers.get(REGIONS_HEADER))
+        cards = [_card(state, model, regions) for model in state.fleet.model_ids(regions)]
+        return _json(ModelList([card for card in cards if card is not None]))
+
+    @get("/v1/models/{model_id:path}")
+    async def get_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> Response[Any]:
+        principal = await tenancy.principal(request)
+        regions = state.regions_for(principal, request.headers.get(REGIONS_HEADER))
+        name = model_id.lstrip("/")
+        card = _card(state, name, regions)
+        if card is None:
+            raise NotFoundError(
+                f"No node in the regions this key may use serves `{name}`; "
+                "GET /v1/models lists what does.",
+                code="model_not_found",
+                param="model",
+            )
+        return _json(card)
+
+    return [chat_completions, completions, embeddings, list_models, get_model]
+
+
+async def _forward(
+    state: RouterState, request: Request[Any, Any, Any], endpoint: str
+) -> Response[Any]:
+    principal = await state.tenancy.principal(request)
+    regions = state.regions_for(principal, request.headers.get(REGIONS_HEADER))
+    if regions != principal.regions:
+        principal = dataclasses.replace(principal, regions=regions)
+    body = await request.body()
+    routed = decode_request(body, _ROUTED)
+    call = _call(state, endpoint, body, routed, principal)
+    return await state.forwarder.forward(call)
+
+
+def _call(
+    state: RouterState, endpoint: str, body: bytes, routed: _Routed, principal: Principal
+) -> Call:
+    regions = principal.regions or frozenset()
+    if not state.fleet.serves(routed.model):
+        raise NotFoundError(
+            f"No node in this fleet serves the model `{routed.model}`; GET /v1/models lists the "
+            "models you can use.",
+            code="model_not_found",
+            param="model",
+        )
+    wants = routed.stream_options is not None and routed.stream_options.include_usage
+    limit = routed.max_completion_tokens or routed.max_tokens
+    if limit is None:
+        limit = _context_length(state, routed.model)
+    # Byte-level tokenizers never make more tokens than bytes: a true worst case to reserve.
+    admission = state.tenancy.gate.admit(principal, len(body) + max(limit, 0))
+    return Call(
+        endpoint=endpoint,
+        body=body,
+        model=routed.model,
+        principal=principal,
+        regions=regions,
+        stream=routed.stream,
+        wants_usage=wants,
+        admission=admission,
+        headers=admission.headers,
+    )
+
+
+def _context_length(state: RouterState, model: str) -> int:
+    lengths = [
+        served.context_length
+        for node in state.fleet.nodes.values()
+        if (served := node.models.get(model)) is not None
+    ]
+    return max(lengths, default=4096)
+
+
+def _card(state: RouterState, model: str, regions: frozenset[str]) -> ModelCard | None:
+    """One card per model: placement and figures of the node a request would go to now."""
+    preference = state.config.preference(model)
+    node = state.fleet.pick(model, regions, preference)
+    candidates = [
+        n for n in state.fleet.nodes.values() if n.region in regions and model in n.models
+    ]
+    if node is None and not candidates:
+        return None
+    chosen = node or candidates[0]
+    served = chosen.models[model]
+    return ModelCard(
+        id=model,
+        created=0,
+        owned_by="palisade",
+        pricing=served.pricing,
+        performance=Performance(ttft_p50_ms=served.ttft_p50_ms, tpot_p50_ms=served.tpot_ewma_ms),
+        region=chosen.region,
+        device_class=served.device_class,
+        context_length=served.context_length,
+    )
+
+
+def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
+    caller_dependency = {"caller": Provide(state.tenancy.admin_caller)}
+
+    @post("/federation/v1/heartbeat", status_code=200)
+    async def heartbeat(request: Request[Any, Any, Any]) -> Response[Any]:
+        body = await request.body()
+        verify_fleet_message(state.join_secret, body, request.headers.get(SIGNATURE_HEADER))
+        beat = decode_request(body, HEARTBEAT_DECODER)
+        known = beat.node_id in state.fleet.nodes
+        state.fleet.beat(beat)
+        if not known:
+            log.info("node %s joined from %s (%s)", beat.node_id, beat.region, beat.url)
+        health = state.config.health
+        reply = ENCODER.encode(
+            HeartbeatReply(
+                router_id=state.config.router_id,
+                router_public_key=state.identity.public_key.hex(),
+                interval_s=health.heartbeat_interval_s,
+                missed_beats_down=health.missed_beats_down,
+            )
+        )
+        headers = {SIGNATURE_HEADER: sign_fleet_message(state.join_secret, reply)}
+        return Response(reply, media_type=MediaType.JSON, headers=headers)
+
+    @get("/federation/v1/fleet", dependencies=caller_dependency)
+    async def fleet(caller: NamedDependency[Caller]) -> Response[Any]:
+        require_everywhere(caller.user.role, Action.VIEW_FLEET)
+        return _json(state.fleet.status(state.config.router_id))
+
+    return [heartbeat, fleet]
+
+
+def _ops_routes(state: RouterState) -> list[HTTPRouteHandler]:
+    @get("/healthz")
+    async def healthz() -> Response[Any]:
+        return _json({"status": "ok", "router": state.config.router_id})
+
+    @get("/readyz")
+    async def readyz() -> Response[Any]:
+        up = sum(1 for node in state.fleet.nodes.values() if state.fleet.state(node) == "up")
+        return _json({"status": "ready", "nodes": len(state.fleet.nodes), "nodes_up": up})
+
+    @get("/metrics")
+    async def metrics() -> Response[Any]:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return [healthz, readyz, metrics]
+
+
+def _json(payload: object) -> Response[Any]:
+    return Response(ENCODER.encode(payload), media_type=MediaType.JSON)
+
+
+def _announce_admin_key(key: str, home: Path) -> None:
+    # Printed to the terminal exactly once, never to the log.
+    sys.stdout.write(
+        "\nCreated the system administrator. Its API key, shown only this once, is also in "
+        f"{home / 'admin.key'} (mode 0600):\n  {key}\n\n"
+    )
+    sys.stdout.flush()
+
+
+def _announce_demo(key: str, state: RouterState) -> None:
+    regions = ", ".join(state.demo_regions or [])
+    sys.stdout.write(
+        f"Demo org `demo` (regions {regions}): API key for demo@local "
+        f"(also in {state.tenancy.home / 'demo.key'}):\n  export PALISADE_API_KEY={key}\n\n"
+    )
+    sys.stdout.flush()

@@ -1,0 +1,78 @@
+"""Router configuration: a TOML file parsed into msgspec Structs, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from federation import convert_config, load_config
+
+DEFAULT_PORT = 8300
+DeviceClass = Literal["cpu", "gpu", "rdu"]
+DEFAULT_PREFERENCE: list[DeviceClass] = ["rdu", "gpu", "cpu"]
+Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Seconds = Annotated[float, Meta(gt=0, le=3600)]
+
+
+class HealthConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """How quickly a node is declared down, ejected and let back in."""
+
+    heartbeat_interval_s: Seconds = 1.0
+    missed_beats_down: Annotated[int, Meta(ge=1, le=100)] = 3
+    probe_interval_s: Seconds = 1.0
+    probe_timeout_s: Seconds = 1.0
+    # Consecutive failures (requests or probes) that open a node's circuit.
+    eject_after_failures: Annotated[int, Meta(ge=1, le=100)] = 3
+    # First wait before a half-open probe; doubles on each failed probe up to the maximum.
+    eject_base_s: Seconds = 1.0
+    eject_max_s: Seconds = 30.0
+
+
+class ProxyConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    connect_timeout_s: Seconds = 1.0
+    # Longest silence from a node once connected (headers, or between stream frames).
+    read_timeout_s: Seconds = 120.0
+    max_retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 1024
+
+
+class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    router_id: Name = "router"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_PORT
+    data_dir: str | None = None
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    logging_floor: Literal["full", "metadata", "zero"] = "full"
+    content_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
+    assertion_ttl_s: Annotated[float, Meta(ge=5, le=3600)] = 30.0
+    # Device classes in order of preference; `models` overrides it per model id.
+    device_preference: list[DeviceClass] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_PREFERENCE)
+    )
+    models: dict[str, list[DeviceClass]] = msgspec.field(default_factory=dict)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
+
+    def home(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else palisade_home()
+
+    def preference(self, model: str) -> list[DeviceClass]:
+        return self.models.get(model, self.device_preference)
+
+
+def palisade_home() -> Path:
+    return Path(os.environ.get("PALISADE_HOME", "var")).resolve()
+
+
+def load_router_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RouterConfig:
+    """Read `path` (or the defaults), then apply flag overrides such as host and port."""
+    config = RouterConfig() if path is None else load_config(path, RouterConfig)
+    if not overrides:
+        return config
+    source = "defaults" if path is None else str(path)
+    merged = msgspec.to_builtins(config) | {k: v for k, v in overrides.items() if v is not None}
+    return convert_config(merged, RouterConfig, source=f"{source} with flags")

@@ -1,0 +1,259 @@
+"""Fleet membership and health: who is up, who is ejected, and who gets the next request.
+
+A node is **down** when it has missed `missed_beats_down` heartbeats. Each node also has a
+circuit: consecutive failures (requests that failed before their first byte, or `/readyz`
+probes) open it, which **ejects** the node; once the cooldown has passed, one half-open
+probe decides: success closes the circuit, failure re-opens it for twice as long. A node
+that went down comes back through the same half-open probe, so a node that resumes after a
+pause (SIGSTOP, a network partition) proves itself before it takes traffic again.
+
+Selection (`Fleet.pick`): residency filter (fail closed) → the most preferred device class
+that has a healthy candidate → power of two choices on expected latency, EWMA TTFT times (1
++ in-flight + queue). Time comes from an injected monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from federation import FleetNode, FleetStatus, Heartbeat, NodeModel
+from router._private.config import HealthConfig
+
+Circuit = Literal["closed", "open", "half_open"]
+# A node not chosen for this long is scored with the fleet's typical TTFT instead of its own
+# last figure, so one slow spell does not starve it forever.
+_STALE_S = 10.0
+_MIN_TTFT_MS = 0.1
+
+
+@dataclass(eq=False)
+class Node:
+    """One appliance as the router sees it."""
+
+    id: str
+    region: str
+    url: str
+    version: str
+    models: dict[str, NodeModel]
+    last_beat: float
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    circuit: Circuit = "closed"
+    open_until: float = 0.0
+    cooldown: float = 0.0
+    last_chosen: float = 0.0
+    down: bool = False
+    # Requests still waiting for this node's first byte: cancelled (and retried
+    # elsewhere) the moment the node is declared down or ejected.
+    waiting: set[asyncio.Future[Any]] = field(default_factory=set)
+    # Streams being relayed from this node: cut (with an error frame) when it goes down.
+    streams: set[asyncio.Future[Any]] = field(default_factory=set)
+
+    def device_class(self, model: str) -> str:
+        served = self.models.get(model)
+        return served.device_class if served is not None else "cpu"
+
+    def abandon_waiting(self) -> None:
+        for waiter in list(self.waiting):
+            waiter.cancel()
+
+    def abandon_streams(self) -> None:
+        for stream in list(self.streams):
+            stream.cancel()
+
+
+class Fleet:
+    """Every registered node, its health, and the selection policy."""
+
+    def __init__(
+        self,
+        health: HealthConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.health = health
+        self.nodes: dict[str, Node] = {}
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - load balancing, not cryptography
+        self._prior_ttft: dict[str, float] = {}
+
+    # --- membership ---------------------------------------------------------------------
+
+    def beat(self, heartbeat: Heartbeat) -> Node:
+        """Register a node or refresh it; a node back from down waits for a half-open probe."""
+        now = self._clock()
+        models = {model.id: model for model in heartbeat.models}
+        node = self.nodes.get(heartbeat.node_id)
+        if node is None or node.url != heartbeat.url:
+            node = Node(
+                id=heartbeat.node_id,
+                region=heartbeat.region,
+                url=heartbeat.url.rstrip("/"),
+                version=heartbeat.version,
+                models=models,
+                last_beat=now,
+                cooldown=self.health.eject_base_s,
+            )
+            self.nodes[node.id] = node
+        else:
+            node.region, node.version, node.models = heartbeat.region, heartbeat.version, models
+            node.last_beat = now
+            node.down = False
+        self._refresh_prior(models)
+        return node
+
+    def _refresh_prior(self, models: Iterable[str]) -> None:
+        for model in models:
+            known = [
+                served.ttft_ewma_ms
+                for node in self.nodes.values()
+                if (served := node.models.get(model)) is not None
+                and served.ttft_ewma_ms is not None
+            ]
+            if known:
+                self._prior_ttft[model] = statistics.median(known)
+
+    def sweep(self) -> list[Node]:
+        """Mark nodes that missed their heartbeats down; returns the newly down ones."""
+        now = self._clock()
+        limit = self.health.heartbeat_interval_s * self.health.missed_beats_down
+        newly_down = []
+        for node in self.nodes.values():
+            if not node.down and now - node.last_beat > limit:
+                node.down = True
+                self._open(node, now, cooldown=0.0)
+                node.abandon_streams()
+                newly_down.append(node)
+        return newly_down
+
+    def state(self, node: Node) -> Literal["up", "down", "ejected"]:
+        if node.down:
+            return "down"
+        return "up" if node.circuit == "closed" else "ejected"
+
+    # --- passive and active health --------------------------------------------------------
+
+    def failed(self, node: Node) -> None:
+        """A request to `node` failed before its first byte (refused, reset, timed out, 5xx)."""
+        node.consecutive_failures += 1
+        now = self._clock()
+        if node.circuit == "half_open":
+            self._open(node, now, cooldown=min(node.cooldown * 2, self.health.eject_max_s))
+        elif (
+            node.circuit == "closed"
+            and node.consecutive_failures >= self.health.eject_after_failures
+        ):
+            self._open(node, now, cooldown=self.health.eject_base_s)
+
+    def succeeded(self, node: Node) -> None:
+        node.consecutive_failures = 0
+
+    def _open(self, node: Node, now: float, *, cooldown: float) -> None:
+        node.circuit = "open"
+        node.cooldown = cooldown or self.health.eject_base_s
+        node.open_until = now + cooldown
+        node.abandon_waiting()
+
+    def probe_due(self, node: Node) -> bool:
+        """Whether the prober should check `node` now (half-open when its cooldown is over)."""
+        if node.down:
+            return False
+        if node.circuit == "open":
+            if self._clock() < node.open_until:
+                return False
+            node.circuit = "half_open"
+        return True
+
+    def probed(self, node: Node, *, ok: bool) -> None:
+        if ok:
+            if node.circuit == "half_open":
+                node.circuit = "closed"
+                node.consecutive_failures = 0
+                node.cooldown = self.health.eject_base_s
+            return
+        self.failed(node)
+
+    # --- selection -------------------------------------------------------------------------
+
+    def serves(self, model: str) -> bool:
+        """Whether any node anywhere, healthy or not, declares `model`."""
+        return any(model in node.models for node in self.nodes.values())
+
+    def model_ids(self, regions: frozenset[str]) -> list[str]:
+        nodes = [node for node in self.nodes.values() if node.region in regions]
+        return sorted({model for node in nodes for model in node.models})
+
+    def pick(
+        self,
+        model: str,
+        regions: frozenset[str],
+        preference: Sequence[str],
+        exclude: Sequence[str] = (),
+        *,
+        mark: bool = True,
+    ) -> Node | None:
+        """The node for the next request, or None: never a node outside `regions`.
+
+        `mark=False` only looks (for listings): the node is not counted as chosen.
+        """
+        now = self._clock()
+        by_class: dict[str, list[tuple[Node, NodeModel]]] = {}
+        for node in self.nodes.values():
+            if node.region not in regions or node.down or node.circuit != "closed":
+                continue
+            served = node.models.get(model)
+            if served is None or not served.ready or node.id in exclude:
+                continue
+            by_class.setdefault(served.device_class, []).append((node, served))
+        group = next((by_class[device] for device in preference if device in by_class), None)
+        if group is None:
+            return None
+        if len(group) == 1:
+            chosen = group[0][0]
+        else:
+            first, second = self._rng.sample(group, 2)
+            chosen = min(first, second, key=lambda pair: self._expected(pair, model, now))[0]
+        if mark:
+            chosen.last_chosen = now
+        return chosen
+
+    def _expected(self, pair: tuple[Node, NodeModel], model: str, now: float) -> float:
+        node, served = pair
+        ttft = served.ttft_ewma_ms
+        if ttft is None or now - node.last_chosen > _STALE_S:
+            ttft = self._prior_ttft.get(model, 1.0)
+        return max(ttft, _MIN_TTFT_MS) * (1 + node.in_flight + served.queue_depth)
+
+    # --- the fleet view -----------------------------------------------------------------------
+
+    def status(self, router_id: str) -> FleetStatus:
+        now = self._clock()
+        rows = [
+            FleetNode(
+                node_id=node.id,
+                region=node.region,
+                url=node.url,
+                device_classes=sorted({m.device_class for m in node.models.values()}),
+                models=sorted(node.models),
+                state=self.state(node),
+                in_flight=node.in_flight,
+                queue_depth=sum(m.queue_depth for m in node.models.values()),
+                ttft_p50_ms=_first(m.ttft_p50_ms for m in node.models.values()),
+                heartbeat_age_s=round(now - node.last_beat, 3),
+                version=node.version,
+                consecutive_failures=node.consecutive_failures,
+            )
+            for node in sorted(self.nodes.values(), key=lambda n: (n.region, n.id))
+        ]
+        return FleetStatus(router_id=router_id, nodes=rows)
+
+
+def _first(values: Iterable[float | None]) -> float | None:
+    return next((value for value in values if value is not None), None)
