@@ -23,8 +23,8 @@ setup: $(STAMP) ## Create .venv and install Palisade with its dev tools
 model: $(STAMP) ## Fetch the default model (SmolLM2-135M-Instruct) into $PALISADE_HOME/models
 	$(BIN)/palisade models fetch-default
 
-run: model ## Start an appliance serving the default model, with a demo org, key and curl line
-	$(BIN)/palisade appliance serve --demo
+run: model ## Start a local fleet (router + appliances in eu-west and us-east), print URL, key, curl
+	$(BIN)/palisade fleet up
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

@@ -48,7 +48,7 @@ _ACCEPT = msgspec.json.Decoder(wire.InviteAccept)
 _KEY = msgspec.json.Decoder(wire.KeyCreate)
 _BUDGET = msgspec.json.Decoder(wire.BudgetSet)
 _LIMITS = msgspec.json.Decoder(wire.KeyLimits)
-_GROUPS = ("model", "user", "region", "day", "org", "key")
+_GROUPS = ("model", "user", "region", "node", "day", "org", "key")
 
 
 class Tenancy:

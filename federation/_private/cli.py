@@ -53,6 +53,7 @@ class UsageGroup(StrEnum):
     model = "model"
     user = "user"
     region = "region"
+    node = "node"
     day = "day"
     org = "org"
     key = "key"

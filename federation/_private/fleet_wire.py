@@ -74,6 +74,8 @@ class FleetNode(Struct, kw_only=True):
     heartbeat_age_s: float
     version: str
     consecutive_failures: int = 0
+    # Every declared model is loaded and accepting on the node.
+    ready: bool = False
 
 
 class FleetStatus(Struct, kw_only=True):

@@ -620,6 +620,7 @@ class TenancyStore:
             "model": "model",
             "user": "user_id",
             "region": "region",
+            "node": "node",
             "day": "substr(at, 1, 10)",
             "org": "org",
             "key": "coalesce(key_id, '-')",

@@ -20,7 +20,8 @@ from federation.client import (
     resolve_target,
     table,
 )
-from router._private.config import load_router_config
+from router._private.config import load_router_config, palisade_home
+from router._private.local_fleet import check_regions, run_local_fleet
 from router._private.server import serve
 
 router_cli = typer.Typer(help="Run the federated front door.", no_args_is_help=True)
@@ -100,3 +101,22 @@ def status_command(
     typer.echo(table(headers, rows))
     up = sum(1 for node in nodes if node["state"] == "up")
     typer.echo(f"{up} of {len(nodes)} nodes up (router {status['router_id']}).")
+
+
+@fleet_cli.command("up")
+def up_command(
+    regions: Annotated[
+        str, typer.Option(help="Comma-separated regions; one appliance is started in each.")
+    ] = "eu-west,us-east",
+    port: Annotated[int, typer.Option(help="Router port (0 picks a free one).")] = 8300,
+    model: Annotated[
+        str, typer.Option(help="Model id the printed curl line asks for.")
+    ] = "smollm2-135m-instruct",
+) -> None:
+    """Run a local fleet: the router plus one appliance per region on the default model."""
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        code = run_local_fleet(palisade_home(), check_regions(regions), port, model)
+    except PalisadeError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)

@@ -100,6 +100,7 @@ class Fleet:
                 models=models,
                 last_beat=now,
                 cooldown=self.health.eject_base_s,
+                last_chosen=now,  # its own figures count until it has gone unchosen a while
             )
             self.nodes[node.id] = node
         else:
@@ -249,6 +250,7 @@ class Fleet:
                 heartbeat_age_s=round(now - node.last_beat, 3),
                 version=node.version,
                 consecutive_failures=node.consecutive_failures,
+                ready=all(m.ready for m in node.models.values()),
             )
             for node in sorted(self.nodes.values(), key=lambda n: (n.region, n.id))
         ]
