@@ -16,6 +16,8 @@ def test_engine_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "tests.bench",
+            "--only",
+            "engine",
             "--repeats",
             "1",
             "--warmups",

@@ -1,6 +1,8 @@
-"""Run the benchmarks: `python -m tests.bench [--only engine|audit] [--repeats N] [--warmups N]`.
+"""Run the benchmarks: `python -m tests.bench [--only engine|audit|router] [options]`.
 
-Without --only, the engine benchmark runs first, then the audit-log benchmark.
+Without --only, the engine benchmark runs first, then the audit-log benchmark, then the
+router overhead benchmark (which installs the LiteLLM proxy into var/bench/litellm-venv
+for its side-by-side columns, unless --no-litellm).
 """
 
 from __future__ import annotations
@@ -10,10 +12,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.bench import audit, engine
+from tests.bench import audit, engine, router
 from tests.support import REPO
 
-BENCHMARKS = ("engine", "audit")
+BENCHMARKS = ("engine", "audit", "router")
+ENGINE_REPEATS = 15
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive requests per second")
+    return rates
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -22,7 +35,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--only", choices=BENCHMARKS, help="run just this benchmark (default: all, in order)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=15, help="engine: measured runs per side (default 15)"
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"engine: measured runs per side (default {ENGINE_REPEATS}); "
+        f"router: interleaved concurrency-1 repeats (default {router.Settings.repeats})",
     )
     parser.add_argument(
         "--warmups", type=int, default=2, help="engine: unmeasured runs per side first (default 2)"
@@ -30,21 +47,111 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=REPO / "var" / "bench", help="report folder (var/bench)"
     )
+    defaults = router.Settings()
+    group = parser.add_argument_group("router benchmark")
+    group.add_argument(
+        "--requests",
+        type=int,
+        default=defaults.requests,
+        help="concurrency-1 requests per repeat, direct and router (default %(default)s)",
+    )
+    group.add_argument(
+        "--litellm-requests",
+        type=int,
+        default=defaults.litellm_requests,
+        help="concurrency-1 requests per repeat through LiteLLM (default %(default)s)",
+    )
+    group.add_argument(
+        "--rates",
+        type=_rates,
+        default=defaults.rates,
+        help="open-loop rates, requests/s, comma-separated (default 200,500)",
+    )
+    group.add_argument(
+        "--open-seconds",
+        type=float,
+        default=defaults.open_seconds,
+        help="seconds per open-loop rate and target (default %(default)s)",
+    )
+    group.add_argument(
+        "--saturation-seconds",
+        type=float,
+        default=defaults.saturation_seconds,
+        help="seconds of saturation per target (default %(default)s)",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="concurrent closed-loop workers for saturation (default %(default)s)",
+    )
+    group.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=defaults.warmup_requests,
+        help="unmeasured requests per target, sequential then 8 at once (default %(default)s)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.timeout_s,
+        help="per-request timeout, seconds (default %(default)s)",
+    )
+    group.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=defaults.quiet_wait_s,
+        help="before each phase, wait at most this long for other processes to go quiet "
+        "(default %(default)s s)",
+    )
+    group.add_argument(
+        "--no-litellm",
+        action="store_true",
+        help="skip the LiteLLM proxy columns (and its install)",
+    )
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmups < 0:
+    if (args.repeats is not None and args.repeats < 1) or args.warmups < 0:
         parser.error("--repeats must be at least 1 and --warmups at least 0")
+    counts = (args.requests, args.litellm_requests, args.workers, args.warmup_requests)
+    if min(counts) < 1:
+        parser.error("--requests, --litellm-requests, --workers, --warmup-requests must be >= 1")
+    if min(args.open_seconds, args.saturation_seconds, args.timeout) <= 0 or args.quiet_wait < 0:
+        parser.error(
+            "--open-seconds, --saturation-seconds and --timeout must be positive, "
+            "--quiet-wait at least 0"
+        )
     return args
+
+
+def router_settings(args: argparse.Namespace) -> router.Settings:
+    return router.Settings(
+        repeats=args.repeats if args.repeats is not None else router.Settings.repeats,
+        requests=args.requests,
+        litellm_requests=args.litellm_requests,
+        rates=args.rates,
+        open_seconds=args.open_seconds,
+        saturation_seconds=args.saturation_seconds,
+        workers=args.workers,
+        warmup_requests=args.warmup_requests,
+        timeout_s=args.timeout,
+        quiet_wait_s=args.quiet_wait,
+        litellm=not args.no_litellm,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [args.only] if args.only else list(BENCHMARKS)
-    if "engine" in chosen:
-        engine.run(repeats=args.repeats, warmups=args.warmups, out_dir=args.out)
-    if "audit" in chosen:
-        if "engine" in chosen:
+    for index, name in enumerate(chosen):
+        if index:
             print()
-        audit.run(out_dir=args.out)
+        if name == "engine":
+            repeats = args.repeats if args.repeats is not None else ENGINE_REPEATS
+            engine.run(repeats=repeats, warmups=args.warmups, out_dir=args.out)
+        elif name == "audit":
+            audit.run(out_dir=args.out)
+        else:
+            router.run(out_dir=args.out, settings=router_settings(args))
     return 0
 
 
