@@ -11,7 +11,14 @@ from appliance._private.config import (
     load_appliance_config,
     palisade_home,
 )
-from appliance._private.engine import Engine, EngineLoad, Finish, Generation, SamplingParams
+from appliance._private.engine import (
+    Engine,
+    EngineLoad,
+    Finish,
+    Generation,
+    Prompt,
+    SamplingParams,
+)
 from appliance._private.errors import (
     ApplianceError,
     ContextLengthExceededError,
@@ -20,7 +27,12 @@ from appliance._private.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     QueueFullError,
+    RouterRefusedError,
     UnsupportedParameterError,
+    UpstreamError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
 )
 from appliance._private.llamacpp import LlamaCppEngine
 from appliance._private.model_store import (
@@ -30,6 +42,7 @@ from appliance._private.model_store import (
     fetch_default_model,
     installed_models,
 )
+from appliance._private.upstream import OpenAIUpstreamEngine
 
 __all__ = [
     "DEFAULT_MODEL_FILE",
@@ -52,9 +65,16 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotReadyError",
+    "OpenAIUpstreamEngine",
+    "Prompt",
     "QueueFullError",
+    "RouterRefusedError",
     "SamplingParams",
     "UnsupportedParameterError",
+    "UpstreamError",
+    "UpstreamRejectedError",
+    "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
     "appliance_cli",
     "create_app",
     "fetch_default_model",

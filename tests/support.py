@@ -66,11 +66,14 @@ def _toml(value: object) -> str:
 
 
 @dataclass
-class Appliance:
+class Server:
+    """A Palisade server process (appliance or router) with its captured output."""
+
     process: subprocess.Popen[str]
     url: str
     home: Path
     output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def v1(self) -> str:
@@ -95,23 +98,37 @@ class Appliance:
     def log_text(self) -> str:
         return "".join(self.output)
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        wait_for(lambda: _ready(self), timeout=timeout)
 
-@contextmanager
-def run_appliance(
+    def stop(self) -> None:
+        """SIGTERM (SIGCONT first, in case a test stopped it), then reap the output reader."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+        stop(self.process)
+        if self.reader is not None:
+            self.reader.join(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+Appliance = Server
+
+
+def start_server(
+    kind: str,
     home: Path,
-    config_text: str | None = None,
     *args: str,
     env: dict[str, str] | None = None,
-    ready_timeout: float = 60.0,
-) -> Iterator[Appliance]:
-    """Start `palisade appliance serve --port 0`, wait for /readyz, stop it with SIGTERM."""
+    start_timeout: float = 60.0,
+) -> Server:
+    """Start `palisade <kind> serve --port 0 …` and wait until it prints its URL.
+
+    The caller waits for readiness (`Server.wait_ready`) and stops it (`Server.stop`), so
+    several servers can start at once.
+    """
     home.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "palisade", "appliance", "serve", "--port", "0"]
-    if config_text is not None:
-        config = home / "appliance.toml"
-        config.write_text(config_text)
-        command += ["--config", str(config)]
-    command += list(args)
+    command = [sys.executable, "-m", "palisade", kind, "serve", "--port", "0", *args]
     environment = os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         command,
@@ -136,25 +153,47 @@ def run_appliance(
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    try:
-        url_found.wait(ready_timeout)
-        if not url_box:
-            raise RuntimeError("appliance did not start:\n" + "".join(output))
-        appliance = Appliance(process, url_box[0], home, output)
-        wait_for(lambda: _ready(appliance), timeout=ready_timeout)
-        yield appliance
-    finally:
+    url_found.wait(start_timeout)
+    if not url_box:
         stop(process)
         reader.join(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+        raise RuntimeError(f"{kind} did not start:\n" + "".join(output))
+    return Server(process, url_box[0], home, output, reader)
 
 
-def _ready(appliance: Appliance) -> bool:
-    if appliance.process.poll() is not None:
-        raise RuntimeError("appliance exited:\n" + appliance.log_text())
+def write_config(home: Path, config_text: str, name: str = "appliance.toml") -> list[str]:
+    """Write a config file into `home`; returns the `--config` arguments for it."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / name
+    config.write_text(config_text)
+    return ["--config", str(config)]
+
+
+@contextmanager
+def run_appliance(
+    home: Path,
+    config_text: str | None = None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
+) -> Iterator[Server]:
+    """Start `palisade appliance serve --port 0`, wait for /readyz, stop it with SIGTERM."""
+    config = write_config(home, config_text) if config_text is not None else []
+    appliance = start_server("appliance", home, *config, *args, env=env)
     try:
-        return httpx.get(f"{appliance.url}/readyz", timeout=2).status_code == 200
+        appliance.wait_ready(ready_timeout)
+        yield appliance
+    finally:
+        appliance.stop()
+
+
+def _ready(server: Server) -> bool:
+    if server.process.poll() is not None:
+        raise RuntimeError("server exited:\n" + server.log_text())
+    try:
+        return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 

@@ -53,3 +53,31 @@ def test_imports_point_downward_and_respect_private_modules(package: str) -> Non
                 continue
             assert top in ALLOWED[package], f"{path}: {package} may not import {top}"
             assert "_private" not in imported, f"{path}: reaches into {imported}"
+
+
+def test_appliance_exports_both_engines_and_the_prompt_seam() -> None:
+    appliance = importlib.import_module("appliance")
+    engine_api = {"Engine", "Prompt", "Generation", "Finish", "SamplingParams", "EngineLoad"}
+    engines = {"LlamaCppEngine", "OpenAIUpstreamEngine"}
+    upstream_errors = {
+        "UpstreamError",
+        "UpstreamRejectedError",
+        "UpstreamTimeoutError",
+        "UpstreamUnavailableError",
+    }
+    assert engine_api | engines | upstream_errors <= set(appliance.__all__)
+    assert issubclass(appliance.UpstreamUnavailableError, appliance.UpstreamError)
+    assert issubclass(appliance.UpstreamTimeoutError, appliance.UpstreamError)
+    assert issubclass(appliance.UpstreamRejectedError, appliance.ApplianceError)
+
+
+def test_router_exports_its_error_tree_and_fleet_model() -> None:
+    router = importlib.import_module("router")
+    federation = importlib.import_module("federation")
+    assert issubclass(router.NoBackendError, federation.ServiceUnavailableError)
+    assert issubclass(router.RegionHeaderError, federation.PermissionDeniedError)
+    assert issubclass(router.BackendUnavailableError, router.RouterError)
+    assert router.NoBackendError.default_code == "no_backend_in_region"
+    assert {"Fleet", "RouterConfig", "create_router_app", "fleet_cli", "router_cli"} <= set(
+        router.__all__
+    )

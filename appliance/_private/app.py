@@ -11,13 +11,12 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get, post, put
 from litestar.di import NamedDependency, Provide
 from litestar.enums import ScopeType
-from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from litestar.response import Stream
@@ -26,19 +25,22 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance._private import inference
 from appliance._private.config import ApplianceConfig
-from appliance._private.engine import Finish, Generation, SamplingParams
+from appliance._private.engine import Finish, Generation, Prompt, SamplingParams
 from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from appliance._private.membership import Membership
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.served import ServedModel
 from compliance import Recorder, build_export, build_residency
 from compliance import Scope as AuditScope
 from federation import (
+    ASSERTION_HEADER,
     ENCODER,
     LOCAL_PRINCIPAL,
     Action,
     Admission,
     APIError,
     AssistantMessage,
+    AuthenticationError,
     Caller,
     ChatChoice,
     ChatChunkChoice,
@@ -55,13 +57,16 @@ from federation import (
     EmbeddingUsage,
     ErrorDetail,
     ErrorResponse,
+    Heartbeat,
     ModelList,
+    NodeModel,
     PermissionDeniedError,
     Pricing,
     Principal,
     Tenancy,
     Usage,
     decode_request,
+    error_handlers,
     require,
     require_everywhere,
 )
@@ -70,7 +75,6 @@ log = logging.getLogger("palisade.appliance")
 
 VERSION = "0.1.0"
 Authenticator = Callable[[Request[Any, Any, Any]], Awaitable[Principal]]
-T = TypeVar("T")
 
 _CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
 _COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
@@ -78,8 +82,6 @@ _EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)
 _PRICING_DECODER = msgspec.json.Decoder(Pricing)
 _DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Prompts longer than this are templated and tokenized off the event loop.
-_OFFLOAD_CHARS = 16_384
 _INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
@@ -114,6 +116,8 @@ class ApplianceState:
         self.load_error: ModelLoadError | None = None
         self.on_fatal: Callable[[], None] = lambda: None
         self._loader: asyncio.Task[None] | None = None
+        self.membership: Membership | None = None
+        self._beats = 0
 
     @property
     def ready(self) -> bool:
@@ -127,6 +131,8 @@ class ApplianceState:
             if self.demo:
                 _announce_demo(await self.tenancy.demo_key(), self)
         self._loader = asyncio.create_task(self._load_all())
+        if self.membership is not None:
+            await self.membership.start()
 
     async def _load_all(self) -> None:
         for model in self.models.values():
@@ -139,8 +145,12 @@ class ApplianceState:
                 return
             self.metrics.model_ready.labels(model.id).set(1)
             log.info("model %s ready", model.id)
+            if self.membership is not None:
+                self.membership.nudge()
 
     async def stop(self) -> None:
+        if self.membership is not None:
+            await self.membership.stop()
         if self._loader is not None:
             await self._loader
         for model in self.models.values():
@@ -154,7 +164,7 @@ class ApplianceState:
         self,
         principal: Principal,
         served: ServedModel,
-        prompt: list[int],
+        prompt: Prompt,
         params: SamplingParams,
         prefix: str,
     ) -> tuple[Generation, _Reply]:
@@ -162,18 +172,18 @@ class ApplianceState:
         admission = self._admit(principal, len(prompt) + params.max_tokens)
         reply = _Reply(prefix, served.id, self.receipt(served))
         on_done = None
-        if admission is not None:
+        if admission is not None or self.recorder is not None:
 
             def on_done(finish: Finish) -> None:
                 status = "ok" if finish.reason in ("stop", "length") else finish.reason
                 used = finish.prompt_tokens, finish.completion_tokens
-                self._settle(admission, served, *used, status=status, record_id=reply.id)
+                record = reply.id
+                self._account(principal, admission, served, *used, status=status, record_id=record)
 
         try:
             generation = served.engine.submit(prompt, params, on_done)
         except APIError as exc:
-            if admission is not None:
-                self._settle(admission, served, 0, 0, status=exc.code, record_id=reply.id)
+            self._account(principal, admission, served, 0, 0, status=exc.code, record_id=reply.id)
             raise
         if admission is not None:
             reply.headers = reply.headers | admission.headers
@@ -194,11 +204,15 @@ class ApplianceState:
         return keep
 
     def _admit(self, principal: Principal, estimate: int) -> Admission | None:
-        return self.tenancy.gate.admit(principal, estimate) if self.tenancy is not None else None
+        """Limits and budget, unless a router vouched for the caller (it enforces them)."""
+        if self.tenancy is None or principal.via is not None:
+            return None
+        return self.tenancy.gate.admit(principal, estimate)
 
-    def _settle(
+    def _account(
         self,
-        admission: Admission,
+        principal: Principal,
+        admission: Admission | None,
         served: ServedModel,
         prompt: int,
         completion: int,
@@ -206,19 +220,20 @@ class ApplianceState:
         status: str,
         record_id: str,
     ) -> None:
-        assert self.tenancy is not None
-        pricing = served.config.pricing
-        cost = (prompt * pricing.input_per_million + completion * pricing.output_per_million) / 1e6
-        self.tenancy.gate.settle(
-            admission,
-            model=served.id,
-            input_tokens=prompt,
-            output_tokens=completion,
-            status=status,
-            cost=round(cost, 9),
-        )
+        """Settle the admission (if this node admitted it) and write the audit row."""
+        if admission is not None:
+            assert self.tenancy is not None
+            pricing = served.config.pricing
+            spent = prompt * pricing.input_per_million + completion * pricing.output_per_million
+            self.tenancy.gate.settle(
+                admission,
+                model=served.id,
+                input_tokens=prompt,
+                output_tokens=completion,
+                status=status,
+                cost=round(spent / 1e6, 9),
+            )
         if self.recorder is not None:
-            principal = admission.principal
             self.recorder.request(
                 principal.logging_mode,
                 {
@@ -232,6 +247,7 @@ class ApplianceState:
                     "input_tokens": prompt,
                     "output_tokens": completion,
                     "status": status,
+                    **({"via": principal.via} if principal.via is not None else {}),
                 },
             )
 
@@ -246,9 +262,8 @@ class ApplianceState:
             vectors, tokens = await served.engine.embed(texts)
             status = "ok"
         finally:
-            if admission is not None:
-                record_id = f"emb-{os.urandom(12).hex()}"
-                self._settle(admission, served, tokens, 0, status=status, record_id=record_id)
+            record = f"emb-{os.urandom(12).hex()}"
+            self._account(principal, admission, served, tokens, 0, status=status, record_id=record)
         headers = self.receipt(served) | (admission.headers if admission is not None else {})
         return vectors, tokens, headers
 
@@ -268,6 +283,60 @@ class ApplianceState:
             )
         return served
 
+    async def authenticate(self, request: Request[Any, Any, Any]) -> Principal:
+        """A router's signed assertion, else a local API key."""
+        token = request.headers.get(ASSERTION_HEADER)
+        if token is None:
+            assert self.tenancy is not None
+            return await self.tenancy.principal(request)
+        if self.membership is None:
+            raise AuthenticationError(
+                "This appliance is not in a fleet, so it accepts no router assertions; send a "
+                "local API key (`Authorization: Bearer pal-sk-…`).",
+                code="invalid_assertion",
+            )
+        if self.membership.verifier is None:
+            raise AuthenticationError(
+                f"This appliance has not yet registered with its router "
+                f"({self.membership.router_url}), so it cannot check the router's assertion; "
+                "retry shortly.",
+                code="invalid_assertion",
+            )
+        return self.membership.verifier.principal(token)
+
+    def heartbeat(self) -> Heartbeat:
+        """What the router is told every second."""
+        self._beats += 1
+        models = []
+        for served in self.models.values():
+            load = served.engine.load_now()
+            models.append(
+                NodeModel(
+                    id=served.id,
+                    device_class=served.config.device_class,
+                    context_length=served.config.context_length,
+                    ready=served.engine.ready,
+                    pricing=served.config.pricing,
+                    ttft_ewma_ms=served.ttft_ewma_ms,
+                    tpot_ewma_ms=served.tpot_ewma_ms,
+                    ttft_p50_ms=served.performance().ttft_p50_ms,
+                    queue_depth=load.waiting,
+                    in_flight=load.running,
+                )
+            )
+        return Heartbeat(
+            node_id=self.config.node_id,
+            region=self.config.region,
+            url=self.config.advertise_url or self.url,
+            version=VERSION,
+            models=models,
+            sequence=self._beats,
+            queue_depth=sum(model.queue_depth for model in models),
+            in_flight=sum(model.in_flight for model in models),
+            ttft_ewma_ms=next((m.ttft_ewma_ms for m in models if m.ttft_ewma_ms), None),
+            tpot_ewma_ms=next((m.tpot_ewma_ms for m in models if m.tpot_ewma_ms), None),
+        )
+
     def receipt(self, model: ServedModel) -> dict[str, str]:
         return {
             "X-Palisade-Region": self.config.region,
@@ -283,14 +352,24 @@ def create_app(
     authenticate: Authenticator | None = None,
     demo: bool = False,
     recorder: Recorder | None = None,
+    join_secret: bytes | None = None,
 ) -> tuple[Litestar, ApplianceState]:
     """The appliance app. With `tenancy`, keys are required and /admin/v1 is mounted;
     without it, every caller is the local principal (`--no-auth`) unless `authenticate`
-    supplies another."""
+    supplies another. With `config.router_url` and the fleet `join_secret`, the appliance
+    joins the router's fleet and also accepts the router's signed principal assertions."""
     state = ApplianceState(config, tenancy, demo=demo, recorder=recorder)
+    if config.router_url is not None and join_secret is not None:
+        state.membership = Membership(
+            config.router_url,
+            join_secret,
+            home=config.home(),
+            node_id=config.node_id,
+            snapshot=state.heartbeat,
+        )
     admin: list[HTTPRouteHandler] = []
     if tenancy is not None:
-        authenticate = tenancy.principal
+        authenticate = state.authenticate
         admin = [*tenancy.routes(), *_model_admin_routes(state, tenancy)]
         if recorder is not None:
             admin += _audit_routes(state, tenancy, recorder)
@@ -301,10 +380,8 @@ def create_app(
             *admin,
         ],
         exception_handlers={
-            APIError: _render_api_error,
-            HTTPException: _render_http_exception,
+            **error_handlers("appliance", log),
             ClientGoneError: _render_client_gone,
-            Exception: _render_unexpected,
         },
         middleware=[_count_requests(state.metrics)],
         on_startup=[state.start],
@@ -329,17 +406,18 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
         served = state.model(body.model, principal)
         inference.check_chat(body)
         messages = inference.template_messages(body.messages)
-        size = sum(len(message["content"]) for message in messages)
-        prompt = await _maybe_offload(served.engine.tokenize_chat, messages, size)
+        prompt = await served.engine.prepare_chat(messages)
         params = inference.sampling_params(
             body,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            prompt_tokens=len(prompt),
+            requested=body.max_completion_tokens or body.max_tokens,
+            prompt=prompt,
             context_length=served.engine.context_length,
         )
         generation, reply = state.start_generation(principal, served, prompt, params, "chatcmpl")
         keep = state.content_keeper(principal, reply, body)
         if body.stream:
+            if served.engine.early_errors:
+                await _started(request, generation)
             usage = body.stream_options is not None and body.stream_options.include_usage
             return reply.stream(_chat_events(generation, reply, include_usage=usage, keep=keep))
         text = await _collect(request, generation)
@@ -356,20 +434,19 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
         body = decode_request(await request.body(), _COMPLETION_DECODER)
         served = state.model(body.model, principal)
         inference.check_completion(body)
-        source = inference.single_prompt(body)
-        if isinstance(source, str):
-            prompt = await _maybe_offload(served.engine.tokenize_text, source, len(source))
-        else:
-            prompt = source
+        prompt = await served.engine.prepare_text(inference.single_prompt(body))
         params = inference.sampling_params(
             body,
-            max_tokens=body.max_tokens if body.max_tokens is not None else 16,
-            prompt_tokens=len(prompt),
+            requested=body.max_tokens,
+            default=16,
+            prompt=prompt,
             context_length=served.engine.context_length,
         )
         generation, reply = state.start_generation(principal, served, prompt, params, "cmpl")
         keep = state.content_keeper(principal, reply, body)
         if body.stream:
+            if served.engine.early_errors:
+                await _started(request, generation)
             usage = body.stream_options is not None and body.stream_options.include_usage
             return reply.stream(
                 _completion_events(generation, reply, include_usage=usage, keep=keep)
@@ -439,12 +516,6 @@ def _ops_routes(state: ApplianceState) -> list[HTTPRouteHandler]:
     return [healthz, readyz, metrics]
 
 
-async def _maybe_offload(function: Callable[[T], list[int]], argument: T, size: int) -> list[int]:
-    if size < _OFFLOAD_CHARS:
-        return function(argument)
-    return await asyncio.to_thread(function, argument)
-
-
 class _Reply:
     """Identity and headers shared by every piece of one response."""
 
@@ -479,6 +550,24 @@ async def _collect(request: Request[Any, Any, Any], generation: Generation) -> s
         text.cancel()  # leaving Generation.stream() cancels the generation
         raise ClientGoneError
     return text.result()
+
+
+async def _started(request: Request[Any, Any, Any], generation: Generation) -> None:
+    """Wait for the first text before committing a 200: a generation that fails before
+    producing any (say, its upstream refused it) is answered with its HTTP error instead."""
+    started = asyncio.ensure_future(generation.wait_started())
+    hangup = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((started, hangup), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+    if not started.done():
+        started.cancel()
+        generation.cancel()
+        raise ClientGoneError
+    finish = started.result()
+    if finish is not None and finish.reason == "error":
+        raise finish.failure()
 
 
 async def _disconnected(request: Request[Any, Any, Any]) -> None:
@@ -573,9 +662,10 @@ def _sse(payload: object) -> bytes:
 
 def _outcome(generation: Generation) -> tuple[Usage, str]:
     finish = generation.finish
-    if finish is None or finish.reason in ("error", "cancelled"):
-        detail = finish.error if finish is not None else "no result"
-        raise APIError(f"The engine failed while generating: {detail}.", code="engine_error")
+    if finish is None:
+        raise APIError("The engine failed while generating: no result.", code="engine_error")
+    if finish.reason in ("error", "cancelled"):
+        raise finish.failure()
     usage = Usage(
         finish.prompt_tokens,
         finish.completion_tokens,
@@ -588,10 +678,12 @@ def _error_frame(generation: Generation) -> bytes | None:
     finish = generation.finish
     if finish is not None and finish.reason != "error":
         return None
-    detail = finish.error if finish is not None else "no result"
-    error = ErrorDetail(
-        f"The engine failed while generating: {detail}.", "server_error", "engine_error", None
-    )
+    if finish is None:
+        message = "The engine failed while generating: no result."
+        error = ErrorDetail(message, "server_error", "engine_error", None)
+    else:
+        failure = finish.failure()
+        error = ErrorDetail(failure.message, failure.error_type, failure.code, failure.param)
     return _sse(ErrorResponse(error))
 
 
@@ -661,71 +753,9 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
 # --- errors -----------------------------------------------------------------------------
 
 
-def _error_response(
-    status: int, detail: ErrorDetail, retry_after: int | None = None
-) -> Response[Any]:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return Response(
-        ENCODER.encode(ErrorResponse(detail)),
-        status_code=status,
-        media_type=MediaType.JSON,
-        headers=headers,
-    )
-
-
-def _render_api_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, APIError)
-    detail = ErrorDetail(exc.message, exc.error_type, exc.code, exc.param, exc.retry_after)
-    return _error_response(exc.status_code, detail, exc.retry_after)
-
-
-_HTTP_CODES = {
-    404: ("not_found_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    413: ("invalid_request_error", "request_too_large"),
-}
-_INTERNAL = ErrorDetail(
-    "The appliance hit an internal error; it has been logged. Retry, and report it if it persists.",
-    "server_error",
-    "internal_error",
-    None,
-)
-
-
-def _render_http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    assert isinstance(exc, HTTPException)
-    status = exc.status_code
-    if status >= 500:
-        log.error("HTTP %s on %s: %s", status, request.url.path, exc.detail)
-        return _error_response(status, _INTERNAL)
-    error_type, code = _HTTP_CODES.get(status, ("invalid_request_error", "invalid_request"))
-    detail = ErrorDetail(_http_message(request, exc), error_type, code, None)
-    return _error_response(status, detail)
-
-
-def _http_message(request: Request[Any, Any, Any], exc: HTTPException) -> str:
-    path = request.url.path
-    if exc.status_code == 404:
-        return f"No route for {request.method} {path}; the OpenAI API is under /v1 (see README.md)."
-    if exc.status_code == 405:
-        return f"{request.method} is not allowed on {path}."
-    if exc.status_code == 413:
-        limit = request.route_handler.resolve_request_max_body_size()
-        return (
-            f"The request body is larger than this appliance accepts ({limit} bytes); send a "
-            "smaller body or raise `max_body_bytes` in the appliance config."
-        )
-    return exc.detail
-
-
 def _render_client_gone(_: Request[Any, Any, Any], __: Exception) -> Response[Any]:
     # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
     return Response(b"", status_code=499)
-
-
-def _render_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error_response(500, _INTERNAL)
 
 
 def _count_requests(metrics: ApplianceMetrics) -> Callable[[ASGIApp], ASGIApp]:

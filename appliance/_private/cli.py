@@ -38,6 +38,17 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     ] = None,
     region: Annotated[str | None, typer.Option(help="Region this node is pinned to.")] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id.")] = None,
+    router: Annotated[
+        str | None,
+        typer.Option(
+            "--router",
+            help="Join this router's fleet (needs PALISADE_JOIN_SECRET, shared with the router).",
+        ),
+    ] = None,
+    advertise_url: Annotated[
+        str | None,
+        typer.Option("--advertise-url", help="URL the router uses to reach this node."),
+    ] = None,
     no_auth: Annotated[
         bool,
         typer.Option(
@@ -54,7 +65,15 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    overrides = {"host": host, "port": port, "region": region, "node_id": node_id}
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
+    overrides = {
+        "host": host,
+        "port": port,
+        "region": region,
+        "node_id": node_id,
+        "router_url": router,
+        "advertise_url": advertise_url,
+    }
     try:
         settings = load_appliance_config(config, overrides)
         code = serve(settings, no_auth=no_auth, demo=demo)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from federation import Pricing, convert_config, load_config
+from federation import ConfigError, Pricing, convert_config, load_config
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -17,20 +17,33 @@ DEFAULT_PORT = 8400
 
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 DeviceClass = Literal["cpu", "gpu", "rdu"]
+# The NAME of an environment variable (never the key itself: that stays out of config files).
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+_UPSTREAM_KEYS = ("upstream_url", "upstream_model", "upstream_key_env")
 
 
 class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    """One model served by the appliance."""
+    """One model served by the appliance.
+
+    `engine = "llamacpp"` runs the GGUF at `path` in-process. `engine = "openai"` forwards
+    to an OpenAI-compatible server (SambaNova Cloud, vLLM, llama-server) at `upstream_url`,
+    with the API key read from the environment variable named by `upstream_key_env`.
+    """
 
     id: Annotated[str, Meta(min_length=1, max_length=128)]
-    path: str
-    engine: Literal["llamacpp"] = "llamacpp"
+    path: str | None = None
+    engine: Literal["llamacpp", "openai"] = "llamacpp"
     context_length: Annotated[int, Meta(ge=64, le=1_048_576)] = 2048
     device_class: DeviceClass = "cpu"
     pricing: Pricing = msgspec.field(default_factory=Pricing)
     max_queue: Annotated[int, Meta(ge=0, le=100_000)] = 64
     threads: Annotated[int, Meta(ge=1, le=512)] | None = None
     embeddings: bool = True
+    upstream_url: Annotated[str, Meta(pattern=r"^https?://[^\s]+$")] | None = None
+    upstream_model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    upstream_key_env: EnvName | None = None
+    max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 64
+    upstream_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
 
 
 class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -48,14 +61,21 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     models: Annotated[list[ModelConfig], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: [default_model_config()]
     )
+    # Fleet membership: the router to register with (the join secret comes from
+    # PALISADE_JOIN_SECRET), and the URL the router should use to reach this node.
+    router_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
+    advertise_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
 
     def home(self) -> Path:
         """The state directory: `data_dir` from the file, else `$PALISADE_HOME`."""
         return Path(self.data_dir) if self.data_dir else palisade_home()
 
     def model_path(self, model: ModelConfig) -> Path:
-        """A model's GGUF path; a relative path is taken from the state directory."""
-        path = Path(model.path).expanduser()
+        """A model's GGUF path; a relative path is taken from the state directory.
+
+        An upstream model (`engine = "openai"`) has no file: its path is the state directory.
+        """
+        path = Path(model.path or "").expanduser()
         return path if path.is_absolute() else self.home() / path
 
 
@@ -78,7 +98,33 @@ def load_appliance_config(
     else:
         config = load_config(path, ApplianceConfig)
         source = str(path)
+    check_engines(config, source)
     if not overrides:
         return config
     merged = msgspec.to_builtins(config) | {k: v for k, v in overrides.items() if v is not None}
     return convert_config(merged, ApplianceConfig, source=f"{source} with flags")
+
+
+def check_engines(config: ApplianceConfig, source: str) -> None:
+    """The keys each engine needs: `path` for llamacpp, `upstream_url` for openai."""
+    for index, model in enumerate(config.models):
+        where = f"models[{index}]"
+        if model.engine == "llamacpp":
+            if model.path is None:
+                raise ConfigError(
+                    f"{source}: missing required key `{where}.path` (the GGUF file, required "
+                    'when engine = "llamacpp"); or set engine = "openai" and upstream_url to '
+                    "forward to an OpenAI-compatible server."
+                )
+            for key in _UPSTREAM_KEYS:
+                if getattr(model, key) is not None:
+                    raise ConfigError(
+                        f'{source}: `{where}.{key}` is set but engine = "llamacpp"; add '
+                        f'engine = "openai" to `{where}` to forward to an upstream, or remove '
+                        f"`{key}`."
+                    )
+        elif model.upstream_url is None:
+            raise ConfigError(
+                f'{source}: `{where}.upstream_url` is required when engine = "openai"; set '
+                'it to the upstream\'s base URL including /v1, e.g. "http://gpu-1:8000/v1".'
+            )

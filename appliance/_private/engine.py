@@ -1,8 +1,10 @@
 """The seam between the HTTP layer and whatever runs a model.
 
-The HTTP layer turns a request into prompt tokens and `SamplingParams`, calls
-`Engine.submit`, and reads text from the returned `Generation`. How generations are
-scheduled (one at a time today, continuously batched later) is the engine's business.
+The HTTP layer asks the engine to prepare a `Prompt` (token ids for an engine with its own
+tokenizer, the messages or text themselves for an upstream engine), builds
+`SamplingParams`, calls `Engine.submit`, and reads text from the returned `Generation`.
+How generations are scheduled (one at a time, batched, or forwarded to an
+OpenAI-compatible server) is the engine's business.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from appliance._private.errors import (
+    UpstreamError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from federation import APIError
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -27,6 +37,33 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
+    # False when the client gave no limit: `max_tokens` is then the appliance's own bound
+    # (for admission), and an upstream engine lets the upstream apply its default.
+    explicit_max_tokens: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What to continue, as the engine wants it, and how big it is for admission.
+
+    A local engine tokenizes: `tokens` holds the ids and `size` is their count. An upstream
+    engine has no tokenizer: it forwards `messages` (chat) or `text` (completion: a string
+    or token ids), and `size` is an upper bound on the tokens (UTF-8 bytes plus template
+    overhead: byte-level tokenizers never make more tokens than bytes). `len()` is `size`.
+    """
+
+    size: int
+    tokens: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    text: str | list[int] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def counted(self) -> bool:
+        """True when `size` is this model's exact token count (so limits apply locally)."""
+        return self.tokens is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +72,24 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # For reason "error": the HTTP status and code to answer with (an upstream engine's
+    # failures map to 4xx/502/504; a local engine's stay 500 engine_error).
+    status: int = 500
+    code: str = "engine_error"
+    param: str | None = None
+
+    def failure(self) -> APIError:
+        """The error a client sees for this end (reason "error" or "cancelled")."""
+        status, message = self.status, self.error or "no result"
+        if self.code == "upstream_unavailable":
+            return UpstreamUnavailableError(message)
+        if status == 504:
+            return UpstreamTimeoutError(message, code=self.code)
+        if status == 502:
+            return UpstreamError(message, code=self.code)
+        if 400 <= status < 500:
+            return UpstreamRejectedError.for_status(status, message, self.code, self.param)
+        return APIError(f"The engine failed while generating: {message}.", code=self.code)
 
 
 class Generation:
@@ -62,7 +117,7 @@ class Generation:
 
     def __init__(
         self,
-        prompt: list[int],
+        prompt: Prompt,
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop,
         on_done: Callable[[Finish], None] | None = None,
@@ -150,6 +205,22 @@ class Generation:
             if self.finish is None:
                 self.cancel()
 
+    async def wait_started(self) -> Finish | None:
+        """Wait for the first text or the end, taking nothing; the `Finish` if it ended first.
+
+        A handler awaits this before committing a 200, so a generation that fails before
+        producing any text becomes an HTTP error rather than an error inside a stream.
+        """
+        while True:
+            with self._lock:
+                if self._pending:
+                    first = self._pending[0]
+                    return first if isinstance(first, Finish) else None
+                if self.finish is not None:
+                    return None  # already being read: it has started
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
+
     async def _take(self) -> str:
         """Everything the engine has produced since the last call, waiting if none."""
         while True:
@@ -193,21 +264,33 @@ class Engine(Protocol):
     @property
     def context_length(self) -> int: ...
 
+    @property
+    def early_errors(self) -> bool:
+        """True when a generation can fail before its first text with an error the client
+        should get as the HTTP status (an upstream's 400, 502, 504): the streaming handlers
+        then wait for the first event before committing the 200. False keeps time to first
+        token lowest: the 200 goes out while the prompt is still being read."""
+
     def load(self) -> None:
-        """Load weights; blocking, called off the event loop before `ready` turns true."""
+        """Load weights (or check the upstream); blocking, called off the event loop before
+        `ready` turns true. Raises `ModelLoadError` with the fix in its message."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop: called off the event loop (in a thread) at shutdown."""
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render messages with the model's chat template and tokenize the result."""
+    async def prepare_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        """The prompt for these messages (templated and tokenized by a local engine)."""
 
-    def tokenize_text(self, text: str) -> list[int]: ...
+    async def prepare_text(self, source: str | list[int]) -> Prompt:
+        """The prompt for a completion's text or token ids."""
 
-    def detokenize(self, tokens: list[int]) -> str: ...
+    def detokenize(self, tokens: list[int]) -> str:
+        """Token ids back to text (embedding inputs given as ids); an engine without a
+        tokenizer raises `UnsupportedParameterError`."""
 
     def submit(
         self,
-        prompt: list[int],
+        prompt: Prompt,
         params: SamplingParams,
         on_done: Callable[[Finish], None] | None = None,
     ) -> Generation:

@@ -8,12 +8,24 @@ federation.PalisadeError
     ├── ContextLengthExceededError         400 context_length_exceeded (InvalidRequestError)
     ├── UnsupportedParameterError          400 unsupported_parameter  (InvalidRequestError)
     ├── QueueFullError                     503 queue_full             (ServiceUnavailableError)
-    └── ModelNotReadyError                 503 model_not_ready        (ServiceUnavailableError)
+    ├── ModelNotReadyError                 503 model_not_ready        (ServiceUnavailableError)
+    ├── RouterRefusedError                 the router refused a heartbeat (logged, retried)
+    ├── UpstreamRejectedError              4xx as the upstream said   (InvalidRequestError)
+    └── UpstreamError                      502 upstream_error         (APIError) bad upstream reply
+        ├── UpstreamUnavailableError       502 upstream_unavailable   connection refused or reset
+        └── UpstreamTimeoutError           504 upstream_timeout       no answer within the timeout
+
+The `Upstream*` errors come from an OpenAI-compatible upstream engine (upstream.py). An
+`UpstreamRejectedError` keeps the upstream's status and code (a 400
+`context_length_exceeded` stays one); its message says that the upstream refused.
 """
 
 from __future__ import annotations
 
+import functools
+
 from federation import (
+    APIError,
     InvalidRequestError,
     NotFoundError,
     PalisadeError,
@@ -61,3 +73,46 @@ class QueueFullError(ApplianceError, ServiceUnavailableError):
 
 class ModelNotReadyError(ApplianceError, ServiceUnavailableError):
     default_code = "model_not_ready"
+
+
+class UpstreamRejectedError(ApplianceError, InvalidRequestError):
+    """The upstream engine refused the request (4xx): its status and code pass through."""
+
+    default_code = "upstream_rejected"
+
+    @staticmethod
+    def for_status(
+        status: int, message: str, code: str, param: str | None = None
+    ) -> UpstreamRejectedError:
+        retry_after = 1 if status == 429 else None
+        return _rejected_class(status)(message, code=code, param=param, retry_after=retry_after)
+
+
+@functools.cache
+def _rejected_class(status: int) -> type[UpstreamRejectedError]:
+    if status == 400:
+        return UpstreamRejectedError
+    error_type = "rate_limit_error" if status == 429 else "invalid_request_error"
+    attributes = {"status_code": status, "error_type": error_type}
+    return type(f"UpstreamRejected{status}Error", (UpstreamRejectedError,), attributes)
+
+
+class UpstreamError(ApplianceError, APIError):
+    """The upstream engine failed (5xx) or answered something that is not the OpenAI API."""
+
+    status_code = 502
+    error_type = "server_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    default_code = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status_code = 504
+    default_code = "upstream_timeout"
+
+
+class RouterRefusedError(ApplianceError):
+    """The fleet's router answered a heartbeat with an error (wrong secret, bad message)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance._private.engine import SamplingParams
+from appliance._private.engine import Prompt, SamplingParams
 from appliance._private.errors import ContextLengthExceededError, UnsupportedParameterError
 from federation import (
     ChatCompletionRequest,
@@ -130,23 +130,41 @@ def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def sampling_params(
-    request: SamplingFields, *, max_tokens: int | None, prompt_tokens: int, context_length: int
+    request: SamplingFields,
+    *,
+    requested: int | None,
+    prompt: Prompt,
+    context_length: int,
+    default: int | None = None,
 ) -> SamplingParams:
-    """Sampling settings, with `max_tokens` checked against the context window."""
-    if prompt_tokens == 0:
+    """Sampling settings for `requested` max tokens (the client's, or None for `default`).
+
+    A prompt this model tokenized is checked against the context window here. An upstream
+    engine's prompt is not: the upstream enforces its own window (its 400 passes through),
+    `max_tokens` is forwarded only when the client gave one, and otherwise it is the
+    declared `context_length`, an upper bound used for admission.
+    """
+    if prompt.size == 0:
         raise InvalidRequestError(
             "The prompt is empty after tokenization; send some text.",
             code="invalid_value",
             param="prompt",
         )
+    if prompt.counted:
+        max_tokens = completion_budget(
+            requested if requested is not None else default, prompt.size, context_length
+        )
+    else:
+        max_tokens = requested if requested is not None else context_length
     return SamplingParams(
-        max_tokens=completion_budget(max_tokens, prompt_tokens, context_length),
+        max_tokens=max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         stop=stop_sequences(request.stop),
+        explicit_max_tokens=requested is not None,
     )
 
 

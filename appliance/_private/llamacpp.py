@@ -12,10 +12,17 @@ import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance._private.config import ModelConfig
-from appliance._private.engine import EngineLoad, Finish, FinishReason, Generation, SamplingParams
+from appliance._private.engine import (
+    EngineLoad,
+    Finish,
+    FinishReason,
+    Generation,
+    Prompt,
+    SamplingParams,
+)
 from appliance._private.errors import (
     ContextLengthExceededError,
     ModelLoadError,
@@ -29,6 +36,9 @@ from federation import InvalidRequestError
 FinishFn = Callable[[Generation, Finish], None]
 # After the first token, wait at most this long for the loop to send it (see wait_delivered).
 _FIRST_DELIVERY_WAIT = 0.005
+# Prompts longer than this (characters) are templated and tokenized off the event loop.
+_OFFLOAD_CHARS = 16_384
+T = TypeVar("T")
 
 
 class LlamaCppEngine:
@@ -52,6 +62,10 @@ class LlamaCppEngine:
     @property
     def context_length(self) -> int:
         return self._config.context_length
+
+    @property
+    def early_errors(self) -> bool:
+        return False  # only internal failures (500): commit the 200 at once, TTFT matters
 
     def load(self) -> None:
         if not self._path.is_file():
@@ -157,6 +171,18 @@ class LlamaCppEngine:
     def tokenize_text(self, text: str) -> list[int]:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
+    async def prepare_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        size = sum(len(message["content"]) for message in messages)
+        tokens = await _maybe_offload(self.tokenize_chat, messages, size)
+        return Prompt(len(tokens), tokens=tokens)
+
+    async def prepare_text(self, source: str | list[int]) -> Prompt:
+        if isinstance(source, str):
+            tokens = await _maybe_offload(self.tokenize_text, source, len(source))
+        else:
+            tokens = source
+        return Prompt(len(tokens), tokens=tokens)
+
     def detokenize(self, tokens: list[int]) -> str:
         return bytes(self._llm.detokenize(tokens)).decode("utf-8", "replace")
 
@@ -164,7 +190,7 @@ class LlamaCppEngine:
 
     def submit(
         self,
-        prompt: list[int],
+        prompt: Prompt,
         params: SamplingParams,
         on_done: Callable[[Finish], None] | None = None,
     ) -> Generation:
@@ -184,7 +210,9 @@ class LlamaCppEngine:
     def _run(self, generation: Generation) -> Finish:
         """Decode one generation on the worker thread, checking for cancellation each step."""
         params = generation.params
-        prompt_tokens = len(generation.prompt)
+        prompt = generation.prompt.tokens
+        assert prompt is not None, "llama.cpp decodes token ids: use prepare_chat/prepare_text"
+        prompt_tokens = len(prompt)
         if generation.cancelled:
             return Finish("cancelled", 0, 0)  # never started: nothing to bill
         llm = self._llm
@@ -194,7 +222,7 @@ class LlamaCppEngine:
         delivered = False
         reason: FinishReason = "length"
         tokens = llm.generate(
-            generation.prompt,
+            prompt,
             temp=params.temperature,
             top_p=params.top_p,
             top_k=0,
@@ -261,3 +289,9 @@ class LlamaCppEngine:
     def _embed_sync(self, texts: list[str]) -> tuple[list[list[float]], int]:
         vectors, total = self._embedder.embed(texts, normalize=True, return_count=True)
         return [list(map(float, vector)) for vector in vectors], int(total)
+
+
+async def _maybe_offload(function: Callable[[T], list[int]], argument: T, size: int) -> list[int]:
+    if size < _OFFLOAD_CHARS:
+        return function(argument)
+    return await asyncio.to_thread(function, argument)

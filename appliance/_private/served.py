@@ -11,19 +11,28 @@ from appliance._private.config import ModelConfig
 from appliance._private.engine import Engine, Finish, Generation
 from appliance._private.llamacpp import LlamaCppEngine
 from appliance._private.metrics import ApplianceMetrics
+from appliance._private.upstream import OpenAIUpstreamEngine
 from federation import ModelCard, Performance
 
 _WINDOW = 256
+# Weight of the newest sample in the moving averages the router selects by.
+_EWMA_ALPHA = 0.3
 
 
 class ServedModel:
     def __init__(self, config: ModelConfig, path: Path, metrics: ApplianceMetrics) -> None:
         self.config = config
         self.created = int(time.time())
-        self.engine: Engine = LlamaCppEngine(config, path, self._finished)
+        self.engine: Engine = (
+            OpenAIUpstreamEngine(config, self._finished)
+            if config.engine == "openai"
+            else LlamaCppEngine(config, path, self._finished)
+        )
         self._metrics = metrics
         self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)
         self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)
+        self.ttft_ewma_ms: float | None = None
+        self.tpot_ewma_ms: float | None = None
         metrics.watch_load(config.id, self.engine.load_now)
 
     @property
@@ -42,10 +51,12 @@ class ServedModel:
         ttft = first - generation.submitted_at
         metrics.ttft.labels(model).observe(ttft)
         self._ttft_ms.append(ttft * 1000)
+        self.ttft_ewma_ms = _ewma(self.ttft_ewma_ms, ttft * 1000)
         if finish.completion_tokens > 1:
             tpot = (time.perf_counter() - first) / (finish.completion_tokens - 1)
             metrics.tpot.labels(model).observe(tpot)
             self._tpot_ms.append(tpot * 1000)
+            self.tpot_ewma_ms = _ewma(self.tpot_ewma_ms, tpot * 1000)
 
     def performance(self) -> Performance:
         return Performance(ttft_p50_ms=_median(self._ttft_ms), tpot_p50_ms=_median(self._tpot_ms))
@@ -61,6 +72,12 @@ class ServedModel:
             device_class=self.config.device_class,
             context_length=self.config.context_length,
         )
+
+
+def _ewma(average: float | None, sample: float) -> float:
+    if average is None:
+        return round(sample, 3)
+    return round(average + _EWMA_ALPHA * (sample - average), 3)
 
 
 def _median(samples: deque[float]) -> float | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import sys
 
 import uvicorn
@@ -12,15 +11,20 @@ import uvicorn
 from appliance._private.app import create_app
 from appliance._private.config import ApplianceConfig
 from appliance._private.errors import ModelLoadError
+from appliance._private.upstream import upstream_key
 from compliance import Recorder
-from federation import ConfigError, Tenancy
+from federation import ConfigError, Tenancy, bind_socket, join_secret, url_of
 
 log = logging.getLogger("palisade.appliance")
 
 
 def check_models(config: ApplianceConfig) -> None:
-    """Fail before binding when a model file is missing, with the command that fixes it."""
+    """Fail before binding when a model file or an upstream key is missing, saying how to fix
+    it. (Whether an upstream answers is checked when the model loads.)"""
     for model in config.models:
+        if model.engine == "openai":
+            upstream_key(model)
+            continue
         path = config.model_path(model)
         if not path.is_file():
             raise ModelLoadError(
@@ -28,23 +32,6 @@ def check_models(config: ApplianceConfig) -> None:
                 "`palisade models fetch-default` for the default model, or fix `path` in the "
                 "appliance config."
             )
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ModelLoadError(
-            f"Cannot listen on {host}:{port}: {exc.strerror}. Pick another --port "
-            "(0 picks a free one) or stop whatever holds it."
-        ) from exc
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def check_no_auth(config: ApplianceConfig) -> None:
@@ -65,8 +52,8 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
     check_models(config)
     if no_auth:
         check_no_auth(config)
-    sock = bind(config.host, config.port)
-    host, port = sock.getsockname()[:2]
+    sock = bind_socket(config.host, config.port)
+    host = sock.getsockname()[0]
     recorder = None if no_auth else _recorder(config)
     tenancy = None
     if recorder is not None:
@@ -79,7 +66,10 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
         )
     if no_auth and demo:
         raise ConfigError("--demo makes a demo org and key; it needs keys, so drop --no-auth.")
-    app, state = create_app(config, tenancy=tenancy, demo=demo, recorder=recorder)
+    secret = _fleet_secret(config, no_auth=no_auth, host=host)
+    app, state = create_app(
+        config, tenancy=tenancy, demo=demo, recorder=recorder, join_secret=secret
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -94,7 +84,7 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
         server.should_exit = True
 
     state.on_fatal = stop_on_fatal
-    url = f"http://{_url_host(host)}:{port}"
+    url = url_of(sock)
     state.url = url
     if no_auth:
         log.warning(
@@ -108,6 +98,24 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
     return 0
 
 
+def _fleet_secret(config: ApplianceConfig, *, no_auth: bool, host: str) -> bytes | None:
+    """The join secret when this node joins a router's fleet (checked before serving)."""
+    if config.router_url is None:
+        return None
+    if no_auth:
+        raise ConfigError(
+            "--no-auth cannot be combined with --router: a fleet member checks the router's "
+            "signed assertions and local keys. Drop --no-auth."
+        )
+    if config.advertise_url is None and host in ("0.0.0.0", "::"):  # noqa: S104 - a check
+        raise ConfigError(
+            f"This node listens on {host}, so the router cannot be told one address to reach "
+            "it: set --advertise-url (or `advertise_url` in the config), e.g. "
+            "http://10.0.0.5:8400."
+        )
+    return join_secret(required=True)
+
+
 def _recorder(config: ApplianceConfig) -> Recorder:
     return Recorder(
         config.home(),
@@ -117,17 +125,15 @@ def _recorder(config: ApplianceConfig) -> Recorder:
     )
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 def _announce(config: ApplianceConfig, url: str, *, no_auth: bool) -> None:
     model = config.models[0].id
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
     auth = "" if no_auth else '-H "Authorization: Bearer $PALISADE_API_KEY" '
     mode = "authentication OFF (--no-auth)" if no_auth else "API keys required"
+    fleet = f", fleet member of {config.router_url}" if config.router_url else ""
     sys.stdout.write(
-        f"Palisade appliance {config.node_id} (region {config.region}) listening on {url}\n"
+        f"Palisade appliance {config.node_id} (region {config.region}{fleet}) "
+        f"listening on {url}\n"
         f"  models: {', '.join(m.id for m in config.models)} ({mode})\n"
         f"  try:    curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}-d '{body}'\n"

@@ -100,6 +100,7 @@ class RouterState:
         self.url = f"http://{config.host}:{config.port}"
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[str] = set()
+        self._probes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         admin_key = await self.tenancy.start()
@@ -115,9 +116,10 @@ class RouterState:
             _announce_demo(await self.tenancy.demo_key(self.demo_regions), self)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._probes]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.forwarder.close()
@@ -143,7 +145,9 @@ class RouterState:
             for node in list(self.fleet.nodes.values()):
                 if node.id not in self._probing and self.fleet.probe_due(node):
                     self._probing.add(node.id)
-                    asyncio.create_task(self._probe(node.id))  # noqa: RUF006 - tracked by id
+                    probe = asyncio.create_task(self._probe(node.id))
+                    self._probes.add(probe)  # the loop keeps only weak references to tasks
+                    probe.add_done_callback(self._probes.discard)
             await asyncio.sleep(self.config.health.probe_interval_s)
 
     async def _probe(self, node_id: str) -> None:
@@ -282,7 +286,9 @@ def _call(
         )
     wants = routed.stream_options is not None and routed.stream_options.include_usage
     limit = routed.max_completion_tokens or routed.max_tokens
-    if limit is None:
+    if endpoint == "/v1/embeddings":
+        limit = 0  # embeddings read their input and write no tokens
+    elif limit is None:
         limit = _context_length(state, routed.model)
     # Byte-level tokenizers never make more tokens than bytes: a true worst case to reserve.
     admission = state.tenancy.gate.admit(principal, len(body) + max(limit, 0))

@@ -247,8 +247,14 @@ class Forwarder:
         usage: Usage | None = None
         frames = 0
         status = "cancelled"
+        # Cancelled by the fleet when the node goes down: cutting the connection ends the
+        # read below, and the client gets an error frame instead of waiting for a timeout.
         watchdog: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        watchdog.add_done_callback(lambda _: reply.close())
+
+        def cut(_: object) -> None:
+            reply.close()
+
+        watchdog.add_done_callback(cut)
         node.streams.add(watchdog)
         try:
             pending = b""
@@ -281,8 +287,11 @@ class Forwarder:
         finally:
             node.streams.discard(watchdog)
             node.in_flight -= 1
-            if not watchdog.done():
-                watchdog.cancel()
+            watchdog.remove_done_callback(cut)
+            if status == "ok":
+                reply.release()  # read to the end: the connection goes back to the pool
+            else:
+                reply.close()  # a client that hung up: the node sees it and stops generating
             if usage is None:
                 usage = Usage(0, frames, frames)  # no usage chunk: count what was relayed
             self._settle(call, node, usage, status=status)

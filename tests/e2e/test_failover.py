@@ -225,3 +225,32 @@ def test_a_node_killed_mid_stream_ends_the_stream_with_an_error_frame(tmp_path: 
         assert len(received) < 60  # it did not run to a normal end
         assert "failed while streaming" in failure.value.message
         assert fleet.router.metric("palisade_router_midstream_failures_total") == 1
+
+
+def test_a_client_hanging_up_through_the_router_stops_the_upstream_and_is_metered(
+    tmp_path: Path,
+) -> None:
+    with running_fleet(tmp_path) as fleet:
+        upstream = fleet.standin("slow", token_ms=50, tokens=200)
+        fleet.start_member("eu-1", "eu-west", upstream_toml(upstream, "gpu"))
+        fleet.wait_joined("eu-1")
+        key = fleet.org_key("acme", ["eu-west"])
+        client = openai.OpenAI(base_url=fleet.router.v1, api_key=key, max_retries=0)
+        stream = client.chat.completions.create(
+            model=UPSTREAM_MODEL, messages=MESSAGES, stream=True
+        )
+        for seen, _ in enumerate(stream):
+            if seen == 3:
+                break
+        stream.close()
+        wait_for(lambda: upstream.stats()["streams_cancelled"] == 1, timeout=20)
+        assert upstream.stats()["streams_completed"] == 0
+
+        def metered() -> dict[str, object] | None:
+            rows = fleet.admin.ok("GET", "/admin/v1/usage/records", org="acme")["data"]
+            return rows[0] if rows else None
+
+        record = wait_for(metered, timeout=20)
+        assert record["status"] == "cancelled"
+        assert record["node"] == "eu-1"
+        assert 0 < int(str(record["output_tokens"])) < 200

@@ -1,0 +1,659 @@
+"""The OpenAI-compatible upstream engine: an appliance in front of an RDU or GPU endpoint.
+
+`OpenAIUpstreamEngine` forwards each generation to any server speaking the OpenAI API
+(SambaNova Cloud, vLLM, llama-server, TensorRT-LLM's OpenAI frontend). It has no tokenizer:
+prompts are the messages or text themselves (see `Prompt`), usage comes from the upstream,
+and the upstream enforces its own context window. Generations run as asyncio tasks on the
+event loop over one shared keep-alive `httpx.AsyncClient`; at most `max_concurrency`
+requests are in flight upstream, `max_queue` more wait, and beyond that `submit` answers
+`QueueFullError`. The upstream API key is read from the environment variable named by
+`upstream_key_env` and goes nowhere but the `Authorization` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import logging
+import os
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import httpx
+import msgspec
+from msgspec import Struct
+
+from appliance._private.config import ModelConfig
+from appliance._private.engine import (
+    EngineLoad,
+    Finish,
+    FinishReason,
+    Generation,
+    Prompt,
+    SamplingParams,
+)
+from appliance._private.errors import (
+    ModelLoadError,
+    ModelNotReadyError,
+    QueueFullError,
+    UnsupportedParameterError,
+    UpstreamError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from federation import APIError, InvalidRequestError
+
+log = logging.getLogger("palisade.appliance.upstream")
+
+FinishFn = Callable[[Generation, Finish], None]
+# Chat templates add a few tokens per message (role markers, separators) and a BOS.
+_MESSAGE_OVERHEAD = 8
+_LOAD_RETRY_SECONDS = 3.0
+_MAX_ERROR_TEXT = 500
+_CONNECT_TIMEOUT = 10.0
+_CLOSE_TIMEOUT = 10.0
+
+
+# --- the upstream's wire format: only what is read; unknown fields are ignored ------------
+
+
+class _Usage(Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Delta(Struct):
+    content: str | None = None
+
+
+class _ChunkChoice(Struct):
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _ErrorBody(Struct):
+    message: str | None = None
+    code: str | int | None = None
+    type: str | None = None
+    param: str | None = None
+
+
+class _Chunk(Struct):
+    choices: list[_ChunkChoice] | None = None
+    usage: _Usage | None = None
+    error: _ErrorBody | None = None
+
+
+class _ErrorReply(Struct):
+    error: _ErrorBody | str | None = None
+    message: str | None = None  # some servers answer {"message": ...} or {"detail": ...}
+    detail: str | None = None
+
+
+class _Model(Struct):
+    id: str
+
+
+class _ModelList(Struct):
+    data: list[_Model]
+
+
+class _Embedding(Struct):
+    embedding: list[float] | str
+    index: int = 0
+
+
+class _EmbeddingReply(Struct):
+    data: list[_Embedding]
+    usage: _Usage | None = None
+
+
+_CHUNK = msgspec.json.Decoder(_Chunk)
+_ERROR_REPLY = msgspec.json.Decoder(_ErrorReply)
+_MODEL_LIST = msgspec.json.Decoder(_ModelList)
+_EMBEDDING_REPLY = msgspec.json.Decoder(_EmbeddingReply)
+_ENCODE = msgspec.json.encode
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def upstream_key(config: ModelConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The upstream API key from the environment variable named by `upstream_key_env`."""
+    name = config.upstream_key_env
+    if name is None:
+        return None
+    key = (os.environ if environ is None else environ).get(name, "")
+    if not key:
+        raise ModelLoadError(
+            f"`{config.id}` reads its upstream API key from the environment variable {name} "
+            "(upstream_key_env), but it is not set. Export it before starting the appliance, "
+            "or remove upstream_key_env if the upstream needs no key."
+        )
+    return key
+
+
+class OpenAIUpstreamEngine:
+    """Forwards generations and embeddings to an OpenAI-compatible server."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        on_finish: FinishFn,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if config.upstream_url is None:
+            raise ModelLoadError(
+                f'`{config.id}` has engine = "openai" but no upstream_url; set it to the '
+                "upstream's base URL including /v1."
+            )
+        self._config = config
+        self._on_finish = on_finish
+        self._environ = environ
+        self._base = config.upstream_url.rstrip("/")
+        self._model = config.upstream_model or config.id
+        self._headers: dict[str, str] = {}
+        self._secret: str | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots = asyncio.Semaphore(config.max_concurrency)
+        self._running = 0
+        self._waiting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closer: asyncio.Task[None] | None = None
+        self._durations: deque[float] = deque(maxlen=64)
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def context_length(self) -> int:
+        return self._config.context_length
+
+    @property
+    def early_errors(self) -> bool:
+        return True  # the upstream's 4xx/5xx become the HTTP status
+
+    # --- lifecycle (load and close run in a worker thread, off the event loop) ----------
+
+    def load(self) -> None:
+        """Read the key, then check that the upstream answers GET /models (retrying briefly
+        while it refuses connections, e.g. when it starts together with the appliance)."""
+        # httpx logs every request at INFO: far too much for a gateway forwarding thousands.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self._secret = upstream_key(self._config, self._environ)
+        if self._secret is not None:
+            self._headers = {"Authorization": f"Bearer {self._secret}"}
+        url = f"{self._base}/models"
+        deadline = time.monotonic() + _LOAD_RETRY_SECONDS
+        delay = 0.1
+        with httpx.Client(headers=self._headers, timeout=self._timeout()) as client:
+            while True:
+                try:
+                    response = client.get(url)
+                except httpx.TransportError as exc:
+                    if time.monotonic() + delay < deadline:
+                        time.sleep(delay)
+                        delay *= 2
+                        continue
+                    raise ModelLoadError(
+                        f"Cannot reach the upstream for `{self._config.id}` at {url}: "
+                        f"{self._scrub(str(exc)) or type(exc).__name__}. Start the upstream "
+                        "server, or fix `upstream_url` in the appliance config."
+                    ) from exc
+                if response.status_code >= 500 and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                break
+        self._check_models_reply(url, response)
+        self._ready = True
+
+    def _check_models_reply(self, url: str, response: httpx.Response) -> None:
+        status = response.status_code
+        if status in (401, 403):
+            where = (
+                f"the environment variable {self._config.upstream_key_env} (upstream_key_env)"
+                if self._config.upstream_key_env
+                else "an environment variable, and name it in upstream_key_env"
+            )
+            raise ModelLoadError(
+                f"The upstream at {url} refused the appliance's API key (HTTP {status}) for "
+                f"`{self._config.id}`. Put a valid key in {where}."
+            )
+        if status != 200:
+            raise ModelLoadError(
+                f"The upstream at {url} answered HTTP {status} to GET /models for "
+                f"`{self._config.id}`: {self._error_text(response.content)}. Check that "
+                "`upstream_url` is the base URL of an OpenAI-compatible API, including /v1."
+            )
+        try:
+            models = [model.id for model in _MODEL_LIST.decode(response.content).data]
+        except msgspec.DecodeError as exc:
+            raise ModelLoadError(
+                f"The upstream at {url} did not answer GET /models with an OpenAI model list "
+                f"for `{self._config.id}`. Check that `upstream_url` points at an "
+                "OpenAI-compatible API and includes /v1."
+            ) from exc
+        if self._model not in models:
+            log.warning(
+                "upstream %s does not list model %s (it lists: %s); requests for %s will "
+                "name it anyway: set upstream_model if the upstream calls it something else",
+                url,
+                self._model,
+                ", ".join(models[:20]) or "none",
+                self._config.id,
+            )
+
+    def close(self) -> None:
+        self._ready = False
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            self._closer = loop.create_task(self._shutdown())
+            return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        try:
+            future.result(timeout=_CLOSE_TIMEOUT)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            log.warning("upstream client for %s did not close in time", self._config.id)
+
+    async def _shutdown(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _timeout(self) -> httpx.Timeout:
+        seconds = self._config.upstream_timeout_s
+        return httpx.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT))
+
+    def _session(self) -> httpx.AsyncClient:
+        """The shared keep-alive client, made on the event loop at first use."""
+        if self._client is None:
+            slots = self._config.max_concurrency
+            self._client = httpx.AsyncClient(
+                base_url=self._base,
+                headers=self._headers,
+                timeout=self._timeout(),
+                limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+            )
+            self._loop = asyncio.get_running_loop()
+        return self._client
+
+    # --- prompts: no tokenizer here, so sizes are upper bounds ------------------------------
+
+    async def prepare_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        size = sum(len(message["content"].encode()) + _MESSAGE_OVERHEAD for message in messages)
+        return Prompt(size, messages=messages)
+
+    async def prepare_text(self, source: str | list[int]) -> Prompt:
+        size = len(source.encode()) + 1 if isinstance(source, str) else len(source)
+        return Prompt(size, text=source)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        del tokens
+        raise UnsupportedParameterError(
+            "input",
+            f"`{self._config.id}` is served by an upstream engine and this appliance has no "
+            "tokenizer for it, so token ids cannot be embedded; send the text instead.",
+        )
+
+    # --- generation -------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        on_done: Callable[[Finish], None] | None = None,
+    ) -> Generation:
+        if not self._ready:
+            raise ModelNotReadyError(
+                f"The model `{self._config.id}` is not connected to its upstream yet; retry "
+                "shortly.",
+                retry_after=1,
+            )
+        if prompt.messages is None and prompt.text is None:
+            raise InvalidRequestError(
+                "An upstream engine needs the messages or the prompt text, not token ids alone.",
+                code="invalid_value",
+                param="prompt",
+            )
+        self._check_queue()
+        loop = asyncio.get_running_loop()
+        generation = Generation(prompt, params, loop, on_done)
+        self._waiting += 1
+        task = loop.create_task(self._run(generation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        generation.on_cancel(lambda _: _cancel(task))
+        return generation
+
+    def load_now(self) -> EngineLoad:
+        return EngineLoad(
+            running=self._running, waiting=self._waiting, slots=self._config.max_concurrency
+        )
+
+    def _check_queue(self) -> None:
+        slots, queue = self._config.max_concurrency, self._config.max_queue
+        busy = self._running + self._waiting
+        if busy >= slots + queue:
+            typical = statistics.median(self._durations) if self._durations else 1.0
+            raise QueueFullError(
+                f"The request queue for `{self._config.id}` is full ({slots} in flight to the "
+                f"upstream, {queue} waiting). Retry after the time in the Retry-After header.",
+                retry_after=max(1, min(60, round(typical * busy / slots))),
+            )
+
+    async def _run(self, generation: Generation) -> None:
+        """One generation, start to end; always closes it and reports the finish."""
+        started = time.perf_counter()
+        progress = _Progress(generation.prompt)
+        queued = True
+        try:
+            async with self._slots:
+                self._waiting -= 1
+                queued = False
+                self._running += 1
+                try:
+                    await self._generate(generation, progress)
+                finally:
+                    self._running -= 1
+            finish = progress.finish()
+        except asyncio.CancelledError:
+            finish = progress.finish("cancelled")
+        except APIError as exc:
+            finish = progress.failed(exc)
+        except Exception as exc:
+            log.exception("upstream generation failed for model %s", self._config.id)
+            reason = self._scrub(repr(exc))
+            finish = progress.failed(
+                UpstreamError(f"The upstream engine's reply could not be read ({reason}).")
+            )
+        finally:
+            if queued:
+                self._waiting -= 1
+        if finish.reason in ("stop", "length"):  # typical durations, for Retry-After
+            self._durations.append(time.perf_counter() - started)
+        generation.close(finish)
+        self._on_finish(generation, finish)
+
+    async def _generate(self, generation: Generation, progress: _Progress) -> None:
+        prompt, path = generation.prompt, "/completions"
+        body: dict[str, Any] = {"model": self._model}
+        if prompt.messages is not None:
+            path = "/chat/completions"
+            body["messages"] = prompt.messages
+        else:
+            body["prompt"] = prompt.text
+        body |= _sampling(generation.params)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        client = self._session()
+        try:
+            async with client.stream(
+                "POST", path, content=_ENCODE(body), headers=_JSON_HEADERS
+            ) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    self._reject(path, response)
+                progress.sent = True
+                await self._read_stream(generation, progress, response)
+        except httpx.HTTPError as exc:
+            self._transport_failure(path, exc)
+
+    async def _read_stream(
+        self, generation: Generation, progress: _Progress, response: httpx.Response
+    ) -> None:
+        kind = response.headers.get("content-type", "")
+        if not kind.startswith("text/event-stream"):
+            self._malformed(f"it answered {kind or 'no content type'} instead of an event stream")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank lines, comments (": keep-alive") and event names
+            data = line[5:].strip()
+            if data == "[DONE]":
+                progress.done = True
+                return
+            try:
+                chunk = _CHUNK.decode(data)
+            except msgspec.DecodeError:
+                self._malformed(f"a stream event is not OpenAI JSON: {data[:100]!r}")
+            if chunk.error is not None:
+                message = self._scrub(chunk.error.message or "no message")
+                raise UpstreamError(
+                    f"The upstream engine failed while generating: {message[:_MAX_ERROR_TEXT]}"
+                )
+            if chunk.usage is not None:
+                progress.usage = chunk.usage
+            for choice in chunk.choices or ():
+                text = choice.delta.content if choice.delta is not None else choice.text
+                if text:
+                    progress.produced += 1
+                    generation.emit(text)
+                if choice.finish_reason is not None:
+                    progress.reason = "length" if choice.finish_reason == "length" else "stop"
+        if progress.reason is None:
+            self._malformed("the stream ended before a finish_reason or [DONE]")
+        progress.done = True
+
+    # --- embeddings -------------------------------------------------------------------
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if not self._config.embeddings:
+            raise InvalidRequestError(
+                f"Embeddings are disabled for `{self._config.id}` (embeddings = false in the "
+                "appliance config).",
+                code="embeddings_disabled",
+                param="model",
+            )
+        if not self._ready:
+            raise ModelNotReadyError(
+                f"The model `{self._config.id}` is not connected to its upstream yet.",
+                retry_after=1,
+            )
+        self._check_queue()
+        body = {"model": self._model, "input": texts, "encoding_format": "float"}
+        path = "/embeddings"
+        self._waiting += 1
+        queued = True
+        try:
+            async with self._slots:
+                self._waiting -= 1
+                queued = False
+                self._running += 1
+                try:
+                    response = await self._session().post(
+                        path, content=_ENCODE(body), headers=_JSON_HEADERS
+                    )
+                except httpx.HTTPError as exc:
+                    self._transport_failure(path, exc)
+                finally:
+                    self._running -= 1
+        finally:
+            if queued:
+                self._waiting -= 1
+        if response.status_code != 200:
+            self._reject(path, response)
+        try:
+            reply = _EMBEDDING_REPLY.decode(response.content)
+        except msgspec.DecodeError:
+            self._malformed("the embeddings reply is not an OpenAI embedding list")
+        if len(reply.data) != len(texts):
+            self._malformed(f"it returned {len(reply.data)} embeddings for {len(texts)} inputs")
+        vectors = [_floats(item.embedding) for item in sorted(reply.data, key=lambda d: d.index)]
+        tokens = reply.usage.prompt_tokens if reply.usage is not None else 0
+        return vectors, tokens
+
+    # --- failures: say what failed and how to fix it; never the key -----------------------
+
+    def _reject(self, path: str, response: httpx.Response) -> NoReturn:
+        """An HTTP error from the upstream, as the error the client should see."""
+        status = response.status_code
+        message, code, param = self._error_detail(response.content)
+        if status in (401, 403):
+            log.warning(
+                "upstream %s%s refused the appliance's API key (HTTP %s) for model %s; check "
+                "the variable named by upstream_key_env",
+                self._base,
+                path,
+                status,
+                self._config.id,
+            )
+            raise UpstreamError(
+                f"The upstream engine refused this appliance's credentials (HTTP {status}). "
+                "The appliance's operator must fix the upstream API key; retry on another "
+                "node meanwhile."
+            )
+        if status == 404:
+            log.warning(
+                "upstream %s%s answered 404 for model %s (upstream model %s): %s",
+                self._base,
+                path,
+                self._config.id,
+                self._model,
+                message,
+            )
+            raise UpstreamError(
+                f"The upstream engine does not serve `{self._model}` at this endpoint "
+                f"(HTTP 404: {message}). The appliance's operator must fix upstream_model or "
+                "upstream_url."
+            )
+        if 400 <= status < 500:
+            raise UpstreamRejectedError.for_status(
+                status,
+                f"The upstream engine rejected the request (HTTP {status}): {message}",
+                code or "upstream_rejected",
+                param,
+            )
+        log.warning("upstream %s%s answered HTTP %s: %s", self._base, path, status, message)
+        raise UpstreamError(
+            f"The upstream engine failed (HTTP {status}: {message}). Retry, or retry on "
+            "another node."
+        )
+
+    def _transport_failure(self, path: str, exc: httpx.HTTPError) -> NoReturn:
+        reason = self._scrub(str(exc)) or type(exc).__name__
+        log.warning("upstream %s%s: %s: %s", self._base, path, type(exc).__name__, reason)
+        if isinstance(exc, httpx.TimeoutException):
+            raise UpstreamTimeoutError(
+                f"The upstream engine did not answer within {self._config.upstream_timeout_s:g}s"
+                f" ({type(exc).__name__}). Retry, or retry on another node; the operator can "
+                "raise upstream_timeout_s."
+            ) from exc
+        if isinstance(exc, httpx.TransportError):
+            raise UpstreamUnavailableError(
+                f"The upstream engine is unreachable ({type(exc).__name__}: {reason}). Retry "
+                "on another node; the appliance's operator must check that the upstream is "
+                "running."
+            ) from exc
+        raise UpstreamError(f"The upstream engine's reply is broken ({reason}).") from exc
+
+    def _malformed(self, what: str) -> NoReturn:
+        log.warning("upstream %s answered malformed: %s", self._base, what)
+        raise UpstreamError(
+            f"The upstream engine's reply is not the OpenAI API: {what}. The appliance's "
+            "operator must check that upstream_url points at an OpenAI-compatible server."
+        )
+
+    def _error_detail(self, raw: bytes) -> tuple[str, str | None, str | None]:
+        """Message, code and param of an upstream error body (OpenAI's shape or close)."""
+        try:
+            reply = _ERROR_REPLY.decode(raw)
+        except msgspec.DecodeError:
+            return self._error_text(raw), None, None
+        error = reply.error
+        if isinstance(error, _ErrorBody):
+            code = error.code if isinstance(error.code, str) else None
+            message = self._scrub(error.message or "no message")[:_MAX_ERROR_TEXT]
+            return message, code, error.param
+        text = error or reply.message or reply.detail
+        return (self._scrub(text)[:_MAX_ERROR_TEXT] if text else self._error_text(raw)), None, None
+
+    def _error_text(self, raw: bytes) -> str:
+        text = raw[:_MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
+        return self._scrub(text) or "empty reply"
+
+    def _scrub(self, text: str) -> str:
+        """Upstream text with the key removed, in case the upstream echoes it back."""
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+class _Progress:
+    """What one generation has got from the upstream so far, turned into its `Finish`."""
+
+    __slots__ = ("done", "produced", "prompt", "reason", "sent", "usage")
+
+    def __init__(self, prompt: Prompt) -> None:
+        self.prompt = prompt
+        self.sent = False
+        self.done = False
+        self.produced = 0
+        self.reason: FinishReason | None = None
+        self.usage: _Usage | None = None
+
+    def _counts(self) -> tuple[int, int]:
+        if self.usage is not None:
+            return self.usage.prompt_tokens, self.usage.completion_tokens
+        if not self.sent:
+            return 0, 0  # never reached the upstream: nothing to bill
+        # No usage from the upstream: its prompt size is bounded by ours; count the chunks.
+        return self.prompt.size, self.produced
+
+    def finish(self, reason: FinishReason | None = None) -> Finish:
+        prompt_tokens, completion_tokens = self._counts()
+        return Finish(reason or self.reason or "stop", prompt_tokens, completion_tokens)
+
+    def failed(self, exc: APIError) -> Finish:
+        prompt_tokens, completion_tokens = self._counts() if self.produced else (0, 0)
+        return Finish(
+            "error",
+            prompt_tokens,
+            completion_tokens,
+            error=exc.message,
+            status=exc.status_code,
+            code=exc.code,
+            param=exc.param,
+        )
+
+
+def _sampling(params: SamplingParams) -> dict[str, Any]:
+    """SamplingParams as OpenAI request fields (defaults left out where the API allows)."""
+    fields: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p}
+    if params.explicit_max_tokens:
+        fields["max_tokens"] = params.max_tokens
+    if params.seed is not None:
+        fields["seed"] = params.seed
+    if params.presence_penalty:
+        fields["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        fields["frequency_penalty"] = params.frequency_penalty
+    if params.stop:
+        fields["stop"] = list(params.stop)
+    return fields
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()  # the task closes the generation and reports its finish
+
+
+def _floats(embedding: list[float] | str) -> list[float]:
+    if isinstance(embedding, list):
+        return embedding
+    raw = base64.b64decode(embedding)
+    return list(memoryview(raw).cast("f"))

@@ -1,0 +1,548 @@
+"""A stand-in OpenAI-compatible server for what cannot run here (a SambaNova RDU endpoint,
+vLLM on a GPU): a real HTTP server speaking the real protocol, with deterministic output.
+
+    python -m tests.standin --host 127.0.0.1 --port 0 [--ttft-ms N] [--token-ms N]
+                            [--tokens N] [--api-key K] [--model NAME]
+
+prints `standin listening on http://HOST:PORT` once bound and serves until SIGTERM/SIGINT.
+Each completion is `--tokens` tokens (" tok0", " tok1", ...), capped by the request's
+`max_tokens`; `prompt_tokens` is the number of whitespace-separated words in the prompt.
+`GET /stats` counts what happened (for tests to assert on) and `POST /control` changes
+latency, length or the key, or injects OpenAI-shaped errors, at runtime (the fields of
+`Settings`). With zero delays nothing ever sleeps: this is the fast upstream of the router
+overhead benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"standin listening on (?P<url>http://\S+)")
+_ENCODE = msgspec.json.encode
+_DECODE = msgspec.json.decode
+_JSON = "application/json"
+_DONE = b"data: [DONE]\n\n"
+_DIMENSIONS = 8
+_CONTROLS = frozenset(
+    {"ttft_ms", "token_ms", "tokens", "fail_status", "fail_code", "fail_after_tokens", "api_key"}
+)
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+@dataclass
+class Settings:
+    """Behaviour, changeable at runtime through `POST /control`."""
+
+    ttft_ms: float = 0.0
+    token_ms: float = 0.0
+    tokens: int = 8
+    model: str = "standin-model"
+    api_key: str | None = None
+    fail_status: int | None = None
+    fail_code: str | None = None
+    # After this many tokens of a stream, end it with an OpenAI error event.
+    fail_after_tokens: int | None = None
+
+
+@dataclass
+class Stats:
+    requests: dict[str, int] = field(default_factory=dict)
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_cancelled: int = 0
+    in_flight: int = 0
+    last_body: Any = None
+    last_path: str | None = None
+
+
+@lru_cache(maxsize=1024)
+def _text(count: int) -> str:
+    return "".join(f" tok{index}" for index in range(count))
+
+
+def _words(value: object) -> int:
+    """A deterministic prompt size: words in every string, items in every token list."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list):
+        return sum(_words(item) for item in value)
+    if isinstance(value, dict):
+        if "content" in value:
+            return _words(value["content"])
+        return _words(value.get("text", ""))
+    return 0
+
+
+def _vector(item: object) -> list[float]:
+    seed = zlib.crc32(_ENCODE(item))
+    return [((seed >> (index * 4)) & 0xFF) / 255.0 - 0.5 for index in range(_DIMENSIONS)]
+
+
+def _error(status: int, message: str, code: str | None, param: str | None = None) -> web.Response:
+    error_type = _ERROR_TYPES.get(status, "server_error")
+    body = {"error": {"message": message, "type": error_type, "code": code, "param": param}}
+    return web.Response(body=_ENCODE(body), status=status, content_type=_JSON)
+
+
+class Standin:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = Stats()
+        self._ids = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/readyz", self.ready)
+        app.router.add_get("/healthz", self.ready)
+        app.router.add_get("/stats", self.stats_view)
+        app.router.add_post("/control", self.control)
+        return app
+
+    # --- common -----------------------------------------------------------------------
+
+    def _count(self, path: str) -> None:
+        requests = self.stats.requests
+        requests[path] = requests.get(path, 0) + 1
+
+    def _refuse(self, request: web.Request) -> web.Response | None:
+        """An OpenAI-shaped error when the key is wrong or an error is injected."""
+        settings = self.settings
+        if settings.api_key is not None and (
+            request.headers.get("Authorization") != f"Bearer {settings.api_key}"
+        ):
+            return _error(
+                401, "Incorrect API key provided to the stand-in.", "invalid_api_key", None
+            )
+        if settings.fail_status is not None:
+            code = settings.fail_code or "standin_failure"
+            return _error(
+                settings.fail_status, f"The stand-in was told to fail ({code}).", code, None
+            )
+        return None
+
+    async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        try:
+            body = _DECODE(await request.read())
+        except msgspec.DecodeError:
+            return _error(400, "The body is not valid JSON.", "invalid_json")
+        if not isinstance(body, dict):
+            return _error(400, "The body must be a JSON object.", "invalid_json")
+        self.stats.last_body = body
+        self.stats.last_path = request.path
+        return body
+
+    def _next_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-standin-{self._ids}"
+
+    # --- generation -------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        self._count(request.path)
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        settings = self.settings
+        prompt = body.get("messages") if chat else body.get("prompt")
+        if prompt is None:
+            name = "messages" if chat else "prompt"
+            return _error(400, f"Missing required parameter `{name}`.", "missing", name)
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
+        count = settings.tokens
+        reason = "stop"
+        if isinstance(limit, int) and limit < count:
+            count, reason = limit, "length"
+        usage = {
+            "prompt_tokens": _words(prompt),
+            "completion_tokens": count,
+            "total_tokens": _words(prompt) + count,
+        }
+        model = body.get("model", settings.model)
+        if body.get("stream"):
+            options = body.get("stream_options") or {}
+            usage_wanted = bool(options.get("include_usage"))
+            return await self._stream(
+                request,
+                chat=chat,
+                model=model,
+                count=count,
+                reason=reason,
+                usage=usage if usage_wanted else None,
+            )
+        self.stats.in_flight += 1
+        try:
+            if settings.ttft_ms or settings.token_ms:
+                delay = settings.ttft_ms + settings.token_ms * max(0, count - 1)
+                await asyncio.sleep(delay / 1000)
+        finally:
+            self.stats.in_flight -= 1
+        text = _text(count)
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        payload = {
+            "id": self._next_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+        return web.Response(body=_ENCODE(payload), content_type=_JSON)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        *,
+        chat: bool,
+        model: str,
+        count: int,
+        reason: str,
+        usage: dict[str, int] | None,
+    ) -> web.StreamResponse:
+        settings = self.settings
+        stats = self.stats
+        ident = self._next_id("chatcmpl" if chat else "cmpl")
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None = None, *, first: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, str] = {"role": "assistant", "content": ""} if first else {}
+                if text is not None:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish}
+            event = {"id": ident, "object": kind, "created": created, "model": model}
+            event["choices"] = [choice]
+            return b"data: " + _ENCODE(event) + b"\n\n"
+
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        stats.streams_started += 1
+        stats.in_flight += 1
+        try:
+            await response.prepare(request)
+            if settings.ttft_ms:
+                await asyncio.sleep(settings.ttft_ms / 1000)
+            if chat:
+                await response.write(chunk(None, first=True))
+            for index in range(count):
+                if index and settings.token_ms:
+                    await asyncio.sleep(settings.token_ms / 1000)
+                if settings.fail_after_tokens is not None and index >= settings.fail_after_tokens:
+                    error = {
+                        "error": {
+                            "message": "The stand-in failed mid-stream.",
+                            "type": "server_error",
+                            "code": settings.fail_code or "standin_failure",
+                            "param": None,
+                        }
+                    }
+                    await response.write(b"data: " + _ENCODE(error) + b"\n\n")
+                    stats.streams_completed += 1
+                    return response
+                await response.write(chunk(f" tok{index}"))
+            await response.write(chunk(None if chat else "", reason))
+            if usage is not None:
+                event = {"id": ident, "object": kind, "created": created, "model": model}
+                event |= {"choices": [], "usage": usage}
+                await response.write(b"data: " + _ENCODE(event) + b"\n\n")
+            await response.write(_DONE)
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            stats.streams_cancelled += 1
+            raise
+        finally:
+            stats.in_flight -= 1
+        stats.streams_completed += 1
+        return response
+
+    # --- the rest of the API ------------------------------------------------------------
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        self._count(request.path)
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        raw = body.get("input")
+        if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+            inputs: list[Any] = [raw]
+        elif isinstance(raw, list) and raw:
+            inputs = raw
+        else:
+            return _error(400, "`input` must be a string or a non-empty list.", "invalid_value")
+        tokens = _words(inputs)
+        payload = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": index, "embedding": _vector(item)}
+                for index, item in enumerate(inputs)
+            ],
+            "model": body.get("model", self.settings.model),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return web.Response(body=_ENCODE(payload), content_type=_JSON)
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._count(request.path)
+        refused = self._refuse(request)
+        if refused is not None:
+            return refused
+        card = {"id": self.settings.model, "object": "model", "created": 0, "owned_by": "standin"}
+        return web.Response(body=_ENCODE({"object": "list", "data": [card]}), content_type=_JSON)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        del request
+        return web.Response(body=b'{"status": "ok"}', content_type=_JSON)
+
+    async def stats_view(self, request: web.Request) -> web.Response:
+        del request
+        stats = self.stats
+        payload = {
+            "requests": stats.requests,
+            "streams_started": stats.streams_started,
+            "streams_completed": stats.streams_completed,
+            "streams_cancelled": stats.streams_cancelled,
+            "in_flight": stats.in_flight,
+            "last_body": stats.last_body,
+            "last_path": stats.last_path,
+        }
+        return web.Response(body=_ENCODE(payload), content_type=_JSON)
+
+    async def control(self, request: web.Request) -> web.Response:
+        try:
+            body = _DECODE(await request.read())
+        except msgspec.DecodeError:
+            return _error(400, "The body is not valid JSON.", "invalid_json")
+        if not isinstance(body, dict) or not set(body) <= _CONTROLS:
+            return _error(400, f"Send a JSON object with keys among {sorted(_CONTROLS)}.", None)
+        settings = self.settings
+        for name, value in body.items():
+            setattr(settings, name, value)
+        current = {
+            "ttft_ms": settings.ttft_ms,
+            "token_ms": settings.token_ms,
+            "tokens": settings.tokens,
+            "fail_status": settings.fail_status,
+            "fail_code": settings.fail_code,
+            "fail_after_tokens": settings.fail_after_tokens,
+            "api_key_required": settings.api_key is not None,
+        }
+        return web.Response(body=_ENCODE(current), content_type=_JSON)
+
+
+# --- running it -------------------------------------------------------------------------
+
+
+async def serve(host: str, port: int, settings: Settings) -> None:
+    """Bind, print the listening line, serve until SIGTERM or SIGINT."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    runner = web.AppRunner(
+        Standin(settings).app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock, backlog=2048)
+    await site.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    url_host = f"[{host}]" if ":" in host else host
+    sys.stdout.write(f"standin listening on http://{url_host}:{bound}\n")
+    sys.stdout.flush()
+    try:
+        await stopping.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.standin", description="A stand-in OpenAI-compatible server."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token")
+    parser.add_argument("--token-ms", type=float, default=0.0, help="delay between tokens")
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per completion")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    parser.add_argument("--model", default="standin-model", help="the model id in /v1/models")
+    args = parser.parse_args(argv)
+    settings = Settings(
+        ttft_ms=args.ttft_ms,
+        token_ms=args.token_ms,
+        tokens=args.tokens,
+        model=args.model,
+        api_key=args.api_key,
+    )
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up, present with uvicorn[standard]
+    except ImportError:
+        asyncio.run(serve(args.host, args.port, settings))
+    else:
+        uvloop.run(serve(args.host, args.port, settings))
+
+
+@dataclass
+class RunningStandin:
+    """A stand-in process: `url` is the server root; the OpenAI API is under `v1`."""
+
+    url: str
+    process: subprocess.Popen[str]
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.url}/stats", timeout=10).json()
+        return result
+
+    def control(self, **settings: object) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.post(f"{self.url}/control", json=settings, timeout=10).json()
+        return result
+
+    def stop(self) -> None:
+        """SIGTERM, then wait; a no-op when it has already exited."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def run_standin(
+    *,
+    ttft_ms: float = 0,
+    token_ms: float = 0,
+    tokens: int = 8,
+    api_key: str | None = None,
+    model: str = "standin-model",
+    host: str = "127.0.0.1",
+    ready_timeout: float = 30.0,
+) -> Iterator[RunningStandin]:
+    """Start the stand-in on an ephemeral port, wait for /readyz, stop it with SIGTERM."""
+    command = [sys.executable, "-m", "tests.standin", "--host", host, "--port", "0"]
+    command += ["--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms), "--tokens", str(tokens)]
+    command += ["--model", model]
+    if api_key is not None:
+        command += ["--api-key", api_key]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    output: list[str] = []
+    found = threading.Event()
+    urls: list[str] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if not urls and (match := _LISTENING.search(line)):
+                urls.append(match["url"])
+                found.set()
+        found.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    standin: RunningStandin | None = None
+    try:
+        found.wait(ready_timeout)
+        if not urls:
+            raise RuntimeError("the stand-in did not start:\n" + "".join(output))
+        standin = RunningStandin(urls[0], process, output)
+        _wait_ready(standin, ready_timeout)
+        yield standin
+    finally:
+        if standin is not None:
+            standin.stop()
+        elif process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+        reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _wait_ready(standin: RunningStandin, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if standin.process.poll() is not None:
+            raise RuntimeError("the stand-in exited:\n" + "".join(standin.output))
+        try:
+            if httpx.get(f"{standin.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the stand-in at {standin.url} was not ready within {timeout}s")
+        time.sleep(0.02)
+
+
+if __name__ == "__main__":
+    main()
