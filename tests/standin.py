@@ -37,6 +37,8 @@ import httpx
 import msgspec
 from aiohttp import web
 
+from tests.support import wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"standin listening on (?P<url>http://\S+)")
 _ENCODE = msgspec.json.encode
@@ -530,18 +532,16 @@ def run_standin(
 
 
 def _wait_ready(standin: RunningStandin, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if standin.process.poll() is not None:
-            raise RuntimeError("the stand-in exited:\n" + "".join(standin.output))
-        try:
-            if httpx.get(f"{standin.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the stand-in at {standin.url} was not ready within {timeout}s")
-        time.sleep(0.02)
+    wait_for(lambda: _ready(standin), timeout=timeout)
+
+
+def _ready(standin: RunningStandin) -> bool:
+    if standin.process.poll() is not None:
+        raise RuntimeError("the stand-in exited:\n" + "".join(standin.output))
+    try:
+        return httpx.get(f"{standin.url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 if __name__ == "__main__":

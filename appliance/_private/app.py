@@ -310,6 +310,7 @@ class ApplianceState:
         models = []
         for served in self.models.values():
             load = served.engine.load_now()
+            performance = served.performance()
             models.append(
                 NodeModel(
                     id=served.id,
@@ -319,9 +320,10 @@ class ApplianceState:
                     pricing=served.config.pricing,
                     ttft_ewma_ms=served.ttft_ewma_ms,
                     tpot_ewma_ms=served.tpot_ewma_ms,
-                    ttft_p50_ms=served.performance().ttft_p50_ms,
+                    ttft_p50_ms=performance.ttft_p50_ms,
                     queue_depth=load.waiting,
                     in_flight=load.running,
+                    tpot_p50_ms=performance.tpot_p50_ms,
                 )
             )
         return Heartbeat(

@@ -44,6 +44,16 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     upstream_key_env: EnvName | None = None
     max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 64
     upstream_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    # Continuous batching (llamacpp): sequences decoded together in one llama.cpp batch,
+    # the KV cache they share (default: context_length for each), the tokens one step may
+    # decode, and the fixed size of the chunks prompts are read in.
+    max_sequences: Annotated[int, Meta(ge=1, le=256)] = 16
+    kv_cache_tokens: Annotated[int, Meta(ge=64, le=16_777_216)] | None = None
+    step_tokens: Annotated[int, Meta(ge=16, le=65_536)] = 512
+    prefill_chunk: Annotated[int, Meta(ge=1, le=8192)] = 16
+
+    def kv_tokens(self) -> int:
+        return self.kv_cache_tokens or self.context_length * self.max_sequences
 
 
 class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -123,6 +133,14 @@ def check_engines(config: ApplianceConfig, source: str) -> None:
                         f'engine = "openai" to `{where}` to forward to an upstream, or remove '
                         f"`{key}`."
                     )
+            each = model.kv_tokens() // model.max_sequences
+            if each < model.context_length:
+                raise ConfigError(
+                    f"{source}: `{where}.kv_cache_tokens` = {model.kv_tokens()} gives each of "
+                    f"its {model.max_sequences} sequences {each} KV cells, fewer than "
+                    f"context_length = {model.context_length}; raise kv_cache_tokens, or lower "
+                    "max_sequences or context_length."
+                )
         elif model.upstream_url is None:
             raise ConfigError(
                 f'{source}: `{where}.upstream_url` is required when engine = "openai"; set '

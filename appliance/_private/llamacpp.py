@@ -1,4 +1,4 @@
-"""The llama.cpp engine (llama-cpp-python), decoding one generation at a time.
+"""The llama.cpp engine (llama-cpp-python), continuously batched (see batching.py).
 
 llama-cpp-python's ctypes calls release the GIL, so decoding on the worker thread leaves
 the event loop free. The chat template comes from the GGUF's `tokenizer.chat_template`.
@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from appliance._private.batching import BatchLimits, BatchScheduler, StepStats
 from appliance._private.config import ModelConfig
 from appliance._private.engine import (
     EngineLoad,
     Finish,
-    FinishReason,
     Generation,
     Prompt,
     SamplingParams,
@@ -29,29 +28,35 @@ from appliance._private.errors import (
     ModelNotReadyError,
     QueueFullError,
 )
-from appliance._private.scheduler import SerialScheduler
-from appliance._private.textstream import StopMatcher, Utf8Stream
 from federation import InvalidRequestError
 
 FinishFn = Callable[[Generation, Finish], None]
-# After the first token, wait at most this long for the loop to send it (see wait_delivered).
-_FIRST_DELIVERY_WAIT = 0.005
+StepFn = Callable[[StepStats], None]
+# The tokenizer/template context; generation runs in the scheduler's own context.
+_TOKENIZER_CONTEXT = 64
 # Prompts longer than this (characters) are templated and tokenized off the event loop.
 _OFFLOAD_CHARS = 16_384
 T = TypeVar("T")
 
 
 class LlamaCppEngine:
-    def __init__(self, config: ModelConfig, path: Path, on_finish: FinishFn) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        path: Path,
+        on_finish: FinishFn,
+        on_step: StepFn | None = None,
+    ) -> None:
         self._config = config
         self._path = path
         self._on_finish = on_finish
+        self._on_step = on_step
         self._threads = config.threads or os.cpu_count() or 1
         self._llm: Any = None
         self._embedder: Any = None
         self._formatter: Any = None
         self._eog: frozenset[int] = frozenset()
-        self._scheduler: SerialScheduler | None = None
+        self._scheduler: BatchScheduler | None = None
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._embeds_waiting = 0
 
@@ -79,8 +84,22 @@ class LlamaCppEngine:
         self._eog = self._end_of_generation_tokens()
         if self._config.embeddings:
             self._embedder = self._open(embedding=True)
-        self._scheduler = SerialScheduler(
-            self._run, self._on_finish, max_queue=self._config.max_queue, name=self._config.id
+        config = self._config
+        limits = BatchLimits(
+            max_sequences=config.max_sequences,
+            kv_cache_tokens=config.kv_tokens(),
+            step_tokens=config.step_tokens,
+            prefill_chunk=config.prefill_chunk,
+            max_queue=config.max_queue,
+            threads=self._threads,
+        )
+        self._scheduler = BatchScheduler(
+            self._llm,
+            limits,
+            eog=self._eog,
+            on_finish=self._on_finish,
+            name=config.id,
+            observer=self._on_step,
         )
 
     def close(self) -> None:
@@ -96,14 +115,18 @@ class LlamaCppEngine:
     def _open(self, *, embedding: bool) -> Any:
         from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama  # heavy: imported on load only
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"n_ctx": _TOKENIZER_CONTEXT}
         if embedding:
             ctx = self._config.context_length
-            extra = {"pooling_type": LLAMA_POOLING_TYPE_MEAN, "n_batch": ctx, "n_ubatch": ctx}
+            extra = {
+                "n_ctx": ctx,
+                "pooling_type": LLAMA_POOLING_TYPE_MEAN,
+                "n_batch": ctx,
+                "n_ubatch": ctx,
+            }
         try:
             return Llama(
                 model_path=str(self._path),
-                n_ctx=self._config.context_length,
                 n_threads=self._threads,
                 n_threads_batch=self._threads,
                 embedding=embedding,
@@ -204,55 +227,8 @@ class LlamaCppEngine:
 
     def load_now(self) -> EngineLoad:
         if self._scheduler is None:
-            return EngineLoad(running=0, waiting=0, slots=1)
+            return EngineLoad(running=0, waiting=0, slots=self._config.max_sequences)
         return self._scheduler.load()
-
-    def _run(self, generation: Generation) -> Finish:
-        """Decode one generation on the worker thread, checking for cancellation each step."""
-        params = generation.params
-        prompt = generation.prompt.tokens
-        assert prompt is not None, "llama.cpp decodes token ids: use prepare_chat/prepare_text"
-        prompt_tokens = len(prompt)
-        if generation.cancelled:
-            return Finish("cancelled", 0, 0)  # never started: nothing to bill
-        llm = self._llm
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        utf8, stops = Utf8Stream(), StopMatcher(params.stop)
-        produced = 0
-        delivered = False
-        reason: FinishReason = "length"
-        tokens = llm.generate(
-            prompt,
-            temp=params.temperature,
-            top_p=params.top_p,
-            top_k=0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
-        for token in tokens:
-            if generation.cancelled:
-                return Finish("cancelled", prompt_tokens, produced)
-            if token in self._eog:
-                reason = "stop"
-                break
-            produced += 1
-            text, stopped = stops.feed(utf8.feed(llm.detokenize([token])))
-            if text:
-                generation.emit(text)
-                if not delivered:
-                    generation.wait_delivered(_FIRST_DELIVERY_WAIT)
-                    delivered = True
-            if stopped:
-                return Finish("stop", prompt_tokens, produced)
-            if produced >= params.max_tokens:
-                break
-        tail, _ = stops.feed(utf8.flush())
-        tail += stops.flush()
-        if tail:
-            generation.emit(tail)
-        return Finish(reason, prompt_tokens, produced)
 
     # --- embeddings -----------------------------------------------------------------------
 

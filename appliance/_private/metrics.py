@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from appliance._private.batching import StepStats
 from appliance._private.engine import EngineLoad
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 64, 128, 256)
+# Prefill and decode throughput gauges average the steps of this many recent seconds.
+_RATE_WINDOW_S = 5.0
 
 
 class ApplianceMetrics:
@@ -66,6 +73,69 @@ class ApplianceMetrics:
             ["model"],
             registry=r,
         )
+
+        self.batch_sequences = Histogram(
+            "palisade_batch_sequences",
+            "Sequences in each continuous-batching decode step",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.step_tokens = Counter(
+            "palisade_step_tokens",
+            "Tokens decoded by batching steps, by phase (prefill, decode)",
+            ["model", "phase"],
+            registry=r,
+        )
+        self.prefix_reused = Counter(
+            "palisade_prefix_reused_tokens",
+            "Prompt tokens not recomputed because a slot or a running sequence held them",
+            ["model"],
+            registry=r,
+        )
+        self._kv_cells = Gauge(
+            "palisade_kv_cells",
+            "KV cache cells held by running sequences (in_use) or kept for prefix reuse (cached)",
+            ["model", "state"],
+            registry=r,
+        )
+        self._rates = Gauge(
+            "palisade_tokens_per_second",
+            f"Prefill and decode throughput over the last {_RATE_WINDOW_S:.0f} s of steps",
+            ["model", "phase"],
+            registry=r,
+        )
+        self._steps: dict[str, deque[tuple[float, int, int]]] = {}
+        self._steps_lock = threading.Lock()
+
+    def observe_step(self, model: str, step: StepStats) -> None:
+        """One batching step (called from the engine's thread)."""
+        self.batch_sequences.labels(model).observe(step.sequences)
+        self.step_tokens.labels(model, "prefill").inc(step.prefill_tokens)
+        self.step_tokens.labels(model, "decode").inc(step.decode_tokens)
+        if step.reused_tokens:
+            self.prefix_reused.labels(model).inc(step.reused_tokens)
+        self._kv_cells.labels(model, "in_use").set(step.kv_cells_in_use)
+        self._kv_cells.labels(model, "cached").set(step.kv_cells_cached)
+        now = time.monotonic()
+        with self._steps_lock:
+            if model not in self._steps:
+                self._steps[model] = deque()
+                self._rates.labels(model, "prefill").set_function(lambda: self._rate(model, 1))
+                self._rates.labels(model, "decode").set_function(lambda: self._rate(model, 2))
+            window = self._steps[model]
+            window.append((now, step.prefill_tokens, step.decode_tokens))
+            while window and window[0][0] < now - _RATE_WINDOW_S:
+                window.popleft()
+
+    def _rate(self, model: str, column: int) -> float:
+        with self._steps_lock:
+            window = self._steps.get(model)
+            if not window:
+                return 0.0
+            now = time.monotonic()
+            recent = [entry for entry in window if entry[0] >= now - _RATE_WINDOW_S]
+            return sum(entry[column] for entry in recent) / _RATE_WINDOW_S
 
     def watch_load(self, model: str, load: Callable[[], EngineLoad]) -> None:
         """Read queue depth and running count from the engine at scrape time."""

@@ -26,7 +26,12 @@ class ServedModel:
         self.engine: Engine = (
             OpenAIUpstreamEngine(config, self._finished)
             if config.engine == "openai"
-            else LlamaCppEngine(config, path, self._finished)
+            else LlamaCppEngine(
+                config,
+                path,
+                self._finished,
+                on_step=lambda step: metrics.observe_step(config.id, step),
+            )
         )
         self._metrics = metrics
         self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)

@@ -52,8 +52,10 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
     check_models(config)
     if no_auth:
         check_no_auth(config)
+    if no_auth and demo:
+        raise ConfigError("--demo makes a demo org and key; it needs keys, so drop --no-auth.")
+    secret = _fleet_secret(config, no_auth=no_auth, host=config.host)
     sock = bind_socket(config.host, config.port)
-    host = sock.getsockname()[0]
     recorder = None if no_auth else _recorder(config)
     tenancy = None
     if recorder is not None:
@@ -64,9 +66,6 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
             audit=recorder,
             logging_floor=config.logging_floor,
         )
-    if no_auth and demo:
-        raise ConfigError("--demo makes a demo org and key; it needs keys, so drop --no-auth.")
-    secret = _fleet_secret(config, no_auth=no_auth, host=host)
     app, state = create_app(
         config, tenancy=tenancy, demo=demo, recorder=recorder, join_secret=secret
     )

@@ -14,7 +14,7 @@ Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)]
 # SQLite integers are signed 64-bit: bigger counts are refused with a 400, not a 500.
 TokenCount = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 PerMinute = Annotated[int, Meta(ge=1, le=2**53)]
-UsageGroup = Literal["model", "user", "region", "day", "org", "key"]
+UsageGroup = Literal["model", "user", "region", "node", "day", "org", "key"]
 T = TypeVar("T")
 
 

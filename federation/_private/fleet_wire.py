@@ -33,6 +33,7 @@ class NodeModel(Struct, kw_only=True):
     ttft_p50_ms: float | None = None
     queue_depth: int = 0
     in_flight: int = 0
+    tpot_p50_ms: float | None = None
 
 
 class Heartbeat(Struct, kw_only=True):

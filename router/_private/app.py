@@ -157,7 +157,8 @@ class RouterState:
                 return
             was = self.fleet.state(node)
             ok = await self.forwarder.probe(node, self.config.health.probe_timeout_s)
-            self.fleet.probed(node, ok=ok)
+            if ok is not None:  # a node still loading is neither healthy nor failing
+                self.fleet.probed(node, ok=ok)
             now = self.fleet.state(node)
             if now != was:
                 log.warning("node %s (%s): %s -> %s", node.id, node.region, was, now)
@@ -330,7 +331,7 @@ def _card(state: RouterState, model: str, regions: frozenset[str]) -> ModelCard 
         created=0,
         owned_by="palisade",
         pricing=served.pricing,
-        performance=Performance(ttft_p50_ms=served.ttft_p50_ms, tpot_p50_ms=served.tpot_ewma_ms),
+        performance=Performance(ttft_p50_ms=served.ttft_p50_ms, tpot_p50_ms=served.tpot_p50_ms),
         region=chosen.region,
         device_class=served.device_class,
         context_length=served.context_length,

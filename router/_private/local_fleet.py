@@ -153,6 +153,9 @@ def _start_appliance(
     if not models.exists():
         models.symlink_to(home / "models", target_is_directory=True)
     log = node_home / "appliance.log"
+    # It holds the appliance's first-start admin key, like admin.key beside it: owner only.
+    log.touch(mode=stat.S_IRUSR | stat.S_IWUSR)
+    log.chmod(stat.S_IRUSR | stat.S_IWUSR)
     command = _palisade(
         "appliance", "serve", "--port", "0", "--region", region, "--node-id", node,
         "--router", router_url,

@@ -137,16 +137,19 @@ class Forwarder:
             await self._session.close()
             self._session = None
 
-    async def probe(self, node: Node, timeout_s: float) -> bool:
-        """Whether `node` answers `GET /readyz` with 200 within `timeout_s`."""
+    async def probe(self, node: Node, timeout_s: float) -> bool | None:
+        """`GET /readyz` within `timeout_s`: True if ready, None if alive but still loading
+        (503), False if it failed (refused, reset, timed out, another status)."""
         try:
             async with self.session.get(
                 node.url + "/readyz", timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as reply:
                 await reply.read()
-                return reply.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+        if reply.status == 503:
+            return None
+        return reply.status == 200
 
     # --- one request ------------------------------------------------------------------------
 

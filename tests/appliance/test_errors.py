@@ -222,7 +222,7 @@ def test_arbitrary_bodies_never_cause_a_server_error(
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     home: Path = tmp_path_factory.mktemp("tight")
-    config = "max_body_bytes = 4096\n" + model_toml(max_queue=1)
+    config = "max_body_bytes = 4096\n" + model_toml(max_queue=1, max_sequences=1)
     with run_appliance(home, config, "--no-auth") as running:
         yield running
 

@@ -1,8 +1,10 @@
-"""Run the benchmarks: `python -m tests.bench [--only engine|audit|router] [options]`.
+"""Run the benchmarks: `python -m tests.bench [--only engine|audit|router|batching] [options]`.
 
 Without --only, the engine benchmark runs first, then the audit-log benchmark, then the
 router overhead benchmark (which installs the LiteLLM proxy into var/bench/litellm-venv
-for its side-by-side columns, unless --no-litellm).
+for its side-by-side columns, unless --no-litellm), then the batching benchmark (which
+builds llama.cpp's llama-server into var/bench/llama-server and installs llama-cpp-python's
+server into var/bench/llamacpp-server-venv, unless skipped).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.bench import audit, engine, router
+from tests.bench import audit, batching, engine, router
 from tests.support import REPO
 
-BENCHMARKS = ("engine", "audit", "router")
+BENCHMARKS = ("engine", "audit", "router", "batching")
 ENGINE_REPEATS = 15
 
 
@@ -27,6 +29,16 @@ def _rates(text: str) -> tuple[float, ...]:
     if not rates or min(rates) <= 0:
         raise argparse.ArgumentTypeError("rates must be positive requests per second")
     return rates
+
+
+def _streams(text: str) -> tuple[int, ...]:
+    try:
+        streams = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if not streams or min(streams) < 1:
+        raise argparse.ArgumentTypeError("stream counts must be at least 1")
+    return tuple(sorted(set(streams)))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -101,15 +113,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--quiet-wait",
         type=float,
         default=defaults.quiet_wait_s,
-        help="before each phase, wait at most this long for other processes to go quiet "
-        "(default %(default)s s)",
+        help="router: before each phase, batching: before each target, wait at most this long "
+        "for other processes to go quiet (default %(default)s s)",
     )
     group.add_argument(
         "--no-litellm",
         action="store_true",
         help="skip the LiteLLM proxy columns (and its install)",
     )
+    batch = batching.Settings()
+    group = parser.add_argument_group("batching benchmark")
+    group.add_argument(
+        "--streams",
+        type=_streams,
+        default=batch.streams,
+        help="concurrent streams, comma-separated (default 1,4,8,16)",
+    )
+    group.add_argument(
+        "--rounds",
+        type=int,
+        default=batch.rounds,
+        help="measured rounds per target and concurrency (default %(default)s)",
+    )
+    group.add_argument(
+        "--skip-llama-server",
+        action="store_true",
+        help="skip llama.cpp's llama-server (and its build)",
+    )
+    group.add_argument(
+        "--skip-llamacpp-server",
+        action="store_true",
+        help="skip llama-cpp-python's server (and its install)",
+    )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if (args.repeats is not None and args.repeats < 1) or args.warmups < 0:
         parser.error("--repeats must be at least 1 and --warmups at least 0")
     counts = (args.requests, args.litellm_requests, args.workers, args.warmup_requests)
@@ -139,6 +177,16 @@ def router_settings(args: argparse.Namespace) -> router.Settings:
     )
 
 
+def batching_settings(args: argparse.Namespace) -> batching.Settings:
+    return batching.Settings(
+        streams=args.streams,
+        rounds=args.rounds,
+        llama_server=not args.skip_llama_server,
+        llamacpp_server=not args.skip_llamacpp_server,
+        quiet_wait_s=args.quiet_wait,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [args.only] if args.only else list(BENCHMARKS)
@@ -150,8 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine.run(repeats=repeats, warmups=args.warmups, out_dir=args.out)
         elif name == "audit":
             audit.run(out_dir=args.out)
-        else:
+        elif name == "router":
             router.run(out_dir=args.out, settings=router_settings(args))
+        else:
+            batching.run(out_dir=args.out, settings=batching_settings(args))
     return 0
 
 

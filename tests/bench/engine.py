@@ -97,6 +97,8 @@ class RawEngine:
             n_ctx=CONTEXT_LENGTH,
             n_threads=THREADS,
             n_threads_batch=THREADS,
+            # llama.cpp's own default (auto: on for CPU), as the appliance's engine runs it.
+            flash_attn=True,
             verbose=False,
         )
         self.formatter = self._chat_formatter()
@@ -129,8 +131,8 @@ class RawEngine:
         )
         return [int(token) for token in tokens]
 
-    def run(self, prompt: list[int]) -> Run:
-        """Greedy decode of up to MAX_TOKENS, detokenizing each token as the appliance does."""
+    def run(self, prompt: list[int], *, max_tokens: int = MAX_TOKENS) -> Run:
+        """Greedy decode of up to `max_tokens`, detokenizing each token as the appliance does."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         timeline = _Timeline(time.perf_counter())
         produced = 0
@@ -142,7 +144,7 @@ class RawEngine:
                 break
             produced += 1
             timeline.add(utf8.decode(self.llm.detokenize([token])))
-            if produced >= MAX_TOKENS:
+            if produced >= max_tokens:
                 break
         timeline.add(utf8.decode(b"", final=True))
         return timeline.run(len(prompt), produced)

@@ -1,0 +1,76 @@
+"""The batching benchmark still runs end to end (figures are not judged here).
+
+It sits here rather than in tests/bench/, which pytest skips (`--ignore=tests/bench`).
+Only the raw and appliance targets, at 1 and 2 streams for one round, so it never builds
+llama-server nor installs llama-cpp-python's server and takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO
+
+
+def test_batching_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "tests.bench", "--only", "batching", "--streams", "1,2"]
+    command += ["--rounds", "1", "--skip-llama-server", "--skip-llamacpp-server"]
+    command += ["--quiet-wait", "0", "--out", str(tmp_path)]
+    # A session of its own, so a timeout stops the appliance it started as well.
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=55)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            output, _ = process.communicate(timeout=20)
+            pytest.fail("the batching benchmark took over 55 s:\n" + output)
+    assert process.returncode == 0, output
+    assert "Batching benchmark" in output
+    assert "appliance 1 stream decode / raw in-process decode" in output
+    report = json.loads((tmp_path / "batching.json").read_text())
+    assert report["benchmark"] == "batching"
+    assert report["machine"]["cpu_count"] >= 1
+    assert report["setup"]["streams"] == [1, 2]
+    assert report["setup"]["rounds"] == 1
+    assert report["skipped"] == {
+        "llama-server": "--skip-llama-server",
+        "llamacpp-server": "--skip-llamacpp-server",
+    }
+    summary = report["summary"]
+    assert summary["targets_measured"] == ["raw", "appliance"]
+    raw = summary["raw"]
+    assert raw["aggregate_tok_s"] > 0
+    assert raw["decode_tok_s"] > 0
+    assert raw["ttft_p50_ms"] > 0
+    assert raw["completion_tokens"]["min"] > 0
+    appliance = summary["results"]["appliance"]
+    assert set(appliance) == {"1", "2"}
+    for streams, row in appliance.items():
+        assert row["requests"] == int(streams)
+        assert row["ok"] == int(streams)
+        assert row["errors"] == 0
+        assert row["aggregate_tok_s"] > 0
+        assert len(row["aggregate_tok_s_rounds"]) == 1
+        assert row["ttft_p50_ms"] > 0
+        assert row["ttft_p99_ms"] >= row["ttft_p50_ms"]
+        assert row["completion_tokens"]["min"] > 0
+        assert row["tokens_from"] == ["usage"]
+    assert summary["ratios"]["appliance_1_vs_raw"] > 0
+    assert summary["ratios"]["appliance_vs_llama_server_16"] is None
+    judged = {row["name"]: row for row in summary["targets"]}
+    assert judged["appliance 1 stream decode / raw in-process decode"]["met"] in {True, False}
+    assert judged["appliance / llama-server, 16 streams"]["met"] is None

@@ -1,0 +1,1090 @@
+"""Batching benchmark: aggregate tokens/s and TTFT at several concurrent streams, in one run.
+
+Targets, run one at a time (each server is stopped with SIGTERM before the next starts) on
+the same GGUF, the same prompts and greedy decoding (temperature 0, repeat penalty 1):
+
+- raw: llama-cpp-python in this process (`tests.bench.engine.RawEngine`), one stream; the
+  denominator of the one-stream target;
+- appliance: `palisade appliance serve` with `max_sequences = 16` (the batching scheduler's
+  key; when this appliance does not know it yet, it runs without it and says so);
+- llama-server: llama.cpp's own C++ server with 16 parallel slots, built once by this
+  benchmark from the llama.cpp sources vendored in the llama-cpp-python sdist of the
+  installed version, into var/bench/llama-server;
+- llamacpp-server: `python -m llama_cpp.server --interrupt_requests False`, from its own
+  virtual env var/bench/llamacpp-server-venv (the cached llama-cpp-python wheel plus its
+  server extras; failing that, the extras plus a .pth onto our own llama_cpp build).
+
+Each server is warmed up, then for each concurrency c the benchmark sends `rounds` rounds of
+c streamed chat completions at once (distinct short "Write a long story about ..." prompts,
+none repeated within a target's run, max_tokens 64). Per request, TTFT runs from sending to
+the first content delta; per round, aggregate tokens/s is the completion tokens of all c
+streams (from the server's usage chunk, else one per content delta) over the round's wall
+time. The table shows the median aggregate across rounds and TTFT p50/p99 over all requests.
+The load client (asyncio, aiohttp) shares the two cores with the server, as a real client
+on the same machine would; targets are informational, never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import llama_cpp
+
+from appliance import DEFAULT_MODEL_ID
+from tests.bench.engine import BUSY_CORES, CpuWatch, RawEngine, machine_info
+from tests.bench.router import QUIET_CORES, Server, _free_port, percentile, wait_idle
+from tests.support import REPO, default_model_path, model_toml, run_appliance
+
+MAX_TOKENS = 64
+CONTEXT_LENGTH = 2048
+MAX_SEQUENCES = 16
+THREADS = os.cpu_count() or 1
+STREAMS = (1, 4, 8, 16)
+ROUNDS = 5
+TIMEOUT_S = 600.0
+WARMUP_TOKENS = 8
+TARGETS = ("raw", "appliance", "llama-server", "llamacpp-server")
+SERVERS = TARGETS[1:]
+
+# Targets from the issue (informational: PASS/MISS is printed, never asserted).
+JUDGED_STREAMS = 16
+LLAMA_SERVER_RATIO = 1.0
+LLAMACPP_SERVER_RATIO = 3.0
+RAW_RATIO = 0.95
+TTFT_P99_MS = 1000.0
+
+# Always here, whatever --out says, so they are downloaded, built and installed once.
+BENCH_DIR = REPO / "var" / "bench"
+SRC_DIR = BENCH_DIR / "src"
+LLAMA_SERVER_DIR = BENCH_DIR / "llama-server"
+LLAMACPP_SERVER_VENV = BENCH_DIR / "llamacpp-server-venv"
+
+# The appliance's batching scheduler reads these ModelConfig keys.
+BATCHING_KEYS: dict[str, object] = {"max_sequences": MAX_SEQUENCES}
+
+SUBJECTS = (
+    "a dragon who guards a library",
+    "a robot learning to paint",
+    "a lighthouse keeper and a storm",
+    "two friends crossing a desert",
+    "a baker who bakes bread for a king",
+    "a cat who becomes mayor of a town",
+    "a young wizard's first spell",
+    "a ship lost in a frozen sea",
+    "an old clockmaker and his apprentice",
+    "a girl who can talk to trees",
+    "a knight afraid of the dark",
+    "a detective solving a museum theft",
+    "a fox and a crow sharing a forest",
+    "a family moving to a new planet",
+    "a musician who lost her voice",
+    "a boy who finds a map in the attic",
+)
+SETTINGS = (
+    "",
+    " in a mountain village",
+    " on a rainy island",
+    " in a busy city",
+    " in the far future",
+    " during a long winter",
+    " at the edge of the world",
+    " in an ancient kingdom",
+)
+PROMPTS = tuple(
+    f"Write a long story about {subject}{setting}." for setting in SETTINGS for subject in SUBJECTS
+)
+WARMUP_PROMPT = "Write a long story about a garden that grows at night."
+
+
+@dataclass(frozen=True)
+class Settings:
+    streams: tuple[int, ...] = STREAMS
+    rounds: int = ROUNDS
+    llama_server: bool = True
+    llamacpp_server: bool = True
+    timeout_s: float = TIMEOUT_S
+    quiet_wait_s: float = 20.0
+
+
+def prompt_schedule(streams: Sequence[int], rounds: int) -> dict[int, list[list[str]]]:
+    """For each concurrency, `rounds` lists of prompts; no prompt repeats until all are used."""
+    schedule: dict[int, list[list[str]]] = {}
+    index = 0
+    for concurrency in streams:
+        schedule[concurrency] = []
+        for _ in range(rounds):
+            batch = [PROMPTS[(index + i) % len(PROMPTS)] for i in range(concurrency)]
+            schedule[concurrency].append(batch)
+            index += concurrency
+    return schedule
+
+
+# --- streamed chat completions ----------------------------------------------------------------
+
+
+class StreamError(Exception):
+    """A request that did not produce a complete stream."""
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One streamed chat completion, timed on the benchmark's clock."""
+
+    started: float
+    first: float
+    ended: float
+    completion_tokens: int
+    tokens_from: str  # "usage" (the server said) or "deltas" (one per content delta)
+    text: str
+
+    @property
+    def ttft_ms(self) -> float:
+        return (self.first - self.started) * 1000
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a target takes chat completions, and what its request bodies carry."""
+
+    url: str
+    model: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def body(self, prompt: str, max_tokens: int = MAX_TOKENS) -> bytes:
+        return json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "temperature": 0,
+                "max_tokens": max_tokens,
+            }
+            | self.extra
+        ).encode()
+
+
+async def stream_chat(session: aiohttp.ClientSession, endpoint: Endpoint, body: bytes) -> Stream:
+    started = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []
+    deltas = 0
+    usage: dict[str, Any] | None = None
+    headers = {"Content-Type": "application/json"}
+    async with session.post(endpoint.url, data=body, headers=headers) as response:
+        if response.status != 200:
+            text = await response.text()
+            raise StreamError(f"HTTP {response.status}: {text[:300]}")
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line.removeprefix(b"data:").strip()
+            if data == b"[DONE]":
+                break
+            event: dict[str, Any] = json.loads(data)
+            if "error" in event:
+                raise StreamError(f"the server reported an error: {event['error']}")
+            content = _delta_content(event)
+            if content:
+                if first is None:
+                    first = time.perf_counter()
+                deltas += 1
+                pieces.append(content)
+            usage = event.get("usage") or usage
+    ended = time.perf_counter()
+    if first is None:
+        raise StreamError("the stream carried no content")
+    if usage and usage.get("completion_tokens"):
+        tokens, source = int(usage["completion_tokens"]), "usage"
+    else:
+        tokens, source = deltas, "deltas"
+    return Stream(started, first, ended, tokens, source, "".join(pieces))
+
+
+def _delta_content(event: dict[str, Any]) -> str:
+    choices = event.get("choices") or []
+    if not choices:
+        return ""
+    content: str | None = (choices[0].get("delta") or {}).get("content")
+    return content or ""
+
+
+@dataclass(frozen=True)
+class Round:
+    concurrency: int
+    seconds: float
+    streams: list[Stream]
+    errors: dict[str, int]
+
+    @property
+    def tokens(self) -> int:
+        return sum(stream.completion_tokens for stream in self.streams)
+
+    @property
+    def aggregate_tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+async def run_round(
+    session: aiohttp.ClientSession, endpoint: Endpoint, prompts: Sequence[str], max_tokens: int
+) -> Round:
+    """All `prompts` at once; the round lasts from the first send to the last stream's end."""
+    began = time.perf_counter()
+    outcomes = await asyncio.gather(
+        *(stream_chat(session, endpoint, endpoint.body(p, max_tokens)) for p in prompts),
+        return_exceptions=True,
+    )
+    streams = [outcome for outcome in outcomes if isinstance(outcome, Stream)]
+    errors: dict[str, int] = {}
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            kind = f"{type(outcome).__name__}: {outcome}"[:200]
+            errors[kind] = errors.get(kind, 0) + 1
+    ended = max((stream.ended for stream in streams), default=time.perf_counter())
+    return Round(len(prompts), ended - began, streams, errors)
+
+
+async def measure_server(
+    name: str, endpoint: Endpoint, schedule: dict[int, list[list[str]]], timeout_s: float
+) -> dict[int, list[Round]]:
+    """Warm-up (one stream, then the largest concurrency, short), then every measured round."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        widest = max(schedule)
+        for prompts in ([WARMUP_PROMPT], [WARMUP_PROMPT] * widest):
+            warm = await run_round(session, endpoint, prompts, WARMUP_TOKENS)
+            if not warm.streams:
+                raise StreamError(f"every warm-up request to {name} failed: {warm.errors}")
+        results: dict[int, list[Round]] = {}
+        for concurrency, batches in schedule.items():
+            results[concurrency] = []
+            for index, prompts in enumerate(batches):
+                done = await run_round(session, endpoint, prompts, MAX_TOKENS)
+                results[concurrency].append(done)
+                _progress(name, concurrency, index, done)
+        return results
+
+
+def _progress(name: str, concurrency: int, index: int, done: Round) -> None:
+    ttfts = [stream.ttft_ms for stream in done.streams]
+    errors = f", {sum(done.errors.values())} errors" if done.errors else ""
+    streams = "streams" if concurrency > 1 else "stream "
+    print(
+        f"  {name:<16} {concurrency:>3} {streams}, round {index + 1}: "
+        f"{done.aggregate_tok_s:7.1f} tok/s, {done.tokens} tokens in {done.seconds:6.2f} s, "
+        f"TTFT max {max(ttfts, default=0):8.1f} ms{errors}",
+        flush=True,
+    )
+
+
+# --- raw llama-cpp-python, in process -----------------------------------------------------------
+
+
+def measure_raw(model: Path, prompts: Sequence[str], settings: Settings) -> dict[str, Any]:
+    """One stream in this process, greedy, MAX_TOKENS: the same prompts as one-stream rounds."""
+    raw = RawEngine(model)
+    try:
+        raw.run(raw.prompt_tokens(_messages(WARMUP_PROMPT)), max_tokens=WARMUP_TOKENS)
+        quiet = settle("raw", settings)
+        watch = CpuWatch(os.getpid())
+        runs: list[dict[str, Any]] = []
+        for index, prompt in enumerate(prompts):
+            run = raw.run(raw.prompt_tokens(_messages(prompt)), max_tokens=MAX_TOKENS)
+            seconds = run.ttft_ms / 1000 + (run.completion_tokens - 1) / run.decode_tok_s
+            runs.append(
+                {
+                    "aggregate_tok_s": run.completion_tokens / seconds,
+                    "decode_tok_s": run.decode_tok_s,
+                    "ttft_ms": run.ttft_ms,
+                    "completion_tokens": run.completion_tokens,
+                    "prompt_tokens": run.prompt_tokens,
+                    "seconds": seconds,
+                }
+            )
+            print(
+                f"  {'raw':<16} {1:>3} stream,  round {index + 1}: "
+                f"{runs[-1]['aggregate_tok_s']:7.1f} tok/s, {run.completion_tokens} tokens in "
+                f"{seconds:6.2f} s, decode {run.decode_tok_s:6.1f} tok/s",
+                flush=True,
+            )
+        contention = watch.report()
+    finally:
+        raw.close()
+    return {
+        "aggregate_tok_s": statistics.median(r["aggregate_tok_s"] for r in runs),
+        "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
+        "ttft_p50_ms": percentile([r["ttft_ms"] for r in runs], 0.50),
+        "ttft_p99_ms": percentile([r["ttft_ms"] for r in runs], 0.99),
+        "completion_tokens": _token_range([r["completion_tokens"] for r in runs]),
+        "rounds": runs,
+        "contention": contention,
+        "quiet": quiet,
+    }
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+# --- server processes ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_process(
+    name: str, command: list[str], *, url: str, ready_path: str, log: Path, ready_timeout: float
+) -> Iterator[Server]:
+    """Start `command` (output to `log`), wait until GET url+ready_path is 200, SIGTERM it."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=log.parent
+        )
+    server = Server(name, process, url=url, log=log)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited:\n" + server.tail())
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} was not ready in {ready_timeout:g} s:\n{server.tail()}")
+            time.sleep(0.25)
+        yield server
+    finally:
+        server.stop()
+
+
+def _run_logged(command: list[str], log: Path, *, timeout: float, cwd: Path | None = None) -> None:
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(command)}\n")
+        out.flush()
+        subprocess.run(
+            command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=True, cwd=cwd
+        )
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    return ""
+
+
+# --- llama-server (C++), built once -------------------------------------------------------------
+
+
+def _sdist_llama_cpp(version: str, log: Path) -> Path:
+    """vendor/llama.cpp from the llama-cpp-python sdist (downloaded and extracted once)."""
+    top = f"llama_cpp_python-{version}"
+    source = SRC_DIR / top / "vendor" / "llama.cpp"
+    if (source / "CMakeLists.txt").is_file():
+        return source
+    SRC_DIR.mkdir(parents=True, exist_ok=True)
+    archive = SRC_DIR / f"{top}.tar.gz"
+    if not archive.is_file():
+        print(f"  downloading the llama-cpp-python {version} sdist into {SRC_DIR} ...", flush=True)
+        pip = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}"]
+        pip += ["--no-binary", ":all:", "--no-deps", "-d", str(SRC_DIR)]
+        _run_logged(pip, log, timeout=1800)
+    prefix = f"{top}/vendor/llama.cpp/"
+    with tarfile.open(archive) as tar:
+        members = [member for member in tar.getmembers() if member.name.startswith(prefix)]
+        tar.extractall(SRC_DIR, members=members, filter="data")
+    if not (source / "CMakeLists.txt").is_file():
+        raise RuntimeError(f"{archive} has no vendor/llama.cpp")
+    return source
+
+
+def prepare_llama_server(version: str) -> tuple[Path | None, dict[str, Any]]:
+    """The llama-server binary, built from the sdist's llama.cpp unless it exists already."""
+    build = LLAMA_SERVER_DIR / "build"
+    binary = build / "bin" / "llama-server"
+    record = LLAMA_SERVER_DIR / "build.json"
+    info: dict[str, Any] = {"binary": str(binary), "built_now": False, "skipped": None}
+    if binary.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            info |= json.loads(record.read_text())
+        return binary, info
+    LLAMA_SERVER_DIR.mkdir(parents=True, exist_ok=True)
+    log = LLAMA_SERVER_DIR / "build.log"
+    log.write_text("")
+    print(f"  building llama-server from llama-cpp-python {version} (log: {log}) ...", flush=True)
+    began = time.monotonic()
+    try:
+        source = _sdist_llama_cpp(version, log)
+        download_s = time.monotonic() - began
+        configure = ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"]
+        configure += [
+            f"-D{option}=OFF"
+            for option in (
+                "LLAMA_CURL",
+                "LLAMA_BUILD_TESTS",
+                "LLAMA_BUILD_EXAMPLES",
+                "LLAMA_BUILD_UI",
+                "LLAMA_USE_PREBUILT_UI",
+                "LLAMA_OPENSSL",
+                "BUILD_SHARED_LIBS",
+            )
+        ]
+        configure += ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON"]
+        _run_logged(configure, log, timeout=600)
+        compile_began = time.monotonic()
+        jobs = str(os.cpu_count() or 1)
+        _run_logged(
+            ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs],
+            log,
+            timeout=7200,
+        )
+    except (OSError, subprocess.SubprocessError, RuntimeError, tarfile.TarError) as exc:
+        failure: str | None = str(exc)
+    else:
+        failure = None if binary.is_file() else f"the build finished without {binary}"
+    if failure is not None:
+        print(f"  building llama-server failed ({failure}); last lines of {log}:\n{_tail(log)}")
+        info["skipped"] = f"building llama-server failed ({failure}); see {log}"
+        return None, info
+    built = {
+        "llama_cpp_python_sdist": version,
+        "source": str(source),
+        "download_extract_s": round(download_s, 1),
+        "build_s": round(time.monotonic() - compile_began, 1),
+        "total_s": round(time.monotonic() - began, 1),
+        "built_at": machine_info()["timestamp"],
+    }
+    record.write_text(json.dumps(built, indent=2) + "\n")
+    print(f"  built {binary} in {built['total_s']:.0f} s", flush=True)
+    return binary, info | built | {"built_now": True}
+
+
+def llama_server_version(binary: Path) -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        result = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        return next((line for line in lines if line.startswith("version")), None)
+    return None
+
+
+def llama_server_command(binary: Path, model: Path, port: int, slots: int) -> list[str]:
+    return [
+        str(binary),
+        *("-m", str(model), "--host", "127.0.0.1", "--port", str(port)),
+        *("-c", str(CONTEXT_LENGTH * slots), "-np", str(slots)),
+        *("-t", str(THREADS), "-tb", str(THREADS), "--no-webui"),
+    ]
+
+
+# --- llama-cpp-python's server, in its own virtual env -----------------------------------------
+
+_SERVER_CHECK = """
+import llama_cpp, llama_cpp.server.app
+print(llama_cpp.__version__, llama_cpp.__file__)
+"""
+
+
+def _server_venv_state(venv: Path) -> str | None:
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        return None
+    try:
+        result = subprocess.run(
+            [str(python), "-c", _SERVER_CHECK],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=venv,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _cached_wheel(version: str) -> Path | None:
+    """llama-cpp-python's wheel as pip built and cached it earlier, when there is one."""
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python", "--format=abspath"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in result.stdout.splitlines():
+        path = Path(line.strip())
+        if path.name.startswith(f"llama_cpp_python-{version}-") and path.is_file():
+            return path
+    return None
+
+
+def prepare_llamacpp_server(version: str) -> tuple[Path | None, dict[str, Any]]:
+    """The env's python once it runs llama_cpp.server at `version`; None and why not otherwise.
+
+    Installs the cached wheel with its [server] extras into a plain venv; without a cached
+    wheel (a rebuild takes minutes), installs only the extras and a .pth onto our own
+    site-packages, so the server uses this env's llama_cpp build. Our .venv is never touched.
+    """
+    venv = LLAMACPP_SERVER_VENV
+    info: dict[str, Any] = {"venv": str(venv), "skipped": None}
+    record = venv / "bench-install.json"
+    state = _server_venv_state(venv)
+    if state is None:
+        log = BENCH_DIR / "llamacpp-server-install.log"
+        print(f"  installing llama-cpp-python's server into {venv} (log: {log}) ...", flush=True)
+        try:
+            BENCH_DIR.mkdir(parents=True, exist_ok=True)
+            log.write_text("")
+            if not (venv / "bin" / "python").is_file():
+                _run_logged([sys.executable, "-m", "venv", str(venv)], log, timeout=300)
+            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+            wheel = _cached_wheel(version)
+            if wheel is not None:
+                _run_logged([*pip, f"{wheel}[server]"], log, timeout=1800)
+                how = f"cached wheel {wheel.name} with [server] extras"
+            else:
+                extras = ["sse-starlette", "starlette-context", "pydantic-settings", "fastapi"]
+                _run_logged([*pip, *extras, "uvicorn"], log, timeout=1800)
+                _link_our_site_packages(venv)
+                how = "server extras plus a .pth onto /work/main/.venv's llama_cpp"
+            record.write_text(json.dumps({"installed": how}) + "\n")
+        except (OSError, subprocess.SubprocessError) as exc:
+            info["skipped"] = f"installing llama-cpp-python's server failed ({exc}); see {log}"
+            print(f"  {info['skipped']}:\n{_tail(log)}", flush=True)
+            return None, info
+        state = _server_venv_state(venv)
+        if state is None:
+            info["skipped"] = f"llama_cpp.server is still not importable in {venv}; see {log}"
+            return None, info
+    with contextlib.suppress(OSError, ValueError):
+        info |= json.loads(record.read_text())
+    found, _, where = state.partition(" ")
+    info |= {"llama_cpp_python": found, "llama_cpp_module": where}
+    if found != version:
+        info["skipped"] = f"{venv} has llama-cpp-python {found}, not {version}"
+        return None, info
+    return venv / "bin" / "python", info
+
+
+def _link_our_site_packages(venv: Path) -> None:
+    ours = Path(llama_cpp.__file__).resolve().parent.parent
+    theirs = next((venv / "lib").glob("python*/site-packages"))
+    (theirs / "palisade-bench-llama-cpp.pth").write_text(f"{ours}\n")
+
+
+def llamacpp_server_command(python: Path, model: Path, port: int) -> list[str]:
+    return [
+        *(str(python), "-m", "llama_cpp.server", "--model", str(model)),
+        *("--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(CONTEXT_LENGTH)),
+        *("--n_threads", str(THREADS), "--n_threads_batch", str(THREADS)),
+        *("--interrupt_requests", "False"),
+    ]
+
+
+# --- running the targets --------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What one server target produced, or why it was skipped."""
+
+    rounds: dict[int, list[Round]] | None = None
+    contention: dict[str, float] | None = None
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+    log_tail: str = ""
+    quiet: bool = True
+
+
+def settle(name: str, settings: Settings, *pids: int) -> bool:
+    """Wait, at most `quiet_wait_s`, until other processes leave the cores to this target."""
+    waited, quiet = wait_idle([], [os.getpid(), *pids], settings.quiet_wait_s)
+    if not quiet and settings.quiet_wait_s > 0:
+        print(
+            f"  {name}: other processes still used more than {QUIET_CORES:g} cores after "
+            f"{waited:.0f} s; measuring anyway",
+            flush=True,
+        )
+    return quiet
+
+
+def _measure(
+    name: str,
+    server_pid: int,
+    endpoint: Endpoint,
+    schedule: dict[int, list[list[str]]],
+    settings: Settings,
+) -> Outcome:
+    quiet = settle(name, settings, server_pid)
+    watch = CpuWatch(os.getpid(), server_pid)
+    rounds = asyncio.run(measure_server(name, endpoint, schedule, settings.timeout_s))
+    return Outcome(rounds=rounds, contention=watch.report(), quiet=quiet)
+
+
+def appliance_config(model: Path, *, batching: bool) -> str:
+    fields: dict[str, object] = {"path": str(model), "context_length": CONTEXT_LENGTH}
+    return model_toml(**fields, **(BATCHING_KEYS if batching else {}))
+
+
+def run_appliance_target(
+    model: Path, schedule: dict[int, list[list[str]]], settings: Settings, scratch: Path
+) -> tuple[Outcome, str]:
+    """The appliance with the batching keys; without them when it does not know them yet."""
+    notes: list[str] = []
+    for batching in (True, False):
+        config = appliance_config(model, batching=batching)
+        home = scratch / ("appliance-batching" if batching else "appliance")
+        try:
+            with run_appliance(home, config, "--no-auth") as appliance:
+                endpoint = Endpoint(f"{appliance.v1}/chat/completions", DEFAULT_MODEL_ID)
+                outcome = _measure("appliance", appliance.process.pid, endpoint, schedule, settings)
+                outcome.log_tail = "".join(appliance.output[-30:])
+        except RuntimeError as exc:
+            unknown = "unknown key" in str(exc) and any(key in str(exc) for key in BATCHING_KEYS)
+            if batching and unknown:
+                note = (
+                    "the appliance rejects the batching scheduler's ModelConfig keys "
+                    f"({', '.join(f'{k} = {v}' for k, v in BATCHING_KEYS.items())}): "
+                    "measured the appliance as it is, without them"
+                )
+                print(f"  NOTE: {note}", flush=True)
+                notes.append(note)
+                continue
+            return Outcome(skipped=f"the appliance failed: {exc}"[:2000], notes=notes), config
+        outcome.notes = notes
+        return outcome, config
+    raise AssertionError("unreachable")
+
+
+def run_llama_server_target(
+    binary: Path,
+    model: Path,
+    schedule: dict[int, list[list[str]]],
+    settings: Settings,
+    scratch: Path,
+) -> tuple[Outcome, list[str]]:
+    port = _free_port()
+    command = llama_server_command(binary, model, port, MAX_SEQUENCES)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with run_process(
+            "llama-server",
+            command,
+            url=url,
+            ready_path="/health",
+            log=scratch / "llama-server.log",
+            ready_timeout=300,
+        ) as server:
+            endpoint = Endpoint(
+                f"{url}/v1/chat/completions", DEFAULT_MODEL_ID, {"repeat_penalty": 1.0}
+            )
+            outcome = _measure("llama-server", server.process.pid, endpoint, schedule, settings)
+            outcome.log_tail = server.tail()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        return Outcome(skipped=f"llama-server failed: {exc}"[:2000]), command
+    return outcome, command
+
+
+def run_llamacpp_server_target(
+    python: Path,
+    model: Path,
+    schedule: dict[int, list[list[str]]],
+    settings: Settings,
+    scratch: Path,
+) -> tuple[Outcome, list[str]]:
+    port = _free_port()
+    command = llamacpp_server_command(python, model, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with run_process(
+            "llamacpp-server",
+            command,
+            url=url,
+            ready_path="/v1/models",
+            log=scratch / "llamacpp-server.log",
+            ready_timeout=300,
+        ) as server:
+            # Its default repeat penalty is 1.1; the others decode with none.
+            endpoint = Endpoint(
+                f"{url}/v1/chat/completions", DEFAULT_MODEL_ID, {"repeat_penalty": 1.0}
+            )
+            outcome = _measure("llamacpp-server", server.process.pid, endpoint, schedule, settings)
+            outcome.log_tail = server.tail()
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        return Outcome(skipped=f"llama-cpp-python's server failed: {exc}"[:2000]), command
+    return outcome, command
+
+
+# --- summary ------------------------------------------------------------------------------------
+
+
+def _token_range(counts: Sequence[int]) -> dict[str, int]:
+    return {"min": min(counts, default=0), "max": max(counts, default=0), "total": sum(counts)}
+
+
+def summarize_rounds(rounds: list[Round]) -> dict[str, Any]:
+    streams = [stream for done in rounds for stream in done.streams]
+    ttfts = [stream.ttft_ms for stream in streams]
+    errors: dict[str, int] = {}
+    for done in rounds:
+        for kind, count in done.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    aggregates = [done.aggregate_tok_s for done in rounds]
+    decodes = [
+        (stream.completion_tokens - 1) / (stream.ended - stream.first)
+        for stream in streams
+        if stream.completion_tokens > 1 and stream.ended > stream.first
+    ]
+    return {
+        "aggregate_tok_s": statistics.median(aggregates) if aggregates else None,
+        # Per stream, after its first token: what "raw in-process decode" is compared with.
+        "decode_tok_s": statistics.median(decodes) if decodes else None,
+        "aggregate_tok_s_rounds": aggregates,
+        "round_seconds": [done.seconds for done in rounds],
+        "ttft_p50_ms": percentile(ttfts, 0.50),
+        "ttft_p99_ms": percentile(ttfts, 0.99),
+        "ttft_max_ms": max(ttfts, default=None),
+        "requests": sum(done.concurrency for done in rounds),
+        "ok": len(streams),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "completion_tokens": _token_range([stream.completion_tokens for stream in streams]),
+        "tokens_from": sorted({stream.tokens_from for stream in streams}),
+    }
+
+
+def _value(results: dict[str, Any], target: str, streams: int, key: str) -> float | None:
+    row = results.get(target, {}).get(str(streams))
+    value: float | None = row.get(key) if row else None
+    return value
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def ratios(results: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, float | None]:
+    ours = _value(results, "appliance", JUDGED_STREAMS, "aggregate_tok_s")
+    single = _value(results, "appliance", 1, "aggregate_tok_s")
+    return {
+        f"appliance_vs_llama_server_{JUDGED_STREAMS}": _ratio(
+            ours, _value(results, "llama-server", JUDGED_STREAMS, "aggregate_tok_s")
+        ),
+        f"appliance_vs_llamacpp_server_{JUDGED_STREAMS}": _ratio(
+            ours, _value(results, "llamacpp-server", JUDGED_STREAMS, "aggregate_tok_s")
+        ),
+        "appliance_1_vs_raw": _ratio(single, raw["aggregate_tok_s"] if raw else None),
+        "appliance_1_decode_vs_raw": _ratio(
+            _value(results, "appliance", 1, "decode_tok_s"), raw["decode_tok_s"] if raw else None
+        ),
+    }
+
+
+def _target(name: str, value: float | None, unit: str, goal: str, met: bool | None) -> Any:
+    return {"name": name, "value": value, "unit": unit, "goal": goal, "met": met}
+
+
+def _at_least(value: float | None, floor: float) -> bool | None:
+    return None if value is None else value >= floor
+
+
+def judge(results: dict[str, Any], found: dict[str, float | None]) -> list[dict[str, Any]]:
+    ttft = _value(results, "appliance", JUDGED_STREAMS, "ttft_p99_ms")
+    return [
+        _target(
+            f"appliance / llama-server, {JUDGED_STREAMS} streams",
+            found[f"appliance_vs_llama_server_{JUDGED_STREAMS}"],
+            "x",
+            f">= {LLAMA_SERVER_RATIO:g}x",
+            _at_least(found[f"appliance_vs_llama_server_{JUDGED_STREAMS}"], LLAMA_SERVER_RATIO),
+        ),
+        _target(
+            f"appliance / llamacpp-server, {JUDGED_STREAMS} streams",
+            found[f"appliance_vs_llamacpp_server_{JUDGED_STREAMS}"],
+            "x",
+            f">= {LLAMACPP_SERVER_RATIO:g}x",
+            _at_least(
+                found[f"appliance_vs_llamacpp_server_{JUDGED_STREAMS}"], LLAMACPP_SERVER_RATIO
+            ),
+        ),
+        _target(
+            "appliance 1 stream decode / raw in-process decode",
+            found["appliance_1_decode_vs_raw"],
+            "x",
+            f">= {RAW_RATIO:.0%}",
+            _at_least(found["appliance_1_decode_vs_raw"], RAW_RATIO),
+        ),
+        _target(
+            "appliance 1 stream / raw, incl. first token",
+            found["appliance_1_vs_raw"],
+            "x",
+            "(shown)",
+            None,
+        ),
+        _target(
+            f"appliance TTFT p99, {JUDGED_STREAMS} streams",
+            ttft,
+            "ms",
+            f"<= {TTFT_P99_MS:g} ms",
+            None if ttft is None else ttft <= TTFT_P99_MS,
+        ),
+    ]
+
+
+def warnings(
+    results: dict[str, Any],
+    raw: dict[str, Any] | None,
+    contention: dict[str, dict[str, float] | None],
+    skipped: dict[str, str],
+) -> list[str]:
+    found = [f"{target} skipped: {why}" for target, why in skipped.items()]
+    for target, used in contention.items():
+        if used is not None and max(used.values()) > BUSY_CORES:
+            found.append(
+                f"{target}: other processes used {used['other_cores']:.2f} cores and the "
+                f"hypervisor stole {used['stolen_cores']:.2f} on average: its figures are "
+                "unreliable; rerun on a quiet machine"
+            )
+    short = []
+    for target, rows in results.items():
+        for streams, row in rows.items():
+            if row["errors"]:
+                found.append(f"{target}, {streams} streams: {row['errors']} requests failed")
+            if row["completion_tokens"]["min"] < MAX_TOKENS:
+                short.append(f"{target}/{streams}: {row['completion_tokens']['min']}")
+    if raw is not None and raw["completion_tokens"]["min"] < MAX_TOKENS:
+        short.append(f"raw/1: {raw['completion_tokens']['min']}")
+    if short:
+        found.append(
+            f"some streams ended before {MAX_TOKENS} tokens (fewest: {', '.join(short)}); "
+            "tokens/s counts the tokens actually produced"
+        )
+    return found
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else ("PASS" if met else "MISS")
+
+
+def _shown(row: dict[str, Any]) -> str:
+    value, unit = row["value"], row["unit"]
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f} ms" if unit == "ms" else f"{value:.2f}x"
+
+
+def print_table(summary: dict[str, Any], settings: Settings, found: list[str]) -> None:
+    print(
+        f"\nBatching benchmark: {summary['model']}, greedy, max_tokens {MAX_TOKENS}, "
+        f"{THREADS} threads, {settings.rounds} rounds per concurrency (median aggregate; "
+        "TTFT over all requests)"
+    )
+    print(
+        f"  {'target':<17}{'streams':>8}{'agg tok/s':>11}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}"
+        f"{'tokens/stream':>15}{'errors':>8}"
+    )
+    raw = summary["raw"]
+    if raw is not None:
+        tokens = raw["completion_tokens"]
+        print(
+            f"  {'raw (in-process)':<17}{1:>8}{_num(raw['aggregate_tok_s'], '.1f'):>11}"
+            f"{_num(raw['ttft_p50_ms'], ',.0f'):>13}{_num(raw['ttft_p99_ms'], ',.0f'):>13}"
+            f"{_span(tokens):>15}{0:>8}"
+        )
+    for target, rows in summary["results"].items():
+        for streams, row in rows.items():
+            print(
+                f"  {target:<17}{streams:>8}{_num(row['aggregate_tok_s'], '.1f'):>11}"
+                f"{_num(row['ttft_p50_ms'], ',.0f'):>13}{_num(row['ttft_p99_ms'], ',.0f'):>13}"
+                f"{_span(row['completion_tokens']):>15}{row['errors']:>8}"
+            )
+    if raw is not None:
+        print(f"  raw decode-only speed (after the first token): {raw['decode_tok_s']:.1f} tok/s")
+    print("\n  Targets (informational, never asserted)")
+    print(f"  {'':<40}{'value':>10}{'goal':>13}{'result':>8}")
+    for row in summary["targets"]:
+        print(f"  {row['name']:<40}{_shown(row):>10}{row['goal']:>13}{_verdict(row['met']):>8}")
+    for note in summary["notes"]:
+        print(f"  NOTE: {note}")
+    for warning in found:
+        print(f"  WARNING: {warning}")
+
+
+def _span(tokens: dict[str, int]) -> str:
+    low, high = tokens["min"], tokens["max"]
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def write_json(report: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "batching.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+# Builds and installs come first, so they never share the cores with a measurement.
+
+
+def _llama_server(
+    settings: Settings, version: str, skipped: dict[str, str]
+) -> tuple[Path | None, dict[str, Any]]:
+    if not settings.llama_server:
+        skipped["llama-server"] = "--skip-llama-server"
+        return None, {}
+    binary, info = prepare_llama_server(version)
+    if binary is None:
+        skipped["llama-server"] = info["skipped"]
+    else:
+        info["version"] = llama_server_version(binary)
+    return binary, info
+
+
+def _llamacpp_server(
+    settings: Settings, version: str, skipped: dict[str, str]
+) -> tuple[Path | None, dict[str, Any]]:
+    if not settings.llamacpp_server:
+        skipped["llamacpp-server"] = "--skip-llamacpp-server"
+        return None, {}
+    python, info = prepare_llamacpp_server(version)
+    if python is None:
+        skipped["llamacpp-server"] = info["skipped"]
+        print(f"  llamacpp-server skipped: {info['skipped']}", flush=True)
+    return python, info
+
+
+def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table, write `out_dir`/batching.json; returns the summary."""
+    settings = settings or Settings()
+    model = default_model_path()
+    version: str = llama_cpp.__version__
+    chosen = ["raw", "appliance"]
+    chosen += ["llama-server"] if settings.llama_server else []
+    chosen += ["llamacpp-server"] if settings.llamacpp_server else []
+    streams = ", ".join(str(c) for c in settings.streams)
+    print(
+        f"Batching benchmark: {', '.join(chosen)}; {model.name}, {streams} streams, "
+        f"{settings.rounds} rounds, max_tokens {MAX_TOKENS}",
+        flush=True,
+    )
+    skipped: dict[str, str] = {}
+    binary, llama_server = _llama_server(settings, version, skipped)
+    python, llamacpp_server = _llamacpp_server(settings, version, skipped)
+    schedule = prompt_schedule(settings.streams, settings.rounds)
+    first = schedule[min(schedule)]
+    raw = measure_raw(model, [batch[0] for batch in first], settings)
+    outcomes: dict[str, Outcome] = {}
+    commands: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="batching-bench-", dir=_mkdir(out_dir)) as scratch_dir:
+        scratch = Path(scratch_dir)
+        outcomes["appliance"], commands["appliance_config"] = run_appliance_target(
+            model, schedule, settings, scratch
+        )
+        if binary is not None:
+            outcomes["llama-server"], commands["llama-server"] = run_llama_server_target(
+                binary, model, schedule, settings, scratch
+            )
+        if python is not None:
+            outcomes["llamacpp-server"], commands["llamacpp-server"] = run_llamacpp_server_target(
+                python, model, schedule, settings, scratch
+            )
+    results: dict[str, Any] = {}
+    contention: dict[str, dict[str, float] | None] = {"raw": raw["contention"]}
+    noisy = [] if raw["quiet"] else ["raw"]
+    notes: list[str] = []
+    for target, outcome in outcomes.items():
+        notes += outcome.notes
+        if outcome.rounds is None:
+            skipped[target] = outcome.skipped or "no results"
+            print(f"  {target} skipped: {skipped[target]}", flush=True)
+            continue
+        results[target] = {
+            str(concurrency): summarize_rounds(rounds)
+            for concurrency, rounds in outcome.rounds.items()
+        }
+        contention[target] = outcome.contention
+        if any("deltas" in row["tokens_from"] for row in results[target].values()):
+            notes.append(
+                f"{target} sent no usage in its streams: its completion tokens are counted "
+                "one per content delta"
+            )
+        noisy += [] if outcome.quiet else [target]
+    found_ratios = ratios(results, raw)
+    summary: dict[str, Any] = {
+        "model": model.name,
+        "targets_measured": ["raw", *results],
+        "raw": raw,
+        "results": results,
+        "ratios": found_ratios,
+        "targets": judge(results, found_ratios),
+        "contention": contention,
+        "notes": notes,
+    }
+    found = warnings(results, raw, contention, skipped)
+    if noisy:
+        found.append(
+            f"{', '.join(noisy)} started while other processes used more than {QUIET_CORES:g} cores"
+        )
+    print_table(summary, settings, found)
+    report = {
+        "benchmark": "batching",
+        "machine": machine_info()
+        | {"llama_server": llama_server or None, "llamacpp_server": llamacpp_server or None},
+        "setup": {
+            "model": model.name,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "context_length": CONTEXT_LENGTH,
+            "threads": THREADS,
+            "streams": list(settings.streams),
+            "rounds": settings.rounds,
+            "timeout_s": settings.timeout_s,
+            "quiet_wait_s": settings.quiet_wait_s,
+            "warmup": f"1 then {max(settings.streams)} streams, max_tokens {WARMUP_TOKENS}",
+            "prompt_example": PROMPTS[0],
+            "distinct_prompts": len(PROMPTS),
+            "commands": commands,
+        },
+        "summary": summary,
+        "skipped": skipped,
+        "warnings": found,
+        "log_tails": {target: outcome.log_tail for target, outcome in outcomes.items()},
+    }
+    path = write_json(report, out_dir)
+    print(f"\nwrote {path}")
+    return summary
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
