@@ -33,6 +33,7 @@ __all__ = [
     "Report",
     "Scope",
     "audit_cli",
+    "audit_routes",
     "build_export",
     "build_residency",
     "canonical",
@@ -44,10 +45,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from compliance._private.cli import audit_cli
+    from compliance._private.routes import audit_routes
 
-# Loaded on first use: the CLI pulls in typer and httpx, which the audit-log writer process
-# and other importers that never parse a command line do without.
-_LAZY = {"audit_cli": "compliance._private.cli"}
+# Loaded on first use: the CLI pulls in typer and httpx, the routes Litestar, which the
+# audit-log writer process and the offline verifier do without.
+_LAZY = {"audit_cli": "compliance._private.cli", "audit_routes": "compliance._private.routes"}
 
 
 def __getattr__(name: str) -> object:

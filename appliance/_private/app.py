@@ -30,8 +30,7 @@ from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelN
 from appliance._private.membership import Membership
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.served import ServedModel
-from compliance import Recorder, build_export, build_residency
-from compliance import Scope as AuditScope
+from compliance import Recorder, audit_routes
 from federation import (
     ASSERTION_HEADER,
     ENCODER,
@@ -68,7 +67,6 @@ from federation import (
     decode_request,
     error_handlers,
     require,
-    require_everywhere,
 )
 
 log = logging.getLogger("palisade.appliance")
@@ -374,7 +372,7 @@ def create_app(
         authenticate = state.authenticate
         admin = [*tenancy.routes(), *_model_admin_routes(state, tenancy)]
         if recorder is not None:
-            admin += _audit_routes(state, tenancy, recorder)
+            admin += audit_routes(tenancy, recorder, origin=config.node_id)
     app = Litestar(
         route_handlers=[
             *_openai_routes(state, Provide(authenticate or local_principal)),
@@ -595,42 +593,6 @@ def _model_admin_routes(state: ApplianceState, tenancy: Tenancy) -> list[HTTPRou
         return _json(served.card(state.config.region))
 
     return [set_pricing]
-
-
-def _audit_routes(
-    state: ApplianceState, tenancy: Tenancy, recorder: Recorder
-) -> list[HTTPRouteHandler]:
-    caller_dependency = {"caller": Provide(tenancy.admin_caller)}
-    origin = state.config.node_id
-
-    @get("/admin/v1/audit/export", dependencies=caller_dependency)
-    async def export(
-        caller: NamedDependency[Caller],
-        org: str | None = None,
-        since: str | None = None,
-        until: str | None = None,
-    ) -> Response[Any]:
-        if org is None:
-            require_everywhere(caller.user.role, Action.VIEW_AUDIT)
-        else:
-            require(caller.user.role, Action.VIEW_AUDIT, actor_org=caller.user.org, target_org=org)
-        scope = AuditScope(org=org, since=since, until=until)
-        data = await asyncio.to_thread(
-            build_export, recorder.db, recorder.identity, origin=origin, scope=scope
-        )
-        return Response(data, media_type=MediaType.JSON)
-
-    @get("/admin/v1/audit/residency", dependencies=caller_dependency)
-    async def residency(
-        caller: NamedDependency[Caller], org: str, since: str | None = None
-    ) -> Response[Any]:
-        require(caller.user.role, Action.VIEW_AUDIT, actor_org=caller.user.org, target_org=org)
-        data = await asyncio.to_thread(
-            build_residency, recorder.db, recorder.identity, origin=origin, org=org, since=since
-        )
-        return Response(data, media_type=MediaType.JSON)
-
-    return [export, residency]
 
 
 def _announce_demo(key: str, state: ApplianceState) -> None:

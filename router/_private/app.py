@@ -18,7 +18,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from compliance import Recorder
+from compliance import Recorder, audit_routes
 from federation import (
     ENCODER,
     HEARTBEAT_DECODER,
@@ -199,6 +199,7 @@ def create_router_app(
             *_fleet_routes(state),
             *_ops_routes(state),
             *tenancy.routes(),
+            *audit_routes(tenancy, recorder, origin=config.router_id),
         ],
         exception_handlers=error_handlers("router", log),
         on_startup=[state.start],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from federation import ASSERTION_HEADER, AssertionSigner, NodeIdentity, Principal
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, running_fleet, upstream_toml
 from tests.federation.tenants import Admin
-from tests.support import start_server, wait_for, write_config
+from tests.support import run_palisade, start_server, wait_for, write_config
 
 CHAT = "/v1/chat/completions"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one two three"}]
@@ -164,3 +165,40 @@ def test_an_appliance_with_the_wrong_join_secret_never_joins(tmp_path: Path) -> 
             assert fleet.status() == {}
         finally:
             stranger.stop()
+
+
+def test_the_router_exports_a_signed_log_of_where_each_request_ran(tmp_path: Path) -> None:
+    with running_fleet(tmp_path) as fleet:
+        one_member(fleet)
+        key = fleet.org_key("acme", ["eu-west"])
+        client = openai.OpenAI(base_url=fleet.router.v1, api_key=key, max_retries=0)
+        for _ in range(3):
+            client.chat.completions.create(model=UPSTREAM_MODEL, messages=MESSAGES)
+        env = {"PALISADE_HOME": str(fleet.router.home)}
+        export = tmp_path / "acme.json"
+
+        def exported() -> bool:
+            result = run_palisade(
+                "audit", "export", "--url", fleet.router.url, "--org", "acme",
+                "--out", str(export), env=env,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            entries = json.loads(export.read_text())["export"]["entries"]
+            rows = [json.loads(item["entry"]) for item in entries]
+            routed = [row for row in rows if row.get("kind") == "request"]
+            assert all(row["region"] == "eu-west" and row["node"] == "eu-1" for row in routed)
+            return len(routed) == 3  # each routing row is written just after its answer
+
+        wait_for(exported, timeout=20)
+        node_pub = f"@{fleet.router.home / 'node.pub'}"
+        verified = run_palisade("audit", "verify", str(export), "--trusted-key", node_pub)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "OK" in verified.stdout
+        report = tmp_path / "residency.json"
+        residency = run_palisade(
+            "audit", "residency", "--url", fleet.router.url, "--org", "acme",
+            "--out", str(report), "--json", env=env,
+        )  # fmt: skip
+        assert residency.returncode == 0, residency.stderr
+        assert "eu-west" in report.read_text()
+        assert "us-east" not in report.read_text()
