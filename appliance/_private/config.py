@@ -50,7 +50,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_sequences: Annotated[int, Meta(ge=1, le=256)] = 16
     kv_cache_tokens: Annotated[int, Meta(ge=64, le=16_777_216)] | None = None
     step_tokens: Annotated[int, Meta(ge=16, le=65_536)] = 512
-    prefill_chunk: Annotated[int, Meta(ge=1, le=8192)] = 16
+    prefill_chunk: Annotated[int, Meta(ge=1, le=8192)] = 8
 
     def kv_tokens(self) -> int:
         return self.kv_cache_tokens or self.context_length * self.max_sequences

@@ -121,7 +121,7 @@ def test_a_long_prompt_is_read_in_chunks_while_another_stream_keeps_its_text(
         )
         assert flowing.result() == alone
         assert long.result()
-    # ~1,100 prompt tokens in chunks of 16: many steps, not one.
+    # ~1,100 prompt tokens in chunks of 8: many steps, not one.
     assert appliance.metric("palisade_batch_sequences_count", model=MODEL) - prefill_before > 17
 
 
