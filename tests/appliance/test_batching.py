@@ -189,3 +189,22 @@ def test_sampling_with_a_seed_is_reproducible_in_a_batch(
     with ThreadPoolExecutor(4) as pool:
         batched = list(pool.map(sampled, ["fox", "bear", "fox", "wolf"]))
     assert batched[0] == batched[2] == alone
+
+
+def test_a_request_sharing_a_running_sequences_prompt_copies_its_stream(tmp_path: Path) -> None:
+    with run_appliance(tmp_path, model_toml(max_sequences=4), "--no-auth") as fresh:
+        client = openai.OpenAI(base_url=fresh.v1, api_key="x", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(
+            model=MODEL, messages=ask("whale", SYSTEM), max_tokens=200, temperature=0,
+            stream=True,
+        )  # fmt: skip
+        for chunk in stream:  # until the first sequence has read its prompt and generates
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        reused_before = fresh.metric("palisade_prefix_reused_tokens_total", model=MODEL)
+        copied = complete(client, ask("penguin", SYSTEM))
+        # No free slot held the system prompt: the new request copied the running stream.
+        reused = fresh.metric("palisade_prefix_reused_tokens_total", model=MODEL)
+        assert reused - reused_before >= 100
+        stream.close()
+        assert complete(client, ask("penguin", SYSTEM)) == copied  # the same text from a slot
