@@ -171,11 +171,12 @@ class Forwarder:
         if refusal is not None:
             self._settle(call, refusal.node, None, status=f"http_{refusal.status}")
             return self._refusal_response(call, refusal)
+        if self._fleet.pick(call.model, call.regions, preference, call.tried, mark=False):
+            self._settle(call, None, None, status="backend_unavailable")
+            raise BackendUnavailableError(call.model, call.tried)
         self._settle(call, None, None, status="no_backend_in_region")
-        if self._fleet.pick(call.model, call.regions, preference, call.tried) is None:
-            self._metrics.no_backend.labels(call.model).inc()
-            raise NoBackendError(call.model, call.regions, tried=len(call.tried))
-        raise BackendUnavailableError(call.model, call.tried)
+        self._metrics.no_backend.labels(call.model).inc()
+        raise NoBackendError(call.model, call.regions, tried=len(call.tried))
 
     async def _attempt(
         self, node: Node, call: Call, payload: bytes
