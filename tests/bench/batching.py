@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 import llama_cpp
 
 from appliance import DEFAULT_MODEL_ID
@@ -357,16 +356,7 @@ def run_process(
         )
     server = Server(name, process, url=url, log=log)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n" + server.tail())
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} was not ready in {ready_timeout:g} s:\n{server.tail()}")
-            time.sleep(0.25)
+        server.wait_http(ready_path, ready_timeout)
         yield server
     finally:
         server.stop()
@@ -675,63 +665,31 @@ def run_appliance_target(
     raise AssertionError("unreachable")
 
 
-def run_llama_server_target(
-    binary: Path,
-    model: Path,
+def run_server_target(
+    name: str,
+    command: list[str],
+    *,
+    url: str,
+    ready_path: str,
     schedule: dict[int, list[list[str]]],
     settings: Settings,
     scratch: Path,
-) -> tuple[Outcome, list[str]]:
-    port = _free_port()
-    command = llama_server_command(binary, model, port, MAX_SEQUENCES)
-    url = f"http://127.0.0.1:{port}"
+) -> Outcome:
+    """One external OpenAI-compatible server, measured like the appliance."""
     try:
         with run_process(
-            "llama-server",
-            command,
-            url=url,
-            ready_path="/health",
-            log=scratch / "llama-server.log",
+            name, command, url=url, ready_path=ready_path, log=scratch / f"{name}.log",
             ready_timeout=300,
-        ) as server:
+        ) as server:  # fmt: skip
+            # llama-cpp-python's server defaults to a repeat penalty of 1.1; all decode with none.
             endpoint = Endpoint(
                 f"{url}/v1/chat/completions", DEFAULT_MODEL_ID, {"repeat_penalty": 1.0}
             )
-            outcome = _measure("llama-server", server.process.pid, endpoint, schedule, settings)
+            outcome = _measure(name, server.process.pid, endpoint, schedule, settings)
             outcome.log_tail = server.tail()
     except (RuntimeError, TimeoutError, OSError) as exc:
-        return Outcome(skipped=f"llama-server failed: {exc}"[:2000]), command
-    return outcome, command
-
-
-def run_llamacpp_server_target(
-    python: Path,
-    model: Path,
-    schedule: dict[int, list[list[str]]],
-    settings: Settings,
-    scratch: Path,
-) -> tuple[Outcome, list[str]]:
-    port = _free_port()
-    command = llamacpp_server_command(python, model, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with run_process(
-            "llamacpp-server",
-            command,
-            url=url,
-            ready_path="/v1/models",
-            log=scratch / "llamacpp-server.log",
-            ready_timeout=300,
-        ) as server:
-            # Its default repeat penalty is 1.1; the others decode with none.
-            endpoint = Endpoint(
-                f"{url}/v1/chat/completions", DEFAULT_MODEL_ID, {"repeat_penalty": 1.0}
-            )
-            outcome = _measure("llamacpp-server", server.process.pid, endpoint, schedule, settings)
-            outcome.log_tail = server.tail()
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        return Outcome(skipped=f"llama-cpp-python's server failed: {exc}"[:2000]), command
-    return outcome, command
+        return Outcome(skipped=f"{name} failed: {exc}"[:2000])
+    return outcome
 
 
 # --- summary ------------------------------------------------------------------------------------
@@ -1011,13 +969,21 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             model, schedule, settings, scratch
         )
         if binary is not None:
-            outcomes["llama-server"], commands["llama-server"] = run_llama_server_target(
-                binary, model, schedule, settings, scratch
-            )
+            port = _free_port()
+            command = llama_server_command(binary, model, port, MAX_SEQUENCES)
+            commands["llama-server"] = command
+            outcomes["llama-server"] = run_server_target(
+                "llama-server", command, url=f"http://127.0.0.1:{port}", ready_path="/health",
+                schedule=schedule, settings=settings, scratch=scratch,
+            )  # fmt: skip
         if python is not None:
-            outcomes["llamacpp-server"], commands["llamacpp-server"] = run_llamacpp_server_target(
-                python, model, schedule, settings, scratch
-            )
+            port = _free_port()
+            command = llamacpp_server_command(python, model, port)
+            commands["llamacpp-server"] = command
+            outcomes["llamacpp-server"] = run_server_target(
+                "llamacpp-server", command, url=f"http://127.0.0.1:{port}",
+                ready_path="/v1/models", schedule=schedule, settings=settings, scratch=scratch,
+            )  # fmt: skip
     results: dict[str, Any] = {}
     contention: dict[str, dict[str, float] | None] = {"raw": raw["contention"]}
     noisy = [] if raw["quiet"] else ["raw"]

@@ -46,7 +46,7 @@ import httpx
 from federation import ENCODER, SIGNATURE_HEADER, Heartbeat, NodeModel, sign_fleet_message
 from tests.bench.engine import BUSY_CORES, CpuWatch
 from tests.standin import RunningStandin, run_standin
-from tests.support import REPO
+from tests.support import REPO, wait_for
 
 MODEL = "standin-model"
 REGION = "bench"
@@ -113,6 +113,26 @@ class Server:
         text = self.log.read_text(errors="replace") if self.log is not None else ""
         return "".join(text.splitlines(keepends=True)[-lines:] or self.output[-lines:])
 
+    def alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited:\n" + self.tail())
+
+    def wait_http(self, path: str, timeout: float) -> None:
+        """Until `GET url+path` answers 200 (fails at once if the process exits)."""
+
+        def ready() -> bool:
+            self.alive()
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(self.url + path, timeout=2).status_code == 200
+            return False
+
+        try:
+            wait_for(ready, timeout=timeout, interval=0.25)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self.name} was not ready in {timeout:g} s:\n{self.tail()}"
+            ) from None
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -160,11 +180,12 @@ def run_router(home: Path, *, ready_timeout: float = 60.0) -> Iterator[tuple[Ser
             raise RuntimeError("the router did not start:\n" + server.tail())
         server.url = match["url"]
         key_file = home / "demo.key"
-        deadline = time.monotonic() + ready_timeout
-        while not (key_file.is_file() and key_file.read_text().strip()):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the router wrote no demo.key:\n" + server.tail())
-            time.sleep(0.05)
+
+        def key_written() -> bool:
+            server.alive()
+            return key_file.is_file() and bool(key_file.read_text().strip())
+
+        wait_for(key_written, timeout=ready_timeout, interval=0.05)
         yield server, key_file.read_text().strip()
     finally:
         server.stop()
@@ -233,18 +254,16 @@ class Heartbeats(threading.Thread):
 
 def wait_for_model(router: Server, key: str, *, timeout: float = 30.0) -> None:
     """Until the router lists MODEL for the demo key (the node has joined)."""
-    deadline = time.monotonic() + timeout
     headers = {"Authorization": f"Bearer {key}"}
-    while True:
-        if router.process.poll() is not None:
-            raise RuntimeError("the router exited:\n" + router.tail())
+
+    def listed() -> bool:
+        router.alive()
         with contextlib.suppress(httpx.HTTPError):
             reply = httpx.get(f"{router.url}/v1/models", headers=headers, timeout=5)
-            if reply.status_code == 200 and MODEL in {m["id"] for m in reply.json()["data"]}:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the router did not list {MODEL} within {timeout:g} s")
-        time.sleep(0.1)
+            return reply.status_code == 200 and MODEL in {m["id"] for m in reply.json()["data"]}
+        return False
+
+    wait_for(listed, timeout=timeout, interval=0.1)
 
 
 # --- LiteLLM ----------------------------------------------------------------------------------
@@ -358,18 +377,7 @@ def run_litellm(
         )
     server = Server("litellm", process, url=f"http://127.0.0.1:{port}", log=log)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError("LiteLLM exited:\n" + server.tail())
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/health/liveliness", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"LiteLLM was not ready within {ready_timeout:g} s:\n" + server.tail()
-                )
-            time.sleep(0.25)
+        server.wait_http("/health/liveliness", ready_timeout)
         yield server
     finally:
         server.stop()
