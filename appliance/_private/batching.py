@@ -5,17 +5,24 @@ every sequence that is generating, plus prompt chunks of sequences still being p
 up to a per-step token budget, so a long prompt never stalls the streams already flowing.
 New requests join at the next step; finished and cancelled ones leave at once.
 
-Each sequence has its own KV stream (`kv_unified = false`), and prompts are prefilled in
-chunks whose boundaries are fixed multiples of `prefill_chunk` from the start of the
-prompt, whatever else is running. Together these make a sequence's arithmetic independent
-of its neighbours: at temperature 0 a request produces exactly the text it produces alone
-(with one shared KV buffer, attention sums over cells interleaved with other sequences and
-the last bits differ).
+Each sequence has its own KV stream (`kv_unified = false`), and by default the keys are
+stored in 8 bits (`cache_type_k = "q8_0"`, values f16). Then llama.cpp's CPU attention has
+one code path, a query row at a time over the cells in order, so a sequence's arithmetic
+depends neither on its neighbours nor on how its prompt is grouped into steps: at
+temperature 0 a request produces exactly the text it produces alone, prompts are read in
+any chunks and reused to the token. With f16 keys and values llama.cpp switches kernels for
+64+ queries of one stream and for a lone sequence decoding over 512+ cells; chunks then
+stay under 64 tokens, and past 256 tokens of context a lone sequence may decode slightly
+differently from the same sequence in a batch.
+
+Batches list their tokens in sequence-id order and new requests take the lowest free slot
+that serves them best: llama.cpp splits a multi-stream batch into one pass per run of
+consecutive sequence ids, so a batch of the same tokens in a shuffled order costs up to
+twice as much.
 
 A slot keeps the KV of its last prompt after the request ends; a new request whose prompt
 shares a prefix with a free slot's cached prompt (the same system prompt, say) starts from
-there, and one that shares a long prefix with a running sequence copies that stream. Reuse
-stops at a chunk boundary, so the remaining chunks are the ones a fresh prefill would run.
+there, and one that shares a longer prefix with a running sequence copies that stream.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from appliance._private.config import KvCacheType
 from appliance._private.engine import EngineLoad, Finish, FinishReason, Generation
 from appliance._private.errors import ModelLoadError, ModelNotReadyError, QueueFullError
 from appliance._private.textstream import StopMatcher, Utf8Stream
@@ -42,9 +52,9 @@ FinishFn = Callable[[Generation, Finish], None]
 _FIRST_DELIVERY_WAIT = 0.005
 # Frequency and presence penalties look at this many of the latest generated tokens.
 _PENALTY_WINDOW = 64
-# Copying another running sequence's stream costs a full-buffer copy: only worth it for a
-# shared prefix of at least this many chunks.
-_MIN_COPY_CHUNKS = 2
+# Copying another running sequence's stream costs a whole-stream copy (a few ms): only
+# worth it for at least this many more shared tokens than the best free slot offers.
+_MIN_COPY_TOKENS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,8 @@ class BatchLimits:
     kv_cache_tokens: int
     step_tokens: int
     prefill_chunk: int
+    cache_type_k: KvCacheType
+    cache_type_v: KvCacheType
     max_queue: int
     threads: int
 
@@ -109,6 +121,10 @@ class _Sequence:
         return self.prefilled == len(self.prompt)
 
 
+def _seq_id(sequence: _Sequence) -> int:
+    return sequence.slot.seq_id
+
+
 @dataclass(slots=True)
 class _Slot:
     """One KV stream (llama.cpp sequence id) and the prompt whose KV it still holds."""
@@ -143,6 +159,7 @@ class BatchScheduler:
         self._ctx = self._context()
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = int(llm.n_vocab())
+        self._pieces: dict[int, bytes] = {}
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, limits.max_sequences)
         self._slots = [_Slot(seq_id) for seq_id in range(limits.max_sequences)]
         self._active: list[_Sequence] = []
@@ -156,8 +173,6 @@ class BatchScheduler:
 
     @property
     def _batch_capacity(self) -> int:
-        # One step never exceeds one ubatch: llama.cpp splitting it would make a
-        # sequence's arithmetic depend on what else is in the step.
         return self._limits.step_tokens + self._limits.prefill_chunk + self._limits.max_sequences
 
     def _context(self) -> Any:
@@ -168,6 +183,10 @@ class BatchScheduler:
         params.n_seq_max = limits.max_sequences
         params.n_threads = params.n_threads_batch = limits.threads
         params.kv_unified = False
+        types = {"q8_0": lib.GGML_TYPE_Q8_0, "f16": lib.GGML_TYPE_F16}
+        params.type_k = types[limits.cache_type_k]
+        params.type_v = types[limits.cache_type_v]
+        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED  # a quantized V needs it
         params.no_perf = True
         ctx = lib.llama_init_from_model(self._llm.model, params)
         if not ctx:
@@ -276,9 +295,10 @@ class BatchScheduler:
         if not prompt:
             raise ValueError("an empty prompt has nothing to continue from")
         sampler = self._sampler(generation)
-        free = [slot for slot in self._slots if not slot.busy]
+        # The longest reuse, then the lowest id: running sequences stay on consecutive ids.
         slot, reuse = max(
-            ((s, self._reusable(s.cached, prompt)) for s in free), key=lambda pair: pair[1]
+            ((s, self._reusable(s.cached, prompt)) for s in self._slots if not s.busy),
+            key=lambda pair: (pair[1], -pair[0].seq_id),
         )
         source, copied = self._copy_source(prompt, reuse)
         seq_id = slot.seq_id
@@ -293,30 +313,33 @@ class BatchScheduler:
         self._reused += reuse
         return sequence
 
-    def _reusable(self, cached: list[int], prompt: list[int]) -> int:
-        """How much of `prompt` a stream holding `cached` serves: whole chunks, never all."""
+    @staticmethod
+    def _reusable(cached: list[int], prompt: list[int]) -> int:
+        """How much of `prompt` a stream holding `cached` serves: never all of it."""
         common = 0
         for have, want in zip(cached, prompt, strict=False):
             if have != want:
                 break
             common += 1
-        chunk = self._limits.prefill_chunk
-        common = min(common, len(prompt) - 1)  # the last prompt token is decoded for logits
-        return common - common % chunk
+        return min(common, len(prompt) - 1)  # the last prompt token is decoded for logits
 
     def _copy_source(self, prompt: list[int], reuse: int) -> tuple[_Sequence | None, int]:
         """A running sequence worth copying from (a longer shared, already prefilled prefix)."""
         best: tuple[_Sequence | None, int] = (None, reuse)
         for other in self._active:
             shared = self._reusable(other.prompt[: other.prefilled], prompt)
-            if shared - best[1] >= _MIN_COPY_CHUNKS * self._limits.prefill_chunk:
+            if shared - best[1] >= _MIN_COPY_TOKENS:
                 best = (other, shared)
         return best
 
     def _sampler(self, generation: Generation) -> Any:
+        """A llama.cpp sampler chain; None for plain greedy, which `_sample` does itself."""
         lib, params = self._l, generation.params
+        penalised = bool(params.presence_penalty or params.frequency_penalty)
+        if params.temperature <= 0.0 and not penalised:
+            return None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if params.presence_penalty or params.frequency_penalty:
+        if penalised:
             lib.llama_sampler_chain_add(
                 chain,
                 lib.llama_sampler_init_penalties(
@@ -347,42 +370,54 @@ class BatchScheduler:
                 self._leave(sequence, "cancelled")
         if not self._active:
             return
-        decode_tokens = prefill_tokens = stepped = 0
+        chunks = self._prompt_chunks()
         batch = self._batch
         batch.n_tokens = 0
         with_logits: list[_Sequence] = []
-        for sequence in self._active:
+        decode_tokens = prefill_tokens = 0
+        # In sequence-id order: llama.cpp runs one pass per run of consecutive ids.
+        for sequence in sorted(self._active, key=_seq_id):
             if sequence.decoding:
                 sequence.logits_at = self._add(sequence.next_token, sequence.pos, sequence, True)
                 sequence.pos += 1
                 with_logits.append(sequence)
                 decode_tokens += 1
-                stepped += 1
-        budget = self._limits.step_tokens - decode_tokens
-        for sequence in self._active:
-            if sequence.decoding:
-                continue
-            start = sequence.prefilled
-            end = min(len(sequence.prompt), start - start % self._limits.prefill_chunk
-                      + self._limits.prefill_chunk)  # fmt: skip
-            if end - start > budget and prefill_tokens:
-                break  # the rest waits for the next step; at least one chunk always runs
-            for position in range(start, end):
-                last = position == len(sequence.prompt) - 1
-                index = self._add(sequence.prompt[position], position, sequence, last)
-                if last:
-                    sequence.logits_at = index
-                    with_logits.append(sequence)
-            sequence.prefilled = sequence.pos = end
-            prefill_tokens += end - start
-            budget -= end - start
-            stepped += 1
+            elif sequence in chunks:
+                start, end = sequence.prefilled, chunks[sequence]
+                for position in range(start, end):
+                    last = position == len(sequence.prompt) - 1
+                    index = self._add(sequence.prompt[position], position, sequence, last)
+                    if last:
+                        sequence.logits_at = index
+                        with_logits.append(sequence)
+                sequence.prefilled = sequence.pos = end
+                prefill_tokens += end - start
         status = self._l.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         for sequence in with_logits:
             self._sample(sequence)
-        self._report(started, stepped, prefill_tokens, decode_tokens)
+        self._report(started, decode_tokens + len(chunks), prefill_tokens, decode_tokens)
+
+    def _prompt_chunks(self) -> dict[_Sequence, int]:
+        """Where each prefilling sequence's prompt reading ends this step, first come first.
+
+        Generating sequences get their token first; prompts share what is left of
+        `step_tokens`, at most `prefill_chunk` tokens each; the first always gets its chunk.
+        """
+        budget = self._limits.step_tokens - sum(s.decoding for s in self._active)
+        chunks: dict[_Sequence, int] = {}
+        for sequence in self._active:
+            if sequence.decoding:
+                continue
+            take = min(len(sequence.prompt) - sequence.prefilled, self._limits.prefill_chunk)
+            if chunks:
+                take = min(take, budget)
+            if take <= 0:
+                break
+            chunks[sequence] = sequence.prefilled + take
+            budget -= take
+        return chunks
 
     def _add(self, token: int, position: int, sequence: _Sequence, logits: bool) -> int:
         batch = self._batch
@@ -396,13 +431,16 @@ class BatchScheduler:
         return index
 
     def _sample(self, sequence: _Sequence) -> None:
-        token = self._l.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logits_at)
+        if sequence.sampler is None:
+            token = self._greedy(sequence.logits_at)
+        else:
+            token = self._l.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logits_at)
         generation, params = sequence.generation, sequence.generation.params
         if token in self._eog:
             self._leave(sequence, "stop")
             return
         sequence.produced += 1
-        text, stopped = sequence.stops.feed(sequence.utf8.feed(self._llm.detokenize([token])))
+        text, stopped = sequence.stops.feed(sequence.utf8.feed(self._piece(token)))
         if text:
             first = generation.first_token_at is None
             generation.emit(text)
@@ -414,6 +452,17 @@ class BatchScheduler:
             self._leave(sequence, "length")
         else:
             sequence.next_token = token  # decoded at `pos` in the next step
+
+    def _greedy(self, index: int) -> int:
+        """The first highest logit, as llama.cpp's greedy sampler picks, without its copy."""
+        logits = self._l.llama_get_logits_ith(self._ctx, index)
+        return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._llm.detokenize([token])
+        return piece
 
     def _leave(
         self,
@@ -439,7 +488,8 @@ class BatchScheduler:
             self._l.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         with self._cond:
             slot.busy = False
-        self._l.llama_sampler_free(sequence.sampler)
+        if sequence.sampler is not None:
+            self._l.llama_sampler_free(sequence.sampler)
         # The prompt is billed in full once read (a reused prefix included, as OpenAI bills
         # cached prompt tokens); a request cancelled part-way is billed what it read.
         finish = Finish(reason, sequence.prefilled, sequence.produced, error=error)

@@ -17,6 +17,9 @@ DEFAULT_PORT = 8400
 
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 DeviceClass = Literal["cpu", "gpu", "rdu"]
+KvCacheType = Literal["q8_0", "f16"]
+# With f16 keys and values llama.cpp's CPU attention changes kernels at 64 queries of a stream.
+F16_MAX_PREFILL_CHUNK = 63
 # The NAME of an environment variable (never the key itself: that stays out of config files).
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 _UPSTREAM_KEYS = ("upstream_url", "upstream_model", "upstream_key_env")
@@ -45,15 +48,22 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 64
     upstream_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     # Continuous batching (llamacpp): sequences decoded together in one llama.cpp batch,
-    # the KV cache they share (default: context_length for each), the tokens one step may
-    # decode, and the fixed size of the chunks prompts are read in.
+    # the KV cache they share (default: context_length for each) and the element types of
+    # its keys and values, the tokens one step may decode, and the most prompt tokens one
+    # sequence reads per step.
     max_sequences: Annotated[int, Meta(ge=1, le=256)] = 16
     kv_cache_tokens: Annotated[int, Meta(ge=64, le=16_777_216)] | None = None
+    cache_type_k: KvCacheType = "q8_0"
+    cache_type_v: KvCacheType = "f16"
     step_tokens: Annotated[int, Meta(ge=16, le=65_536)] = 512
-    prefill_chunk: Annotated[int, Meta(ge=1, le=8192)] = 8
+    prefill_chunk: Annotated[int, Meta(ge=1, le=8192)] = 32
 
     def kv_tokens(self) -> int:
         return self.kv_cache_tokens or self.context_length * self.max_sequences
+
+    @property
+    def all_f16_cache(self) -> bool:
+        return self.cache_type_k == self.cache_type_v == "f16"
 
 
 class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -140,6 +150,14 @@ def check_engines(config: ApplianceConfig, source: str) -> None:
                     f"its {model.max_sequences} sequences {each} KV cells, fewer than "
                     f"context_length = {model.context_length}; raise kv_cache_tokens, or lower "
                     "max_sequences or context_length."
+                )
+            if model.all_f16_cache and model.prefill_chunk > F16_MAX_PREFILL_CHUNK:
+                raise ConfigError(
+                    f"{source}: `{where}.prefill_chunk` = {model.prefill_chunk} is too large "
+                    'for cache_type_k = cache_type_v = "f16": llama.cpp computes 64 or more '
+                    "prompt tokens of one sequence with another kernel, and answers would "
+                    "depend on what else runs. Set prefill_chunk to at most "
+                    f'{F16_MAX_PREFILL_CHUNK}, or cache_type_k = "q8_0".'
                 )
         elif model.upstream_url is None:
             raise ConfigError(

@@ -90,6 +90,8 @@ class LlamaCppEngine:
             kv_cache_tokens=config.kv_tokens(),
             step_tokens=config.step_tokens,
             prefill_chunk=config.prefill_chunk,
+            cache_type_k=config.cache_type_k,
+            cache_type_v=config.cache_type_v,
             max_queue=config.max_queue,
             threads=self._threads,
         )

@@ -121,8 +121,21 @@ def test_a_long_prompt_is_read_in_chunks_while_another_stream_keeps_its_text(
         )
         assert flowing.result() == alone
         assert long.result()
-    # ~1,100 prompt tokens in chunks of 8: many steps, not one.
+    # ~1,100 prompt tokens in chunks of 32: many steps, not one.
     assert appliance.metric("palisade_batch_sequences_count", model=MODEL) - prefill_before > 17
+
+
+def test_a_long_context_decodes_the_same_alone_and_in_a_batch(client: openai.OpenAI) -> None:
+    # Past 256 cells llama.cpp has a faster kernel for a lone sequence over an f16 cache;
+    # with the default 8-bit keys a sequence decodes alike alone and among others.
+    notes = "Minutes of the reading club: members discussed novels, poems and plays. " * 45
+    question = ask("comet", notes)
+    alone = complete(client, question, 48)
+    with ThreadPoolExecutor(4) as pool:
+        together = pool.submit(complete, client, question, 48)
+        others = [pool.submit(complete, client, ask(s), 48) for s in SUBJECTS[:3]]
+        assert together.result() == alone
+        assert all(other.result() for other in others)
 
 
 def test_metrics_report_batches_kv_cells_and_throughput(
@@ -172,6 +185,16 @@ def test_kv_cache_too_small_for_the_context_is_a_config_error(tmp_path: Path) ->
     assert result.returncode == 1
     assert "gives each of its 4 sequences 1024 KV cells" in result.stderr
     assert "raise kv_cache_tokens" in result.stderr
+
+
+def test_an_f16_cache_with_chunks_of_64_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text(model_toml(cache_type_k="f16", cache_type_v="f16", prefill_chunk=64))
+    result = run_palisade("appliance", "serve", "--config", str(config), "--port", "0",
+                          env={"PALISADE_HOME": str(tmp_path)})  # fmt: skip
+    assert result.returncode == 1
+    assert "`models[0].prefill_chunk` = 64 is too large" in result.stderr
+    assert "at most 63" in result.stderr
 
 
 @pytest.mark.parametrize("temperature", [0.7])
