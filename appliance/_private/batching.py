@@ -15,14 +15,14 @@ any chunks and reused to the token. With f16 keys and values llama.cpp switches 
 stay under 64 tokens, and past 256 tokens of context a lone sequence may decode slightly
 differently from the same sequence in a batch.
 
-Batches list their tokens in sequence-id order and new requests take the lowest free slot
-that serves them best: llama.cpp splits a multi-stream batch into one pass per run of
-consecutive sequence ids, so a batch of the same tokens in a shuffled order costs up to
-twice as much.
+Batches list their tokens in sequence-id order and a new request takes the lowest free
+slot: llama.cpp splits a multi-stream batch into one forward pass per run of consecutive
+sequence ids, so the same tokens in a shuffled order cost up to twice as much.
 
-A slot keeps the KV of its last prompt after the request ends; a new request whose prompt
-shares a prefix with a free slot's cached prompt (the same system prompt, say) starts from
-there, and one that shares a longer prefix with a running sequence copies that stream.
+A slot keeps the KV of its last prompt after the request ends. A new request whose prompt
+shares a prefix with what another stream holds (a free slot's cached prompt, or a running
+sequence's prompt: the same system prompt, say) copies that stream into its slot and
+starts after the shared prefix.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ FinishFn = Callable[[Generation, Finish], None]
 _FIRST_DELIVERY_WAIT = 0.005
 # Frequency and presence penalties look at this many of the latest generated tokens.
 _PENALTY_WINDOW = 64
-# Copying another running sequence's stream costs a whole-stream copy (a few ms): only
-# worth it for at least this many more shared tokens than the best free slot offers.
-_MIN_COPY_TOKENS = 16
+# Copying another stream's prompt costs a whole-stream copy (~5 ms here, about one token
+# of prompt reading for 16 sequences); taking the slot that holds it instead would split
+# every later step into one more forward pass (~3.5 ms each). Copy for this many tokens.
+_MIN_COPY_TOKENS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,10 @@ class _Sequence:
 
 def _seq_id(sequence: _Sequence) -> int:
     return sequence.slot.seq_id
+
+
+def _second(pair: tuple[int, int]) -> int:
+    return pair[1]
 
 
 @dataclass(slots=True)
@@ -295,18 +300,15 @@ class BatchScheduler:
         if not prompt:
             raise ValueError("an empty prompt has nothing to continue from")
         sampler = self._sampler(generation)
-        # The longest reuse, then the lowest id: running sequences stay on consecutive ids.
-        slot, reuse = max(
-            ((s, self._reusable(s.cached, prompt)) for s in self._slots if not s.busy),
-            key=lambda pair: (pair[1], -pair[0].seq_id),
-        )
-        source, copied = self._copy_source(prompt, reuse)
-        seq_id = slot.seq_id
-        if source is not None:
-            self._l.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-            self._l.llama_memory_seq_cp(self._memory, source.slot.seq_id, seq_id, -1, -1)
-            reuse = copied
-        self._l.llama_memory_seq_rm(self._memory, seq_id, reuse, -1)
+        # The lowest free id keeps running sequences on consecutive ids: one forward pass.
+        slot = min((s for s in self._slots if not s.busy), key=lambda s: s.seq_id)
+        reuse = self._reusable(slot.cached, prompt)
+        source, shared = self._copy_source(prompt, slot)
+        if shared - reuse >= _MIN_COPY_TOKENS:
+            self._l.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            self._l.llama_memory_seq_cp(self._memory, source, slot.seq_id, -1, -1)
+            reuse = shared
+        self._l.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1)
         slot.busy, slot.cached = True, []
         sequence = _Sequence(generation, slot, sampler)
         sequence.prefilled = sequence.pos = reuse
@@ -323,13 +325,16 @@ class BatchScheduler:
             common += 1
         return min(common, len(prompt) - 1)  # the last prompt token is decoded for logits
 
-    def _copy_source(self, prompt: list[int], reuse: int) -> tuple[_Sequence | None, int]:
-        """A running sequence worth copying from (a longer shared, already prefilled prefix)."""
-        best: tuple[_Sequence | None, int] = (None, reuse)
+    def _copy_source(self, prompt: list[int], target: _Slot) -> tuple[int, int]:
+        """The stream sharing the longest prefix with `prompt`, other than `target`'s own:
+        another free slot's cached prompt or a running sequence's prompt read so far."""
+        best = (-1, 0)
+        for slot in self._slots:
+            if slot is not target and not slot.busy:
+                best = max(best, (slot.seq_id, self._reusable(slot.cached, prompt)), key=_second)
         for other in self._active:
             shared = self._reusable(other.prompt[: other.prefilled], prompt)
-            if shared - best[1] >= _MIN_COPY_TOKENS:
-                best = (other, shared)
+            best = max(best, (other.slot.seq_id, shared), key=_second)
         return best
 
     def _sampler(self, generation: Generation) -> Any:

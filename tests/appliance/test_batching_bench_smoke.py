@@ -49,7 +49,9 @@ def test_batching_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert report["skipped"] == {
         "llama-server": "--skip-llama-server",
         "llamacpp-server": "--skip-llamacpp-server",
+        "llamacpp-server-threads": "--skip-llamacpp-server",
     }
+    assert report["setup"]["order"].startswith("interleaved")
     summary = report["summary"]
     assert summary["targets_measured"] == ["raw", "appliance"]
     raw = summary["raw"]
@@ -74,3 +76,4 @@ def test_batching_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     judged = {row["name"]: row for row in summary["targets"]}
     assert judged["appliance 1 stream decode / raw in-process decode"]["met"] in {True, False}
     assert judged["appliance / llama-server, 16 streams"]["met"] is None
+    assert judged["appliance / llamacpp-server-threads, 16 streams"]["met"] is None

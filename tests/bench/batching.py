@@ -1,22 +1,29 @@
 """Batching benchmark: aggregate tokens/s and TTFT at several concurrent streams, in one run.
 
-Targets, run one at a time (each server is stopped with SIGTERM before the next starts) on
-the same GGUF, the same prompts and greedy decoding (temperature 0, repeat penalty 1):
+Targets, all started first and then measured in turns, on the same GGUF, the same prompts
+and greedy decoding (temperature 0, repeat penalty 1):
 
 - raw: llama-cpp-python in this process (`tests.bench.engine.RawEngine`), one stream; the
   denominator of the one-stream target;
-- appliance: `palisade appliance serve` with `max_sequences = 16` (the batching scheduler's
-  key; when this appliance does not know it yet, it runs without it and says so);
+- appliance: `palisade appliance serve` with `max_sequences = 16`;
 - llama-server: llama.cpp's own C++ server with 16 parallel slots, built once by this
   benchmark from the llama.cpp sources vendored in the llama-cpp-python sdist of the
   installed version, into var/bench/llama-server;
-- llamacpp-server: `python -m llama_cpp.server --interrupt_requests False`, from its own
-  virtual env var/bench/llamacpp-server-venv (the cached llama-cpp-python wheel plus its
-  server extras; failing that, the extras plus a .pth onto our own llama_cpp build).
+- llamacpp-server: `python -m llama_cpp.server --interrupt_requests False`, the issue's
+  command, with the server's own defaults (n_threads = cores / 2, n_threads_batch =
+  cores), from its own virtual env var/bench/llamacpp-server-venv (the cached
+  llama-cpp-python wheel plus its server extras; failing that, the extras plus a .pth onto
+  our own llama_cpp build);
+- llamacpp-server-threads: the same with `--n_threads N --n_threads_batch N`, N = cores,
+  as every other target runs.
 
 Each server is warmed up, then for each concurrency c the benchmark sends `rounds` rounds of
 c streamed chat completions at once (distinct short "Write a long story about ..." prompts,
-none repeated within a target's run, max_tokens 64). Per request, TTFT runs from sending to
+none repeated within a target's run, max_tokens 64). Each round goes to every target in
+turn, the order rotating from round to round, and raw decode takes its turn in the
+one-stream rounds: this machine's speed drifts by several percent over minutes, and
+interleaving puts every target through the same drift. Idle servers sleep (llama.cpp's
+threads only spin inside a decode). Per request, TTFT runs from sending to
 the first content delta; per round, aggregate tokens/s is the completion tokens of all c
 streams (from the server's usage chunk, else one per content delta) over the round's wall
 time. The table shows the median aggregate across rounds and TTFT p50/p99 over all requests.
@@ -36,7 +43,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +64,12 @@ STREAMS = (1, 4, 8, 16)
 ROUNDS = 5
 TIMEOUT_S = 600.0
 WARMUP_TOKENS = 8
-TARGETS = ("raw", "appliance", "llama-server", "llamacpp-server")
-SERVERS = TARGETS[1:]
+# llama-cpp-python's server as the issue runs it (its defaults: n_threads = cores / 2,
+# n_threads_batch = cores), and with every core for both, as the other targets run.
+LLAMACPP_SERVERS: dict[str, int | None] = {
+    "llamacpp-server": None,
+    "llamacpp-server-threads": THREADS,
+}
 
 # Targets from the issue (informational: PASS/MISS is printed, never asserted).
 JUDGED_STREAMS = 16
@@ -259,26 +270,57 @@ async def run_round(
     return Round(len(prompts), ended - began, streams, errors)
 
 
-async def measure_server(
-    name: str, endpoint: Endpoint, schedule: dict[int, list[list[str]]], timeout_s: float
-) -> dict[int, list[Round]]:
-    """Warm-up (one stream, then the largest concurrency, short), then every measured round."""
+@dataclass(frozen=True)
+class Target:
+    """A running server under test."""
+
+    name: str
+    endpoint: Endpoint
+    pid: int
+    tail: Callable[[], str]
+
+
+async def warm_up(session: aiohttp.ClientSession, target: Target, widest: int) -> None:
+    """One stream, then the widest concurrency, short: loads caches, threads and slots."""
+    for prompts in ([WARMUP_PROMPT], [WARMUP_PROMPT] * widest):
+        warm = await run_round(session, target.endpoint, prompts, WARMUP_TOKENS)
+        if not warm.streams:
+            raise StreamError(f"every warm-up request to {target.name} failed: {warm.errors}")
+
+
+async def measure_interleaved(
+    targets: Sequence[Target],
+    raw: RawEngine,
+    schedule: dict[int, list[list[str]]],
+    timeout_s: float,
+) -> tuple[dict[str, dict[int, list[Round]]], list[dict[str, Any]]]:
+    """Every round of every concurrency goes to each target in turn, the order rotating.
+
+    The machine's speed drifts by several percent over minutes; interleaving puts every
+    target through the same drift. Raw in-process decode takes its turn in the one-stream
+    rounds (the first prompt of the smallest concurrency's rounds).
+    """
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        widest = max(schedule)
-        for prompts in ([WARMUP_PROMPT], [WARMUP_PROMPT] * widest):
-            warm = await run_round(session, endpoint, prompts, WARMUP_TOKENS)
-            if not warm.streams:
-                raise StreamError(f"every warm-up request to {name} failed: {warm.errors}")
-        results: dict[int, list[Round]] = {}
+        for warming in targets:
+            await warm_up(session, warming, max(schedule))
+        raw.run(raw.prompt_tokens(_messages(WARMUP_PROMPT)), max_tokens=WARMUP_TOKENS)
+        results: dict[str, dict[int, list[Round]]] = {t.name: {} for t in targets}
+        raw_runs: list[dict[str, Any]] = []
+        turns: list[Target | None] = [*targets, None]  # None: raw's turn
         for concurrency, batches in schedule.items():
-            results[concurrency] = []
             for index, prompts in enumerate(batches):
-                done = await run_round(session, endpoint, prompts, MAX_TOKENS)
-                results[concurrency].append(done)
-                _progress(name, concurrency, index, done)
-        return results
+                shift = index % len(turns)
+                for turn in turns[shift:] + turns[:shift]:
+                    if turn is None:
+                        if concurrency == min(schedule):
+                            raw_runs.append(raw_run(raw, prompts[0], len(raw_runs)))
+                        continue
+                    done = await run_round(session, turn.endpoint, prompts, MAX_TOKENS)
+                    results[turn.name].setdefault(concurrency, []).append(done)
+                    _progress(turn.name, concurrency, index, done)
+    return results, raw_runs
 
 
 def _progress(name: str, concurrency: int, index: int, done: Round) -> None:
@@ -286,7 +328,7 @@ def _progress(name: str, concurrency: int, index: int, done: Round) -> None:
     errors = f", {sum(done.errors.values())} errors" if done.errors else ""
     streams = "streams" if concurrency > 1 else "stream "
     print(
-        f"  {name:<16} {concurrency:>3} {streams}, round {index + 1}: "
+        f"  {name:<18} {concurrency:>3} {streams}, round {index + 1}: "
         f"{done.aggregate_tok_s:7.1f} tok/s, {done.tokens} tokens in {done.seconds:6.2f} s, "
         f"TTFT max {max(ttfts, default=0):8.1f} ms{errors}",
         flush=True,
@@ -296,36 +338,30 @@ def _progress(name: str, concurrency: int, index: int, done: Round) -> None:
 # --- raw llama-cpp-python, in process -----------------------------------------------------------
 
 
-def measure_raw(model: Path, prompts: Sequence[str], settings: Settings) -> dict[str, Any]:
-    """One stream in this process, greedy, MAX_TOKENS: the same prompts as one-stream rounds."""
-    raw = RawEngine(model)
-    try:
-        raw.run(raw.prompt_tokens(_messages(WARMUP_PROMPT)), max_tokens=WARMUP_TOKENS)
-        quiet = settle("raw", settings)
-        watch = CpuWatch(os.getpid())
-        runs: list[dict[str, Any]] = []
-        for index, prompt in enumerate(prompts):
-            run = raw.run(raw.prompt_tokens(_messages(prompt)), max_tokens=MAX_TOKENS)
-            seconds = run.ttft_ms / 1000 + (run.completion_tokens - 1) / run.decode_tok_s
-            runs.append(
-                {
-                    "aggregate_tok_s": run.completion_tokens / seconds,
-                    "decode_tok_s": run.decode_tok_s,
-                    "ttft_ms": run.ttft_ms,
-                    "completion_tokens": run.completion_tokens,
-                    "prompt_tokens": run.prompt_tokens,
-                    "seconds": seconds,
-                }
-            )
-            print(
-                f"  {'raw':<16} {1:>3} stream,  round {index + 1}: "
-                f"{runs[-1]['aggregate_tok_s']:7.1f} tok/s, {run.completion_tokens} tokens in "
-                f"{seconds:6.2f} s, decode {run.decode_tok_s:6.1f} tok/s",
-                flush=True,
-            )
-        contention = watch.report()
-    finally:
-        raw.close()
+def raw_run(raw: RawEngine, prompt: str, index: int) -> dict[str, Any]:
+    """One stream in this process, greedy, MAX_TOKENS."""
+    run = raw.run(raw.prompt_tokens(_messages(prompt)), max_tokens=MAX_TOKENS)
+    seconds = run.ttft_ms / 1000 + (run.completion_tokens - 1) / run.decode_tok_s
+    row = {
+        "aggregate_tok_s": run.completion_tokens / seconds,
+        "decode_tok_s": run.decode_tok_s,
+        "ttft_ms": run.ttft_ms,
+        "completion_tokens": run.completion_tokens,
+        "prompt_tokens": run.prompt_tokens,
+        "seconds": seconds,
+    }
+    print(
+        f"  {'raw':<18} {1:>3} stream,  round {index + 1}: "
+        f"{row['aggregate_tok_s']:7.1f} tok/s, {run.completion_tokens} tokens in "
+        f"{seconds:6.2f} s, decode {run.decode_tok_s:6.1f} tok/s",
+        flush=True,
+    )
+    return row
+
+
+def summarize_raw(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not runs:
+        return None
     return {
         "aggregate_tok_s": statistics.median(r["aggregate_tok_s"] for r in runs),
         "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
@@ -333,8 +369,6 @@ def measure_raw(model: Path, prompts: Sequence[str], settings: Settings) -> dict
         "ttft_p99_ms": percentile([r["ttft_ms"] for r in runs], 0.99),
         "completion_tokens": _token_range([r["completion_tokens"] for r in runs]),
         "rounds": runs,
-        "contention": contention,
-        "quiet": quiet,
     }
 
 
@@ -581,115 +615,65 @@ def _link_our_site_packages(venv: Path) -> None:
     (theirs / "palisade-bench-llama-cpp.pth").write_text(f"{ours}\n")
 
 
-def llamacpp_server_command(python: Path, model: Path, port: int) -> list[str]:
-    return [
+def llamacpp_server_command(python: Path, model: Path, port: int, threads: int | None) -> list[str]:
+    """The issue's command (`threads` None: the server's own defaults), or with `threads`."""
+    command = [
         *(str(python), "-m", "llama_cpp.server", "--model", str(model)),
         *("--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(CONTEXT_LENGTH)),
-        *("--n_threads", str(THREADS), "--n_threads_batch", str(THREADS)),
         *("--interrupt_requests", "False"),
     ]
+    if threads is not None:
+        command += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    return command
 
 
 # --- running the targets --------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    """What one server target produced, or why it was skipped."""
-
-    rounds: dict[int, list[Round]] | None = None
-    contention: dict[str, float] | None = None
-    skipped: str | None = None
-    notes: list[str] = field(default_factory=list)
-    log_tail: str = ""
-    quiet: bool = True
-
-
-def settle(name: str, settings: Settings, *pids: int) -> bool:
-    """Wait, at most `quiet_wait_s`, until other processes leave the cores to this target."""
+def settle(settings: Settings, *pids: int) -> bool:
+    """Wait, at most `quiet_wait_s`, until other processes leave the cores to the targets."""
     waited, quiet = wait_idle([], [os.getpid(), *pids], settings.quiet_wait_s)
     if not quiet and settings.quiet_wait_s > 0:
         print(
-            f"  {name}: other processes still used more than {QUIET_CORES:g} cores after "
+            f"  other processes still used more than {QUIET_CORES:g} cores after "
             f"{waited:.0f} s; measuring anyway",
             flush=True,
         )
     return quiet
 
 
-def _measure(
-    name: str,
-    server_pid: int,
-    endpoint: Endpoint,
-    schedule: dict[int, list[list[str]]],
-    settings: Settings,
-) -> Outcome:
-    quiet = settle(name, settings, server_pid)
-    watch = CpuWatch(os.getpid(), server_pid)
-    rounds = asyncio.run(measure_server(name, endpoint, schedule, settings.timeout_s))
-    return Outcome(rounds=rounds, contention=watch.report(), quiet=quiet)
-
-
-def appliance_config(model: Path, *, batching: bool) -> str:
+def appliance_config(model: Path) -> str:
     fields: dict[str, object] = {"path": str(model), "context_length": CONTEXT_LENGTH}
-    return model_toml(**fields, **(BATCHING_KEYS if batching else {}))
+    return model_toml(**fields, **BATCHING_KEYS)
 
 
-def run_appliance_target(
-    model: Path, schedule: dict[int, list[list[str]]], settings: Settings, scratch: Path
-) -> tuple[Outcome, str]:
-    """The appliance with the batching keys; without them when it does not know them yet."""
-    notes: list[str] = []
-    for batching in (True, False):
-        config = appliance_config(model, batching=batching)
-        home = scratch / ("appliance-batching" if batching else "appliance")
-        try:
-            with run_appliance(home, config, "--no-auth") as appliance:
-                endpoint = Endpoint(f"{appliance.v1}/chat/completions", DEFAULT_MODEL_ID)
-                outcome = _measure("appliance", appliance.process.pid, endpoint, schedule, settings)
-                outcome.log_tail = "".join(appliance.output[-30:])
-        except RuntimeError as exc:
-            unknown = "unknown key" in str(exc) and any(key in str(exc) for key in BATCHING_KEYS)
-            if batching and unknown:
-                note = (
-                    "the appliance rejects the batching scheduler's ModelConfig keys "
-                    f"({', '.join(f'{k} = {v}' for k, v in BATCHING_KEYS.items())}): "
-                    "measured the appliance as it is, without them"
-                )
-                print(f"  NOTE: {note}", flush=True)
-                notes.append(note)
-                continue
-            return Outcome(skipped=f"the appliance failed: {exc}"[:2000], notes=notes), config
-        outcome.notes = notes
-        return outcome, config
-    raise AssertionError("unreachable")
+def start_appliance(stack: contextlib.ExitStack, model: Path, scratch: Path) -> Target:
+    appliance = stack.enter_context(
+        run_appliance(scratch / "appliance", appliance_config(model), "--no-auth")
+    )
+    endpoint = Endpoint(f"{appliance.v1}/chat/completions", DEFAULT_MODEL_ID)
+    return Target("appliance", endpoint, appliance.process.pid,
+                  lambda: "".join(appliance.output[-30:]))  # fmt: skip
 
 
-def run_server_target(
-    name: str,
-    command: list[str],
-    *,
-    url: str,
-    ready_path: str,
-    schedule: dict[int, list[list[str]]],
-    settings: Settings,
+def start_server(
+    stack: contextlib.ExitStack, name: str, command: list[str], *, url: str, ready_path: str,
     scratch: Path,
-) -> Outcome:
-    """One external OpenAI-compatible server, measured like the appliance."""
-    try:
-        with run_process(
-            name, command, url=url, ready_path=ready_path, log=scratch / f"{name}.log",
+) -> Target:  # fmt: skip
+    """An external OpenAI-compatible server, started and stopped with the stack."""
+    server = stack.enter_context(
+        run_process(
+            name,
+            command,
+            url=url,
+            ready_path=ready_path,
+            log=scratch / f"{name}.log",
             ready_timeout=300,
-        ) as server:  # fmt: skip
-            # llama-cpp-python's server defaults to a repeat penalty of 1.1; all decode with none.
-            endpoint = Endpoint(
-                f"{url}/v1/chat/completions", DEFAULT_MODEL_ID, {"repeat_penalty": 1.0}
-            )
-            outcome = _measure(name, server.process.pid, endpoint, schedule, settings)
-            outcome.log_tail = server.tail()
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        return Outcome(skipped=f"{name} failed: {exc}"[:2000])
-    return outcome
+        )
+    )
+    # llama-cpp-python's server defaults to a repeat penalty of 1.1; all decode with none.
+    endpoint = Endpoint(f"{url}/v1/chat/completions", DEFAULT_MODEL_ID, {"repeat_penalty": 1.0})
+    return Target(name, endpoint, server.process.pid, server.tail)
 
 
 # --- summary ------------------------------------------------------------------------------------
@@ -749,9 +733,12 @@ def ratios(results: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, flo
         f"appliance_vs_llama_server_{JUDGED_STREAMS}": _ratio(
             ours, _value(results, "llama-server", JUDGED_STREAMS, "aggregate_tok_s")
         ),
-        f"appliance_vs_llamacpp_server_{JUDGED_STREAMS}": _ratio(
-            ours, _value(results, "llamacpp-server", JUDGED_STREAMS, "aggregate_tok_s")
-        ),
+        **{
+            f"appliance_vs_{name.replace('-', '_')}_{JUDGED_STREAMS}": _ratio(
+                ours, _value(results, name, JUDGED_STREAMS, "aggregate_tok_s")
+            )
+            for name in LLAMACPP_SERVERS
+        },
         "appliance_1_vs_raw": _ratio(single, raw["aggregate_tok_s"] if raw else None),
         "appliance_1_decode_vs_raw": _ratio(
             _value(results, "appliance", 1, "decode_tok_s"), raw["decode_tok_s"] if raw else None
@@ -777,14 +764,18 @@ def judge(results: dict[str, Any], found: dict[str, float | None]) -> list[dict[
             f">= {LLAMA_SERVER_RATIO:g}x",
             _at_least(found[f"appliance_vs_llama_server_{JUDGED_STREAMS}"], LLAMA_SERVER_RATIO),
         ),
-        _target(
-            f"appliance / llamacpp-server, {JUDGED_STREAMS} streams",
-            found[f"appliance_vs_llamacpp_server_{JUDGED_STREAMS}"],
-            "x",
-            f">= {LLAMACPP_SERVER_RATIO:g}x",
-            _at_least(
-                found[f"appliance_vs_llamacpp_server_{JUDGED_STREAMS}"], LLAMACPP_SERVER_RATIO
-            ),
+        *(
+            _target(
+                f"appliance / {name}, {JUDGED_STREAMS} streams",
+                found[f"appliance_vs_{name.replace('-', '_')}_{JUDGED_STREAMS}"],
+                "x",
+                f">= {LLAMACPP_SERVER_RATIO:g}x",
+                _at_least(
+                    found[f"appliance_vs_{name.replace('-', '_')}_{JUDGED_STREAMS}"],
+                    LLAMACPP_SERVER_RATIO,
+                ),
+            )
+            for name in LLAMACPP_SERVERS
         ),
         _target(
             "appliance 1 stream decode / raw in-process decode",
@@ -932,11 +923,11 @@ def _llamacpp_server(
     settings: Settings, version: str, skipped: dict[str, str]
 ) -> tuple[Path | None, dict[str, Any]]:
     if not settings.llamacpp_server:
-        skipped["llamacpp-server"] = "--skip-llamacpp-server"
+        skipped |= dict.fromkeys(LLAMACPP_SERVERS, "--skip-llamacpp-server")
         return None, {}
     python, info = prepare_llamacpp_server(version)
     if python is None:
-        skipped["llamacpp-server"] = info["skipped"]
+        skipped |= dict.fromkeys(LLAMACPP_SERVERS, info["skipped"])
         print(f"  llamacpp-server skipped: {info['skipped']}", flush=True)
     return python, info
 
@@ -948,7 +939,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     version: str = llama_cpp.__version__
     chosen = ["raw", "appliance"]
     chosen += ["llama-server"] if settings.llama_server else []
-    chosen += ["llamacpp-server"] if settings.llamacpp_server else []
+    chosen += list(LLAMACPP_SERVERS) if settings.llamacpp_server else []
     streams = ", ".join(str(c) for c in settings.streams)
     print(
         f"Batching benchmark: {', '.join(chosen)}; {model.name}, {streams} streams, "
@@ -959,68 +950,72 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     binary, llama_server = _llama_server(settings, version, skipped)
     python, llamacpp_server = _llamacpp_server(settings, version, skipped)
     schedule = prompt_schedule(settings.streams, settings.rounds)
-    first = schedule[min(schedule)]
-    raw = measure_raw(model, [batch[0] for batch in first], settings)
-    outcomes: dict[str, Outcome] = {}
-    commands: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="batching-bench-", dir=_mkdir(out_dir)) as scratch_dir:
+    commands: dict[str, Any] = {"appliance_config": appliance_config(model)}
+    tails: dict[str, str] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="batching-bench-", dir=_mkdir(out_dir)) as scratch_dir,
+        contextlib.ExitStack() as stack,
+    ):
         scratch = Path(scratch_dir)
-        outcomes["appliance"], commands["appliance_config"] = run_appliance_target(
-            model, schedule, settings, scratch
-        )
+        targets = [start_appliance(stack, model, scratch)]
+        externals: list[tuple[str, list[str], int, str]] = []
         if binary is not None:
             port = _free_port()
             command = llama_server_command(binary, model, port, MAX_SEQUENCES)
-            commands["llama-server"] = command
-            outcomes["llama-server"] = run_server_target(
-                "llama-server", command, url=f"http://127.0.0.1:{port}", ready_path="/health",
-                schedule=schedule, settings=settings, scratch=scratch,
-            )  # fmt: skip
+            externals.append(("llama-server", command, port, "/health"))
         if python is not None:
-            port = _free_port()
-            command = llamacpp_server_command(python, model, port)
-            commands["llamacpp-server"] = command
-            outcomes["llamacpp-server"] = run_server_target(
-                "llamacpp-server", command, url=f"http://127.0.0.1:{port}",
-                ready_path="/v1/models", schedule=schedule, settings=settings, scratch=scratch,
-            )  # fmt: skip
-    results: dict[str, Any] = {}
-    contention: dict[str, dict[str, float] | None] = {"raw": raw["contention"]}
-    noisy = [] if raw["quiet"] else ["raw"]
+            for name, threads in LLAMACPP_SERVERS.items():
+                port = _free_port()
+                command = llamacpp_server_command(python, model, port, threads)
+                externals.append((name, command, port, "/v1/models"))
+        for name, command, port, ready_path in externals:
+            commands[name] = command
+            url = f"http://127.0.0.1:{port}"
+            try:
+                targets.append(
+                    start_server(
+                        stack, name, command, url=url, ready_path=ready_path, scratch=scratch
+                    )
+                )
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                skipped[name] = f"{name} failed: {exc}"[:2000]
+                print(f"  {name} skipped: {skipped[name]}", flush=True)
+        raw = RawEngine(model)
+        stack.callback(raw.close)
+        pids = [target.pid for target in targets]
+        quiet = settle(settings, *pids)
+        watch = CpuWatch(os.getpid(), *pids)
+        measured, raw_runs = asyncio.run(
+            measure_interleaved(targets, raw, schedule, settings.timeout_s)
+        )
+        contention = {"run": watch.report()}
+        tails = {target.name: target.tail() for target in targets}
+    raw_summary = summarize_raw(raw_runs)
+    results: dict[str, Any] = {
+        name: {str(concurrency): summarize_rounds(rounds) for concurrency, rounds in rows.items()}
+        for name, rows in measured.items()
+    }
     notes: list[str] = []
-    for target, outcome in outcomes.items():
-        notes += outcome.notes
-        if outcome.rounds is None:
-            skipped[target] = outcome.skipped or "no results"
-            print(f"  {target} skipped: {skipped[target]}", flush=True)
-            continue
-        results[target] = {
-            str(concurrency): summarize_rounds(rounds)
-            for concurrency, rounds in outcome.rounds.items()
-        }
-        contention[target] = outcome.contention
-        if any("deltas" in row["tokens_from"] for row in results[target].values()):
+    for target, rows in results.items():
+        if any("deltas" in row["tokens_from"] for row in rows.values()):
             notes.append(
                 f"{target} sent no usage in its streams: its completion tokens are counted "
                 "one per content delta"
             )
-        noisy += [] if outcome.quiet else [target]
-    found_ratios = ratios(results, raw)
+    found_ratios = ratios(results, raw_summary)
     summary: dict[str, Any] = {
         "model": model.name,
-        "targets_measured": ["raw", *results],
-        "raw": raw,
+        "targets_measured": ["raw", *results] if raw_summary else list(results),
+        "raw": raw_summary,
         "results": results,
         "ratios": found_ratios,
         "targets": judge(results, found_ratios),
         "contention": contention,
         "notes": notes,
     }
-    found = warnings(results, raw, contention, skipped)
-    if noisy:
-        found.append(
-            f"{', '.join(noisy)} started while other processes used more than {QUIET_CORES:g} cores"
-        )
+    found = warnings(results, raw_summary, contention, skipped)
+    if not quiet:
+        found.append(f"the run started while other processes used more than {QUIET_CORES:g} cores")
     print_table(summary, settings, found)
     report = {
         "benchmark": "batching",
@@ -1037,6 +1032,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             "timeout_s": settings.timeout_s,
             "quiet_wait_s": settings.quiet_wait_s,
             "warmup": f"1 then {max(settings.streams)} streams, max_tokens {WARMUP_TOKENS}",
+            "order": "interleaved: each round goes to every target in turn, rotating",
             "prompt_example": PROMPTS[0],
             "distinct_prompts": len(PROMPTS),
             "commands": commands,
@@ -1044,7 +1040,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
         "summary": summary,
         "skipped": skipped,
         "warnings": found,
-        "log_tails": {target: outcome.log_tail for target, outcome in outcomes.items()},
+        "log_tails": tails,
     }
     path = write_json(report, out_dir)
     print(f"\nwrote {path}")
