@@ -99,6 +99,11 @@ class RawEngine:
             n_threads_batch=THREADS,
             # llama.cpp's own default (auto: on for CPU), as the appliance's engine runs it.
             flash_attn=True,
+            # The appliance's KV cache (8-bit keys, f16 values: its batches stay exact), so
+            # the two texts can be compared token for token; llama.cpp's default f16 keys
+            # decode at the same speed here.
+            type_k=llama_cpp.GGML_TYPE_Q8_0,
+            type_v=llama_cpp.GGML_TYPE_F16,
             verbose=False,
         )
         self.formatter = self._chat_formatter()
