@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from appliance._private.config import KvCacheType
-from appliance._private.engine import EngineLoad, Finish, FinishReason, Generation
+from appliance._private.engine import EngineLoad, Finish, FinishReason, Generation, WakeBatch
 from appliance._private.errors import ModelLoadError, ModelNotReadyError, QueueFullError
 from appliance._private.textstream import StopMatcher, Utf8Stream
 
@@ -165,6 +165,7 @@ class BatchScheduler:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = int(llm.n_vocab())
         self._pieces: dict[int, bytes] = {}
+        self._wakes = WakeBatch()
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, limits.max_sequences)
         self._slots = [_Slot(seq_id) for seq_id in range(limits.max_sequences)]
         self._active: list[_Sequence] = []
@@ -400,8 +401,11 @@ class BatchScheduler:
         status = self._l.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
-        for sequence in with_logits:
-            self._sample(sequence)
+        try:
+            for sequence in with_logits:
+                self._sample(sequence)
+        finally:
+            self._wakes.flush()
         self._report(started, decode_tokens + len(chunks), prefill_tokens, decode_tokens)
 
     def _prompt_chunks(self) -> dict[_Sequence, int]:
@@ -448,8 +452,9 @@ class BatchScheduler:
         text, stopped = sequence.stops.feed(sequence.utf8.feed(self._piece(token)))
         if text:
             first = generation.first_token_at is None
-            generation.emit(text)
+            generation.emit(text, self._wakes)
             if first and len(self._active) == 1:
+                self._wakes.flush()
                 generation.wait_delivered(_FIRST_DELIVERY_WAIT)
         if stopped:
             self._leave(sequence, "stop", flush=False)

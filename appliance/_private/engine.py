@@ -142,10 +142,11 @@ class Generation:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def emit(self, text: str) -> None:
+    def emit(self, text: str, wakes: WakeBatch | None = None) -> None:
+        """Queue `text` for the reader; with `wakes`, its wake-up waits for `wakes.flush()`."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self._post(text)
+        self._post(text, wakes)
 
     def close(self, finish: Finish) -> None:
         """The end, exactly once: `on_done` runs on the loop, and the reader sees `finish`.
@@ -168,11 +169,14 @@ class Generation:
         """
         self._delivered.wait(timeout)
 
-    def _post(self, event: str | Finish) -> None:
+    def _post(self, event: str | Finish, wakes: WakeBatch | None = None) -> None:
         with self._lock:
             self._pending.append(event)
             waiter, self._waiter = self._waiter, None
         if waiter is None:
+            return
+        if wakes is not None:
+            wakes.add(self, waiter)
             return
         try:
             self._loop.call_soon_threadsafe(_wake, waiter)
@@ -244,6 +248,42 @@ class Generation:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        _wake(waiter)
+
+
+class WakeBatch:
+    """Readers to wake together, with one call into their event loop.
+
+    An engine stepping many generations at once collects their wake-ups and flushes them
+    after the step: one wake-up instead of one per token, and the loop does not take the
+    interpreter lock from the engine thread half-way through its bookkeeping.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Generation, asyncio.Future[None]]] = []
+
+    def add(self, generation: Generation, waiter: asyncio.Future[None]) -> None:
+        self._pending.append((generation, waiter))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[Generation]] = {}
+        waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for generation, waiter in pending:
+            by_loop.setdefault(generation._loop, []).append(generation)
+            waiters.setdefault(generation._loop, []).append(waiter)
+        for loop, generations in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_wake_all, waiters[loop])
+            except RuntimeError:
+                for generation in generations:
+                    generation._cancelled = True  # the loop is gone: nobody listens
 
 
 @dataclass(frozen=True, slots=True)

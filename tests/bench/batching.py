@@ -300,7 +300,9 @@ async def measure_interleaved(
     target through the same drift. Raw in-process decode takes its turn in the one-stream
     rounds (the first prompt of the smallest concurrency's rounds).
     """
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    # Rounds of the other targets leave a target's connections idle for seconds; uvicorn
+    # closes idle ones after 5 s, so the client lets them go first rather than race it.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for warming in targets:
