@@ -55,7 +55,7 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     kv_cache_tokens: Annotated[int, Meta(ge=64, le=16_777_216)] | None = None
     cache_type_k: KvCacheType = "q8_0"
     cache_type_v: KvCacheType = "f16"
-    step_tokens: Annotated[int, Meta(ge=16, le=65_536)] = 512
+    step_tokens: Annotated[int, Meta(ge=16, le=65_536)] = 256
     prefill_chunk: Annotated[int, Meta(ge=1, le=8192)] = 32
 
     def kv_tokens(self) -> int:
