@@ -279,8 +279,10 @@ class BatchScheduler:
         withdrawn: list[tuple[Generation, Finish]] = []
         with self._cond:
             while not self._active and not self._waiting and not self._closed:
+                self._wakes.flush()
                 self._cond.wait()
             if self._closed and not self._active:
+                self._wakes.flush()
                 return False
             while self._waiting and len(self._active) < self._limits.max_sequences:
                 generation = self._waiting.popleft()
@@ -398,14 +400,12 @@ class BatchScheduler:
                         with_logits.append(sequence)
                 sequence.prefilled = sequence.pos = end
                 prefill_tokens += end - start
+        self._wakes.flush()  # readers run while the decode holds no interpreter lock
         status = self._l.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
-        try:
-            for sequence in with_logits:
-                self._sample(sequence)
-        finally:
-            self._wakes.flush()
+        for sequence in with_logits:
+            self._sample(sequence)
         self._report(started, decode_tokens + len(chunks), prefill_tokens, decode_tokens)
 
     def _prompt_chunks(self) -> dict[_Sequence, int]:

@@ -259,8 +259,9 @@ class WakeBatch:
     """Readers to wake together, with one call into their event loop.
 
     An engine stepping many generations at once collects their wake-ups and flushes them
-    after the step: one wake-up instead of one per token, and the loop does not take the
-    interpreter lock from the engine thread half-way through its bookkeeping.
+    just before its next decode (or before it idles): one wake-up instead of one per token,
+    and the loop then runs while the decode holds no interpreter lock instead of taking it
+    from the engine thread half-way through its bookkeeping.
     """
 
     __slots__ = ("_pending",)
