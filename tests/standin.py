@@ -37,6 +37,7 @@ import httpx
 import msgspec
 from aiohttp import web
 
+from tests.support import stop as stop_process
 from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -463,13 +464,7 @@ class RunningStandin:
 
     def stop(self) -> None:
         """SIGTERM, then wait; a no-op when it has already exited."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
 
 
 @contextlib.contextmanager

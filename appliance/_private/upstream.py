@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import logging
 import os
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NoReturn
 
 import httpx
@@ -197,22 +198,22 @@ class OpenAIUpstreamEngine:
         with httpx.Client(headers=self._headers, timeout=self._timeout()) as client:
             while True:
                 try:
-                    response = client.get(url)
+                    response: httpx.Response | None = client.get(url)
+                    failure = None
                 except httpx.TransportError as exc:
-                    if time.monotonic() + delay < deadline:
-                        time.sleep(delay)
-                        delay *= 2
-                        continue
-                    raise ModelLoadError(
-                        f"Cannot reach the upstream for `{self._config.id}` at {url}: "
-                        f"{self._scrub(str(exc)) or type(exc).__name__}. Start the upstream "
-                        "server, or fix `upstream_url` in the appliance config."
-                    ) from exc
-                if response.status_code >= 500 and time.monotonic() + delay < deadline:
-                    time.sleep(delay)
+                    response, failure = None, exc
+                down = response is None or response.status_code >= 500
+                if down and time.monotonic() + delay < deadline:
+                    time.sleep(delay)  # a bounded back-off, in a worker thread
                     delay *= 2
                     continue
                 break
+        if response is None:  # the upstream never answered
+            raise ModelLoadError(
+                f"Cannot reach the upstream for `{self._config.id}` at {url}: "
+                f"{self._scrub(str(failure)) or type(failure).__name__}. Start the upstream "
+                "server, or fix `upstream_url` in the appliance config."
+            ) from failure
         self._check_models_reply(url, response)
         self._ready = True
 
@@ -360,10 +361,10 @@ class OpenAIUpstreamEngine:
                 retry_after=max(1, min(60, round(typical * busy / slots))),
             )
 
-    async def _run(self, generation: Generation) -> None:
-        """One generation, start to end; always closes it and reports the finish."""
-        started = time.perf_counter()
-        progress = _Progress(generation.prompt)
+    @contextlib.asynccontextmanager
+    async def _upstream_slot(self) -> AsyncIterator[None]:
+        """One of `max_concurrency` requests in flight to the upstream. The caller counted
+        itself waiting when it was admitted; it stops waiting here, also if cancelled."""
         queued = True
         try:
             async with self._slots:
@@ -371,9 +372,20 @@ class OpenAIUpstreamEngine:
                 queued = False
                 self._running += 1
                 try:
-                    await self._generate(generation, progress)
+                    yield
                 finally:
                     self._running -= 1
+        finally:
+            if queued:
+                self._waiting -= 1
+
+    async def _run(self, generation: Generation) -> None:
+        """One generation, start to end; always closes it and reports the finish."""
+        started = time.perf_counter()
+        progress = _Progress(generation.prompt)
+        try:
+            async with self._upstream_slot():
+                await self._generate(generation, progress)
             finish = progress.finish()
         except asyncio.CancelledError:
             finish = progress.finish("cancelled")
@@ -385,9 +397,6 @@ class OpenAIUpstreamEngine:
             finish = progress.failed(
                 UpstreamError(f"The upstream engine's reply could not be read ({reason}).")
             )
-        finally:
-            if queued:
-                self._waiting -= 1
         if finish.reason in ("stop", "length"):  # typical durations, for Retry-After
             self._durations.append(time.perf_counter() - started)
         generation.close(finish)
@@ -471,23 +480,13 @@ class OpenAIUpstreamEngine:
         body = {"model": self._model, "input": texts, "encoding_format": "float"}
         path = "/embeddings"
         self._waiting += 1
-        queued = True
-        try:
-            async with self._slots:
-                self._waiting -= 1
-                queued = False
-                self._running += 1
-                try:
-                    response = await self._session().post(
-                        path, content=_ENCODE(body), headers=_JSON_HEADERS
-                    )
-                except httpx.HTTPError as exc:
-                    self._transport_failure(path, exc)
-                finally:
-                    self._running -= 1
-        finally:
-            if queued:
-                self._waiting -= 1
+        async with self._upstream_slot():
+            try:
+                response = await self._session().post(
+                    path, content=_ENCODE(body), headers=_JSON_HEADERS
+                )
+            except httpx.HTTPError as exc:
+                self._transport_failure(path, exc)
         if response.status_code != 200:
             self._reject(path, response)
         try:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ from federation import ENCODER, SIGNATURE_HEADER, Heartbeat, NodeModel, sign_fle
 from tests.bench.engine import BUSY_CORES, CpuWatch
 from tests.standin import RunningStandin, run_standin
 from tests.support import REPO, wait_for
+from tests.support import stop as stop_process
 
 MODEL = "standin-model"
 REGION = "bench"
@@ -134,13 +134,7 @@ class Server:
             ) from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        stop_process(self.process)
 
 
 def _pump(process: subprocess.Popen[str], output: list[str], found: threading.Event) -> None:

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai import Stream
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, running_fleet, upstream_toml
+from tests.standin import RunningStandin
 from tests.support import run_palisade, wait_for
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "ping"}]
@@ -200,16 +202,23 @@ def test_latency_aware_selection_sends_most_traffic_to_the_faster_node(tmp_path:
         assert on_fast / len(counted) >= 0.8, (on_fast, len(counted))
 
 
+def _stream_through_one_node(
+    fleet: Fleet, *, token_ms: int, tokens: int
+) -> tuple[RunningStandin, Stream[ChatCompletionChunk]]:
+    """A streamed chat completion through the router to its one node `eu-1`, which fronts
+    a slow stand-in upstream (returned too)."""
+    upstream = fleet.standin("slow", token_ms=token_ms, tokens=tokens)
+    fleet.start_member("eu-1", "eu-west", upstream_toml(upstream, "gpu"))
+    fleet.wait_joined("eu-1")
+    key = fleet.org_key("acme", ["eu-west"])
+    client = openai.OpenAI(base_url=fleet.router.v1, api_key=key, max_retries=0)
+    stream = client.chat.completions.create(model=UPSTREAM_MODEL, messages=MESSAGES, stream=True)
+    return upstream, stream
+
+
 def test_a_node_killed_mid_stream_ends_the_stream_with_an_error_frame(tmp_path: Path) -> None:
     with running_fleet(tmp_path) as fleet:
-        upstream = fleet.standin("slow", token_ms=100, tokens=60)
-        fleet.start_member("eu-1", "eu-west", upstream_toml(upstream, "gpu"))
-        fleet.wait_joined("eu-1")
-        key = fleet.org_key("acme", ["eu-west"])
-        client = openai.OpenAI(base_url=fleet.router.v1, api_key=key, max_retries=0)
-        stream = client.chat.completions.create(
-            model=UPSTREAM_MODEL, messages=MESSAGES, stream=True
-        )
+        _, stream = _stream_through_one_node(fleet, token_ms=100, tokens=60)
         received: list[str] = []
 
         def read_and_kill_after_three() -> None:
@@ -231,14 +240,7 @@ def test_a_client_hanging_up_through_the_router_stops_the_upstream_and_is_metere
     tmp_path: Path,
 ) -> None:
     with running_fleet(tmp_path) as fleet:
-        upstream = fleet.standin("slow", token_ms=50, tokens=200)
-        fleet.start_member("eu-1", "eu-west", upstream_toml(upstream, "gpu"))
-        fleet.wait_joined("eu-1")
-        key = fleet.org_key("acme", ["eu-west"])
-        client = openai.OpenAI(base_url=fleet.router.v1, api_key=key, max_retries=0)
-        stream = client.chat.completions.create(
-            model=UPSTREAM_MODEL, messages=MESSAGES, stream=True
-        )
+        upstream, stream = _stream_through_one_node(fleet, token_ms=50, tokens=200)
         for seen, _ in enumerate(stream):
             if seen == 3:
                 break
