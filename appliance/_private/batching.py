@@ -5,6 +5,10 @@ every sequence that is generating, plus prompt chunks of sequences still being p
 up to a per-step token budget, so a long prompt never stalls the streams already flowing.
 New requests join at the next step; finished and cancelled ones leave at once.
 
+A decode that llama.cpp refuses is undone (the step's KV cells removed) and its sequences
+are decoded again one at a time: only a sequence that fails alone ends with an error, and
+the others go on with exactly the text they would have produced.
+
 Each sequence has its own KV stream (`kv_unified = false`), and by default the keys are
 stored in 8 bits (`cache_type_k = "q8_0"`, values f16). Then llama.cpp's CPU attention has
 one code path, a query row at a time over the cells in order, so a sequence's arithmetic
@@ -47,6 +51,8 @@ from appliance._private.textstream import StopMatcher, Utf8Stream
 log = logging.getLogger("palisade.appliance.batching")
 
 FinishFn = Callable[[Generation, Finish], None]
+# Test seam (see `BatchScheduler.poison`): which generations' tokens to corrupt.
+PoisonFn = Callable[[Generation], bool]
 # With a single stream, wait at most this long after its first token for the loop to send
 # it before the next step takes both cores (see Generation.wait_delivered).
 _FIRST_DELIVERY_WAIT = 0.005
@@ -115,7 +121,8 @@ class _Sequence:
         self.next_token = -1
         self.logits_at = -1
         self.utf8 = Utf8Stream()
-        self.stops = StopMatcher(generation.params.stop)
+        params = generation.params
+        self.stops = StopMatcher(params.stop, include=params.include_stop_str_in_output)
 
     @property
     def decoding(self) -> bool:
@@ -128,6 +135,10 @@ def _seq_id(sequence: _Sequence) -> int:
 
 def _second(pair: tuple[int, int]) -> int:
     return pair[1]
+
+
+# A sequence in a step, with its position and prompt progress before the step.
+_Planned = tuple[_Sequence, int, int]
 
 
 @dataclass(slots=True)
@@ -151,6 +162,7 @@ class BatchScheduler:
         on_finish: FinishFn,
         name: str,
         observer: Callable[[StepStats], None] | None = None,
+        poison: PoisonFn | None = None,
     ) -> None:
         import llama_cpp  # heavy: imported when a model loads
 
@@ -161,10 +173,17 @@ class BatchScheduler:
         self._on_finish = on_finish
         self._name = name
         self._observer = observer
+        # Test seam: a generation for which `poison` is true has its tokens written into
+        # the batch as an id outside the vocabulary, so that the real llama_decode refuses
+        # the batch (-1) as it did unchecked token ids; this is how the tests prove that a
+        # failed decode ends only the sequence it belongs to. None in production.
+        self.poison = poison
         self._ctx = self._context()
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = int(llm.n_vocab())
+        self._eog_ids = np.fromiter(sorted(eog), dtype=np.intp)
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
         self._wakes = WakeBatch()
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, limits.max_sequences)
         self._slots = [_Slot(seq_id) for seq_id in range(limits.max_sequences)]
@@ -343,7 +362,9 @@ class BatchScheduler:
     def _sampler(self, generation: Generation) -> Any:
         """A llama.cpp sampler chain; None for plain greedy, which `_sample` does itself."""
         lib, params = self._l, generation.params
-        penalised = bool(params.presence_penalty or params.frequency_penalty)
+        penalised = bool(
+            params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1
+        )
         if params.temperature <= 0.0 and not penalised:
             return None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
@@ -353,7 +374,7 @@ class BatchScheduler:
                 lib.llama_sampler_init_penalties(
                     self._n_vocab,
                     _PENALTY_WINDOW,
-                    1.0,
+                    params.repetition_penalty,
                     params.frequency_penalty,
                     params.presence_penalty,
                 ),
@@ -364,8 +385,12 @@ class BatchScheduler:
         if params.temperature <= 0.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
+        if params.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(params.top_k))
         if params.top_p < 1.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
@@ -379,34 +404,93 @@ class BatchScheduler:
         if not self._active:
             return
         chunks = self._prompt_chunks()
-        batch = self._batch
-        batch.n_tokens = 0
+        self._batch.n_tokens = 0
+        planned: list[_Planned] = []
         with_logits: list[_Sequence] = []
         decode_tokens = prefill_tokens = 0
         # In sequence-id order: llama.cpp runs one pass per run of consecutive ids.
         for sequence in sorted(self._active, key=_seq_id):
+            if not sequence.decoding and sequence not in chunks:
+                continue
+            planned.append((sequence, sequence.pos, sequence.prefilled))
             if sequence.decoding:
-                sequence.logits_at = self._add(sequence.next_token, sequence.pos, sequence, True)
-                sequence.pos += 1
-                with_logits.append(sequence)
                 decode_tokens += 1
-            elif sequence in chunks:
-                start, end = sequence.prefilled, chunks[sequence]
-                for position in range(start, end):
-                    last = position == len(sequence.prompt) - 1
-                    index = self._add(sequence.prompt[position], position, sequence, last)
-                    if last:
-                        sequence.logits_at = index
-                        with_logits.append(sequence)
-                sequence.prefilled = sequence.pos = end
-                prefill_tokens += end - start
+            else:
+                prefill_tokens += chunks[sequence] - sequence.prefilled
+            if self._add_step(sequence, chunks.get(sequence, 0)):
+                with_logits.append(sequence)
         self._wakes.flush()  # readers run while the decode holds no interpreter lock
-        status = self._l.llama_decode(self._ctx, batch)
+        status = self._l.llama_decode(self._ctx, self._batch)
         if status != 0:
-            raise RuntimeError(f"llama_decode returned {status}")
-        for sequence in with_logits:
-            self._sample(sequence)
+            self._isolate(planned, chunks, status)
+        else:
+            for sequence in with_logits:
+                self._sample_or_fail(sequence)
         self._report(started, decode_tokens + len(chunks), prefill_tokens, decode_tokens)
+
+    def _add_step(self, sequence: _Sequence, prompt_end: int) -> bool:
+        """Put this step's tokens of `sequence` in the batch (its next token, or its prompt
+        up to `prompt_end`); True when it is sampled after the decode."""
+        poisoned = self.poison is not None and self.poison(sequence.generation)
+        if sequence.decoding:
+            token = self._n_vocab if poisoned else sequence.next_token
+            sequence.logits_at = self._add(token, sequence.pos, sequence, True)
+            sequence.pos += 1
+            return True
+        sampled = False
+        for position in range(sequence.prefilled, prompt_end):
+            last = position == len(sequence.prompt) - 1
+            token = self._n_vocab if poisoned else sequence.prompt[position]
+            index = self._add(token, position, sequence, last)
+            if last:
+                sequence.logits_at, sampled = index, True
+        sequence.prefilled = sequence.pos = prompt_end
+        return sampled
+
+    def _isolate(self, planned: list[_Planned], chunks: dict[_Sequence, int], status: int) -> None:
+        """llama.cpp refused the step: undo it, then decode each sequence alone, so that
+        only a sequence that fails by itself ends (with an error) and the others get
+        exactly the logits they would have had (a sequence's arithmetic does not depend on
+        its neighbours, see the module docstring)."""
+        log.warning(
+            "llama_decode returned %s for a step of %d sequences on model %s; decoding "
+            "them one at a time",
+            status,
+            len(planned),
+            self._name,
+        )
+        for sequence, pos, prefilled in planned:
+            self._rewind(sequence, pos, prefilled)
+        for sequence, pos, prefilled in planned:
+            self._batch.n_tokens = 0
+            sampled = self._add_step(sequence, chunks.get(sequence, 0))
+            alone = self._l.llama_decode(self._ctx, self._batch)
+            if alone != 0:
+                self._rewind(sequence, pos, prefilled)
+                log.warning(
+                    "llama_decode returned %s for one sequence on model %s; ending it",
+                    alone,
+                    self._name,
+                )
+                reason = f"llama.cpp could not decode this request (llama_decode returned {alone})"
+                self._leave(sequence, "error", error=reason)
+            elif sampled:
+                self._sample_or_fail(sequence)
+
+    def _rewind(self, sequence: _Sequence, pos: int, prefilled: int) -> None:
+        """Back to before a step: its KV cells removed (a failed decode may have kept the
+        micro-batches it finished), its position and prompt progress restored."""
+        self._l.llama_memory_seq_rm(self._memory, sequence.slot.seq_id, pos, -1)
+        sequence.pos, sequence.prefilled = pos, prefilled
+
+    def _sample_or_fail(self, sequence: _Sequence) -> None:
+        """Sample `sequence`; a failure while doing so ends that sequence only."""
+        try:
+            self._sample(sequence)
+        except Exception as exc:
+            log.exception("sampling failed on model %s", self._name)
+            if sequence in self._active:
+                self._leave(sequence, "error", error=type(exc).__name__)
 
     def _prompt_chunks(self) -> dict[_Sequence, int]:
         """Where each prefilling sequence's prompt reading ends this step, first come first.
@@ -440,19 +524,24 @@ class BatchScheduler:
         return index
 
     def _sample(self, sequence: _Sequence) -> None:
+        generation, params = sequence.generation, sequence.generation.params
+        early = sequence.produced < params.min_tokens
+        if early:
+            self._forbid_eog(sequence.logits_at)
         if sequence.sampler is None:
             token = self._greedy(sequence.logits_at)
         else:
             token = self._l.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logits_at)
-        generation, params = sequence.generation, sequence.generation.params
-        if token in self._eog:
+        if token in self._eog and not params.ignore_eos:
             self._leave(sequence, "stop")
             return
         sequence.produced += 1
-        text, stopped = sequence.stops.feed(sequence.utf8.feed(self._piece(token)))
+        text = sequence.utf8.feed(self._piece(token, special=not params.skip_special_tokens))
+        # As vLLM does, stop sequences apply only once min_tokens have been generated.
+        text, stopped = (text, False) if early else sequence.stops.feed(text)
         if text:
             first = generation.first_token_at is None
-            generation.emit(text, self._wakes)
+            generation.emit(text, self._wakes, sequence.produced)
             if first and len(self._active) == 1:
                 self._wakes.flush()
                 generation.wait_delivered(_FIRST_DELIVERY_WAIT)
@@ -463,15 +552,22 @@ class BatchScheduler:
         else:
             sequence.next_token = token  # decoded at `pos` in the next step
 
+    def _forbid_eog(self, index: int) -> None:
+        """Make end-of-generation tokens impossible at `index` (before min_tokens)."""
+        logits = self._l.llama_get_logits_ith(self._ctx, index)
+        np.ctypeslib.as_array(logits, shape=(self._n_vocab,))[self._eog_ids] = -np.inf
+
     def _greedy(self, index: int) -> int:
         """The first highest logit, as llama.cpp's greedy sampler picks, without its copy."""
         logits = self._l.llama_get_logits_ith(self._ctx, index)
         return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
 
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
+    def _piece(self, token: int, *, special: bool = False) -> bytes:
+        """The token's bytes; control tokens are empty unless `special` writes them out."""
+        pieces = self._special_pieces if special else self._pieces
+        piece = pieces.get(token)
         if piece is None:
-            piece = self._pieces[token] = self._llm.detokenize([token])
+            piece = pieces[token] = self._llm.detokenize([token], special=special)
         return piece
 
     def _leave(
@@ -488,7 +584,7 @@ class BatchScheduler:
             tail, _ = sequence.stops.feed(sequence.utf8.flush())
             tail += sequence.stops.flush()
             if tail:
-                generation.emit(tail)
+                generation.emit(tail, tokens=sequence.produced)
         self._active.remove(sequence)
         slot = sequence.slot
         kept = sequence.prefilled

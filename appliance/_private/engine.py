@@ -40,6 +40,14 @@ class SamplingParams:
     # False when the client gave no limit: `max_tokens` is then the appliance's own bound
     # (for admission), and an upstream engine lets the upstream apply its default.
     explicit_max_tokens: bool = True
+    # vLLM's extensions (benchmark clients send them); the defaults change nothing.
+    ignore_eos: bool = False  # end-of-generation tokens do not end the generation
+    min_tokens: int = 0  # end-of-generation tokens cannot be sampled before this many
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True  # False: control tokens are written as text
+    include_stop_str_in_output: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +90,7 @@ class Finish:
         """The error a client sees for this end (reason "error" or "cancelled")."""
         status, message = self.status, self.error or "no result"
         if self.code == "upstream_unavailable":
-            return UpstreamUnavailableError(message)
+            return UpstreamUnavailableError(message)  # 503 with Retry-After
         if status == 504:
             return UpstreamTimeoutError(message, code=self.code)
         if status == 502:
@@ -107,12 +115,14 @@ class Generation:
         "_on_cancel",
         "_on_done",
         "_pending",
+        "_posted_tokens",
         "_waiter",
         "finish",
         "first_token_at",
         "params",
         "prompt",
         "submitted_at",
+        "tokens_read",
     )
 
     def __init__(
@@ -135,6 +145,10 @@ class Generation:
         self._cancelled = False
         self._on_cancel: Callable[[Generation], None] | None = None
         self._on_done = on_done
+        self._posted_tokens = 0
+        # Completion tokens behind the text the reader has taken so far (for usage in
+        # every streamed chunk: `stream_options.continuous_usage_stats`).
+        self.tokens_read = 0
 
     # --- engine side (any thread) ------------------------------------------------------
 
@@ -142,11 +156,14 @@ class Generation:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def emit(self, text: str, wakes: WakeBatch | None = None) -> None:
-        """Queue `text` for the reader; with `wakes`, its wake-up waits for `wakes.flush()`."""
+    def emit(self, text: str, wakes: WakeBatch | None = None, tokens: int | None = None) -> None:
+        """Queue `text` for the reader; with `wakes`, its wake-up waits for `wakes.flush()`.
+
+        `tokens` is how many completion tokens the engine has produced up to this text.
+        """
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self._post(text, wakes)
+        self._post(text, wakes, tokens)
 
     def close(self, finish: Finish) -> None:
         """The end, exactly once: `on_done` runs on the loop, and the reader sees `finish`.
@@ -169,9 +186,13 @@ class Generation:
         """
         self._delivered.wait(timeout)
 
-    def _post(self, event: str | Finish, wakes: WakeBatch | None = None) -> None:
+    def _post(
+        self, event: str | Finish, wakes: WakeBatch | None = None, tokens: int | None = None
+    ) -> None:
         with self._lock:
             self._pending.append(event)
+            if tokens is not None:
+                self._posted_tokens = tokens
             waiter, self._waiter = self._waiter, None
         if waiter is None:
             return
@@ -232,6 +253,7 @@ class Generation:
                 if self._pending:
                     events = list(self._pending)
                     self._pending.clear()
+                    self.tokens_read = self._posted_tokens
                     break
                 waiter = self._waiter = self._loop.create_future()
             await waiter
@@ -322,12 +344,15 @@ class Engine(Protocol):
     async def prepare_chat(self, messages: list[dict[str, str]]) -> Prompt:
         """The prompt for these messages (templated and tokenized by a local engine)."""
 
-    async def prepare_text(self, source: str | list[int]) -> Prompt:
-        """The prompt for a completion's text or token ids."""
+    async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
+        """The prompt for a completion's text or token ids. Token ids are checked first
+        (`inference.check_token_ids`): an id the engine cannot take is a 400 naming its
+        place in the request (`param`), never something for the engine to fail on."""
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """Token ids back to text (embedding inputs given as ids); an engine without a
-        tokenizer raises `UnsupportedParameterError`."""
+    def detokenize(self, tokens: list[int], param: str = "input") -> str:
+        """Token ids back to text (embedding inputs given as ids), each id checked as for
+        `prepare_text`; ids that have no text (control tokens) are refused too. An engine
+        without a tokenizer raises `UnsupportedParameterError`."""
 
     def submit(
         self,

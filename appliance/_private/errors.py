@@ -9,10 +9,12 @@ federation.PalisadeError
     ├── UnsupportedParameterError          400 unsupported_parameter  (InvalidRequestError)
     ├── QueueFullError                     503 queue_full             (ServiceUnavailableError)
     ├── ModelNotReadyError                 503 model_not_ready        (ServiceUnavailableError)
+    ├── UpstreamUnavailableError           503 upstream_unavailable   (ServiceUnavailableError)
+    │                                      the upstream refused the connection or did not
+    │                                      accept it in time: the request never reached it
     ├── RouterRefusedError                 the router refused a heartbeat (logged, retried)
     ├── UpstreamRejectedError              4xx as the upstream said   (InvalidRequestError)
     └── UpstreamError                      502 upstream_error         (APIError) bad upstream reply
-        ├── UpstreamUnavailableError       502 upstream_unavailable   connection refused or reset
         └── UpstreamTimeoutError           504 upstream_timeout       no answer within the timeout
 
 The `Upstream*` errors come from an OpenAI-compatible upstream engine (upstream.py). An
@@ -105,8 +107,15 @@ class UpstreamError(ApplianceError, APIError):
     default_code = "upstream_error"
 
 
-class UpstreamUnavailableError(UpstreamError):
+class UpstreamUnavailableError(ApplianceError, ServiceUnavailableError):
+    """The upstream could not be reached at all. A 503 (with Retry-After), because the
+    request never reached the upstream: the router may safely try another node, which it
+    never does after a 502 (the request itself may have caused that failure)."""
+
     default_code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code, retry_after=1)
 
 
 class UpstreamTimeoutError(UpstreamError):

@@ -94,8 +94,8 @@ def _text_of(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def single_prompt(request: CompletionRequest) -> str | list[int]:
-    """The one prompt of a completion request (text or token ids)."""
+def single_prompt(request: CompletionRequest) -> tuple[str | list[int], str]:
+    """The one prompt of a completion request (text or token ids), and where it is."""
     prompts = text_or_tokens(request.prompt, "prompt")
     if len(prompts) > 1:
         raise UnsupportedParameterError(
@@ -104,22 +104,55 @@ def single_prompt(request: CompletionRequest) -> str | list[int]:
     return prompts[0]
 
 
-def text_or_tokens(value: str | list[str | int | list[int]], param: str) -> list[str | list[int]]:
-    """Normalise OpenAI's four input forms to a list of texts or token-id lists."""
+def text_or_tokens(
+    value: str | list[str | int | list[int]], param: str
+) -> list[tuple[str | list[int], str]]:
+    """OpenAI's four input forms as texts or token-id lists, each with its place in the
+    request (`input`, `input[2]`) for error messages; none may be empty."""
     if isinstance(value, str):
-        return [value]
+        return [(_not_empty(value, param), param)]
     if not value:
         raise InvalidRequestError(f"`{param}` is empty.", code="invalid_value", param=param)
     if all(isinstance(item, int) for item in value):
-        return [[item for item in value if isinstance(item, int)]]
-    if all(isinstance(item, str) for item in value):
-        return [item for item in value if isinstance(item, str)]
-    if all(isinstance(item, list) for item in value):
-        return [item for item in value if isinstance(item, list)]
+        return [([item for item in value if isinstance(item, int)], param)]
+    items = [item for item in value if not isinstance(item, int)]
+    if len(items) == len(value) and len({type(item) for item in items}) == 1:
+        places = [f"{param}[{index}]" for index in range(len(items))]
+        return [(_not_empty(item, place), place) for item, place in zip(items, places, strict=True)]
     raise InvalidRequestError(
         f"`{param}` mixes strings, token ids and token lists; use one form.",
         code="invalid_value",
         param=param,
+    )
+
+
+def _not_empty(item: str | list[int], param: str) -> str | list[int]:
+    if not item:
+        form = "an empty string" if isinstance(item, str) else "an empty list of token ids"
+        raise InvalidRequestError(
+            f"`{param}` is {form}; send some text or at least one token id.",
+            code="invalid_value",
+            param=param,
+        )
+    return item
+
+
+def check_token_ids(tokens: list[int], param: str, vocabulary: int | None) -> None:
+    """Every id must be in the model's vocabulary (0 <= id < `vocabulary`); with no
+    vocabulary known (an upstream engine), at least not negative."""
+    top = vocabulary if vocabulary is not None else float("inf")
+    if not tokens or (min(tokens) >= 0 and max(tokens) < top):
+        return
+    index, token = next((i, t) for i, t in enumerate(tokens) if t < 0 or t >= top)
+    where = (
+        f"this model's vocabulary of {vocabulary} tokens (ids 0 to {vocabulary - 1})"
+        if vocabulary is not None
+        else "any vocabulary (token ids are never negative)"
+    )
+    raise InvalidRequestError(
+        f"`{param}[{index}]` is {token}, outside {where}.",
+        code="invalid_value",
+        param=f"{param}[{index}]",
     )
 
 
@@ -156,6 +189,13 @@ def sampling_params(
         )
     else:
         max_tokens = requested if requested is not None else context_length
+    if request.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            f"`min_tokens` is {request.min_tokens}, more than the {max_tokens} tokens this "
+            "request may generate (max_tokens); lower min_tokens.",
+            code="invalid_value",
+            param="min_tokens",
+        )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=request.temperature,
@@ -165,6 +205,13 @@ def sampling_params(
         frequency_penalty=request.frequency_penalty,
         stop=stop_sequences(request.stop),
         explicit_max_tokens=requested is not None,
+        ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens,
+        top_k=max(request.top_k, 0),
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        skip_special_tokens=request.skip_special_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output,
     )
 
 

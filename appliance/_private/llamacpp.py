@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance._private.batching import BatchLimits, BatchScheduler, StepStats
+from appliance._private import inference
+from appliance._private.batching import BatchLimits, BatchScheduler, PoisonFn, StepStats
 from appliance._private.config import ModelConfig
 from appliance._private.engine import (
     EngineLoad,
@@ -46,16 +47,21 @@ class LlamaCppEngine:
         path: Path,
         on_finish: FinishFn,
         on_step: StepFn | None = None,
+        *,
+        poison: PoisonFn | None = None,
     ) -> None:
         self._config = config
         self._path = path
         self._on_finish = on_finish
         self._on_step = on_step
+        self._poison = poison  # the scheduler's test seam (BatchScheduler.poison)
         self._threads = config.threads or os.cpu_count() or 1
         self._llm: Any = None
         self._embedder: Any = None
         self._formatter: Any = None
         self._eog: frozenset[int] = frozenset()
+        self._vocabulary = 0
+        self._textless: frozenset[int] = frozenset()
         self._scheduler: BatchScheduler | None = None
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._embeds_waiting = 0
@@ -82,6 +88,8 @@ class LlamaCppEngine:
         self._llm = self._open(embedding=False)
         self._formatter = self._chat_formatter()
         self._eog = self._end_of_generation_tokens()
+        self._vocabulary = int(self._llm.n_vocab())
+        self._textless = self._tokens_without_text()
         if self._config.embeddings:
             self._embedder = self._open(embedding=True)
         config = self._config
@@ -102,6 +110,7 @@ class LlamaCppEngine:
             on_finish=self._on_finish,
             name=config.id,
             observer=self._on_step,
+            poison=self._poison,
         )
 
     def close(self) -> None:
@@ -173,6 +182,11 @@ class LlamaCppEngine:
             if llama_cpp.llama_vocab_is_eog(vocab, token)
         )
 
+    def _tokens_without_text(self) -> frozenset[int]:
+        """Ids that detokenize to nothing: control tokens (<|im_start|>) and a few others."""
+        detokenize = self._llm.detokenize
+        return frozenset(token for token in range(self._vocabulary) if not detokenize([token]))
+
     # --- tokenization (event loop thread; llama.cpp's tokenizer only reads the vocab) ---
 
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -201,14 +215,31 @@ class LlamaCppEngine:
         tokens = await _maybe_offload(self.tokenize_chat, messages, size)
         return Prompt(len(tokens), tokens=tokens)
 
-    async def prepare_text(self, source: str | list[int]) -> Prompt:
+    async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
         if isinstance(source, str):
             tokens = await _maybe_offload(self.tokenize_text, source, len(source))
         else:
+            # Any id in the vocabulary decodes, control tokens (BOS, EOS) included; one
+            # outside it would make llama_decode refuse the whole step.
+            inference.check_token_ids(source, param, self._vocabulary)
             tokens = source
         return Prompt(len(tokens), tokens=tokens)
 
-    def detokenize(self, tokens: list[int]) -> str:
+    def detokenize(self, tokens: list[int], param: str = "input") -> str:
+        # Outside the vocabulary, llama.cpp's detokenizer aborts the process.
+        inference.check_token_ids(tokens, param, self._vocabulary)
+        textless = next((i for i, token in enumerate(tokens) if token in self._textless), None)
+        if textless is not None:
+            token = tokens[textless]
+            name = self._token_text(token)
+            what = f"the control token {name!r}" if name else "a token"
+            raise InvalidRequestError(
+                f"`{param}[{textless}]` is {token}, {what} that has no text: embeddings are "
+                "computed from the text of the ids given, so send the ids of text tokens "
+                "(or the text itself).",
+                code="invalid_value",
+                param=f"{param}[{textless}]",
+            )
         return bytes(self._llm.detokenize(tokens)).decode("utf-8", "replace")
 
     # --- generation ---------------------------------------------------------------------
@@ -245,6 +276,12 @@ class LlamaCppEngine:
             )
         for index, text in enumerate(texts):
             count = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if count == 0:  # llama.cpp cannot pool nothing
+                raise InvalidRequestError(
+                    f"Input {index} has no tokens; send some text.",
+                    code="invalid_value",
+                    param="input",
+                )
             if count > self._config.context_length:
                 raise ContextLengthExceededError(
                     f"Input {index} has {count} tokens; `{self._config.id}` embeds at most "

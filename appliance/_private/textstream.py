@@ -24,24 +24,27 @@ class StopMatcher:
     """Finds the first stop sequence in streamed text.
 
     Text that could still turn out to be the start of a stop sequence is held back, so a
-    client never sees any part of a stop sequence.
+    client never sees any part of a stop sequence, unless `include` asks for the stop
+    sequence that ended the text (vLLM's `include_stop_str_in_output`).
     """
 
-    __slots__ = ("_held", "_stops")
+    __slots__ = ("_held", "_include", "_stops")
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], *, include: bool = False) -> None:
         self._stops = tuple(stop for stop in stops if stop)
         self._held = ""
+        self._include = include
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return the text that is safe to emit and whether a stop sequence was reached."""
         if not self._stops:
             return text, False
         buffer = self._held + text
-        hits = [index for stop in self._stops if (index := buffer.find(stop)) >= 0]
+        hits = [(index, stop) for stop in self._stops if (index := buffer.find(stop)) >= 0]
         if hits:
+            index, stop = min(hits, key=_position)
             self._held = ""
-            return buffer[: min(hits)], True
+            return buffer[: index + len(stop) if self._include else index], True
         keep = self._longest_partial_stop(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep], False
@@ -59,3 +62,7 @@ class StopMatcher:
                     longest = size
                     break
         return longest
+
+
+def _position(hit: tuple[int, str]) -> int:
+    return hit[0]

@@ -28,6 +28,7 @@ import httpx
 import msgspec
 from msgspec import Struct
 
+from appliance._private import inference
 from appliance._private.config import ModelConfig
 from appliance._private.engine import (
     EngineLoad,
@@ -303,12 +304,14 @@ class OpenAIUpstreamEngine:
         size = sum(len(message["content"].encode()) + _MESSAGE_OVERHEAD for message in messages)
         return Prompt(size, messages=messages)
 
-    async def prepare_text(self, source: str | list[int]) -> Prompt:
-        size = len(source.encode()) + 1 if isinstance(source, str) else len(source)
-        return Prompt(size, text=source)
+    async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
+        if isinstance(source, str):
+            return Prompt(len(source.encode()) + 1, text=source)
+        inference.check_token_ids(source, param, None)  # the upstream knows its vocabulary
+        return Prompt(len(source), text=source)
 
-    def detokenize(self, tokens: list[int]) -> str:
-        del tokens
+    def detokenize(self, tokens: list[int], param: str = "input") -> str:
+        del tokens, param
         raise UnsupportedParameterError(
             "input",
             f"`{self._config.id}` is served by an upstream engine and this appliance has no "
@@ -454,12 +457,18 @@ class OpenAIUpstreamEngine:
                 text = choice.delta.content if choice.delta is not None else choice.text
                 if text:
                     progress.produced += 1
-                    generation.emit(text)
+                    generation.emit(text, tokens=self._completion_tokens(progress, chunk))
                 if choice.finish_reason is not None:
                     progress.reason = "length" if choice.finish_reason == "length" else "stop"
         if progress.reason is None:
             self._malformed("the stream ended before a finish_reason or [DONE]")
         progress.done = True
+
+    @staticmethod
+    def _completion_tokens(progress: _Progress, chunk: _Chunk) -> int:
+        """Tokens so far: the upstream's own count when its chunk has one (vLLM's
+        continuous usage), else one per content chunk, as servers stream them."""
+        return chunk.usage.completion_tokens if chunk.usage is not None else progress.produced
 
     # --- embeddings -------------------------------------------------------------------
 
@@ -549,6 +558,12 @@ class OpenAIUpstreamEngine:
     def _transport_failure(self, path: str, exc: httpx.HTTPError) -> NoReturn:
         reason = self._scrub(str(exc)) or type(exc).__name__
         log.warning("upstream %s%s: %s: %s", self._base, path, type(exc).__name__, reason)
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            raise UpstreamUnavailableError(
+                f"The upstream engine is unreachable ({type(exc).__name__}: {reason}). Retry "
+                "on another node; the appliance's operator must check that the upstream is "
+                "running."
+            ) from exc
         if isinstance(exc, httpx.TimeoutException):
             raise UpstreamTimeoutError(
                 f"The upstream engine did not answer within {self._config.upstream_timeout_s:g}s"
@@ -556,10 +571,9 @@ class OpenAIUpstreamEngine:
                 "raise upstream_timeout_s."
             ) from exc
         if isinstance(exc, httpx.TransportError):
-            raise UpstreamUnavailableError(
-                f"The upstream engine is unreachable ({type(exc).__name__}: {reason}). Retry "
-                "on another node; the appliance's operator must check that the upstream is "
-                "running."
+            raise UpstreamError(
+                f"The upstream engine failed while handling the request ({type(exc).__name__}:"
+                f" {reason})."
             ) from exc
         raise UpstreamError(f"The upstream engine's reply is broken ({reason}).") from exc
 
@@ -644,11 +658,29 @@ def _sampling(params: SamplingParams) -> dict[str, Any]:
         fields["frequency_penalty"] = params.frequency_penalty
     if params.stop:
         fields["stop"] = list(params.stop)
+    # vLLM's extensions go only when asked for: an upstream that does not know them
+    # refuses them, and its 400 names the parameter.
+    extensions = {
+        "ignore_eos": params.ignore_eos,
+        "min_tokens": params.min_tokens,
+        "top_k": params.top_k,
+        "min_p": params.min_p,
+        "repetition_penalty": params.repetition_penalty,
+        "skip_special_tokens": params.skip_special_tokens,
+        "include_stop_str_in_output": params.include_stop_str_in_output,
+    }
+    defaults = SamplingParams(max_tokens=1)
+    fields |= {
+        name: value for name, value in extensions.items() if value != getattr(defaults, name)
+    }
     return fields
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()  # the task closes the generation and reports its finish
+    # The task closes the generation and reports its finish, but only once it has started:
+    # cancelled before its first step, `_run` would never run. Its first step was scheduled
+    # when it was created, so a cancel scheduled now comes after it.
+    task.get_loop().call_soon(task.cancel)
 
 
 def _floats(embedding: list[float] | str) -> list[float]:

@@ -52,6 +52,8 @@ class ChatMessage(Struct, forbid_unknown_fields=True):
 class StreamOptions(Struct, forbid_unknown_fields=True):
     include_usage: bool = False
     include_obfuscation: bool | None = None
+    # vLLM's extension: every streamed chunk carries the usage so far.
+    continuous_usage_stats: bool = False
 
 
 class ResponseFormat(Struct):
@@ -75,6 +77,15 @@ class SamplingFields(Struct, kw_only=True):
     frequency_penalty: Penalty = 0.0
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's sampling extensions, sent by benchmark clients (guidellm, benchmark_serving).
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
+    top_k: Annotated[int, Meta(ge=-1)] = -1  # -1 or 0: every token
+    min_p: TopP = 0.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] = 1.0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
 
 class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True, kw_only=True):

@@ -373,7 +373,8 @@ def test_with_keys_usage_is_the_upstreams_and_no_file_holds_the_key(tmp_path: Pa
         assert not path.is_file() or KEY.encode() not in path.read_bytes(), path
 
 
-def test_upstream_down_is_502_upstream_unavailable(tmp_path: Path) -> None:
+def test_upstream_down_is_503_upstream_unavailable(tmp_path: Path) -> None:
+    """A refused connection never reached the upstream: 503, so a router may try elsewhere."""
     with run_standin() as down:
         config = upstream_toml(down.v1, upstream_key_env=None)
         with run_appliance(tmp_path / "home", config, "--no-auth") as appliance:
@@ -381,8 +382,9 @@ def test_upstream_down_is_502_upstream_unavailable(tmp_path: Path) -> None:
             for stream in (False, True):
                 body = {"model": MODEL, "messages": THREE_WORDS, "stream": stream}
                 response = httpx.post(f"{appliance.v1}/chat/completions", json=body, timeout=30)
-                error = error_of(response, 502, "upstream_unavailable")
+                error = error_of(response, 503, "upstream_unavailable")
                 assert "The upstream engine is unreachable" in error["message"]
+                assert response.headers["Retry-After"] == "1"
             assert f"upstream {down.v1}/chat/completions" in appliance.log_text()
 
 
