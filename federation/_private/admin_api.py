@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,10 +26,14 @@ from federation._private.policy import (
     Action,
     allowed,
     effective_mode,
+    limits_within,
+    narrowest,
     require,
     require_everywhere,
+    require_within,
 )
 from federation._private.principal import Principal
+from federation._private.private_files import write_private
 from federation._private.store import (
     AuditSink,
     Caller,
@@ -172,10 +175,7 @@ class Tenancy:
 
 def _write_secret(path: Path, secret: str) -> None:
     """Write a key to a file only its owner can read (0600 before the secret lands)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=stat.S_IRUSR | stat.S_IWUSR, exist_ok=True)
-    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
-    path.write_text(secret + "\n")
+    write_private(path, secret + "\n")
 
 
 def _json(payload: object, status: int = 200) -> Response[Any]:
@@ -277,6 +277,10 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
     ) -> Response[Any]:
         role(caller, Action.CREATE_KEY, caller.user.org)
         spec = decode_request(await request.body(), _KEY)
+        ceiling = narrowest(caller.key.limits, caller.org.key_limits)
+        source = "the narrower of the key you are using and your organization's key limits"
+        limits = limits_within(spec.limits, ceiling, source=source)
+        spec = msgspec.structs.replace(spec, limits=limits)
         return _json(await tenancy.store.create_key(caller.user, spec, caller.user.id), 201)
 
     @get("/admin/v1/keys", dependencies=auth)
@@ -314,9 +318,20 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
     async def set_limits(
         key_id: FromPath[str], request: Request[Any, Any, Any], caller: NamedDependency[Caller]
     ) -> Response[Any]:
-        role(caller, Action.SET_BUDGET, tenancy.store.key(key_id).org)
+        target = tenancy.store.key(key_id)
+        role(caller, Action.SET_BUDGET, target.org)
         limits = decode_request(await request.body(), _LIMITS)
+        if target.user_id == caller.user.id:  # an admin may not raise their own keys' limits
+            require_within(limits, caller.key.limits, source="the limit of the key you are using")
         return _json(key_view(await tenancy.store.set_limits(key_id, limits, caller.user.id)))
+
+    @put("/admin/v1/orgs/{name:str}/key-limits", dependencies=auth)
+    async def set_org_key_limits(
+        name: FromPath[str], request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        role(caller, Action.SET_BUDGET, name)
+        limits = decode_request(await request.body(), _LIMITS)
+        return _json(org_view(await tenancy.store.set_key_limits(name, limits, caller.user.id)))
 
     @get("/admin/v1/usage", dependencies=auth)
     async def usage(
@@ -364,6 +379,7 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
         list_keys,
         revoke_key,
         set_limits,
+        set_org_key_limits,
         usage,
         usage_records,
         audit,

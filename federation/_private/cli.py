@@ -335,8 +335,16 @@ def budget_show(
 
 @limits_cli.command("set")
 def limits_set(
-    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    key_id: Annotated[str | None, typer.Argument(help="The key's id.")] = None,
     *,
+    org: Annotated[
+        str | None,
+        typer.Option(
+            "--org",
+            help="Set an organization's default key limits instead: the limits its members' "
+            "new keys get, and the most they may ask for.",
+        ),
+    ] = None,
     rpm: Annotated[int | None, typer.Option("--rpm", help="Requests per minute.", min=1)] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.", min=1)] = None,
     burst: Annotated[int | None, typer.Option("--burst", help="Bucket depth.", min=1)] = None,
@@ -344,17 +352,24 @@ def limits_set(
     key: KeyOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Replace a key's rate limits; a limit you omit becomes unlimited."""
+    """Replace a key's (or, with --org, an org's default key) rate limits; a limit you omit
+    becomes unlimited."""
+    if (key_id is None) == (org is None):
+        raise fail("pass exactly one of a key id or --org ORG.")
     body = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "burst": burst}
-    info = call_api(
-        resolve_target(url, key), "PUT", f"/admin/v1/keys/{_seg(key_id)}/limits", body=body
+    path = (
+        f"/admin/v1/orgs/{_seg(org)}/key-limits"
+        if org is not None
+        else f"/admin/v1/keys/{_seg(key_id or '')}/limits"
     )
+    info = call_api(resolve_target(url, key), "PUT", path, body=body)
     if as_json:
         print_json(info)
         return
-    limits = info["limits"]
+    limits = info["key_limits"] if org is not None else info["limits"]
+    what = f"Org {info['name']} default key limits" if org is not None else f"Key {info['id']}"
     typer.echo(
-        f"Key {info['id']}: rpm {_limit(limits['requests_per_minute'])}, "
+        f"{what}: rpm {_limit(limits['requests_per_minute'])}, "
         f"tpm {_limit(limits['tokens_per_minute'])}, burst {_limit(limits['burst'])}."
     )
 

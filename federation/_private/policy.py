@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from enum import Enum
 
+from federation._private.admin_wire import KeyLimits
 from federation._private.errors import PermissionDeniedError
 
 
@@ -104,3 +105,65 @@ _STRICTNESS = {"full": 0, "metadata": 1, "zero": 2}
 def effective_mode(org_mode: str, floor: str) -> str:
     """The stricter of an org's logging mode and the node's floor (full < metadata < zero)."""
     return max(org_mode, floor, key=lambda mode: _STRICTNESS.get(mode, 1))
+
+
+# --- key limits: a key may only narrow the limits it was made under -----------------------
+
+_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "burst")
+
+
+def effective_limits(limits: KeyLimits) -> KeyLimits:
+    """`limits` as admission applies them: a missing `burst` is `requests_per_minute`."""
+    burst = limits.burst if limits.burst is not None else limits.requests_per_minute
+    return KeyLimits(
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        burst=burst,
+    )
+
+
+def narrowest(*limits: KeyLimits) -> KeyLimits:
+    """Field by field, the tightest of several effective limits (`None` is unlimited)."""
+    effective = [effective_limits(each) for each in limits]
+
+    def tightest(name: str) -> int | None:
+        values = [v for each in effective if (v := getattr(each, name)) is not None]
+        return min(values, default=None)
+
+    return KeyLimits(**{name: tightest(name) for name in _LIMIT_FIELDS})
+
+
+def limits_within(requested: KeyLimits | None, ceiling: KeyLimits, *, source: str) -> KeyLimits:
+    """A new key's limits: each field it omits inherits `ceiling`'s, none may be wider.
+
+    `source` says where the ceiling comes from, for the 403 `limit_escalation` message.
+    """
+    cap = effective_limits(ceiling)
+    asked = requested or KeyLimits()
+    chosen = {
+        name: value if (value := getattr(asked, name)) is not None else getattr(cap, name)
+        for name in _LIMIT_FIELDS
+    }
+    if asked.burst is None and asked.requests_per_minute is not None:
+        # As admission does, the bucket is as deep as the rate, within the ceiling's depth.
+        rate = asked.requests_per_minute
+        chosen["burst"] = rate if cap.burst is None else min(rate, cap.burst)
+    limits = KeyLimits(**chosen)
+    require_within(limits, ceiling, source=source)
+    return limits
+
+
+def require_within(limits: KeyLimits, ceiling: KeyLimits, *, source: str) -> None:
+    """403 `limit_escalation` unless every effective limit is at most `ceiling`'s."""
+    have, cap = effective_limits(limits), effective_limits(ceiling)
+    for name in _LIMIT_FIELDS:
+        value, most = getattr(have, name), getattr(cap, name)
+        if most is not None and (value is None or value > most):
+            asked = "unlimited" if value is None else str(value)
+            raise PermissionDeniedError(
+                f"`limits.{name}` may be at most {most} ({source}), not {asked}: a key's "
+                "limits may only narrow those it is made under. Ask an administrator of your "
+                "organization for higher limits.",
+                code="limit_escalation",
+                param=f"limits.{name}",
+            )

@@ -266,6 +266,25 @@ def test_limits_set(server: Server, alice: Member) -> None:
     assert "tpm unlimited" in text
 
 
+def test_limits_set_for_an_org_caps_the_keys_its_members_make(
+    server: Server, alice: Member
+) -> None:
+    shown = as_json(server, "limits", "set", "--org", ORG, "--rpm", "7", "--key", alice.key)
+    assert shown["key_limits"] == {
+        "requests_per_minute": 7,
+        "tokens_per_minute": None,
+        "burst": None,
+    }
+    text = palisade(server, "limits", "set", "--org", ORG, "--rpm", "7", "--tpm", "9000").stdout
+    assert f"Org {ORG} default key limits: rpm 7, tpm 9000, burst unlimited." in text
+    created = as_json(server, "key", "create", "--name", "capped", "--key", alice.key)
+    assert created["limits"]["requests_per_minute"] == 7
+    for args in ([], [created["id"], "--org", ORG]):
+        refused = palisade(server, "limits", "set", *args, "--rpm", "1", ok=False)
+        assert "exactly one of a key id or --org ORG" in refused.stderr
+    palisade(server, "limits", "set", "--org", ORG)  # back to unlimited for the other tests
+
+
 # --- usage ------------------------------------------------------------------------------
 
 

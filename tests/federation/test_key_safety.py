@@ -10,6 +10,7 @@ for everywhere the appliance writes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import sqlite3
@@ -347,6 +348,60 @@ def test_budget_beyond_sqlite_integer(tenants: Tenants, tokens: int) -> None:
     for response in (created, changed):
         assert response.status_code == 400, seen(response)
         assert_error_shape(response)
+
+
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "burst")
+key_limits = st.fixed_dictionaries(
+    {}, optional={name: st.integers(1, 50) | st.just(2**53) for name in LIMIT_FIELDS}
+)
+_limited_emails = (f"limited{n}@fuzz.example" for n in itertools.count())
+
+
+def effective(limits: dict[str, int | None]) -> dict[str, int | None]:
+    """Limits as admission applies them: without `burst`, the bucket is as deep as the rate."""
+    rate = limits.get("requests_per_minute")
+    burst = limits.get("burst")
+    return {
+        "requests_per_minute": rate,
+        "tokens_per_minute": limits.get("tokens_per_minute"),
+        "burst": burst if burst is not None else rate,
+    }
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(parent=key_limits, asked=key_limits, role=st.sampled_from(["org_user", "org_admin"]))
+def test_a_new_key_never_outgrows_the_key_that_made_it(
+    tenants: Tenants, parent: dict[str, int], asked: dict[str, int], role: str
+) -> None:
+    member = tenants.admin.member("fuzz", role, next(_limited_emails))
+    tenants.admin.ok("PUT", f"/admin/v1/keys/{member.key_id}/limits", parent)
+    response = tenants.admin.as_member(member).call(
+        "POST", "/admin/v1/keys", {"name": "child", "limits": asked}
+    )
+    cap = effective(dict(parent))
+    wider = [
+        name for name, value in asked.items() if (most := cap[name]) is not None and value > most
+    ]
+    event(f"wider: {bool(wider)} -> {response.status_code}")
+    if wider:
+        assert response.status_code == 403, seen(response)
+        error = assert_error_shape(response)
+        assert error["code"] == "limit_escalation"
+        assert error["param"] in {f"limits.{name}" for name in wider}
+        return
+    assert response.status_code == 201, seen(response)
+    made = effective(response.json()["info"]["limits"])
+    for name in LIMIT_FIELDS:
+        most, got = cap[name], made[name]
+        if most is not None:
+            assert got is not None, (parent, asked, made)
+            assert got <= most, (parent, asked, made)
+        if name in asked:
+            assert response.json()["info"]["limits"][name] == asked[name]
 
 
 # --- 2. a canary key followed everywhere ------------------------------------------------------

@@ -437,3 +437,145 @@ def test_secure_by_default_every_route_needs_a_key(world: World) -> None:
     ]:
         response = httpx.request(method, f"{url}{path}", json={})
         assert response.status_code == 401, (path, response.text)
+
+
+# --- limits cannot be escalated ------------------------------------------------------------------
+
+
+def _limited(world: World, limits: dict[str, int], role: str = "org_user") -> Member:
+    """A fresh acme member whose key acme's admin limited to `limits`."""
+    member = world.fresh("acme", role)
+    world.client(world.acme_admin).ok("PUT", f"/admin/v1/keys/{member.key_id}/limits", limits)
+    return member
+
+
+def _refused_escalation(response: httpx.Response, field: str, most: int, asked: str) -> None:
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["code"] == "limit_escalation"
+    assert error["param"] == f"limits.{field}"
+    assert f"at most {most}" in error["message"]
+    assert f"not {asked}" in error["message"]
+
+
+def test_a_limited_user_cannot_make_a_wider_key(world: World) -> None:
+    member = _limited(world, {"requests_per_minute": 1})
+    wider = world.client(member).call(
+        "POST", "/admin/v1/keys", {"name": "x", "limits": {"requests_per_minute": 1_000_000}}
+    )
+    _refused_escalation(wider, "requests_per_minute", 1, "1000000")
+    # Omitted limits are inherited: the new key is as limited as the one that made it.
+    child = world.client(member).ok("POST", "/admin/v1/keys", {"name": "inherits"})
+    assert child["info"]["limits"] == {
+        "requests_per_minute": 1,
+        "tokens_per_minute": None,
+        "burst": 1,
+    }
+    assert chat(world, child["key"]).status_code == 200
+    limited = chat(world, child["key"])
+    assert limited.status_code == 429
+    assert error_code(limited) == "rate_limit_exceeded"
+
+
+# (the parent key's limits, what its holder asks for, the field refused, its cap, as shown)
+WIDER = [
+    ({"tokens_per_minute": 1000}, {"tokens_per_minute": 1001}, ("tokens_per_minute", 1000, "1001")),
+    ({"requests_per_minute": 60, "burst": 5}, {"burst": 6}, ("burst", 5, "6")),
+    # Without `burst`, the bucket is as deep as the rate: asking for a deeper one escalates.
+    ({"requests_per_minute": 10}, {"burst": 11}, ("burst", 10, "11")),
+    (
+        {"requests_per_minute": 10},
+        {"requests_per_minute": 11, "burst": 1},
+        ("requests_per_minute", 10, "11"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("parent", "asked", "refusal"), WIDER)
+def test_no_limit_field_can_be_widened(
+    world: World, parent: dict[str, int], asked: dict[str, int], refusal: tuple[str, int, str]
+) -> None:
+    member = _limited(world, parent)
+    response = world.client(member).call("POST", "/admin/v1/keys", {"name": "x", "limits": asked})
+    _refused_escalation(response, *refusal)
+
+
+def test_narrower_keys_are_made_with_the_rest_inherited(world: World) -> None:
+    member = _limited(world, {"requests_per_minute": 60, "tokens_per_minute": 5000, "burst": 5})
+    child = world.client(member).ok(
+        "POST", "/admin/v1/keys", {"name": "narrow", "limits": {"requests_per_minute": 3}}
+    )
+    assert child["info"]["limits"] == {
+        "requests_per_minute": 3,
+        "tokens_per_minute": 5000,
+        "burst": 3,
+    }
+
+
+def test_a_user_cannot_widen_a_key_after_making_it(world: World) -> None:
+    member = _limited(world, {"requests_per_minute": 1})
+    child = world.client(member).ok("POST", "/admin/v1/keys", {"name": "child"})
+    for key_id in (child["info"]["id"], member.key_id):
+        raised = world.client(member).call(
+            "PUT", f"/admin/v1/keys/{key_id}/limits", {"requests_per_minute": 1_000_000}
+        )
+        assert raised.status_code == 403, raised.text
+        assert error_code(raised) == "permission_denied"
+
+
+def test_an_org_admin_cannot_raise_their_own_keys_limits(world: World) -> None:
+    boss = _limited(world, {"requests_per_minute": 2}, "org_admin")
+    client = world.client(boss)
+    raised = client.call(
+        "PUT", f"/admin/v1/keys/{boss.key_id}/limits", {"requests_per_minute": 100}
+    )
+    _refused_escalation(raised, "requests_per_minute", 2, "100")
+    unlimited = client.call("PUT", f"/admin/v1/keys/{boss.key_id}/limits", {})
+    _refused_escalation(unlimited, "requests_per_minute", 2, "unlimited")
+    lowered = client.ok(
+        "PUT", f"/admin/v1/keys/{boss.key_id}/limits", {"requests_per_minute": 1, "burst": 1}
+    )
+    assert lowered["limits"]["requests_per_minute"] == 1
+    # Setting others' limits stays an admin's power (RBAC "set org budgets").
+    other = world.fresh("acme")
+    raised_other = client.ok(
+        "PUT", f"/admin/v1/keys/{other.key_id}/limits", {"requests_per_minute": 100}
+    )
+    assert raised_other["limits"]["requests_per_minute"] == 100
+
+
+def test_org_default_key_limits_are_the_default_and_the_ceiling(world: World) -> None:
+    org = next(_org_names)
+    world.admin.create_org(org, ["eu-west"])
+    boss = world.admin.member(org, "org_admin", next(_emails))
+    defaults = {"requests_per_minute": 5, "tokens_per_minute": 1000}
+    shown = world.client(boss).ok("PUT", f"/admin/v1/orgs/{org}/key-limits", defaults)
+    assert shown["key_limits"] == defaults | {"burst": None}
+    listed = world.client(boss).ok("GET", "/admin/v1/orgs")["data"]
+    assert next(o for o in listed if o["name"] == org)["key_limits"]["requests_per_minute"] == 5
+
+    newcomer = world.admin.member(org, "org_user", next(_emails))  # their first key
+    first = world.client(newcomer).ok("GET", "/admin/v1/keys")["data"][0]
+    assert first["limits"] == defaults | {"burst": None}
+    # Even an unlimited key (the org admin's) makes keys only within the org's default.
+    for member in (newcomer, boss):
+        wider = world.client(member).call(
+            "POST", "/admin/v1/keys", {"name": "x", "limits": {"tokens_per_minute": 1001}}
+        )
+        _refused_escalation(wider, "tokens_per_minute", 1000, "1001")
+    made = world.client(boss).ok("POST", "/admin/v1/keys", {"name": "within"})
+    assert made["info"]["limits"] == defaults | {"burst": 5}
+
+    events = world.client(boss).ok("GET", "/admin/v1/audit")["data"]
+    changed = [e for e in events if e["event"] == "org_key_limits_changed"]
+    assert changed[-1]["payload"]["limits"]["requests_per_minute"] == 5
+
+
+@pytest.mark.parametrize("who", ["org_user", "other_org_admin"])
+def test_only_an_orgs_admins_set_its_default_key_limits(world: World, who: str) -> None:
+    actor = world.acme_user if who == "org_user" else world.globex_admin
+    response = world.client(actor).call(
+        "PUT", "/admin/v1/orgs/acme/key-limits", {"requests_per_minute": 1_000_000}
+    )
+    assert response.status_code == 403, response.text
+    assert error_code(response) == "permission_denied"
