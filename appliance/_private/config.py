@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from federation import ConfigError, Pricing, convert_config, load_config
+from federation import ConfigError, Pricing, ServerConfig, convert_config, load_config
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,6 +85,8 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # PALISADE_JOIN_SECRET), and the URL the router should use to reach this node.
     router_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
     advertise_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
+    # Limits on each client connection: read timeouts, keep-alive, how many at once.
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
 
     def home(self) -> Path:
         """The state directory: `data_dir` from the file, else `$PALISADE_HOME`."""

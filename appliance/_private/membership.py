@@ -1,10 +1,11 @@
 """Membership in a fleet: register with the router and send it a heartbeat every second.
 
 The heartbeat (federation's `Heartbeat`) carries what the router selects by: models with
-their declared device class, queue depth, in-flight generations, EWMA TTFT and TPOT. The
-router's reply carries its public key, which verifies the principal assertions it
-attaches to the requests it forwards. Both are signed with the fleet join secret; the key
-is kept in `router.pub` so that a restarted appliance accepts forwarded requests at once.
+their declared device class, queue depth, in-flight generations, EWMA TTFT and TPOT, and
+`BOOT_ID`, which tells the router when the node has restarted. The router's reply carries
+its public key, which verifies the principal assertions it attaches to the requests it
+forwards. Both are signed with the fleet join secret; the key is kept in `router.pub` so
+that a restarted appliance accepts forwarded requests at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,12 +29,16 @@ from federation import (
     PalisadeError,
     sign_fleet_message,
     verify_fleet_message,
+    write_private,
 )
 
 log = logging.getLogger("palisade.appliance.membership")
 
 ROUTER_KEY_FILE = "router.pub"
 _DEFAULT_INTERVAL_S = 1.0
+# This process's incarnation, sent with every heartbeat: the router counts a node id that
+# comes back with another one as a restart, and shows a node that keeps restarting.
+BOOT_ID = os.urandom(8).hex()
 
 
 class Membership:
@@ -129,4 +135,4 @@ class Membership:
             if self.verifier is not None:
                 log.warning("router %s presented a new signing key; trusting it", reply.router_id)
             self.verifier = AssertionVerifier(key, self._node_id)
-            (self._home / ROUTER_KEY_FILE).write_text(key.hex() + "\n")
+            write_private(self._home / ROUTER_KEY_FILE, key.hex() + "\n")

@@ -6,14 +6,19 @@ import ipaddress
 import logging
 import sys
 
-import uvicorn
-
 from appliance._private.app import create_app
 from appliance._private.config import ApplianceConfig
 from appliance._private.errors import ModelLoadError
 from appliance._private.upstream import upstream_key
 from compliance import Recorder
-from federation import ConfigError, Tenancy, bind_socket, join_secret, url_of
+from federation import (
+    ConfigError,
+    Tenancy,
+    bind_socket,
+    join_secret,
+    make_server,
+    url_of,
+)
 
 log = logging.getLogger("palisade.appliance")
 
@@ -69,15 +74,7 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
     app, state = create_app(
         config, tenancy=tenancy, demo=demo, recorder=recorder, join_secret=secret
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
-    )
+    server = make_server(app, config.server)
 
     def stop_on_fatal() -> None:
         server.should_exit = True

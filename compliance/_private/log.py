@@ -33,7 +33,7 @@ from typing import Any
 
 from compliance._private.errors import AuditLogError
 from compliance._private.merkle import CompactRange, leaf_hash
-from federation import NodeIdentity
+from federation import NodeIdentity, private_database, private_file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (idx INTEGER PRIMARY KEY, body BLOB NOT NULL);
@@ -110,6 +110,8 @@ class AuditLog:
         self._prev = GENESIS
         self._signed_size = 0
         self._last_signed_at = time.monotonic()
+        # Entries below this index are durable and their appenders released (in that order).
+        self.committed = 0
         self._ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
         self._thread.start()
@@ -164,7 +166,7 @@ class AuditLog:
 
     def _open(self) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_database(self.path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -176,6 +178,7 @@ class AuditLog:
             self._tree.append(self._prev)
         last = db.execute("SELECT max(size) FROM checkpoints").fetchone()[0]
         self._signed_size = last or 0
+        self.committed = self._tree.size
         self._check_head()
         return db
 
@@ -228,6 +231,7 @@ class AuditLog:
             return
         for offset, item in enumerate(appends):
             item.done.set_result(first + offset)
+        self.committed = first + len(appends)
 
     def _next_batch(self) -> list[_Append | _Command]:
         timeout = max(0.01, self._seconds - (time.monotonic() - self._last_signed_at))
@@ -303,7 +307,7 @@ class AuditLog:
 
     def _write_head(self, checkpoint: Checkpoint) -> None:
         head = head_path(self.path)
-        temporary = head.with_name(head.name + ".tmp")
+        temporary = private_file(head.with_name(head.name + ".tmp"))
         record = {"body": checkpoint.body.decode(), "signature": checkpoint.signature.hex()}
         with temporary.open("w") as out:
             out.write(json.dumps(record))
@@ -335,10 +339,11 @@ def read_log(path: Path) -> tuple[list[bytes], list[Checkpoint]]:
     return bodies, [Checkpoint(bytes(body), bytes(signature)) for body, signature in rows]
 
 
-def read_entries(path: Path) -> list[bytes]:
-    """Every entry body in order, from a read-only connection."""
+def read_entries(path: Path, start: int = 0) -> list[bytes]:
+    """Every entry body from index `start` on, in order, from a read-only connection."""
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        return [bytes(body) for (body,) in db.execute("SELECT body FROM entries ORDER BY idx")]
+        query = "SELECT body FROM entries WHERE idx >= ? ORDER BY idx"
+        return [bytes(body) for (body,) in db.execute(query, (start,))]
 
 
 def read_checkpoints(path: Path) -> list[Checkpoint]:

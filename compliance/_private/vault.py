@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import stat
 import threading
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from compliance._private.errors import AuditLogError
+from federation import private_database, write_private
 
 KEY_FILE = "content.key"
 _SCHEMA = """
@@ -36,9 +36,7 @@ def load_or_create_content_key(home: Path) -> bytes:
             raise AuditLogError(f"{path} must hold a 32-byte AES-256 key; it has {len(key)} bytes.")
         return key
     key = AESGCM.generate_key(bit_length=256)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=stat.S_IRUSR | stat.S_IWUSR)
-    path.write_bytes(key)
+    write_private(path, key)
     return key
 
 
@@ -47,7 +45,9 @@ class ContentVault:
         self._aead = AESGCM(key)
         self._retention = retention
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            private_database(path), check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 

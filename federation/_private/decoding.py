@@ -16,6 +16,12 @@ T = TypeVar("T")
 _AT_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]+)`")
 _MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
+# Deeper than any OpenAI request needs (tool schemas included), far shallower than the
+# recursion limits of the decoders and encoders a body passes through.
+MAX_JSON_DEPTH = 128
+# Everything but the bytes that open or close arrays, objects and strings.
+_NOT_STRUCTURE = bytes(byte for byte in range(256) if byte not in b'[]{}"')
+_STRING = re.compile(rb'"[^"]*"')
 
 
 class _Located:
@@ -40,16 +46,45 @@ class _Located:
 
 def decode_request(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     """Decode a JSON request body, turning every failure into a 400 that names the field."""
+    if _too_deep(body):
+        raise _too_deep_error()
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise _request_error(_Located(exc)) from exc
+    except RecursionError as exc:
+        raise _too_deep_error() from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(
             f"The request body is not valid JSON ({exc}). Send a JSON object with "
             "Content-Type: application/json.",
             code="invalid_json",
         ) from exc
+
+
+def _too_deep(body: bytes) -> bool:
+    """Whether arrays and objects nest more than MAX_JSON_DEPTH deep (strings skipped).
+
+    Escaped backslashes and quotes go first, then every byte that is not a bracket or a
+    quote (at C speed), then the strings: what is left is only the nesting.
+    """
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return False  # the common case, without a scan
+    bare = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    depth = 0
+    for byte in _STRING.sub(b"", bare):
+        depth += 1 if byte in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
+def _too_deep_error() -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+        "no request needs that many. Flatten it.",
+        code="invalid_json",
+    )
 
 
 def _request_error(where: _Located) -> InvalidRequestError:

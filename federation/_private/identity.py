@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -10,6 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from federation._private.errors import ConfigError
+from federation._private.private_files import write_private
 
 KEY_FILE = "node.key"
 
@@ -34,9 +34,7 @@ class NodeIdentity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=stat.S_IRUSR | stat.S_IWUSR)
-        path.write_bytes(pem)
+        write_private(path, pem)
         return cls(key)
 
     def sign(self, data: bytes) -> bytes:

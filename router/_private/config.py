@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from federation import convert_config, load_config
+from federation import ServerConfig, convert_config, load_config
 
 DEFAULT_PORT = 8300
 DeviceClass = Literal["cpu", "gpu", "rdu"]
@@ -56,6 +56,8 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     models: dict[str, list[DeviceClass]] = msgspec.field(default_factory=dict)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
+    # Limits on each client connection: read timeouts, keep-alive, how many at once.
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
 
     def home(self) -> Path:
         return Path(self.data_dir) if self.data_dir else palisade_home()

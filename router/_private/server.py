@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-import uvicorn
-
 from compliance import Recorder
-from federation import Tenancy, bind_socket, join_secret, url_of
+from federation import Tenancy, bind_socket, join_secret, make_server, private_dir, url_of
 from router._private.app import create_router_app
 from router._private.config import RouterConfig
 
@@ -23,7 +21,7 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
     secret = join_secret(required=True)
     assert secret is not None
     home = config.home()
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
     sock = bind_socket(config.host, config.port)
     recorder = Recorder(
         home,
@@ -42,15 +40,7 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         config, tenancy=tenancy, recorder=recorder, join_secret=secret, demo_regions=demo_regions
     )
     state.url = url_of(sock)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
-    )
+    server = make_server(app, config.server)
     sys.stdout.write(
         f"Palisade router {config.router_id} listening on {state.url}\n"
         f"  appliances join with: palisade appliance serve --router {state.url} "

@@ -51,3 +51,31 @@ def test_failures_carry_code_and_param(body: bytes, code: str, param: str | None
     assert error.status_code == 400
     if param:
         assert f"`{param}`" in error.message
+
+
+def _nested(depth: int, *, inside: bytes = b"") -> bytes:
+    """A chat request with a `tools` value nested `depth` arrays deep (after `inside`)."""
+    return (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], '
+        + inside
+        + b'"tools": '
+        + b"[" * depth
+        + b"]" * depth
+        + b"}"
+    )
+
+
+@pytest.mark.parametrize("depth", [129, 1_000, 50_000])
+def test_deep_nesting_is_a_400_not_a_recursion_error(depth: int) -> None:
+    error = failure(_nested(depth))
+    assert error.code == "invalid_json"
+    assert "more than 128 levels deep" in error.message
+
+
+def test_brackets_inside_strings_and_escapes_do_not_count() -> None:
+    text = b'"' + b"[" * 5_000 + b'\\"' + b"{" * 5_000 + b'\\\\", '
+    within = b'{"model": "m", "messages": [{"role": "user", "content": ' + text
+    within += b'"name": "x"}]}'
+    assert decode_request(within, DECODER).messages[0].name == "x"
+    # An escaped backslash before the closing quote ends the string: the brackets count.
+    assert failure(_nested(200, inside=b'"user": "a\\\\", ')).code == "invalid_json"

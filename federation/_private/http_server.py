@@ -1,0 +1,181 @@
+"""Running a Palisade app under uvicorn with connection hygiene: slow or idle clients cost a
+socket for a bounded time, never the node's health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from federation._private.openai_wire import ENCODER, ErrorDetail, ErrorResponse
+from federation._private.serving import ServerConfig
+
+log = logging.getLogger("palisade.serving")
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-file limit to the hard one; returns the limit now in force.
+
+    The usual soft limit (1024) is below what `max_connections` needs, and when accept()
+    fails with EMFILE asyncio stops accepting for a while: health checks fail with it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %s: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "the open-file limit (%s) is below what [server] max_connections needs (%s, with "
+            "the server's own files); raise it (ulimit -n, LimitNOFILE=) or lower "
+            "max_connections",
+            soft,
+            wanted,
+        )
+    return soft
+
+
+def make_server(app: Any, config: ServerConfig) -> uvicorn.Server:
+    """A uvicorn server for `app` that enforces `config` on every connection."""
+    raise_fd_limit(config.max_connections + 256)
+    return uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http=guarded_protocol(config),
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=config.keep_alive_s,
+        )
+    )
+
+
+def _error_reply(status: int, reason: str, message: str, code: str) -> bytes:
+    """A complete HTTP response in the OpenAI error shape, for answers uvicorn's app never
+    sees (the connection is closed after it)."""
+    error_type = "service_unavailable" if status == 503 else "invalid_request_error"
+    body = ENCODER.encode(ErrorResponse(ErrorDetail(message, error_type, code, None)))
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with deadlines on reading each request and a cap on
+    connections. uvicorn times out idle kept-alive connections only, not a connection that
+    stops in the middle of its first request's headers or body."""
+    header_timeout = _error_reply(
+        408,
+        "Request Timeout",
+        f"The request headers did not arrive within {config.header_timeout_s:g} s.",
+        "request_timeout",
+    )
+    body_timeout = _error_reply(
+        408,
+        "Request Timeout",
+        f"The request body did not arrive within {config.body_timeout_s:g} s.",
+        "request_timeout",
+    )
+    too_large = _error_reply(
+        431,
+        "Request Header Fields Too Large",
+        f"The request headers are larger than this server accepts ({config.max_header_bytes} "
+        "bytes).",
+        "headers_too_large",
+    )
+    busy = _error_reply(
+        503,
+        "Service Unavailable",
+        f"This server already holds its maximum of {config.max_connections} connections; "
+        "retry shortly.",
+        "too_many_connections",
+    )
+
+    class GuardedProtocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _in_headers = True
+        _header_bytes = 0  # of the request being read, while its headers are incomplete
+        _tail = b""  # the last bytes received, in case the headers' end straddles two reads
+        _requests = 0
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > config.max_connections:
+                self._refuse(busy)
+                return
+            self._arm(config.header_timeout_s, header_timeout)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_headers and self._headers_too_large(data):
+                self._refuse(too_large)
+                return
+            super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_headers = True
+            if self._deadline is None:  # a kept-alive connection's next request
+                self._arm(config.header_timeout_s, header_timeout)
+
+        def _headers_too_large(self, data: bytes) -> bool:
+            before, self._header_bytes = self._header_bytes, self._header_bytes + len(data)
+            if self._header_bytes <= config.max_header_bytes:
+                self._tail = data[-3:]
+                return False
+            seen = self._tail + data
+            end = seen.find(b"\r\n\r\n")
+            return end < 0 or before - len(self._tail) + end + 4 > config.max_header_bytes
+
+        def on_headers_complete(self) -> None:
+            self._in_headers, self._header_bytes, self._tail = False, 0, b""
+            self._arm(config.body_timeout_s, body_timeout)
+            super().on_headers_complete()
+            self._requests += 1
+            if self._requests >= config.max_requests_per_connection and self.cycle is not None:
+                self.cycle.keep_alive = False  # uvicorn answers `connection: close`
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            self._in_headers = True
+            super().on_message_complete()
+
+        def _arm(self, seconds: float, reply: bytes) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._refuse, reply)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _refuse(self, reply: bytes) -> None:
+            """Answer `reply` unless an answer to this request (or, while headers are read,
+            to the one before) is under way, then close the connection."""
+            self._disarm()
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if self._in_headers:
+                quiet = cycle is None or cycle.response_complete
+            else:
+                quiet = cycle is not None and not cycle.response_started
+            if quiet:
+                if cycle is not None:
+                    cycle.disconnected = True  # the app's own answer would come too late
+                self.transport.write(reply)
+            self.transport.close()
+
+    return GuardedProtocol
