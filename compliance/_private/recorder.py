@@ -4,20 +4,59 @@ Modes, strictest last: `full` (metadata, plus request and response content seale
 vault for the retention period), `metadata` (counts, timings, status; no content), `zero`
 (no per-request rows at all). A node-wide floor can only make an org's mode stricter.
 Management events are audited in every mode.
+
+Request rows are journaled (`audit.journal`, `federation.Journal`): `begin` writes the row a
+request would leave if the process died before it ended (status `interrupted`), `request`
+the row it did leave. Neither waits for the disk. At start-up, the journaled rows that the
+log does not hold are appended, so a SIGKILL loses no request's row and duplicates none.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from concurrent.futures import Future
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
+
 from compliance._private.log import AuditLog, read_entries
 from compliance._private.vault import ContentVault, load_or_create_content_key
-from federation import AuditEvent, NodeIdentity, effective_mode
+from federation import (
+    INTERRUPTED,
+    AuditEvent,
+    Journal,
+    NodeIdentity,
+    boot_id,
+    effective_mode,
+    journal_epoch,
+    write_private,
+)
 
+log = logging.getLogger("palisade.compliance")
 Mode = Literal["full", "metadata", "zero"]
+_ROTATE_BYTES = 4 * 1024 * 1024
+
+
+class _Header(msgspec.Struct, tag="h", tag_field="t"):
+    epoch: str
+    boot: str
+    start: int  # the log's size when this epoch began: later rows are at or past it
+
+
+class _Begun(msgspec.Struct, tag="b", tag_field="t"):
+    row: dict[str, Any]  # what the request leaves if it never ends (status `interrupted`)
+
+
+class _Ended(msgspec.Struct, tag="e", tag_field="t"):
+    row: dict[str, Any]
+
+
+_LINE = msgspec.json.Decoder(_Header | _Begun | _Ended)
+_ENCODE = msgspec.json.encode
 
 
 class Recorder:
@@ -31,13 +70,17 @@ class Recorder:
         self.floor = floor
         self.identity = NodeIdentity.load_or_create(home)
         # What auditors pin with `palisade audit verify --trusted-key @node.pub`.
-        (home / "node.pub").write_text(self.identity.public_key.hex() + "\n")
+        write_private(home / "node.pub", self.identity.public_key.hex() + "\n")
         self.log = AuditLog(home / "audit.db", self.identity, origin=origin)
         self.vault = ContentVault(
             home / "content.db",
             load_or_create_content_key(home),
             retention=timedelta(days=retention_days),
         )
+        self._journal = Journal(home / "audit.journal")
+        self._open: dict[str, bytes] = {}  # begun, not ended
+        self._unacked: dict[str, bytes] = {}  # ended, not yet durable in the log
+        self.recovered = self._recover()
 
     @property
     def db(self) -> Path:
@@ -46,6 +89,9 @@ class Recorder:
     def close(self) -> None:
         self.log.close()
         self.vault.close()
+        if not self._open and not self._unacked:
+            self._new_epoch([])  # every row is in the log: nothing to recover next time
+        self._journal.close()
 
     # --- the tenancy store's audit sink ---------------------------------------------------------
 
@@ -83,14 +129,100 @@ class Recorder:
     def mode_for(self, org_mode: str) -> str:
         return effective_mode(org_mode, self.floor)
 
+    def begin(self, org_mode: str, entry: dict[str, Any]) -> None:
+        """Journal the row an admitted request leaves if this process dies before it ends
+        (its `status` is `interrupted`); `request` with the same `id` ends it."""
+        if self.mode_for(org_mode) == "zero":
+            return
+        line = _ENCODE(_Begun(entry))
+        self._journal_line(line)
+        self._open[entry["id"]] = line
+
     def request(self, org_mode: str, entry: dict[str, Any]) -> None:
         """Queue one request's metadata row (not awaited: the response never waits)."""
         if self.mode_for(org_mode) == "zero":
             return
-        self.log.submit({"kind": "request", **entry})
+        row_id = entry["id"]
+        line = _ENCODE(_Ended(entry))
+        self._journal_line(line)
+        self._open.pop(row_id, None)
+        self._unacked[row_id] = line  # before submitting: the writer thread acknowledges it
+        done = self.log.submit({"kind": "request", **entry})
+        done.add_done_callback(partial(self._acknowledged, row_id))
+        if self._journal.size > _ROTATE_BYTES:
+            self._new_epoch([*self._open.values(), *self._unacked.values()])
+
+    def _acknowledged(self, row_id: str, done: Future[int]) -> None:
+        """On the writer thread: the row is durable (a failed one stays, for recovery)."""
+        if done.exception() is None:
+            self._unacked.pop(row_id, None)
+
+    # --- the journal ------------------------------------------------------------------------------
+
+    def _journal_line(self, line: bytes) -> None:
+        """Never fails a request: without the line, only a crash before the row is
+        committed loses the row."""
+        try:
+            self._journal.append(line)
+        except OSError:
+            log.exception("the audit journal could not record a request row")
+
+    def _new_epoch(self, carried: list[bytes]) -> None:
+        # `committed` is read before the unacknowledged rows are copied, and the writer
+        # thread drops a row from them before it moves `committed` past it: every carried
+        # row is at or past `start`, where recovery looks for it.
+        header = _Header(journal_epoch(), boot_id(), self.log.committed)
+        self._journal.start([_ENCODE(header), *carried], durable=not carried)
+
+    def _recover(self) -> int:
+        """Append the journaled rows the log lacks; returns how many."""
+        lines = self._journal.read()
+        missing: list[dict[str, Any]] = []
+        if lines:
+            start, rows = _journaled(lines)
+            present = _request_ids(read_entries(self.log.path, start))
+            missing = [row for row_id, row in rows.items() if row_id not in present]
+            done = [self.log.submit({"kind": "request", **row}) for row in missing]
+            for future in done:
+                future.result()
+            if missing:
+                interrupted = sum(1 for row in missing if row.get("status") == INTERRUPTED)
+                log.warning(
+                    "recovered %d request rows from the audit journal (%d interrupted)",
+                    len(missing),
+                    interrupted,
+                )
+        self._new_epoch([])
+        return len(missing)
 
     def content(self, org_mode: str, record_id: str, org: str, content: dict[str, Any]) -> None:
         """Seal a request's content, only for orgs whose effective mode is `full`."""
         if self.mode_for(org_mode) != "full":
             return
         self.vault.seal(record_id, org, json.dumps(content, ensure_ascii=False).encode())
+
+
+def _journaled(lines: list[bytes]) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Where the journal's rows may be in the log, and each row by id (an end overrides
+    its beginning). A line torn by a power cut is skipped."""
+    start: int | None = None
+    rows: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        try:
+            item = _LINE.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(item, _Header):
+            start = item.start if start is None else start
+        elif isinstance(item, _Ended) or item.row["id"] not in rows:
+            rows[item.row["id"]] = item.row
+    return start or 0, rows
+
+
+def _request_ids(bodies: list[bytes]) -> set[str]:
+    ids = set()
+    for body in bodies:
+        entry = json.loads(body)
+        if entry.get("kind") == "request" and "id" in entry:
+            ids.add(entry["id"])
+    return ids

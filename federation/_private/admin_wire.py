@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Generic, Literal, TypeVar
 
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, field
 
 Role = Literal["system_admin", "org_admin", "org_user"]
 LoggingMode = Literal["full", "metadata", "zero"]
@@ -23,14 +23,6 @@ class OrgCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     regions: Annotated[list[Region], Meta(min_length=1)]
     budget_tokens: TokenCount | None = None
     logging_mode: LoggingMode = "metadata"
-
-
-class Org(Struct, kw_only=True):
-    name: str
-    regions: list[str]
-    budget_tokens: int | None
-    logging_mode: str
-    created_at: str
 
 
 class InviteCreate(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -66,6 +58,16 @@ class KeyLimits(Struct, forbid_unknown_fields=True, kw_only=True):
     requests_per_minute: PerMinute | None = None
     tokens_per_minute: PerMinute | None = None
     burst: PerMinute | None = None
+
+
+class Org(Struct, kw_only=True):
+    name: str
+    regions: list[str]
+    budget_tokens: int | None
+    logging_mode: str
+    created_at: str
+    # The ceiling, and the default, of the keys the org's members make.
+    key_limits: KeyLimits = field(default_factory=KeyLimits)
 
 
 class KeyCreate(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -134,6 +136,8 @@ class UsageRecord(Struct, kw_only=True):
     latency_ms: float
     status: str
     cost: float
+    # The admitted request's id: also its audit row's and its `x-request-id` header's.
+    request_id: str | None = None
 
 
 class AuditEvent(Struct, kw_only=True):

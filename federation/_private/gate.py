@@ -2,6 +2,10 @@
 
 `admit` and `settle` never await, so on one event loop every check-and-take is atomic:
 under any concurrency the admitted worst cases never add up past a budget.
+
+Both also append a line to the admission journal (`admissions.journal`, see `journal.py`):
+a process that is killed leaves behind what it admitted and settled, and the next start
+settles it (`recover`) before serving, so the books survive a SIGKILL.
 """
 
 from __future__ import annotations
@@ -10,20 +14,27 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import msgspec
+
 from federation._private.admin_wire import KeyLimits, UsageRecord
-from federation._private.errors import RateLimitError
+from federation._private.errors import RateLimitError, ServiceUnavailableError
+from federation._private.journal import Journal, LeaseBook, boot_id, journal_epoch
 from federation._private.principal import Principal
-from federation._private.store import TenancyStore, iso, month_of
+from federation._private.store import Recovered, TenancyStore, iso, month_of
 
 log = logging.getLogger("palisade.federation.gate")
 Monotonic = Callable[[], float]
 _FLUSH_SECONDS = 0.2
 _FLUSH_BATCH = 256
+_ROTATE_BYTES = 4 * 1024 * 1024  # the journal is rewritten with only what is open past this
+REQUEST_ID_HEADER = "x-request-id"
+INTERRUPTED = "interrupted"
 
 
 class TokenBucket:
@@ -67,7 +78,41 @@ class Admission:
     reserved: int
     started: float
     headers: dict[str, str]
+    id: str = ""
     settled: bool = False
+
+
+# --- the admission journal's lines ---------------------------------------------------------
+
+
+class _Header(msgspec.Struct, tag="h", tag_field="t"):
+    epoch: str
+    boot: str
+    clean: bool = False  # written at shutdown once everything was settled and written
+
+
+class _Admitted(msgspec.Struct, tag="a", tag_field="t"):
+    id: str
+    org: str
+    user: str
+    key_id: str | None
+    model: str
+    month: str
+    reserved: int
+    zero: bool  # a `zero`-logging org: budget counters only, no usage row
+
+
+class _Settled(msgspec.Struct, tag="s", tag_field="t"):
+    seq: int
+    id: str
+    org: str
+    month: str
+    tokens: int
+    record: UsageRecord | None  # None for `zero`-logging orgs
+
+
+_LINE = msgspec.json.Decoder(_Header | _Admitted | _Settled)
+_ENCODE = msgspec.json.encode
 
 
 def _reset(seconds: float) -> str:
@@ -96,8 +141,18 @@ class Gate:
         self._last_used: dict[str, str] = {}
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
+        home = store.path.parent
+        self._journal = Journal(home / "admissions.journal")
+        self._leases = LeaseBook(home / "budget.leases")
+        self._epoch = ""
+        self._seq = 0  # the last settle line's number in this epoch
+        self._open: dict[str, _Admitted] = {}  # admitted, not settled: carried on rotation
+        self._unflushed: list[_Settled] = []  # settled, not yet in policy.db
 
     async def start(self) -> None:
+        """Settle what a killed predecessor left in the journal, then start a new one."""
+        await self.recover()
         await self._load_month(month_of(self._store.clock()))
         self._flusher = asyncio.create_task(self._flush_forever())
 
@@ -106,6 +161,10 @@ class Gate:
             self._flusher.cancel()
             self._flusher = None
         await self.flush()
+        if self._epoch and not self._open:  # nothing left to recover, whatever happens next
+            clean = _Header(self._epoch, boot_id(), clean=True)
+            self._journal.start([_ENCODE(clean)], durable=True)
+        self._journal.close()
 
     async def _load_month(self, month: str) -> None:
         for org, used in (await self._store.month_usage(month)).items():
@@ -114,8 +173,19 @@ class Gate:
 
     # --- admission ------------------------------------------------------------------------
 
-    def admit(self, principal: Principal, estimate: int) -> Admission:
-        """Take one request and `estimate` tokens from the key's limits and org's budget."""
+    def admit(
+        self,
+        principal: Principal,
+        estimate: int,
+        *,
+        request_id: str | None = None,
+        model: str = "-",
+    ) -> Admission:
+        """Take one request and `estimate` tokens from the key's limits and org's budget.
+
+        The admission is journaled under `request_id` (made up when not given), which its
+        usage record, its audit row and its `x-request-id` header carry.
+        """
         now_wall = self._store.clock()
         month = month_of(now_wall)
         if month not in self._loaded_months:
@@ -126,14 +196,32 @@ class Gate:
             if bucket is not None:
                 bucket.refill(now)
         self._check_rate(buckets, estimate)
-        self._check_budget(principal.org, month, estimate, now_wall)
+        request_id = request_id or f"req-{os.urandom(12).hex()}"
+        line = _Admitted(
+            request_id,
+            principal.org,
+            principal.user,
+            principal.key_id,
+            model,
+            month,
+            estimate,
+            principal.logging_mode == "zero",
+        )
+        try:  # both before anything is taken: a disk that refuses them refuses the request
+            self._check_budget(principal.org, month, estimate, now_wall)
+            self._journal.append(_ENCODE(line))
+        except OSError as exc:
+            raise _unrecordable(exc) from exc
+        self._open[request_id] = line
         if buckets.requests is not None:
             buckets.requests.level -= 1
         if buckets.tokens is not None:
             buckets.tokens.level -= estimate
         slot = (principal.org, month)
         self._reserved[slot] = self._reserved.get(slot, 0) + estimate
-        return Admission(principal, month, estimate, now, self._headers(buckets))
+        headers = self._headers(buckets)
+        headers[REQUEST_ID_HEADER] = request_id
+        return Admission(principal, month, estimate, now, headers, request_id)
 
     def _buckets_for(self, key_id: str | None) -> _KeyBuckets:
         record = self._store.keys.get(key_id) if key_id else None
@@ -190,6 +278,7 @@ class Gate:
                 code="budget_exceeded",
                 retry_after=_seconds_to_next_month(now),
             )
+        self._leases.cover(org, month, committed + estimate, limit)
 
     def _headers(self, buckets: _KeyBuckets) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -238,11 +327,9 @@ class Gate:
         at = iso(self._store.clock())
         if principal.key_id:
             self._last_used[principal.key_id] = at
-        if principal.logging_mode == "zero":
-            self._wake_if_full()
-            return  # zero logging: the budget counters above, and no per-request row
-        self._pending.append(
-            UsageRecord(
+        record = None
+        if principal.logging_mode != "zero":  # zero logging: the counters, no per-request row
+            record = UsageRecord(
                 at=at,
                 org=principal.org,
                 user_id=principal.user,
@@ -255,9 +342,24 @@ class Gate:
                 latency_ms=round((self._monotonic() - admission.started) * 1000, 3),
                 status=status,
                 cost=cost,
+                request_id=admission.id or None,
             )
-        )
+            self._pending.append(record)
+        self._journal_settlement(admission, actual, record)
         self._wake_if_full()
+
+    def _journal_settlement(
+        self, admission: Admission, tokens: int, record: UsageRecord | None
+    ) -> None:
+        self._seq += 1
+        org = admission.principal.org
+        line = _Settled(self._seq, admission.id, org, admission.month, tokens, record)
+        try:
+            self._journal.append(_ENCODE(line))
+        except OSError:  # the books in memory are right; only a crash before the flush loses it
+            log.exception("the admission journal could not record settling %s", admission.id)
+        self._open.pop(admission.id, None)
+        self._unflushed.append(line)
 
     def _wake_if_full(self) -> None:
         if len(self._pending) >= _FLUSH_BATCH or len(self._totals) >= _FLUSH_BATCH:
@@ -268,18 +370,138 @@ class Gate:
         return month, self._used.get((org, month), 0), self._reserved.get((org, month), 0)
 
     async def flush(self) -> None:
+        async with self._flushing:  # one at a time: each commits the journal mark it covers
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending and not self._totals:
             return
         records, totals, last_used = self._pending, self._totals, self._last_used
-        self._pending, self._totals, self._last_used = [], {}, {}
+        lines = self._unflushed
+        self._pending, self._totals, self._last_used, self._unflushed = [], {}, {}, []
+        if self._journal.size > _ROTATE_BYTES:
+            lines = self._rotate(lines)
+        mark = (self._epoch, self._seq)
         try:
-            await self._store.write_usage(records, totals, last_used)
+            await self._store.write_usage(records, totals, last_used, mark=mark)
         except Exception:
             self._pending[:0] = records  # nothing accepted is lost: retried on the next flush
+            self._unflushed[:0] = lines
             for slot, used in totals.items():
                 self._totals[slot] = self._totals.get(slot, 0) + used
             self._last_used = last_used | self._last_used
             raise
+
+    def _rotate(self, unflushed: list[_Settled]) -> list[_Settled]:
+        """A new epoch holding only what is still open and the settlements about to be
+        written (renumbered, so this flush's mark covers exactly them)."""
+        self._epoch = journal_epoch()
+        renumbered = [msgspec.structs.replace(line, seq=n + 1) for n, line in enumerate(unflushed)]
+        self._seq = len(renumbered)
+        header = _Header(self._epoch, boot_id())
+        opened = [_ENCODE(line) for line in self._open.values()]
+        self._journal.start([_ENCODE(header), *opened, *(_ENCODE(line) for line in renumbered)])
+        return renumbered
+
+    # --- recovery -----------------------------------------------------------------------------
+
+    async def recover(self) -> list[Recovered]:
+        """Settle what the journal holds and the database does not, then start a new epoch.
+
+        Settled requests whose usage was not yet written are written as settled; admitted
+        ones that never settled are charged their reservation with status `interrupted`.
+        After a reboot (another boot id: the journal may have lost its tail) each org is
+        also charged up to its lease. Everything lands in one transaction with the mark
+        that says this journal is done, so recovering twice never counts a request twice.
+        """
+        lines = self._journal.read()
+        recovered: list[Recovered] = []
+        header, entries = _parse(lines or [])
+        if (lines is not None or self._leases.leases) and not (header and header.clean):
+            epoch = header.epoch if header is not None else ""
+            flushed = await self._store.journal_mark(epoch) if epoch else 0
+            recovered = self._outstanding(entries, flushed)
+            if header is None or header.boot != boot_id():
+                recovered += await self._lease_charges(recovered, epoch)
+            await self._store.recover_usage(recovered, mark=(epoch, 2**62) if epoch else None)
+            if recovered:
+                log.warning(
+                    "recovered %d requests from the admission journal (%d interrupted)",
+                    len(recovered),
+                    sum(1 for r in recovered if r.status == INTERRUPTED),
+                )
+        self._epoch, self._seq = journal_epoch(), 0
+        self._journal.start([_ENCODE(_Header(self._epoch, boot_id()))], durable=True)
+        return recovered
+
+    def _outstanding(self, entries: list[_Admitted | _Settled], flushed: int) -> list[Recovered]:
+        admitted: dict[str, _Admitted] = {}
+        settled: set[str] = set()
+        found: list[Recovered] = []
+        for entry in entries:
+            if isinstance(entry, _Admitted):
+                admitted[entry.id] = entry
+                continue
+            settled.add(entry.id)
+            if entry.seq > flushed:
+                status = entry.record.status if entry.record is not None else "ok"
+                found.append(Recovered(entry.record, entry.org, entry.month, entry.tokens, status))
+        for request_id, entry in admitted.items():
+            if request_id not in settled:
+                found.append(self._interrupted(entry))
+        return found
+
+    def _interrupted(self, entry: _Admitted) -> Recovered:
+        """Charged at its reservation (what it streamed is not known here), settled now."""
+        record = None
+        if not entry.zero:
+            record = UsageRecord(
+                at=iso(self._store.clock()),
+                org=entry.org,
+                user_id=entry.user,
+                key_id=entry.key_id,
+                model=entry.model,
+                region=self._region,
+                node=self._node,
+                input_tokens=entry.reserved,
+                output_tokens=0,
+                latency_ms=0.0,
+                status=INTERRUPTED,
+                cost=0.0,
+                request_id=entry.id,
+            )
+        return Recovered(record, entry.org, entry.month, entry.reserved, INTERRUPTED)
+
+    async def _lease_charges(self, recovered: list[Recovered], epoch: str) -> list[Recovered]:
+        """After a reboot, charge each org up to its lease (capped by its budget)."""
+        found = []
+        for (org, month), lease in sorted(self._leases.leases.items()):
+            record = self._store.orgs.get(org)
+            limit = record.budget_tokens if record is not None else None
+            if limit is None:
+                continue  # no budget (any more): nothing to keep it under
+            target = min(lease, limit)
+            used = (await self._store.month_usage(month)).get(org, 0)
+            used += sum(r.tokens for r in recovered if (r.org, r.month) == (org, month))
+            if used >= target:
+                continue
+            usage = UsageRecord(
+                at=iso(self._store.clock()),
+                org=org,
+                user_id="-",
+                key_id=None,
+                model="-",
+                region=self._region,
+                node=self._node,
+                input_tokens=target - used,
+                output_tokens=0,
+                latency_ms=0.0,
+                status=INTERRUPTED,
+                cost=0.0,
+                request_id=f"lease-{epoch or journal_epoch()}-{org}-{month}",
+            )
+            found.append(Recovered(usage, org, month, target - used, INTERRUPTED))
+        return found
 
     async def _flush_forever(self) -> None:
         while True:
@@ -290,3 +512,28 @@ class Gate:
                 await self.flush()
             except Exception:
                 log.exception("writing usage records failed; they will be retried")
+
+
+def _unrecordable(exc: OSError) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"This server cannot record admissions right now ({exc.strerror or exc}); retry "
+        "shortly. Its operator should check the disk that holds its state directory.",
+        code="journal_unavailable",
+        retry_after=5,
+    )
+
+
+def _parse(lines: list[bytes]) -> tuple[_Header | None, list[_Admitted | _Settled]]:
+    """The header and entries; a line that does not decode (torn by a power cut) is skipped."""
+    header: _Header | None = None
+    entries: list[_Admitted | _Settled] = []
+    for line in lines:
+        try:
+            entry = _LINE.decode(line)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(entry, _Header):
+            header = header or entry
+        else:
+            entries.append(entry)
+    return header, entries

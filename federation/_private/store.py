@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from federation._private.errors import (
     NotFoundError,
     PalisadeError,
 )
+from federation._private.private_files import private_database
 
 Clock = Callable[[], datetime]
 INVITE_TTL = timedelta(days=7)
@@ -63,11 +64,15 @@ CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY, at TEXT NOT NULL, org TEXT NOT NULL, user_id TEXT NOT NULL,
     key_id TEXT, model TEXT NOT NULL, region TEXT NOT NULL, node TEXT NOT NULL,
     input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, latency_ms REAL NOT NULL,
-    status TEXT NOT NULL, cost REAL NOT NULL);
+    status TEXT NOT NULL, cost REAL NOT NULL, request_id TEXT);
 CREATE INDEX IF NOT EXISTS usage_org_at ON usage (org, at);
+CREATE TABLE IF NOT EXISTS journal_marks (
+    name TEXT PRIMARY KEY, epoch TEXT NOT NULL, settled_through INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS budget_usage (
     org TEXT NOT NULL, month TEXT NOT NULL, used_tokens INTEGER NOT NULL,
     PRIMARY KEY (org, month));
+CREATE TABLE IF NOT EXISTS org_key_limits (
+    org TEXT PRIMARY KEY, limits TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_events (
     id INTEGER PRIMARY KEY, at TEXT NOT NULL, event TEXT NOT NULL, actor TEXT NOT NULL,
     org TEXT, payload TEXT NOT NULL);
@@ -96,6 +101,7 @@ class OrgRecord:
     budget_tokens: int | None
     logging_mode: str
     created_at: str
+    key_limits: KeyLimits = field(default_factory=KeyLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,17 @@ class KeyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Recovered:
+    """A request the admission journal held and the database did not, at start-up."""
+
+    record: UsageRecord | None  # None for `zero`-logging orgs: counters only
+    org: str
+    month: str
+    tokens: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
 class Caller:
     """An authenticated key with its user and org."""
 
@@ -154,6 +171,7 @@ class TenancyStore:
         self._db = db
         self.clock = clock
         self._sink = sink
+        self.path = Path("policy.db")  # where `open` found it; journals live beside it
         self.orgs: dict[str, OrgRecord] = {}
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, KeyRecord] = {}
@@ -162,16 +180,18 @@ class TenancyStore:
     async def open(
         cls, path: Path, *, clock: Clock = _now, sink: AuditSink | None = None
     ) -> TenancyStore:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)
         try:
             db = await aiosqlite.connect(path)
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.executescript(_SCHEMA)
+            await _add_request_ids(db)
             await db.commit()
         except sqlite3.Error as exc:
             raise StoreError(f"Cannot open the policy database {path}: {exc}.") from exc
         store = cls(db, clock, sink)
+        store.path = path
         await store._load()
         return store
 
@@ -184,6 +204,11 @@ class TenancyStore:
                 self.orgs[row[0]] = OrgRecord(
                     row[0], frozenset(json.loads(row[1])), row[2], row[3], row[4]
                 )
+        async with self._db.execute("SELECT org, limits FROM org_key_limits") as rows:
+            async for org, limits in rows:
+                if org in self.orgs:
+                    key_limits = msgspec.json.decode(limits, type=KeyLimits)
+                    self.orgs[org] = replace(self.orgs[org], key_limits=key_limits)
         async with self._db.execute("SELECT * FROM users") as rows:
             async for row in rows:
                 self.users[row[0]] = UserRecord(*row)
@@ -310,6 +335,21 @@ class TenancyStore:
         self.orgs[name] = record
         return record
 
+    async def set_key_limits(self, name: str, limits: KeyLimits, actor: str) -> OrgRecord:
+        """The org's default key limits: what its members' new keys get, and at most."""
+        record = replace(self.org(name), key_limits=limits)
+        await self._db.execute(
+            "INSERT INTO org_key_limits VALUES (?, ?) ON CONFLICT(org) DO UPDATE SET "
+            "limits = excluded.limits",
+            (name, msgspec.json.encode(limits)),
+        )
+        await self._audit(
+            "org_key_limits_changed", actor, name, {"limits": msgspec.to_builtins(limits)}
+        )
+        await self._db.commit()
+        self.orgs[name] = record
+        return record
+
     async def set_regions(self, name: str, regions: Iterable[str], actor: str) -> OrgRecord:
         """Change where an org's requests may run; its keys' own regions still narrow it."""
         record = replace(self.org(name), regions=frozenset(regions))
@@ -386,7 +426,8 @@ class TenancyStore:
             "UPDATE invites SET accepted_at = ? WHERE token_hash = ?",
             (iso(self.clock()), token_hash),
         )
-        key_text, record = await self._insert_key(user, key_name, None, None, KeyLimits())
+        key_limits = self.org(org).key_limits
+        key_text, record = await self._insert_key(user, key_name, None, None, key_limits)
         await self._audit(
             "user_joined", user.id, org, {"email": email, "role": role, "key_id": record.id}
         )
@@ -533,6 +574,50 @@ class TenancyStore:
 
     # --- usage and budgets --------------------------------------------------------------------
 
+    async def _add_totals(self, totals: dict[tuple[str, str], int]) -> None:
+        await self._db.executemany(
+            "INSERT INTO budget_usage VALUES (?, ?, ?) ON CONFLICT(org, month) "
+            "DO UPDATE SET used_tokens = used_tokens + excluded.used_tokens",
+            [(org, month, used) for (org, month), used in totals.items()],
+        )
+
+    async def _set_mark(self, epoch: str, settled_through: int) -> None:
+        await self._db.execute(
+            "INSERT INTO journal_marks VALUES ('admissions', ?, ?) ON CONFLICT(name) "
+            "DO UPDATE SET epoch = excluded.epoch, settled_through = excluded.settled_through",
+            (epoch, settled_through),
+        )
+
+    async def journal_mark(self, epoch: str) -> int:
+        """The last settle line of journal `epoch` already written here (0: none)."""
+        async with self._db.execute(
+            "SELECT settled_through FROM journal_marks WHERE name = 'admissions' AND epoch = ?",
+            (epoch,),
+        ) as rows:
+            row = await rows.fetchone()
+        return int(row[0]) if row is not None else 0
+
+    async def recover_usage(
+        self, recovered: list[Recovered], *, mark: tuple[str, int] | None
+    ) -> None:
+        """One transaction: the journal's outstanding requests, and the mark that closes it.
+
+        A request whose row is already here (by `request_id`) is neither inserted nor
+        counted again.
+        """
+        totals: dict[tuple[str, str], int] = {}
+        for entry in recovered:
+            if entry.record is not None:
+                cursor = await self._db.execute(_INSERT_USAGE_ONCE, _usage_row(entry.record))
+                if cursor.rowcount != 1:
+                    continue
+            slot = (entry.org, entry.month)
+            totals[slot] = totals.get(slot, 0) + entry.tokens
+        await self._add_totals(totals)
+        if mark is not None:
+            await self._set_mark(*mark)
+        await self._db.commit()
+
     async def month_usage(self, month: str) -> dict[str, int]:
         async with self._db.execute(
             "SELECT org, used_tokens FROM budget_usage WHERE month = ?", (month,)
@@ -544,38 +629,21 @@ class TenancyStore:
         records: list[UsageRecord],
         totals: dict[tuple[str, str], int],
         last_used: dict[str, str],
+        *,
+        mark: tuple[str, int] | None = None,
     ) -> None:
-        """One transaction: usage rows, the months' budget counters, keys' last use.
+        """One transaction: usage rows, the months' budget counters, keys' last use, and
+        `mark`, the admission journal's (epoch, last settle line) these records cover.
 
         `totals` covers every settled request, including those of `zero`-logging orgs,
         which leave no per-request row.
         """
-        await self._db.executemany(
-            "INSERT INTO usage (at, org, user_id, key_id, model, region, node, input_tokens, "
-            "output_tokens, latency_ms, status, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    r.at,
-                    r.org,
-                    r.user_id,
-                    r.key_id,
-                    r.model,
-                    r.region,
-                    r.node,
-                    r.input_tokens,
-                    r.output_tokens,
-                    r.latency_ms,
-                    r.status,
-                    r.cost,
-                )
-                for r in records
-            ],
-        )
-        await self._db.executemany(
-            "INSERT INTO budget_usage VALUES (?, ?, ?) ON CONFLICT(org, month) "
-            "DO UPDATE SET used_tokens = used_tokens + excluded.used_tokens",
-            [(org, month, used) for (org, month), used in totals.items()],
-        )
+        # A request id already present can only be a collision of random ids: it must not
+        # hold back the whole batch.
+        await self._db.executemany(_INSERT_USAGE_ONCE, [_usage_row(r) for r in records])
+        await self._add_totals(totals)
+        if mark is not None:
+            await self._set_mark(*mark)
         await self._db.executemany(
             "UPDATE api_keys SET last_used_at = ? WHERE id = ?",
             [(at, kid) for kid, at in last_used.items()],
@@ -588,7 +656,7 @@ class TenancyStore:
     async def usage_records(self, org: str | None) -> list[UsageRecord]:
         query = (
             "SELECT at, org, user_id, key_id, model, region, node, input_tokens, "
-            "output_tokens, latency_ms, status, cost FROM usage"
+            "output_tokens, latency_ms, status, cost, request_id FROM usage"
         )
         args: tuple[Any, ...] = ()
         if org is not None:
@@ -609,6 +677,7 @@ class TenancyStore:
                     latency_ms=r[9],
                     status=r[10],
                     cost=r[11],
+                    request_id=r[12],
                 )
                 async for r in rows
             ]
@@ -671,6 +740,7 @@ def org_view(record: OrgRecord) -> Org:
         budget_tokens=record.budget_tokens,
         logging_mode=record.logging_mode,
         created_at=record.created_at,
+        key_limits=record.key_limits,
     )
 
 
@@ -696,4 +766,41 @@ def key_view(record: KeyRecord) -> KeyInfo:
         revoked_at=record.revoked_at,
         regions=sorted(record.regions) if record.regions is not None else None,
         limits=record.limits,
+    )
+
+
+_INSERT_USAGE_ONCE = (
+    "INSERT OR IGNORE INTO usage (at, org, user_id, key_id, model, region, node, input_tokens, "
+    "output_tokens, latency_ms, status, cost, request_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _usage_row(r: UsageRecord) -> tuple[Any, ...]:
+    return (
+        r.at,
+        r.org,
+        r.user_id,
+        r.key_id,
+        r.model,
+        r.region,
+        r.node,
+        r.input_tokens,
+        r.output_tokens,
+        r.latency_ms,
+        r.status,
+        r.cost,
+        r.request_id,
+    )
+
+
+async def _add_request_ids(db: aiosqlite.Connection) -> None:
+    """Usage rows name their request (databases made before they did gain the column)."""
+    async with db.execute("PRAGMA table_info(usage)") as rows:
+        columns = {row[1] async for row in rows}
+    if "request_id" not in columns:
+        await db.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
+    await db.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS usage_request ON usage (request_id) "
+        "WHERE request_id IS NOT NULL"
     )
