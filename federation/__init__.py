@@ -49,7 +49,7 @@ from federation._private.fleet_wire import (
     HeartbeatReply,
     NodeModel,
 )
-from federation._private.gate import Admission, Gate
+from federation._private.gate import INTERRUPTED, REQUEST_ID_HEADER, Admission, Gate
 from federation._private.identity import NodeIdentity, signature_valid
 from federation._private.join import (
     JOIN_SECRET_ENV,
@@ -58,6 +58,7 @@ from federation._private.join import (
     sign_fleet_message,
     verify_fleet_message,
 )
+from federation._private.journal import Journal, LeaseBook, boot_id, journal_epoch
 from federation._private.openai_wire import (
     ENCODER,
     AssistantMessage,
@@ -95,7 +96,14 @@ from federation._private.policy import (
     require_everywhere,
 )
 from federation._private.principal import LOCAL_PRINCIPAL, Principal
-from federation._private.serving import bind_socket, url_of
+from federation._private.private_files import (
+    private_database,
+    private_dir,
+    private_file,
+    shown_secret,
+    write_private,
+)
+from federation._private.serving import ServerConfig, bind_socket, url_of
 from federation._private.store import AuditSink, Caller, StoreError, TenancyStore
 
 __all__ = [
@@ -103,9 +111,12 @@ __all__ = [
     "ENCODER",
     "FLEET_DECODER",
     "HEARTBEAT_DECODER",
+    "INTERRUPTED",
     "JOIN_SECRET_ENV",
     "LOCAL_PRINCIPAL",
+    "PROMPT_TOKENS_HEADER",
     "REPLY_DECODER",
+    "REQUEST_ID_HEADER",
     "SIGNATURE_HEADER",
     "APIError",
     "Action",
@@ -125,6 +136,8 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatDelta",
     "ChatMessage",
+    "ClientGoneError",
+    "ClosingStream",
     "Completion",
     "CompletionChoice",
     "CompletionRequest",
@@ -145,8 +158,10 @@ __all__ = [
     "InputAudioPart",
     "InvalidRequestError",
     "Invite",
+    "Journal",
     "KeyInfo",
     "KeyLimits",
+    "LeaseBook",
     "ModelCard",
     "ModelList",
     "NodeIdentity",
@@ -160,6 +175,7 @@ __all__ = [
     "Principal",
     "RateLimitError",
     "SamplingFields",
+    "ServerConfig",
     "ServiceUnavailableError",
     "StoreError",
     "Tenancy",
@@ -172,25 +188,36 @@ __all__ = [
     "User",
     "allowed",
     "bind_socket",
+    "boot_id",
     "budget_cli",
+    "client_gone_response",
     "convert_config",
+    "count_exits",
     "decode_request",
     "effective_mode",
     "error_handlers",
     "error_response",
     "join_secret",
+    "journal_epoch",
     "key_cli",
     "limits_cli",
     "load_config",
+    "make_server",
     "org_cli",
+    "private_database",
+    "private_dir",
+    "private_file",
+    "read_body",
     "require",
     "require_everywhere",
+    "shown_secret",
     "sign_fleet_message",
     "signature_valid",
     "url_of",
     "usage_cli",
     "user_cli",
     "verify_fleet_message",
+    "write_private",
 ]
 
 if TYPE_CHECKING:
@@ -204,6 +231,15 @@ if TYPE_CHECKING:
         user_cli,
     )
     from federation._private.http_errors import error_handlers, error_response
+    from federation._private.http_exits import (
+        PROMPT_TOKENS_HEADER,
+        ClientGoneError,
+        ClosingStream,
+        client_gone_response,
+        count_exits,
+        read_body,
+    )
+    from federation._private.http_server import make_server
 
 # Loaded on first use: they pull in Litestar, typer and httpx, which processes that never
 # serve HTTP or parse a command line (the audit-log writer, the offline verifier) do without.
@@ -211,6 +247,13 @@ _LAZY = {
     "Tenancy": "federation._private.admin_api",
     "error_handlers": "federation._private.http_errors",
     "error_response": "federation._private.http_errors",
+    "PROMPT_TOKENS_HEADER": "federation._private.http_exits",
+    "ClientGoneError": "federation._private.http_exits",
+    "ClosingStream": "federation._private.http_exits",
+    "client_gone_response": "federation._private.http_exits",
+    "count_exits": "federation._private.http_exits",
+    "read_body": "federation._private.http_exits",
+    "make_server": "federation._private.http_server",
     "budget_cli": "federation._private.cli",
     "key_cli": "federation._private.cli",
     "limits_cli": "federation._private.cli",

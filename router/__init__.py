@@ -17,6 +17,7 @@ from router._private.config import (
     load_router_config,
 )
 from router._private.errors import (
+    BackendCrashedError,
     BackendUnavailableError,
     NoBackendError,
     RegionHeaderError,
@@ -27,6 +28,7 @@ from router._private.fleet import Fleet, Node
 __all__ = [
     "DEFAULT_PORT",
     "DEFAULT_PREFERENCE",
+    "BackendCrashedError",
     "BackendUnavailableError",
     "Fleet",
     "HealthConfig",

@@ -57,6 +57,7 @@ def test_imports_point_downward_and_respect_private_modules(package: str) -> Non
 
 def test_appliance_exports_both_engines_and_the_prompt_seam() -> None:
     appliance = importlib.import_module("appliance")
+    federation = importlib.import_module("federation")
     engine_api = {"Engine", "Prompt", "Generation", "Finish", "SamplingParams", "EngineLoad"}
     engines = {"LlamaCppEngine", "OpenAIUpstreamEngine"}
     upstream_errors = {
@@ -66,7 +67,7 @@ def test_appliance_exports_both_engines_and_the_prompt_seam() -> None:
         "UpstreamUnavailableError",
     }
     assert engine_api | engines | upstream_errors <= set(appliance.__all__)
-    assert issubclass(appliance.UpstreamUnavailableError, appliance.UpstreamError)
+    assert issubclass(appliance.UpstreamUnavailableError, federation.ServiceUnavailableError)
     assert issubclass(appliance.UpstreamTimeoutError, appliance.UpstreamError)
     assert issubclass(appliance.UpstreamRejectedError, appliance.ApplianceError)
 
@@ -81,3 +82,10 @@ def test_router_exports_its_error_tree_and_fleet_model() -> None:
     assert {"Fleet", "RouterConfig", "create_router_app", "fleet_cli", "router_cli"} <= set(
         router.__all__
     )
+
+
+def test_federation_exports_the_admission_journal_and_leases() -> None:
+    federation = importlib.import_module("federation")
+    journal = {"Journal", "LeaseBook", "boot_id", "journal_epoch"}
+    assert journal | {"INTERRUPTED", "REQUEST_ID_HEADER"} <= set(federation.__all__)
+    assert federation.REQUEST_ID_HEADER == "x-request-id"

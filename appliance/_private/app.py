@@ -16,25 +16,24 @@ from typing import Any
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get, post, put
 from litestar.di import NamedDependency, Provide
-from litestar.enums import ScopeType
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
-from litestar.response import Stream
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance._private import inference
 from appliance._private.config import ApplianceConfig
 from appliance._private.engine import Finish, Generation, Prompt, SamplingParams
 from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
-from appliance._private.membership import Membership
+from appliance._private.membership import BOOT_ID, Membership
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.served import ServedModel
 from compliance import Recorder, audit_routes
 from federation import (
     ASSERTION_HEADER,
     ENCODER,
+    INTERRUPTED,
     LOCAL_PRINCIPAL,
+    PROMPT_TOKENS_HEADER,
     Action,
     Admission,
     APIError,
@@ -47,6 +46,8 @@ from federation import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ClientGoneError,
+    ClosingStream,
     Completion,
     CompletionChoice,
     CompletionRequest,
@@ -62,11 +63,16 @@ from federation import (
     PermissionDeniedError,
     Pricing,
     Principal,
+    SamplingFields,
     Tenancy,
     Usage,
+    client_gone_response,
+    count_exits,
     decode_request,
     error_handlers,
+    read_body,
     require,
+    shown_secret,
 )
 
 log = logging.getLogger("palisade.appliance")
@@ -80,7 +86,9 @@ _EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)
 _PRICING_DECODER = msgspec.json.Decoder(Pricing)
 _DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_INFERENCE_PATHS = {
+    path: path for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+}
 
 
 async def local_principal() -> Principal:
@@ -167,8 +175,8 @@ class ApplianceState:
         prefix: str,
     ) -> tuple[Generation, _Reply]:
         """Admit (limits, budget), submit, and settle and audit on the loop when it ends."""
-        admission = self._admit(principal, len(prompt) + params.max_tokens)
         reply = _Reply(prefix, served.id, self.receipt(served))
+        admission = self._admit(principal, served, len(prompt) + params.max_tokens, reply.id)
         on_done = None
         if admission is not None or self.recorder is not None:
 
@@ -180,9 +188,14 @@ class ApplianceState:
 
         try:
             generation = served.engine.submit(prompt, params, on_done)
-        except APIError as exc:
-            self._account(principal, admission, served, 0, 0, status=exc.code, record_id=reply.id)
+        except BaseException as exc:  # not submitted: nothing else will settle it
+            status = exc.code if isinstance(exc, APIError) else "error"
+            self._account(principal, admission, served, 0, 0, status=status, record_id=reply.id)
             raise
+        # From here the engine settles it, once, when the generation ends however it ends;
+        # a stream that closes before its end (the client left) cancels it.
+        reply.on_close = generation.cancel
+        reply.headers[PROMPT_TOKENS_HEADER] = str(len(prompt))
         if admission is not None:
             reply.headers = reply.headers | admission.headers
         return generation, reply
@@ -201,11 +214,48 @@ class ApplianceState:
 
         return keep
 
-    def _admit(self, principal: Principal, estimate: int) -> Admission | None:
-        """Limits and budget, unless a router vouched for the caller (it enforces them)."""
-        if self.tenancy is None or principal.via is not None:
-            return None
-        return self.tenancy.gate.admit(principal, estimate)
+    def _admit(
+        self, principal: Principal, served: ServedModel, estimate: int, request_id: str
+    ) -> Admission | None:
+        """Limits and budget, unless a router vouched for the caller (it enforces them).
+
+        Either way the request's audit row is journaled as `interrupted` until it ends, so
+        that a crash leaves it in the log (`Recorder.begin`).
+        """
+        admission = None
+        if self.tenancy is not None and principal.via is None:
+            gate = self.tenancy.gate
+            admission = gate.admit(principal, estimate, request_id=request_id, model=served.id)
+        if self.recorder is not None:
+            charged = admission.reserved if admission is not None else 0
+            row = self._row(principal, served, charged, 0, status=INTERRUPTED, record_id=request_id)
+            self.recorder.begin(principal.logging_mode, row)
+        return admission
+
+    def _row(
+        self,
+        principal: Principal,
+        served: ServedModel,
+        prompt: int,
+        completion: int,
+        *,
+        status: str,
+        record_id: str,
+    ) -> dict[str, Any]:
+        """A request's audit row."""
+        return {
+            "id": record_id,
+            "org": principal.org,
+            "user": principal.user,
+            "key_id": principal.key_id,
+            "model": served.id,
+            "region": self.config.region,
+            "node": self.config.node_id,
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "status": status,
+            **({"via": principal.via} if principal.via is not None else {}),
+        }
 
     def _account(
         self,
@@ -232,35 +282,22 @@ class ApplianceState:
                 cost=round(spent / 1e6, 9),
             )
         if self.recorder is not None:
-            self.recorder.request(
-                principal.logging_mode,
-                {
-                    "id": record_id,
-                    "org": principal.org,
-                    "user": principal.user,
-                    "key_id": principal.key_id,
-                    "model": served.id,
-                    "region": self.config.region,
-                    "node": self.config.node_id,
-                    "input_tokens": prompt,
-                    "output_tokens": completion,
-                    "status": status,
-                    **({"via": principal.via} if principal.via is not None else {}),
-                },
-            )
+            used = prompt, completion
+            row = self._row(principal, served, *used, status=status, record_id=record_id)
+            self.recorder.request(principal.logging_mode, row)
 
     async def embed(
         self, principal: Principal, served: ServedModel, texts: list[str]
     ) -> tuple[list[list[float]], int, dict[str, str]]:
         # Byte-level tokenizers never make more tokens than bytes (+ BOS/EOS): a true bound.
         estimate = sum(len(text.encode()) + 2 for text in texts)
-        admission = self._admit(principal, estimate)
+        record = f"emb-{os.urandom(12).hex()}"
+        admission = self._admit(principal, served, estimate, record)
         tokens, status = 0, "error"
         try:
             vectors, tokens = await served.engine.embed(texts)
             status = "ok"
         finally:
-            record = f"emb-{os.urandom(12).hex()}"
             self._account(principal, admission, served, tokens, 0, status=status, record_id=record)
         headers = self.receipt(served) | (admission.headers if admission is not None else {})
         return vectors, tokens, headers
@@ -335,6 +372,7 @@ class ApplianceState:
             in_flight=sum(model.in_flight for model in models),
             ttft_ewma_ms=next((m.ttft_ewma_ms for m in models if m.ttft_ewma_ms), None),
             tpot_ewma_ms=next((m.tpot_ewma_ms for m in models if m.tpot_ewma_ms), None),
+            boot_id=BOOT_ID,
         )
 
     def receipt(self, model: ServedModel) -> dict[str, str]:
@@ -381,9 +419,9 @@ def create_app(
         ],
         exception_handlers={
             **error_handlers("appliance", log),
-            ClientGoneError: _render_client_gone,
+            ClientGoneError: client_gone_response,
         },
-        middleware=[_count_requests(state.metrics)],
+        middleware=[count_exits(_INFERENCE_PATHS, _counter(state.metrics))],
         on_startup=[state.start],
         on_shutdown=[state.stop],
         request_max_body_size=config.max_body_bytes,
@@ -402,7 +440,7 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
     async def chat_completions(
         request: Request[Any, Any, Any], principal: NamedDependency[Principal]
     ) -> Response[Any]:
-        body = decode_request(await request.body(), _CHAT_DECODER)
+        body = decode_request(await read_body(request), _CHAT_DECODER)
         served = state.model(body.model, principal)
         inference.check_chat(body)
         messages = inference.template_messages(body.messages)
@@ -418,8 +456,12 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
         if body.stream:
             if served.engine.early_errors:
                 await _started(request, generation)
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return reply.stream(_chat_events(generation, reply, include_usage=usage, keep=keep))
+            usage, continuous = _usage_options(body)
+            return reply.stream(
+                _chat_events(
+                    generation, reply, include_usage=usage, continuous=continuous, keep=keep
+                )
+            )
         text = await _collect(request, generation)
         if keep is not None:
             keep(text)
@@ -431,10 +473,10 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
     async def completions(
         request: Request[Any, Any, Any], principal: NamedDependency[Principal]
     ) -> Response[Any]:
-        body = decode_request(await request.body(), _COMPLETION_DECODER)
+        body = decode_request(await read_body(request), _COMPLETION_DECODER)
         served = state.model(body.model, principal)
         inference.check_completion(body)
-        prompt = await served.engine.prepare_text(inference.single_prompt(body))
+        prompt = await served.engine.prepare_text(*inference.single_prompt(body))
         params = inference.sampling_params(
             body,
             requested=body.max_tokens,
@@ -447,9 +489,11 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
         if body.stream:
             if served.engine.early_errors:
                 await _started(request, generation)
-            usage = body.stream_options is not None and body.stream_options.include_usage
+            usage, continuous = _usage_options(body)
             return reply.stream(
-                _completion_events(generation, reply, include_usage=usage, keep=keep)
+                _completion_events(
+                    generation, reply, include_usage=usage, continuous=continuous, keep=keep
+                )
             )
         text = await _collect(request, generation)
         if keep is not None:
@@ -462,12 +506,13 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
     async def embeddings(
         request: Request[Any, Any, Any], principal: NamedDependency[Principal]
     ) -> Response[Any]:
-        body = decode_request(await request.body(), _EMBEDDING_DECODER)
+        body = decode_request(await read_body(request), _EMBEDDING_DECODER)
         served = state.model(body.model, principal)
         inference.check_embedding(body)
         inputs = inference.text_or_tokens(body.input, "input")
         texts = [
-            item if isinstance(item, str) else served.engine.detokenize(item) for item in inputs
+            item if isinstance(item, str) else served.engine.detokenize(item, place)
+            for item, place in inputs
         ]
         vectors, tokens, headers = await state.embed(principal, served, texts)
         data = [
@@ -499,7 +544,7 @@ def _openai_routes(  # noqa: PLR0915 - one closure per route
 def _ops_routes(state: ApplianceState) -> list[HTTPRouteHandler]:
     config = state.config
 
-    @get("/healthz")
+    @get(["/healthz", "/health"])  # `/health`: what benchmark clients (guidellm) probe
     async def healthz() -> Response[Any]:
         return _json({"status": "ok", "node": config.node_id, "region": config.region})
 
@@ -519,23 +564,25 @@ def _ops_routes(state: ApplianceState) -> list[HTTPRouteHandler]:
 class _Reply:
     """Identity and headers shared by every piece of one response."""
 
-    __slots__ = ("created", "headers", "id", "model")
+    __slots__ = ("created", "headers", "id", "model", "on_close")
 
     def __init__(self, prefix: str, model: str, headers: dict[str, str]) -> None:
         self.id = f"{prefix}-{os.urandom(12).hex()}"
         self.created = int(time.time())
         self.model = model
         self.headers = headers
+        self.on_close: Callable[[], None] | None = None
 
     def json(self, payload: object) -> Response[Any]:
         return Response(ENCODER.encode(payload), media_type=MediaType.JSON, headers=self.headers)
 
-    def stream(self, events: AsyncIterator[bytes]) -> Stream:
-        return Stream(events, media_type="text/event-stream", headers=self.headers | _SSE_HEADERS)
-
-
-class ClientGoneError(Exception):
-    """The client hung up before a non-streaming response was ready."""
+    def stream(self, events: AsyncIterator[bytes]) -> ClosingStream:
+        """`events` as SSE; `on_close` runs once the response is over, however it ended
+        (the events may never have started, if the client left before the first byte)."""
+        headers = self.headers | _SSE_HEADERS
+        return ClosingStream(
+            events, on_close=self.on_close, media_type="text/event-stream", headers=headers
+        )
 
 
 async def _collect(request: Request[Any, Any, Any], generation: Generation) -> str:
@@ -598,21 +645,25 @@ def _model_admin_routes(state: ApplianceState, tenancy: Tenancy) -> list[HTTPRou
 def _announce_demo(key: str, state: ApplianceState) -> None:
     model = next(iter(state.models))
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    path = state.config.home() / "demo.key"
+    shown = shown_secret(key, path)
     sys.stdout.write(
-        f"Demo org `demo`: API key for demo@local (also in {state.config.home() / 'demo.key'}):\n"
-        f"  export PALISADE_API_KEY={key}\n"
+        f"Demo org `demo`: API key for demo@local (in {path}):\n"
+        f"  export PALISADE_API_KEY={shown}\n"
         f"  curl -s {state.url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-H 'Authorization: Bearer {key}' -d '{body}'\n\n"
+        f"-H \"Authorization: Bearer {shown}\" -d '{body}'\n\n"
     )
     sys.stdout.flush()
 
 
 def _announce_admin_key(key: str, home: Path) -> None:
-    # Printed to the terminal exactly once, never to the log.
-    sys.stdout.write(
-        "\nCreated the system administrator. Its API key, shown only this once, is also in "
-        f"{home / 'admin.key'} (mode 0600):\n  {key}\n\n"
-    )
+    # Shown once on a terminal, never to a log or a journal: elsewhere, only where it is.
+    path = home / "admin.key"
+    if sys.stdout.isatty():
+        text = f"Its API key, shown only this once, is also in {path} (mode 0600):\n  {key}"
+    else:
+        text = f"Its API key is in {path} (mode 0600; not printed, as this is not a terminal)."
+    sys.stdout.write(f"\nCreated the system administrator. {text}\n\n")
     sys.stdout.flush()
 
 
@@ -638,6 +689,16 @@ def _outcome(generation: Generation) -> tuple[Usage, str]:
     return usage, finish.reason
 
 
+def _spent(generation: Generation) -> Usage | None:
+    """What a generation that failed part-way used (sent before its error event, so that
+    whoever meters the stream, such as the router, bills it exactly)."""
+    finish = generation.finish
+    if finish is None:
+        return None
+    total = finish.prompt_tokens + finish.completion_tokens
+    return Usage(finish.prompt_tokens, finish.completion_tokens, total)
+
+
 def _error_frame(generation: Generation) -> bytes | None:
     finish = generation.finish
     if finish is not None and finish.reason != "error":
@@ -651,16 +712,39 @@ def _error_frame(generation: Generation) -> bytes | None:
     return _sse(ErrorResponse(error))
 
 
+def _usage_options(body: SamplingFields) -> tuple[bool, bool]:
+    """Whether a stream ends with a usage chunk, and whether every chunk carries the usage
+    so far (vLLM's `continuous_usage_stats`, which benchmark clients ask for)."""
+    options = body.stream_options
+    if options is None:
+        return False, False
+    return options.include_usage, options.continuous_usage_stats
+
+
+def _usage_so_far(generation: Generation) -> Usage:
+    """The prompt and the completion tokens behind the text streamed so far (the final
+    count once the generation has ended)."""
+    finish = generation.finish
+    if finish is not None and finish.reason in ("stop", "length"):
+        return _outcome(generation)[0]
+    prompt, completion = generation.prompt.size, generation.tokens_read
+    return Usage(prompt, completion, prompt + completion)
+
+
 async def _chat_events(
     generation: Generation,
     reply: _Reply,
     *,
     include_usage: bool,
+    continuous: bool = False,
     keep: Callable[[str], None] | None = None,
 ) -> AsyncIterator[bytes]:
     def chunk(delta: ChatDelta, reason: str | None = None) -> bytes:
         choice = ChatChunkChoice(0, delta, reason)
-        return _sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [choice]))
+        usage = _usage_so_far(generation) if continuous else None
+        return _sse(
+            ChatCompletionChunk(reply.id, reply.created, reply.model, [choice], usage=usage)
+        )
 
     yield chunk(ChatDelta(role="assistant", content=""))
     kept: list[str] = []
@@ -671,6 +755,8 @@ async def _chat_events(
     if keep is not None:
         keep("".join(kept))
     if (frame := _error_frame(generation)) is not None:
+        if include_usage and (spent := _spent(generation)) is not None:
+            yield _sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [], usage=spent))
         yield frame
         return
     usage, reason = _outcome(generation)
@@ -685,11 +771,13 @@ async def _completion_events(
     reply: _Reply,
     *,
     include_usage: bool,
+    continuous: bool = False,
     keep: Callable[[str], None] | None = None,
 ) -> AsyncIterator[bytes]:
     def chunk(text: str, reason: str | None = None) -> bytes:
         choice = CompletionChoice(0, text, reason)
-        return _sse(Completion(reply.id, reply.created, reply.model, [choice]))
+        usage = _usage_so_far(generation) if continuous else None
+        return _sse(Completion(reply.id, reply.created, reply.model, [choice], usage=usage))
 
     kept: list[str] = []
     async for text in generation.stream():
@@ -699,6 +787,8 @@ async def _completion_events(
     if keep is not None:
         keep("".join(kept))
     if (frame := _error_frame(generation)) is not None:
+        if include_usage and (spent := _spent(generation)) is not None:
+            yield _sse(Completion(reply.id, reply.created, reply.model, [], usage=spent))
         yield frame
         return
     usage, reason = _outcome(generation)
@@ -717,33 +807,10 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
 # --- errors -----------------------------------------------------------------------------
 
 
-def _render_client_gone(_: Request[Any, Any, Any], __: Exception) -> Response[Any]:
-    # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
-    return Response(b"", status_code=499)
+def _counter(metrics: ApplianceMetrics) -> Callable[[str, int], None]:
+    """Inference requests by endpoint and final status (499: the client left first)."""
 
+    def count(endpoint: str, status: int) -> None:
+        metrics.requests.labels(endpoint, str(status)).inc()
 
-def _count_requests(metrics: ApplianceMetrics) -> Callable[[ASGIApp], ASGIApp]:
-    """ASGI middleware counting inference requests by endpoint and final status."""
-
-    def middleware(app: ASGIApp) -> ASGIApp:
-        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-            path = scope.get("path", "")
-            if scope["type"] != ScopeType.HTTP or path not in _INFERENCE_PATHS:
-                await app(scope, receive, send)
-                return
-            status = 0
-
-            async def watch(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
-            try:
-                await app(scope, receive, watch)
-            finally:
-                metrics.requests.labels(path, str(status or 499)).inc()
-
-        return wrapped
-
-    return middleware
+    return count

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ from compliance import Recorder, audit_routes
 from federation import (
     ENCODER,
     HEARTBEAT_DECODER,
+    INTERRUPTED,
     SIGNATURE_HEADER,
     Action,
     AssertionSigner,
     Caller,
+    ClientGoneError,
     HeartbeatReply,
     ModelCard,
     ModelList,
@@ -34,9 +38,13 @@ from federation import (
     Performance,
     Principal,
     Tenancy,
+    client_gone_response,
+    count_exits,
     decode_request,
     error_handlers,
+    read_body,
     require_everywhere,
+    shown_secret,
     sign_fleet_message,
     verify_fleet_message,
 )
@@ -44,12 +52,14 @@ from router._private.config import RouterConfig
 from router._private.errors import RegionHeaderError
 from router._private.fleet import Fleet
 from router._private.metrics import RouterMetrics
-from router._private.proxy import Call, Forwarder
+from router._private.proxy import Call, Forwarder, with_usage
 
 log = logging.getLogger("palisade.router")
 
 VERSION = "0.1.0"
 REGIONS_HEADER = "x-palisade-regions"
+# A request still unanswered after this long starts watching for its client hanging up.
+_WATCH_AFTER_S = 0.05
 _INFERENCE = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
@@ -201,7 +211,11 @@ def create_router_app(
             *tenancy.routes(),
             *audit_routes(tenancy, recorder, origin=config.router_id),
         ],
-        exception_handlers=error_handlers("router", log),
+        exception_handlers={
+            **error_handlers("router", log),
+            ClientGoneError: client_gone_response,
+        },
+        middleware=[count_exits(_INFERENCE, _counter(state.metrics))],
         on_startup=[state.start],
         on_shutdown=[state.stop],
         request_max_body_size=config.max_body_bytes,
@@ -211,31 +225,27 @@ def create_router_app(
     return app, state
 
 
+def _counter(metrics: RouterMetrics) -> Callable[[str, int], None]:
+    def count(endpoint: str, status: int) -> None:
+        metrics.requests.labels(endpoint, str(status)).inc()
+
+    return count
+
+
 def _openai_routes(state: RouterState) -> list[HTTPRouteHandler]:
     tenancy = state.tenancy
-    metrics = state.metrics
-
-    async def route(request: Request[Any, Any, Any], endpoint: str) -> Response[Any]:
-        try:
-            response = await _forward(state, request, endpoint)
-        except Exception as exc:
-            status = getattr(exc, "status_code", 500)
-            metrics.requests.labels(_INFERENCE[endpoint], str(status)).inc()
-            raise
-        metrics.requests.labels(_INFERENCE[endpoint], str(response.status_code or 200)).inc()
-        return response
 
     @post("/v1/chat/completions", status_code=200)
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await route(request, "/v1/chat/completions")
+        return await _forward(state, request, "/v1/chat/completions")
 
     @post("/v1/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await route(request, "/v1/completions")
+        return await _forward(state, request, "/v1/completions")
 
     @post("/v1/embeddings", status_code=200)
     async def embeddings(request: Request[Any, Any, Any]) -> Response[Any]:
-        return await route(request, "/v1/embeddings")
+        return await _forward(state, request, "/v1/embeddings")
 
     @get("/v1/models")
     async def list_models(request: Request[Any, Any, Any]) -> Response[Any]:
@@ -269,10 +279,43 @@ async def _forward(
     regions = state.regions_for(principal, request.headers.get(REGIONS_HEADER))
     if regions != principal.regions:
         principal = dataclasses.replace(principal, regions=regions)
-    body = await request.body()
+    body = await read_body(request)
     routed = decode_request(body, _ROUTED)
-    call = _call(state, endpoint, body, routed, principal)
-    return await state.forwarder.forward(call)
+    call = _call(state, endpoint, body, routed, principal)  # admitted: settled exactly once
+    with state.forwarder.accounting(call):
+        reserved = call.admission.reserved if call.admission is not None else 0
+        _begin(state, principal, call.model, call.id, reserved)
+        return await _noting_hangup(request, state.forwarder.forward(call))
+
+
+async def _noting_hangup(
+    request: Request[Any, Any, Any], answer: Awaitable[Response[Any]]
+) -> Response[Any]:
+    """`answer`, while watching for the client hanging up meanwhile (`count_exits` then counts
+    the request as 499). The node's answer is still awaited and billed: the node did the
+    work, and cancelling would make a hang-up just before the answer a free request.
+
+    The watch starts only once the answer is slow (`_WATCH_AFTER_S`): a task per request
+    would cost more than the router's own bookkeeping, and a client that has left by then
+    is seen at once (every later receive says so).
+    """
+    watching: list[asyncio.Future[None]] = []
+
+    def watch() -> None:
+        watching.append(asyncio.ensure_future(_disconnected(request)))
+
+    timer = asyncio.get_running_loop().call_later(_WATCH_AFTER_S, watch)
+    try:
+        return await answer
+    finally:
+        timer.cancel()
+        for hangup in watching:
+            hangup.cancel()
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _call(
@@ -287,16 +330,22 @@ def _call(
             param="model",
         )
     wants = routed.stream_options is not None and routed.stream_options.include_usage
+    # Re-encoded before admission, so a body that cannot be is refused with nothing taken.
+    payload = with_usage(body) if routed.stream and not wants else body
     limit = routed.max_completion_tokens or routed.max_tokens
     if endpoint == "/v1/embeddings":
         limit = 0  # embeddings read their input and write no tokens
     elif limit is None:
         limit = _context_length(state, routed.model)
     # Byte-level tokenizers never make more tokens than bytes: a true worst case to reserve.
-    admission = state.tenancy.gate.admit(principal, len(body) + max(limit, 0))
+    estimate = len(body) + max(limit, 0)
+    request_id = f"route-{os.urandom(12).hex()}"
+    admission = state.tenancy.gate.admit(
+        principal, estimate, request_id=request_id, model=routed.model
+    )
     return Call(
         endpoint=endpoint,
-        body=body,
+        body=payload,
         model=routed.model,
         principal=principal,
         regions=regions,
@@ -304,6 +353,27 @@ def _call(
         wants_usage=wants,
         admission=admission,
         headers=admission.headers,
+        id=request_id,
+    )
+
+
+def _begin(state: RouterState, principal: Principal, model: str, call: str, reserved: int) -> None:
+    """Journal the audit row the call leaves if the router dies before it settles."""
+    state.recorder.begin(
+        principal.logging_mode,
+        {
+            "id": call,
+            "org": principal.org,
+            "user": principal.user,
+            "key_id": principal.key_id,
+            "model": model,
+            "region": None,
+            "node": None,
+            "input_tokens": reserved,
+            "output_tokens": 0,
+            "status": INTERRUPTED,
+            "tried": [],
+        },
     )
 
 
@@ -372,7 +442,7 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
 
 
 def _ops_routes(state: RouterState) -> list[HTTPRouteHandler]:
-    @get("/healthz")
+    @get(["/healthz", "/health"])  # `/health`: what benchmark clients (guidellm) probe
     async def healthz() -> Response[Any]:
         return _json({"status": "ok", "router": state.config.router_id})
 
@@ -393,18 +463,21 @@ def _json(payload: object) -> Response[Any]:
 
 
 def _announce_admin_key(key: str, home: Path) -> None:
-    # Printed to the terminal exactly once, never to the log.
-    sys.stdout.write(
-        "\nCreated the system administrator. Its API key, shown only this once, is also in "
-        f"{home / 'admin.key'} (mode 0600):\n  {key}\n\n"
-    )
+    # Shown once on a terminal, never to a log or a journal: elsewhere, only where it is.
+    path = home / "admin.key"
+    if sys.stdout.isatty():
+        text = f"Its API key, shown only this once, is also in {path} (mode 0600):\n  {key}"
+    else:
+        text = f"Its API key is in {path} (mode 0600; not printed, as this is not a terminal)."
+    sys.stdout.write(f"\nCreated the system administrator. {text}\n\n")
     sys.stdout.flush()
 
 
 def _announce_demo(key: str, state: RouterState) -> None:
     regions = ", ".join(state.demo_regions or [])
+    path = state.tenancy.home / "demo.key"
     sys.stdout.write(
-        f"Demo org `demo` (regions {regions}): API key for demo@local "
-        f"(also in {state.tenancy.home / 'demo.key'}):\n  export PALISADE_API_KEY={key}\n\n"
+        f"Demo org `demo` (regions {regions}): API key for demo@local (in {path}):\n"
+        f"  export PALISADE_API_KEY={shown_secret(key, path)}\n\n"
     )
     sys.stdout.flush()

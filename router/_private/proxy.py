@@ -1,11 +1,16 @@
-"""Forwarding a request to a node: selection, retries before the first byte, and relaying.
+"""Forwarding a request to a node: selection, retries the request cannot have caused, and
+relaying.
 
 The hot path uses aiohttp's client (measured several times faster than httpx's default
-transport as a proxy client on this class of machine; see docs/architecture.md). A node
-that refuses, resets, times out, answers 502/503/504, or is declared down while the
-router still waits for its first byte, is replaced by the next candidate in the same
-residency set, at most `max_retries` times. Once bytes have reached the client a failure
-ends the stream with an error frame in the OpenAI shape instead.
+transport as a proxy client on this class of machine; see docs/architecture.md). A request
+is sent on to the next candidate in the same residency set, at most `max_retries` times,
+only when the failure cannot be the request's doing: the node refused the connection or
+did not accept it in time (the request never reached it), answered 503 (alive, busy), or
+was declared down by missed heartbeats while the request waited (once per request). A node
+that fails while it holds the request (reset, closed, silent past the read timeout), or
+answers 502/504, is not replayed elsewhere: a request that kills a node must not take the
+next one down too. Once bytes have reached the client a failure ends the stream with an
+error frame in the OpenAI shape instead.
 
 The router always asks streaming nodes for the usage chunk: it meters and settles budgets
 from it, and strips it again when the client did not ask for it.
@@ -16,53 +21,83 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import msgspec
 from litestar import MediaType, Response
-from litestar.response import Stream
 
 from compliance import Recorder
 from federation import (
     ASSERTION_HEADER,
     ENCODER,
+    PROMPT_TOKENS_HEADER,
     Admission,
+    APIError,
     AssertionSigner,
+    ClosingStream,
     ErrorDetail,
     ErrorResponse,
     Gate,
+    InvalidRequestError,
     Principal,
-    Usage,
+    decode_request,
 )
 from router._private.config import RouterConfig
-from router._private.errors import BackendUnavailableError, NoBackendError
+from router._private.errors import BackendCrashedError, BackendUnavailableError, NoBackendError
 from router._private.fleet import Fleet, Node
 from router._private.metrics import RouterMetrics
 
 log = logging.getLogger("palisade.router")
 T = TypeVar("T")
 
-_RETRYABLE = frozenset({502, 503, 504})
+# A node answering 503 is alive and says it cannot take this request now: try another.
+_BUSY = 503
+# The node's engine or upstream failed, or timed out, on this request: not replayed (the
+# request may be the cause), but counted towards the node's ejection.
+_GATEWAY_FAILURES = frozenset({502, 504})
+# Idle pooled connections are dropped before the appliance's own keep-alive (`[server]
+# keep_alive_s`, 5 s) closes them, so a request is never written onto a connection the node
+# is closing: that failure would look like a node failing while it held the request.
+_KEEPALIVE_S = 4.0
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]"
 _ERROR_FRAME = b'data: {"error"'
 
 
+class _Usage(msgspec.Struct):
+    """Token counts as a node reports them (embeddings report no completion tokens)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class _UsageCarrier(msgspec.Struct):
     """The only fields the router reads from a node's reply (the rest is relayed as is)."""
 
-    usage: Usage | None = None
+    usage: _Usage | None = None
     choices: list[msgspec.Raw] = msgspec.field(default_factory=list)
 
 
 _USAGE = msgspec.json.Decoder(_UsageCarrier)
+_ANY_JSON: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+
+
+# Whether a failure can have been caused by the request: `unreached` (it never got there),
+# `silent` (the node was declared down by missed heartbeats while the request waited: a
+# frozen or cut-off node), `crashed` (the node failed while it held the request).
+FailureKind = Literal["unreached", "silent", "crashed"]
 
 
 class _NodeFailedError(Exception):
-    """A node failed before its answer was complete (internal: becomes a retry or a frame)."""
+    """A node failed before its answer was complete (internal: becomes a retry, a 502 or a
+    frame). The message is safe to show the client; the cause goes to the log only."""
+
+    def __init__(self, reason: str, kind: FailureKind = "crashed") -> None:
+        super().__init__(reason)
+        self.kind: FailureKind = kind
 
 
 @dataclass(slots=True)
@@ -80,16 +115,57 @@ class Call:
     headers: dict[str, str]
     id: str = field(default_factory=lambda: f"route-{os.urandom(12).hex()}")
     tried: list[str] = field(default_factory=list)
+    # A stream being relayed settles the call when it closes; otherwise `Forwarder.accounting`
+    # does, on whatever way out. `settled` makes the second settlement a no-op.
+    relayed: bool = False
+    settled: bool = False
 
 
 @dataclass(slots=True)
 class _Refusal:
-    """A node's 502/503/504 answer, kept in case every candidate answers the same."""
+    """A node's 503 answer, kept in case every candidate answers the same."""
 
     node: Node
     status: int
     body: bytes
     retry_after: str | None
+
+
+@dataclass(slots=True, eq=False)
+class _Relayed:
+    """A node's stream being relayed to the client, and what it has produced so far."""
+
+    node: Node
+    call: Call
+    reply: aiohttp.ClientResponse
+    prompt_tokens: int
+    produced: int = 0  # events relayed with text (see `_text_events`)
+    usage: _Usage | None = None
+    status: str = "cancelled"  # until the stream ends otherwise
+    complete: bool = False  # read to its end
+    closed: bool = False
+    watchdog: asyncio.Future[object] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def cut(self, _: object) -> None:
+        self.reply.close()
+
+
+class _Accounting:
+    """`Forwarder.accounting`: a plain context manager (no generator) on the hot path."""
+
+    __slots__ = ("_call", "_forwarder")
+
+    def __init__(self, forwarder: Forwarder, call: Call) -> None:
+        self._forwarder = forwarder
+        self._call = call
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        self._forwarder.settle_exit(self._call, exc)
 
 
 class Forwarder:
@@ -121,7 +197,7 @@ class Forwarder:
         proxy = self._config.proxy
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=proxy.max_connections, limit_per_host=0, keepalive_timeout=30
+                limit=proxy.max_connections, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S
             ),
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -154,9 +230,10 @@ class Forwarder:
     # --- one request ------------------------------------------------------------------------
 
     async def forward(self, call: Call) -> Response[Any]:
-        payload = _with_usage(call.body) if call.stream and not call.wants_usage else call.body
+        payload = call.body  # already with `include_usage` for streams (see `with_usage`)
         preference = self._config.preference(call.model)
         refusal: _Refusal | None = None
+        failures: list[FailureKind] = []
         for attempt in range(1 + self._config.proxy.max_retries):
             node = self._fleet.pick(call.model, call.regions, preference, call.tried)
             if node is None:
@@ -167,7 +244,13 @@ class Forwarder:
             outcome = await self._attempt(node, call, payload)
             if isinstance(outcome, Response):
                 return outcome
-            refusal = outcome or refusal
+            if isinstance(outcome, _Refusal):
+                refusal = outcome
+                continue
+            failures.append(outcome.kind)
+            if not may_replay(failures):
+                self._settle(call, node, None, status="backend_crashed")
+                raise BackendCrashedError(node.id, node.region, call.model, str(outcome))
         if refusal is not None:
             self._settle(call, refusal.node, None, status=f"http_{refusal.status}")
             return self._refusal_response(call, refusal)
@@ -180,8 +263,8 @@ class Forwarder:
 
     async def _attempt(
         self, node: Node, call: Call, payload: bytes
-    ) -> Response[Any] | _Refusal | None:
-        """The node's answer as the client's response, its 5xx refusal, or None if it failed."""
+    ) -> Response[Any] | _Refusal | _NodeFailedError:
+        """The node's answer as the client's response, its 503 refusal, or how it failed."""
         headers = {
             "Content-Type": "application/json",
             ASSERTION_HEADER: self._signer.assertion(call.principal, node.id),
@@ -192,24 +275,41 @@ class Forwarder:
             reply = await self._guarded(
                 node, self.session.post(node.url + call.endpoint, data=payload, headers=headers)
             )
-            if reply.status in _RETRYABLE:
+            if reply.status == _BUSY:
                 return await self._refused(node, reply)
             if call.stream and reply.status == 200:
                 handed_off = True
-                stream = self._relay(node, call, reply)
-                headers = self._receipt(node, call) | _SSE_HEADERS
-                return Stream(stream, media_type="text/event-stream", headers=headers)
+                relay = self._open_relay(node, call, reply)
+                return ClosingStream(
+                    self._relay(relay),
+                    on_close=lambda: self._close_relay(relay),
+                    media_type="text/event-stream",
+                    headers=self._receipt(node, call) | _SSE_HEADERS,
+                )
             data = await self._guarded(node, reply.read())
         except _NodeFailedError as exc:
             self._fleet.failed(node)
             self._metrics.attempts.labels(node.id, "failed").inc()
-            log.info("node %s failed before answering: %s", node.id, exc)
-            return None
+            if exc.kind == "crashed":
+                log.warning(
+                    "node %s failed while handling request %s: %s (%r)",
+                    node.id,
+                    call.id,
+                    exc,
+                    exc.__cause__,
+                )
+            else:
+                log.info("node %s failed before answering: %s (%r)", node.id, exc, exc.__cause__)
+            return exc
         finally:
             if not handed_off:
                 node.in_flight -= 1
-        self._fleet.succeeded(node)
-        self._metrics.attempts.labels(node.id, "ok").inc()
+        if reply.status in _GATEWAY_FAILURES:  # relayed as is, and held against the node
+            self._fleet.failed(node)
+            self._metrics.attempts.labels(node.id, "failed").inc()
+        else:
+            self._fleet.succeeded(node)
+            self._metrics.attempts.labels(node.id, "ok").inc()
         usage = _usage_of(data) if reply.status == 200 else None
         status = "ok" if reply.status == 200 else f"http_{reply.status}"
         self._settle(call, node, usage, status=status)
@@ -221,11 +321,7 @@ class Forwarder:
 
     async def _refused(self, node: Node, reply: aiohttp.ClientResponse) -> _Refusal:
         data = await self._guarded(node, reply.read())
-        if reply.status == 503:
-            self._metrics.attempts.labels(node.id, "overloaded").inc()
-        else:
-            self._fleet.failed(node)
-            self._metrics.attempts.labels(node.id, "failed").inc()
+        self._metrics.attempts.labels(node.id, "overloaded").inc()
         return _Refusal(node, reply.status, data, reply.headers.get("Retry-After"))
 
     async def _guarded(self, node: Node, awaitable: Awaitable[T]) -> T:
@@ -237,68 +333,78 @@ class Forwarder:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if step.cancelled() and (task is None or not task.cancelling()):
-                raise _NodeFailedError("declared down while the router waited for it") from None
+                raise _NodeFailedError(
+                    "it stopped answering and was declared down", "silent"
+                ) from None
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _NodeFailedError(f"{type(exc).__name__}: {exc}") from exc
+            raise classify(exc, self._config.proxy.read_timeout_s) from exc
         finally:
             node.waiting.discard(step)
 
-    async def _relay(
-        self, node: Node, call: Call, reply: aiohttp.ClientResponse
-    ) -> AsyncIterator[bytes]:
-        """SSE frames as they arrive; an error frame if the node fails part-way."""
-        usage: Usage | None = None
-        frames = 0
-        status = "cancelled"
+    def _open_relay(self, node: Node, call: Call, reply: aiohttp.ClientResponse) -> _Relayed:
+        """The node's stream now belongs to the client's response: it settles the call."""
+        call.relayed = True
+        relay = _Relayed(node, call, reply, _count(reply.headers.get(PROMPT_TOKENS_HEADER)))
         # Cancelled by the fleet when the node goes down: cutting the connection ends the
-        # read below, and the client gets an error frame instead of waiting for a timeout.
-        watchdog: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        # read in `_relay`, and the client gets an error frame instead of waiting.
+        relay.watchdog.add_done_callback(relay.cut)
+        node.streams.add(relay.watchdog)
+        return relay
 
-        def cut(_: object) -> None:
-            reply.close()
-
-        watchdog.add_done_callback(cut)
-        node.streams.add(watchdog)
+    async def _relay(self, relay: _Relayed) -> AsyncIterator[bytes]:
+        """SSE frames as they arrive; an error frame if the node fails part-way."""
+        node, call = relay.node, relay.call
         try:
             pending = b""
-            finished = False
-            async for data in reply.content.iter_any():
+            finished = failed = False
+            async for data in relay.reply.content.iter_any():
                 pending += data
                 end = pending.rfind(b"\n\n")
                 if end < 0:
                     continue
                 out, pending = pending[: end + 2], pending[end + 2 :]
-                frames += out.count(b"\n\n")
+                relay.produced += _text_events(out)
                 if b'"usage"' in out:
                     out, found = _take_usage(out, keep=call.wants_usage)
-                    usage = found or usage
-                finished = finished or _DONE in out or _ERROR_FRAME in out
+                    relay.usage = found or relay.usage
+                failed = failed or _ERROR_FRAME in out
+                finished = finished or failed or _DONE in out
                 if out:
                     yield out
             if not finished:
                 raise _truncated()
-            status = "ok"
+            relay.complete = True
+            relay.status = "error" if failed else "ok"  # "error": the node's own error event
             self._fleet.succeeded(node)
             self._metrics.attempts.labels(node.id, "ok").inc()
         except (_NodeFailedError, aiohttp.ClientError, TimeoutError) as exc:
-            status = "backend_failed"
+            relay.status = "backend_failed"
             self._fleet.failed(node)
             self._metrics.attempts.labels(node.id, "failed").inc()
             self._metrics.midstream_failures.inc()
             log.warning("node %s failed mid-stream: %s", node.id, exc)
             yield _error_frame(node, call)
         finally:
-            node.streams.discard(watchdog)
-            node.in_flight -= 1
-            watchdog.remove_done_callback(cut)
-            if status == "ok":
-                reply.release()  # read to the end: the connection goes back to the pool
-            else:
-                reply.close()  # a client that hung up: the node sees it and stops generating
-            if usage is None:
-                usage = Usage(0, frames, frames)  # no usage chunk: count what was relayed
-            self._settle(call, node, usage, status=status)
+            self._close_relay(relay)
+
+    def _close_relay(self, relay: _Relayed) -> None:
+        """Once, however the stream ended (also if it never started): release the node's
+        response and settle. A client that left is billed the prompt the node reported and
+        the text events relayed, when no usage chunk came."""
+        if relay.closed:
+            return
+        relay.closed = True
+        node = relay.node
+        node.streams.discard(relay.watchdog)
+        node.in_flight -= 1
+        relay.watchdog.remove_done_callback(relay.cut)
+        if relay.complete:
+            relay.reply.release()  # read to the end: the connection goes back to the pool
+        else:
+            relay.reply.close()  # a client that hung up: the node sees it and stops generating
+        usage = relay.usage or _Usage(relay.prompt_tokens, relay.produced)
+        self._settle(relay.call, node, usage, status=relay.status)
 
     # --- receipts, metering, errors ------------------------------------------------------------
 
@@ -318,7 +424,25 @@ class Forwarder:
             refusal.body, status_code=refusal.status, media_type=MediaType.JSON, headers=headers
         )
 
-    def _settle(self, call: Call, node: Node | None, usage: Usage | None, *, status: str) -> None:
+    def accounting(self, call: Call) -> _Accounting:
+        """Own `call`'s admission: every way out of this `with` block settles it exactly once.
+
+        The paths through `forward` settle with what they know; a stream handed to the
+        client settles when it closes (`_close_relay`). Anything else (an exception, the
+        request task cancelled, a path that did not settle) releases the reservation here.
+        """
+        return _Accounting(self, call)
+
+    def settle_exit(self, call: Call, exc: BaseException | None) -> None:
+        """Settle `call` (with nothing used) if it left `accounting` unsettled and unrelayed."""
+        if not call.relayed:
+            self._settle(call, None, None, status="error" if exc is None else _exit_status(exc))
+
+    def _settle(self, call: Call, node: Node | None, usage: _Usage | None, *, status: str) -> None:
+        """Budget, usage record and audit row, once per call (later calls do nothing)."""
+        if call.settled:
+            return
+        call.settled = True
         prompt = usage.prompt_tokens if usage is not None else 0
         completion = usage.completion_tokens if usage is not None else 0
         if self.gate is not None and call.admission is not None:
@@ -358,27 +482,87 @@ class Forwarder:
             )
 
 
-def _with_usage(body: bytes) -> bytes:
-    """The body with `stream_options.include_usage` switched on (the router meters from it)."""
-    request = msgspec.json.decode(body)
+def classify(exc: aiohttp.ClientError | TimeoutError, read_timeout_s: float) -> _NodeFailedError:
+    """What a transport failure says about the request: only a connection that was never
+    made proves the node did not get it."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return _NodeFailedError("the connection could not be made", "unreached")
+    if isinstance(exc, TimeoutError):
+        return _NodeFailedError(f"it sent nothing for {read_timeout_s:g} s")
+    return _NodeFailedError("the connection failed before the answer was complete")
+
+
+def may_replay(failures: Sequence[FailureKind]) -> bool:
+    """Whether a request that failed in these ways may go to another node: never after a
+    node failed while holding it; after one node went silent with it, but not two."""
+    return "crashed" not in failures and failures.count("silent") <= 1
+
+
+def with_usage(body: bytes) -> bytes:
+    """The body with `stream_options.include_usage` switched on (the router meters from it).
+
+    Called before admission: a body the router cannot decode in full (a number out of
+    range, a string that is not UTF-8) or encode again is the client's 400, not a 500.
+    """
+    try:
+        request = _ANY_JSON.decode(body)
+    except msgspec.ValidationError as exc:  # a number out of range: there is no field to name
+        problem = str(exc).split(" - at ", 1)[0]
+        raise InvalidRequestError(
+            f"The request body holds a value this server cannot read ({problem}).",
+            code="invalid_value",
+        ) from exc
+    except (msgspec.DecodeError, RecursionError):
+        request = decode_request(body, _ANY_JSON)  # raises the usual 400 (invalid_json)
+    if not isinstance(request, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
     options = request.get("stream_options")
     options = options if isinstance(options, dict) else {}
     request["stream_options"] = {**options, "include_usage": True}
-    return msgspec.json.encode(request)
+    try:
+        return msgspec.json.encode(request)
+    except (msgspec.EncodeError, ValueError, OverflowError) as exc:
+        raise InvalidRequestError(
+            f"The request body cannot be forwarded: {exc}.", code="invalid_value"
+        ) from exc
+
+
+def _text_events(frames: bytes) -> int:
+    """Events in `frames` that carry text: a lower bound on the completion tokens in them
+    (chat deltas and completion chunks; the empty role and finish chunks do not count)."""
+    chat = frames.count(b'"content":"') - frames.count(b'"content":""')
+    completion = frames.count(b'"text":"') - frames.count(b'"text":""')
+    return chat + completion
+
+
+def _count(header: str | None) -> int:
+    """A token count from a node's header; 0 when absent or not a count."""
+    if header is None or not header.isdecimal():
+        return 0
+    return int(header)
+
+
+def _exit_status(exc: BaseException) -> str:
+    """The usage record's status for a request that ended with `exc`."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, APIError):
+        return exc.code
+    return "error"
 
 
 def _truncated() -> _NodeFailedError:
     return _NodeFailedError("the stream ended before `data: [DONE]`")
 
 
-def _usage_of(data: bytes) -> Usage | None:
+def _usage_of(data: bytes) -> _Usage | None:
     try:
         return _USAGE.decode(data).usage
     except msgspec.MsgspecError:
         return None
 
 
-def _take_usage(frames: bytes, *, keep: bool) -> tuple[bytes, Usage | None]:
+def _take_usage(frames: bytes, *, keep: bool) -> tuple[bytes, _Usage | None]:
     """The usage found in `frames`; the usage-only chunk is dropped unless `keep`."""
     found = None
     kept = []

@@ -35,6 +35,7 @@ class Outcome:
     device: str | None
     node: str | None
     error: str | None = None
+    code: str | None = None
 
 
 @dataclass
@@ -73,7 +74,7 @@ def steady_load(base_url: str, key: str, workers: int = 4) -> Iterator[Load]:
                     raw.headers.get("x-palisade-node"),
                 )
             except openai.APIError as exc:
-                outcome = Outcome(started, time.monotonic(), None, None, repr(exc))
+                outcome = Outcome(started, time.monotonic(), None, None, repr(exc), exc.code)
             with load.lock:
                 load.outcomes.append(outcome)
         client.close()
@@ -106,7 +107,7 @@ def attempts_on(fleet: Fleet, node: str) -> float:
     )
 
 
-def test_sigkill_of_the_rdu_node_moves_traffic_to_gpu_with_no_failed_request(
+def test_sigkill_of_the_rdu_node_fails_only_its_own_requests_and_moves_traffic_to_gpu(
     tmp_path: Path,
 ) -> None:
     with running_fleet(tmp_path) as fleet:
@@ -132,7 +133,13 @@ def test_sigkill_of_the_rdu_node_moves_traffic_to_gpu_with_no_failed_request(
             wait_for(lambda: len(load.since(killed + 2.0)) >= 100, timeout=30)
             assert attempts_on(fleet, "rdu-1") == tried_rdu  # nothing sent to it after 2 s
 
-        assert load.failures() == []
+        # Requests the node held when it died are not replayed (they may have killed it):
+        # each gets 502 backend_crashed. Requests sent after it died find it refusing
+        # connections, and go to gpu-1 without an error.
+        failures = load.failures()
+        assert len(failures) <= 4  # one per worker at most: those in flight at the kill
+        assert all(o.code == "backend_crashed" for o in failures), failures
+        assert all(o.started < killed for o in failures), failures
         after = load.since(killed + 2.0)
         assert {o.device for o in after} == {"gpu"}
         assert fleet.status()["rdu-1"]["state"] in ("ejected", "down")
@@ -169,7 +176,9 @@ def test_sigstop_gray_failure_moves_traffic_within_5s_and_sigcont_brings_it_back
             assert {o.device for o in load.since(back + 0.5)} == {"rdu"}
 
         assert moved - stopped <= 5.0
-        assert load.failures() == []  # requests waiting on the stopped node were re-sent
+        # A node that stopped heart-beating is frozen or cut off, not known to have crashed:
+        # requests waiting on it were re-sent elsewhere (once each), none failed.
+        assert load.failures() == []
         assert "ejected -> up" in fleet.router.log_text()
 
 
