@@ -49,6 +49,8 @@ class Heartbeat(Struct, kw_only=True):
     in_flight: int = 0
     ttft_ewma_ms: float | None = None
     tpot_ewma_ms: float | None = None
+    # Random per process start: a new value from the same node id means it restarted.
+    boot_id: Annotated[str, Meta(max_length=64)] = ""
 
 
 class HeartbeatReply(Struct, kw_only=True):
@@ -77,6 +79,10 @@ class FleetNode(Struct, kw_only=True):
     consecutive_failures: int = 0
     # Every declared model is loaded and accepting on the node.
     ready: bool = False
+    # Restarts seen (a new boot id) since the router started, and whether they come so
+    # often that the node counts as crash-looping.
+    restarts: int = 0
+    crash_loop: bool = False
 
 
 class FleetStatus(Struct, kw_only=True):

@@ -62,7 +62,7 @@ def serve_command(
 def status_command(
     url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
 ) -> None:
-    """Every node: region, device class, models, state, load, TTFT and heartbeat age."""
+    """Every node: region, device class, models, state, load, TTFT, heartbeat age, restarts."""
     status = call_api(resolve_target(url, key), "GET", "/federation/v1/fleet")
     if as_json:
         print_json(status)
@@ -81,6 +81,7 @@ def status_command(
         "queue",
         "ttft_p50_ms",
         "heartbeat_age_s",
+        "restarts",
         "version",
     ]
     rows = [
@@ -94,13 +95,23 @@ def status_command(
             str(node["queue_depth"]),
             "-" if node["ttft_p50_ms"] is None else f"{node['ttft_p50_ms']:.1f}",
             f"{node['heartbeat_age_s']:.1f}",
+            _restarts(node),
             node["version"],
         ]
         for node in nodes
     ]
     typer.echo(table(headers, rows))
     up = sum(1 for node in nodes if node["state"] == "up")
-    typer.echo(f"{up} of {len(nodes)} nodes up (router {status['router_id']}).")
+    looping = [node["node_id"] for node in nodes if node.get("crash_loop")]
+    summary = f"{up} of {len(nodes)} nodes up (router {status['router_id']})."
+    if looping:
+        summary += f" Crash-looping: {', '.join(looping)}; see their logs."
+    typer.echo(summary)
+
+
+def _restarts(node: dict[str, Any]) -> str:
+    count = str(node.get("restarts", 0))
+    return f"{count} (crash loop)" if node.get("crash_loop") else count
 
 
 @fleet_cli.command("up")

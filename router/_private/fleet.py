@@ -5,7 +5,10 @@ circuit: consecutive failures (requests that failed before their first byte, or 
 probes) open it, which **ejects** the node; once the cooldown has passed, one half-open
 probe decides: success closes the circuit, failure re-opens it for twice as long. A node
 that went down comes back through the same half-open probe, so a node that resumes after a
-pause (SIGSTOP, a network partition) proves itself before it takes traffic again.
+pause (SIGSTOP, a network partition) proves itself before it takes traffic again, and so
+does a node that restarted (its heartbeat carries a new boot id). A node that restarts
+`_CRASH_LOOP_RESTARTS` times within `_CRASH_LOOP_WINDOW_S` is crash-looping: each further
+restart holds it out for longer (the circuit's back-off) before its probe.
 
 Selection (`Fleet.pick`): residency filter (fail closed) → the most preferred device class
 that has a healthy candidate → power of two choices on expected latency, EWMA TTFT times (1
@@ -15,6 +18,7 @@ that has a healthy candidate → power of two choices on expected latency, EWMA 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import statistics
 import time
@@ -25,11 +29,15 @@ from typing import Any, Literal
 from federation import FleetNode, FleetStatus, Heartbeat, NodeModel
 from router._private.config import HealthConfig
 
+log = logging.getLogger("palisade.router")
+
 Circuit = Literal["closed", "open", "half_open"]
 # A node not chosen for this long is scored with the fleet's typical TTFT instead of its own
 # last figure, so one slow spell does not starve it forever.
 _STALE_S = 10.0
 _MIN_TTFT_MS = 0.1
+_CRASH_LOOP_WINDOW_S = 300.0
+_CRASH_LOOP_RESTARTS = 3
 
 
 @dataclass(eq=False)
@@ -49,8 +57,12 @@ class Node:
     cooldown: float = 0.0
     last_chosen: float = 0.0
     down: bool = False
-    # Requests still waiting for this node's first byte: cancelled (and retried
-    # elsewhere) the moment the node is declared down or ejected.
+    boot_id: str = ""
+    restarts: int = 0
+    # When the recent restarts were seen (within the crash-loop window).
+    recent_restarts: list[float] = field(default_factory=list)
+    # Requests still waiting for this node's answer: cancelled (and retried elsewhere,
+    # once) the moment the node is declared down or is seen to have restarted.
     waiting: set[asyncio.Future[Any]] = field(default_factory=set)
     # Streams being relayed from this node: cut (with an error frame) when it goes down.
     streams: set[asyncio.Future[Any]] = field(default_factory=set)
@@ -87,28 +99,74 @@ class Fleet:
     # --- membership ---------------------------------------------------------------------
 
     def beat(self, heartbeat: Heartbeat) -> Node:
-        """Register a node or refresh it; a node back from down waits for a half-open probe."""
+        """Register a node or refresh it; a node back from down, or restarted, waits for a
+        half-open probe."""
         now = self._clock()
         models = {model.id: model for model in heartbeat.models}
         node = self.nodes.get(heartbeat.node_id)
-        if node is None or node.url != heartbeat.url:
-            node = Node(
-                id=heartbeat.node_id,
-                region=heartbeat.region,
-                url=heartbeat.url.rstrip("/"),
-                version=heartbeat.version,
-                models=models,
-                last_beat=now,
-                cooldown=self.health.eject_base_s,
-                last_chosen=now,  # its own figures count until it has gone unchosen a while
-            )
-            self.nodes[node.id] = node
+        if node is None:
+            node = self._register(heartbeat, models, now)
+        elif node.boot_id != heartbeat.boot_id or node.url != heartbeat.url.rstrip("/"):
+            node = self._reincarnate(node, heartbeat, models, now)
         else:
             node.region, node.version, node.models = heartbeat.region, heartbeat.version, models
             node.last_beat = now
             node.down = False
         self._refresh_prior(models)
         return node
+
+    def _register(self, heartbeat: Heartbeat, models: dict[str, NodeModel], now: float) -> Node:
+        node = Node(
+            id=heartbeat.node_id,
+            region=heartbeat.region,
+            url=heartbeat.url.rstrip("/"),
+            version=heartbeat.version,
+            models=models,
+            last_beat=now,
+            cooldown=self.health.eject_base_s,
+            last_chosen=now,  # its own figures count until it has gone unchosen a while
+            boot_id=heartbeat.boot_id,
+        )
+        self.nodes[node.id] = node
+        return node
+
+    def _reincarnate(
+        self, old: Node, heartbeat: Heartbeat, models: dict[str, NodeModel], now: float
+    ) -> Node:
+        """A node id back with another URL or boot id: a fresh node that keeps the restart
+        history; a restart is held out until a half-open probe passes."""
+        # The old process is gone: nothing more will come from requests still waiting on it.
+        old.abandon_waiting()
+        old.abandon_streams()
+        node = self._register(heartbeat, models, now)
+        node.restarts = old.restarts
+        node.recent_restarts = _within(old.recent_restarts, now)
+        if old.boot_id and heartbeat.boot_id != old.boot_id:
+            node.restarts += 1
+            node.recent_restarts.append(now)
+            cooldown = self._restart_cooldown(node)
+            self._open(node, now, cooldown=cooldown)
+            log.warning(
+                "node %s (%s) restarted (restart %d; %d within %.0f s)%s",
+                node.id,
+                node.region,
+                node.restarts,
+                len(node.recent_restarts),
+                _CRASH_LOOP_WINDOW_S,
+                f"; crash-looping, held out for {cooldown:g} s" if cooldown else "",
+            )
+        return node
+
+    def _restart_cooldown(self, node: Node) -> float:
+        """0 for an occasional restart (probed at once); growing while it crash-loops."""
+        beyond = len(node.recent_restarts) - _CRASH_LOOP_RESTARTS
+        if beyond < 0:
+            return 0.0
+        return min(self.health.eject_base_s * 2.0**beyond, self.health.eject_max_s)
+
+    def crash_looping(self, node: Node) -> bool:
+        recent = _within(node.recent_restarts, self._clock())
+        return len(recent) >= _CRASH_LOOP_RESTARTS
 
     def _refresh_prior(self, models: Iterable[str]) -> None:
         for model in models:
@@ -130,6 +188,7 @@ class Fleet:
             if not node.down and now - node.last_beat > limit:
                 node.down = True
                 self._open(node, now, cooldown=0.0)
+                node.abandon_waiting()
                 node.abandon_streams()
                 newly_down.append(node)
         return newly_down
@@ -142,7 +201,9 @@ class Fleet:
     # --- passive and active health --------------------------------------------------------
 
     def failed(self, node: Node) -> None:
-        """A request to `node` failed before its first byte (refused, reset, timed out, 5xx)."""
+        """A request to `node` failed (refused, reset, timed out, a 502/504 answer, cut
+        mid-stream) or a probe did. Ejection stops new requests; those already waiting on
+        the node are left to finish or fail on their own (only going down abandons them)."""
         node.consecutive_failures += 1
         now = self._clock()
         if node.circuit == "half_open":
@@ -160,7 +221,6 @@ class Fleet:
         node.circuit = "open"
         node.cooldown = cooldown or self.health.eject_base_s
         node.open_until = now + cooldown
-        node.abandon_waiting()
 
     def probe_due(self, node: Node) -> bool:
         """Whether the prober should check `node` now (half-open when its cooldown is over)."""
@@ -251,10 +311,16 @@ class Fleet:
                 version=node.version,
                 consecutive_failures=node.consecutive_failures,
                 ready=all(m.ready for m in node.models.values()),
+                restarts=node.restarts,
+                crash_loop=self.crash_looping(node),
             )
             for node in sorted(self.nodes.values(), key=lambda n: (n.region, n.id))
         ]
         return FleetStatus(router_id=router_id, nodes=rows)
+
+
+def _within(moments: list[float], now: float) -> list[float]:
+    return [moment for moment in moments if now - moment <= _CRASH_LOOP_WINDOW_S]
 
 
 def _first(values: Iterable[float | None]) -> float | None:

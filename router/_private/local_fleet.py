@@ -4,7 +4,9 @@ It starts the router on $PALISADE_HOME and one appliance per region, each with i
 state directory under $PALISADE_HOME/fleet/<node>/ (sharing $PALISADE_HOME/models), joined
 with a generated join secret, plus a demo org allowed in every region. It waits until
 every node is up, prints the URL, the demo key and a curl line, and stops them all on
-Ctrl-C or SIGTERM.
+Ctrl-C or SIGTERM. Once the fleet is up, a process that exits is started again after a
+back-off (1 s, doubling to 30 s, from 1 s again after a minute up), and the exit is
+reported with its code or signal and the tail of the process's log.
 """
 
 from __future__ import annotations
@@ -13,21 +15,33 @@ import os
 import re
 import secrets
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import httpx
 
-from federation import JOIN_SECRET_ENV, ConfigError, PalisadeError
+from federation import (
+    JOIN_SECRET_ENV,
+    ConfigError,
+    PalisadeError,
+    private_dir,
+    private_file,
+    shown_secret,
+    write_private,
+)
 
 _LISTENING = re.compile(r"listening on (?P<url>http://\S+)")
 _START_TIMEOUT_S = 180.0
+_BACKOFF_FIRST_S = 1.0
+_BACKOFF_MAX_S = 30.0
+# A process that stayed up this long before exiting starts the back-off from the beginning.
+_STABLE_S = 60.0
 
 
 class LocalFleetError(PalisadeError):
@@ -39,10 +53,17 @@ class _Child:
     name: str
     process: subprocess.Popen[str]
     log: Path | None
+    # Starts the process again, with the same command and state directory.
+    respawn: Callable[[], subprocess.Popen[str]] | None = None
+    started: float = field(default_factory=time.monotonic)
+    backoff: float = _BACKOFF_FIRST_S
+    # When the exited process is to be started again (None while it runs).
+    restart_at: float | None = None
+    restarts: int = 0
 
 
 def run_local_fleet(home: Path, regions: list[str], port: int, model: str) -> int:
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
     secret = os.environ.get(JOIN_SECRET_ENV) or _local_secret(home)
     env = os.environ | {JOIN_SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}
     children: list[_Child] = []
@@ -64,10 +85,11 @@ def run_local_fleet(home: Path, regions: list[str], port: int, model: str) -> in
         _wait_joined(url, _secret_file(home, "admin.key"), children, stopping)
         if stopping.is_set():
             return 0
-        _announce(url, _secret_file(home, "demo.key"), model, regions, children)
+        demo_key = shown_secret(_secret_file(home, "demo.key"), home / "demo.key")
+        _announce(url, demo_key, model, regions, children)
         while not stopping.wait(0.5):
-            if dead := next((c for c in children if c.process.poll() is not None), None):
-                raise LocalFleetError(_died(dead))
+            for child in children:
+                _tend(child, time.monotonic())
         return 0
     finally:
         _stop_all(children)
@@ -77,9 +99,8 @@ def _local_secret(home: Path) -> str:
     path = home / "join.secret"
     if path.is_file():
         return path.read_text().strip()
-    path.touch(mode=stat.S_IRUSR | stat.S_IWUSR)
     value = secrets.token_urlsafe(32)
-    path.write_text(value + "\n")
+    write_private(path, value + "\n")
     return value
 
 
@@ -113,6 +134,22 @@ def _palisade(*args: str) -> list[str]:
 def _start_router(
     home: Path, port: int, regions: list[str], env: dict[str, str]
 ) -> tuple[_Child, str]:
+    process, urls, found = _spawn_router(home, port, regions, env)
+    child = _Child("router", process, None)
+    found.wait(_START_TIMEOUT_S)
+    if not urls:
+        _stop_all([child])
+        raise LocalFleetError("the router did not start; its output is above.")
+    # Started again on the port it got, so the appliances find it at the same URL.
+    bound = int(urls[0].rsplit(":", 1)[1])
+    child.respawn = lambda: _spawn_router(home, bound, regions, env)[0]
+    return child, urls[0]
+
+
+def _spawn_router(
+    home: Path, port: int, regions: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[str], list[str], threading.Event]:
+    """The router process, its output relayed here; `urls` gets its URL, then `found` is set."""
     command = _palisade("router", "serve", "--port", str(port), "--demo-regions", ",".join(regions))
     process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
         command,
@@ -136,39 +173,65 @@ def _start_router(
         found.set()
 
     threading.Thread(target=relay, daemon=True).start()
-    child = _Child("router", process, None)
-    found.wait(_START_TIMEOUT_S)
-    if not urls:
-        _stop_all([child])
-        raise LocalFleetError("the router did not start; its output is above.")
-    return child, urls[0]
+    return process, urls, found
 
 
 def _start_appliance(
     home: Path, node: str, region: str, router_url: str, env: dict[str, str]
 ) -> _Child:
     node_home = home / "fleet" / node
-    node_home.mkdir(parents=True, exist_ok=True)
+    private_dir(node_home)
     models = node_home / "models"
     if not models.exists():
         models.symlink_to(home / "models", target_is_directory=True)
     log = node_home / "appliance.log"
-    # It holds the appliance's first-start admin key, like admin.key beside it: owner only.
-    log.touch(mode=stat.S_IRUSR | stat.S_IWUSR)
-    log.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    private_file(log)  # like the state beside it: owner only
     command = _palisade(
         "appliance", "serve", "--port", "0", "--region", region, "--node-id", node,
         "--router", router_url,
     )  # fmt: skip
-    with log.open("w") as output:
-        process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
-            command,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env | {"PALISADE_HOME": str(node_home)},
-        )
-    return _Child(node, process, log)
+
+    def spawn(mode: str) -> subprocess.Popen[str]:
+        # A restart appends: the crashed run's last lines stay in the log.
+        with log.open(mode) as output:
+            return subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env | {"PALISADE_HOME": str(node_home)},
+            )
+
+    return _Child(node, spawn("w"), log, respawn=lambda: spawn("a"))
+
+
+def _tend(child: _Child, now: float) -> None:
+    """Once `child` has exited, report it and start it again after its back-off."""
+    if child.respawn is None:
+        if child.process.poll() is not None:
+            raise LocalFleetError(_died(child))
+        return
+    if child.restart_at is None:
+        if child.process.poll() is None:
+            return
+        if now - child.started >= _STABLE_S:
+            child.backoff = _BACKOFF_FIRST_S
+        child.restart_at = now + child.backoff
+        _say(f"\n{_died(child)}\nfleet up: restarting {child.name} in {child.backoff:g} s.\n")
+        child.backoff = min(child.backoff * 2, _BACKOFF_MAX_S)
+    elif now >= child.restart_at:
+        child.restarts += 1
+        if child.log is not None:
+            with child.log.open("a") as log:
+                log.write(f"--- fleet up: restart {child.restarts} of {child.name} ---\n")
+        child.process = child.respawn()
+        child.started, child.restart_at = now, None
+        _say(f"fleet up: {child.name} restarted (restart {child.restarts}).\n")
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _wait_joined(
@@ -203,7 +266,16 @@ def _died(child: _Child) -> str:
         lines = child.log.read_text(errors="replace").splitlines()[-15:]
         tail = "\n  ".join(["", *lines])
     where = f" (log: {child.log})" if child.log is not None else ""
-    return f"{child.name} exited with code {child.process.returncode}{where}{tail}"
+    return f"{child.name} {_exit(child.process.returncode)}{where}{tail}"
+
+
+def _exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _announce(url: str, key: str, model: str, regions: list[str], children: list[_Child]) -> None:
@@ -214,7 +286,7 @@ def _announce(url: str, key: str, model: str, regions: list[str], children: list
         f"(regions {', '.join(regions)}).\n"
         f"  export PALISADE_URL={url} PALISADE_API_KEY={key}\n"
         f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-H 'Authorization: Bearer {key}' -d '{body}'\n"
+        f"-H \"Authorization: Bearer {key}\" -d '{body}'\n"
         f"  palisade fleet status --url {url}      # as the system admin (admin.key)\n"
         "Stop with Ctrl-C.\n"
     )

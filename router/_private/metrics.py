@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from federation import FleetStatus
 
@@ -51,9 +53,13 @@ class RouterMetrics:
             registry=r,
         )
         self._status: Callable[[], FleetStatus] | None = None
+        r.register(_RestartCollector(self.fleet_status))
 
     def watch_fleet(self, status: Callable[[], FleetStatus]) -> None:
         self._status = status
+
+    def fleet_status(self) -> FleetStatus | None:
+        return self._status() if self._status is not None else None
 
     def render(self) -> bytes:
         if self._status is not None:
@@ -62,3 +68,38 @@ class RouterMetrics:
                 for device in node.device_classes or ["none"]:
                     self._nodes.labels(node.region, device, node.state).inc()
         return generate_latest(self.registry)
+
+
+class _RestartCollector(Collector):
+    """Restarts per node, read from the fleet view at scrape time (the fleet counts them
+    from heartbeats; node ids are bounded by the fleet's size)."""
+
+    def __init__(self, status: Callable[[], FleetStatus | None]) -> None:
+        self._status = status
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        restarts, crash_loop = self._families()
+        status = self._status()
+        if status is not None:
+            for node in status.nodes:
+                restarts.add_metric([node.node_id], node.restarts)
+                crash_loop.add_metric([node.node_id], 1.0 if node.crash_loop else 0.0)
+        return [restarts, crash_loop]
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "palisade_router_node_restarts",
+                "Restarts of each node (a new boot id in its heartbeat) since the router started",
+                labels=["node"],
+            ),
+            GaugeMetricFamily(
+                "palisade_router_node_crash_looping",
+                "1 while a node restarts so often that it counts as crash-looping",
+                labels=["node"],
+            ),
+        )

@@ -1,50 +1,113 @@
-"""`palisade fleet up` (what `make run` starts): a router and two regions that answer curl."""
+"""`palisade fleet up` (what `make run` starts): a router and two regions that answer curl,
+and that come back by themselves when one of their processes dies."""
 
 from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from tests.support import REPO, default_model_path, wait_for
+from tests.federation.tenants import Admin
+from tests.support import REPO, default_model_path, run_palisade, wait_for
 
-_CURL = re.compile(r"^\s*(curl -s .*Authorization: Bearer pal-sk-.*)$", re.MULTILINE)
+_CURL = re.compile(r"^\s*(curl -s .*Authorization: Bearer .*)$", re.MULTILINE)
 _URL = re.compile(r"export PALISADE_URL=(?P<url>\S+)")
+_READY = "Palisade fleet ready"
 
 
-def test_fleet_up_serves_the_printed_curl_from_both_regions_and_stops_cleanly(
-    tmp_path: Path,
-) -> None:
-    (tmp_path / "models").symlink_to(default_model_path().parent, target_is_directory=True)
+@dataclass
+class FleetUp:
+    """A running `palisade fleet up` and everything it printed so far."""
+
+    process: subprocess.Popen[str]
+    output: list[str]
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def url(self) -> str:
+        found = _URL.search(self.text())
+        assert found is not None, self.text()
+        return found["url"]
+
+    def children(self) -> dict[str, int]:
+        """Its child processes' PIDs: `router`, and each appliance by node id."""
+        found: dict[str, int] = {}
+        pids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        for pid in pids.split():
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            name = args[args.index("--node-id") + 1] if "--node-id" in args else args[3]
+            found[name] = int(pid)
+        return found
+
+
+@contextmanager
+def fleet_up(home: Path) -> Iterator[FleetUp]:
+    """`palisade fleet up --port 0` on `home`; SIGTERM at the end must exit 0 and stop it all."""
+    (home / "models").symlink_to(default_model_path().parent, target_is_directory=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "palisade", "fleet", "up", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO,
-        env=os.environ | {"PALISADE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"},
+        env=os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"},
     )
-    output: list[str] = []
+    fleet = FleetUp(process, [])
 
     def pump() -> None:
         assert process.stdout is not None
-        output.extend(process.stdout)
+        fleet.output.extend(process.stdout)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    url = None
     try:
-        curl = wait_for(lambda: _CURL.search("".join(output)), timeout=180)
-        url = _URL.search("".join(output))
-        assert url is not None
-        result = subprocess.run(
-            [*shlex.split(curl[1]), "-D", "-"],
+        wait_for(lambda: _READY in fleet.text(), timeout=180)
+        url = fleet.url()
+        yield fleet
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert code == 0, fleet.text()
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+        raise AssertionError("the router still answers after fleet up stopped")
+    except httpx.TransportError:
+        pass
+
+
+def pinned(url: str, key: str, region: str) -> httpx.Response:
+    """A one-token completion that may run only in `region`."""
+    return httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 1},
+        headers={"Authorization": f"Bearer {key}", "X-Palisade-Regions": region},
+        timeout=60,
+    )
+
+
+def test_fleet_up_serves_the_printed_curl_from_both_regions_and_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    with fleet_up(tmp_path) as fleet:
+        curl = _CURL.search(fleet.text())
+        assert curl is not None, fleet.text()
+        result = subprocess.run(  # as pasted into a shell: it reads the key from its file
+            ["bash", "-c", f"{curl[1]} -D -"],
             capture_output=True,
             text=True,
             timeout=180,
@@ -56,24 +119,81 @@ def test_fleet_up_serves_the_printed_curl_from_both_regions_and_stops_cleanly(
         assert receipt is not None
         assert receipt[1] in {"eu-west", "us-east"}
         demo_key = (tmp_path / "demo.key").read_text().strip()
+        assert demo_key not in fleet.text()  # not a terminal: where the key is, not the key
         for region in ("eu-west", "us-east"):  # both regions serve the default model
-            pinned = httpx.post(
-                f"{url['url']}/v1/completions",
-                json={"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 1},
-                headers={"Authorization": f"Bearer {demo_key}", "X-Palisade-Regions": region},
-                timeout=60,
-            )
-            assert pinned.status_code == 200, pinned.text
-            assert pinned.headers["x-palisade-node"] == f"{region}-1"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-        reader.join(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
-    assert code == 0, "".join(output)
+            answer = pinned(fleet.url(), demo_key, region)
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-palisade-node"] == f"{region}-1"
+
+
+def test_fleet_up_restarts_a_killed_appliance_and_router_and_the_other_region_stays_up(
+    tmp_path: Path,
+) -> None:
+    with fleet_up(tmp_path) as fleet:
+        url = fleet.url()
+        admin = Admin(url, (tmp_path / "admin.key").read_text().strip())
+        demo_key = (tmp_path / "demo.key").read_text().strip()
+        before = fleet.children()
+        assert set(before) == {"router", "eu-west-1", "us-east-1"}
+
+        os.kill(before["eu-west-1"], signal.SIGKILL)
+        us_east: list[int] = []
+
+        def eu_west_back() -> bool:
+            us_east.append(pinned(url, demo_key, "us-east").status_code)
+            node = nodes(admin)["eu-west-1"]
+            return node["restarts"] == 1 and node["state"] == "up" and node["ready"] is True
+
+        wait_for(eu_west_back, timeout=120, interval=0.2)
+        answer = pinned(url, demo_key, "eu-west")
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-palisade-node"] == "eu-west-1"
+        after = fleet.children()
+        assert after["eu-west-1"] != before["eu-west-1"]
+        assert (after["us-east-1"], after["router"]) == (before["us-east-1"], before["router"])
+        assert set(us_east) == {200}  # the other region answered all along
+        assert fleet.process.poll() is None
+        assert "eu-west-1 was killed by SIGKILL" in fleet.text()
+        assert "restarting eu-west-1 in 1 s" in fleet.text()
+        assert (
+            "--- fleet up: restart 1 of eu-west-1 ---"
+            in (tmp_path / "fleet" / "eu-west-1" / "appliance.log").read_text()
+        )  # the crashed run's log is kept, the new one follows it
+
+        status = run_palisade("fleet", "status", "--url", url, env={"PALISADE_HOME": str(tmp_path)})
+        assert status.returncode == 0, status.stderr
+        assert row(status.stdout, "eu-west-1")["restarts"] == "1"
+        assert row(status.stdout, "us-east-1")["restarts"] == "0"
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'palisade_router_node_restarts_total{node="eu-west-1"} 1.0' in metrics
+
+        # The router comes back on the same URL, and the appliances find it there again.
+        os.kill(after["router"], signal.SIGKILL)
+        wait_for(lambda: both_joined(admin), timeout=60, interval=0.2)
+        assert pinned(url, demo_key, "us-east").status_code == 200
+        assert "router was killed by SIGKILL" in fleet.text()
+        final = fleet.children()
+        assert final["router"] != after["router"]
+        assert (final["eu-west-1"], final["us-east-1"]) == (after["eu-west-1"], after["us-east-1"])
+
+
+def nodes(admin: Admin) -> dict[str, dict[str, Any]]:
+    return {n["node_id"]: n for n in admin.ok("GET", "/federation/v1/fleet")["nodes"]}
+
+
+def both_joined(admin: Admin) -> bool:
     try:
-        httpx.get(f"{url['url']}/healthz", timeout=2)
-        raise AssertionError("the router still answers after fleet up stopped")
+        fleet = nodes(admin)
     except httpx.TransportError:
-        pass
+        return False  # not listening again yet
+    return len(fleet) == 2 and all(
+        n["state"] == "up" and n["ready"] is True for n in fleet.values()
+    )
+
+
+def row(table: str, node: str) -> dict[str, str]:
+    """One node's row of `palisade fleet status`, by column name."""
+    lines = table.splitlines()
+    header = re.split(r"\s{2,}", lines[0])
+    line = next(line for line in lines if line.startswith(node))
+    return dict(zip(header, re.split(r"\s{2,}", line), strict=True))

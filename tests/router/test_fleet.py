@@ -9,6 +9,7 @@ import pytest
 
 from federation import Heartbeat, NodeModel
 from router import Fleet, HealthConfig
+from router._private.metrics import RouterMetrics
 
 PREFERENCE = ["rdu", "gpu", "cpu"]
 EU = frozenset({"eu-west"})
@@ -31,6 +32,8 @@ def beat(
     queue: int = 0,
     model: str = "m",
     ready: bool = True,
+    boot: str = "boot-1",
+    port: int = 1,
 ) -> Heartbeat:
     served = NodeModel(
         id=model,
@@ -41,7 +44,12 @@ def beat(
         queue_depth=queue,
     )
     return Heartbeat(
-        node_id=node, region=region, url=f"http://{node}.test:1", version="t", models=[served]
+        node_id=node,
+        region=region,
+        url=f"http://{node}.test:{port}",
+        version="t",
+        models=[served],
+        boot_id=boot,
     )
 
 
@@ -160,7 +168,7 @@ def test_consecutive_failures_open_the_circuit_and_failed_probes_back_off(
     assert node.consecutive_failures == 0
 
 
-def test_ejection_cancels_requests_still_waiting_for_the_first_byte(fleet: Fleet) -> None:
+def test_ejection_leaves_requests_already_sent_to_finish_on_their_own(fleet: Fleet) -> None:
     async def scenario() -> tuple[bool, bool]:
         node = fleet.beat(beat("n1"))
         loop = asyncio.get_running_loop()
@@ -170,22 +178,104 @@ def test_ejection_cancels_requests_still_waiting_for_the_first_byte(fleet: Fleet
         node.streams.add(streaming)
         for _ in range(3):
             fleet.failed(node)
+        assert fleet.state(node) == "ejected"
         return waiting.cancelled(), streaming.cancelled()
 
-    # Ejection gives up on answers not yet started; streams already flowing keep going.
-    assert asyncio.run(scenario()) == (True, False)
+    # Abandoning would make the router replay requests the failing node holds, and those
+    # may be what makes it fail: they get the node's answer, or its failure, instead.
+    assert asyncio.run(scenario()) == (False, False)
 
 
-def test_going_down_cuts_streams_too(fleet: Fleet, clock: Clock) -> None:
-    async def scenario() -> bool:
+def test_going_down_abandons_waiting_requests_and_cuts_streams(fleet: Fleet, clock: Clock) -> None:
+    async def scenario() -> tuple[bool, bool]:
         node = fleet.beat(beat("n1"))
-        streaming: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future[object] = loop.create_future()
+        streaming: asyncio.Future[object] = loop.create_future()
+        node.waiting.add(waiting)
         node.streams.add(streaming)
         clock.now += 10
         fleet.sweep()
-        return streaming.cancelled()
+        return waiting.cancelled(), streaming.cancelled()
 
-    assert asyncio.run(scenario())
+    assert asyncio.run(scenario()) == (True, True)
+
+
+def test_a_new_boot_id_counts_a_restart_and_needs_a_probe_before_traffic(
+    fleet: Fleet, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = fleet.beat(beat("n1", boot="a", port=1))
+    fleet.failed(first)
+    clock.now += 0.5
+    fleet.beat(beat("n1", boot="a", port=1))  # the same process: nothing changes
+    assert fleet.nodes["n1"] is first
+    assert first.restarts == 0
+
+    clock.now += 2
+    node = fleet.beat(beat("n1", boot="b", port=2))  # back on another port after a crash
+    assert node.restarts == 1
+    assert "node n1 (eu-west) restarted (restart 1; 1 within 300 s)" in caplog.text
+    assert node.url == "http://n1.test:2"
+    assert node.consecutive_failures == 0  # the failures were the old process's
+    assert fleet.state(node) == "ejected"
+    assert picks(fleet, 5) == {"none": 5}
+    assert fleet.probe_due(node)  # probed at once: one restart is not a crash loop
+    fleet.probed(node, ok=True)
+    assert picks(fleet, 5) == {"n1": 5}
+    row = fleet.status("r1").nodes[0]
+    assert (row.restarts, row.crash_loop, row.state) == (1, False, "up")
+
+
+def test_an_old_node_without_a_boot_id_is_not_counted_as_restarting(fleet: Fleet) -> None:
+    fleet.beat(beat("n1", boot="", port=1))
+    node = fleet.beat(beat("n1", boot="", port=2))
+    assert (node.restarts, fleet.state(node)) == (0, "up")
+
+
+def test_restarts_in_quick_succession_are_a_crash_loop_held_out_longer_each_time(
+    fleet: Fleet, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    for boot in ("b0", "b1", "b2"):
+        fleet.beat(beat("n1", boot=boot))
+        clock.now += 20
+    node = fleet.nodes["n1"]
+    assert node.restarts == 2
+    assert not fleet.status("r1").nodes[0].crash_loop
+    assert fleet.probe_due(node)
+
+    cooldowns = []
+    for boot in ("b3", "b4", "b5"):
+        node = fleet.beat(beat("n1", boot=boot))
+        assert fleet.status("r1").nodes[0].crash_loop
+        assert (
+            caplog.records[-1]
+            .getMessage()
+            .endswith(f"crash-looping, held out for {node.cooldown:g} s")
+        )
+        assert not fleet.probe_due(node)  # not even probed until its back-off is over
+        cooldowns.append(node.open_until - clock.now)
+        clock.now += 20
+    assert cooldowns == [1.0, 2.0, 4.0]
+    row = fleet.status("r1").nodes[0]
+    assert (row.restarts, row.crash_loop) == (5, True)
+
+    clock.now += 301  # five quiet minutes: no longer a crash loop, the count stays
+    row = fleet.status("r1").nodes[0]
+    assert (row.restarts, row.crash_loop) == (5, False)
+
+
+def test_a_restart_abandons_requests_still_waiting_on_the_old_process(fleet: Fleet) -> None:
+    async def scenario() -> tuple[bool, bool]:
+        old = fleet.beat(beat("n1", boot="a"))
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future[object] = loop.create_future()
+        streaming: asyncio.Future[object] = loop.create_future()
+        old.waiting.add(waiting)
+        old.streams.add(streaming)
+        fleet.beat(beat("n1", boot="b"))
+        return waiting.cancelled(), streaming.cancelled()
+
+    assert asyncio.run(scenario()) == (True, True)
 
 
 def test_fleet_status_reports_state_age_and_load(fleet: Fleet, clock: Clock) -> None:
@@ -201,3 +291,16 @@ def test_fleet_status_reports_state_age_and_load(fleet: Fleet, clock: Clock) -> 
     assert rows["a-node"].heartbeat_age_s == pytest.approx(0.5)
     assert rows["b-node"].device_classes == ["rdu"]
     assert {row.state for row in status.nodes} == {"up"}
+
+
+def test_restarts_and_crash_loops_are_metrics_read_from_the_fleet(fleet: Fleet) -> None:
+    metrics = RouterMetrics(router_id="r1", version="t")
+    metrics.watch_fleet(lambda: fleet.status("r1"))
+    for boot in ("b0", "b1", "b2", "b3"):
+        fleet.beat(beat("looping", boot=boot))
+    fleet.beat(beat("steady", boot="s0"))
+    text = metrics.render().decode()
+    assert 'palisade_router_node_restarts_total{node="looping"} 3.0' in text
+    assert 'palisade_router_node_restarts_total{node="steady"} 0.0' in text
+    assert 'palisade_router_node_crash_looping{node="looping"} 1.0' in text
+    assert 'palisade_router_node_crash_looping{node="steady"} 0.0' in text
