@@ -7,7 +7,7 @@ STAMP := $(VENV)/.palisade-installed
 export PALISADE_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model run test check lint typecheck bench clean
+.PHONY: help setup model run test check lint typecheck bench bench-guidellm clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test: model check ## Install everything and run lint, types and the whole test s
 
 bench: model ## Run the benchmarks (tables on stdout, JSON under var/bench/)
 	$(BIN)/python -m tests.bench
+
+bench-guidellm: model ## guidellm's sweep against the appliance and the router (own venv)
+	$(BIN)/python -m tests.bench --only guidellm
 
 clean: ## Remove the virtual env and caches (keeps var/)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

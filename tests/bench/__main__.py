@@ -1,10 +1,12 @@
-"""Run the benchmarks: `python -m tests.bench [--only engine|audit|router|batching] [options]`.
+"""Run the benchmarks: `python -m tests.bench [--only engine|audit|router|batching|guidellm]
+[options]`.
 
 Without --only, the engine benchmark runs first, then the audit-log benchmark, then the
 router overhead benchmark (which installs the LiteLLM proxy into var/bench/litellm-venv
 for its side-by-side columns, unless --no-litellm), then the batching benchmark (which
 builds llama.cpp's llama-server into var/bench/llama-server and installs llama-cpp-python's
-server into var/bench/llamacpp-server-venv, unless skipped).
+server into var/bench/llamacpp-server-venv, unless skipped), then the guidellm lane (which
+installs guidellm into var/bench/guidellm-venv).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.bench import audit, batching, engine, router
+from tests.bench import audit, batching, engine, guidellm, router
 from tests.support import REPO
 
-BENCHMARKS = ("engine", "audit", "router", "batching")
+BENCHMARKS = ("engine", "audit", "router", "batching", "guidellm")
 ENGINE_REPEATS = 15
 
 
@@ -145,7 +147,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip llama-cpp-python's server (and its install)",
     )
+    lane = guidellm.Settings()
+    group = parser.add_argument_group("guidellm lane")
+    group.add_argument(
+        "--guidellm-seconds",
+        type=float,
+        default=lane.seconds,
+        help="seconds per benchmark of the sweep (default %(default)s)",
+    )
+    group.add_argument(
+        "--guidellm-sweep-size",
+        type=int,
+        default=lane.sweep_size,
+        help="benchmarks in the sweep (default %(default)s, guidellm's)",
+    )
+    group.add_argument(
+        "--guidellm-max-concurrency",
+        type=int,
+        default=lane.max_concurrency,
+        help="streams of the sweep's throughput step (default %(default)s; guidellm's: 512)",
+    )
+    group.add_argument(
+        "--guidellm-prompt-tokens",
+        type=int,
+        default=lane.prompt_tokens,
+        help="synthetic prompt tokens (default %(default)s)",
+    )
+    group.add_argument(
+        "--guidellm-output-tokens",
+        type=int,
+        default=lane.output_tokens,
+        help="synthetic output tokens (default %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.guidellm_seconds <= 0 or args.guidellm_sweep_size < 2:
+        parser.error("--guidellm-seconds must be positive and --guidellm-sweep-size at least 2")
+    sizes = (args.guidellm_prompt_tokens, args.guidellm_output_tokens)
+    if min(*sizes, args.guidellm_max_concurrency) < 1:
+        parser.error(
+            "--guidellm-prompt-tokens, --guidellm-output-tokens and "
+            "--guidellm-max-concurrency must be >= 1"
+        )
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if (args.repeats is not None and args.repeats < 1) or args.warmups < 0:
@@ -187,6 +229,16 @@ def batching_settings(args: argparse.Namespace) -> batching.Settings:
     )
 
 
+def guidellm_settings(args: argparse.Namespace) -> guidellm.Settings:
+    return guidellm.Settings(
+        seconds=args.guidellm_seconds,
+        prompt_tokens=args.guidellm_prompt_tokens,
+        output_tokens=args.guidellm_output_tokens,
+        sweep_size=args.guidellm_sweep_size,
+        max_concurrency=args.guidellm_max_concurrency,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [args.only] if args.only else list(BENCHMARKS)
@@ -200,8 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit.run(out_dir=args.out)
         elif name == "router":
             router.run(out_dir=args.out, settings=router_settings(args))
-        else:
+        elif name == "batching":
             batching.run(out_dir=args.out, settings=batching_settings(args))
+        else:
+            guidellm.run(out_dir=args.out, settings=guidellm_settings(args))
     return 0
 
 
