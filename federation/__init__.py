@@ -187,6 +187,7 @@ __all__ = [
     "UsageRow",
     "User",
     "allowed",
+    "announce_admin_key",
     "bind_socket",
     "boot_id",
     "budget_cli",
@@ -221,7 +222,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from federation._private.admin_api import Tenancy
+    from federation._private.admin_api import Tenancy, announce_admin_key
     from federation._private.cli import (
         budget_cli,
         key_cli,
@@ -245,6 +246,7 @@ if TYPE_CHECKING:
 # serve HTTP or parse a command line (the audit-log writer, the offline verifier) do without.
 _LAZY = {
     "Tenancy": "federation._private.admin_api",
+    "announce_admin_key": "federation._private.admin_api",
     "error_handlers": "federation._private.http_errors",
     "error_response": "federation._private.http_errors",
     "PROMPT_TOKENS_HEADER": "federation._private.http_exits",

@@ -10,7 +10,6 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -66,6 +65,7 @@ from federation import (
     SamplingFields,
     Tenancy,
     Usage,
+    announce_admin_key,
     client_gone_response,
     count_exits,
     decode_request,
@@ -133,7 +133,7 @@ class ApplianceState:
         if self.tenancy is not None:
             admin_key = await self.tenancy.start()
             if admin_key is not None:
-                _announce_admin_key(admin_key, self.tenancy.home)
+                announce_admin_key(admin_key, self.tenancy.home)
             if self.demo:
                 _announce_demo(await self.tenancy.demo_key(), self)
         self._loader = asyncio.create_task(self._load_all())
@@ -653,17 +653,6 @@ def _announce_demo(key: str, state: ApplianceState) -> None:
         f"  curl -s {state.url}/v1/chat/completions -H 'Content-Type: application/json' "
         f"-H \"Authorization: Bearer {shown}\" -d '{body}'\n\n"
     )
-    sys.stdout.flush()
-
-
-def _announce_admin_key(key: str, home: Path) -> None:
-    # Shown once on a terminal, never to a log or a journal: elsewhere, only where it is.
-    path = home / "admin.key"
-    if sys.stdout.isatty():
-        text = f"Its API key, shown only this once, is also in {path} (mode 0600):\n  {key}"
-    else:
-        text = f"Its API key is in {path} (mode 0600; not printed, as this is not a terminal)."
-    sys.stdout.write(f"\nCreated the system administrator. {text}\n\n")
     sys.stdout.flush()
 
 

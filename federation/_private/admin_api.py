@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -392,3 +393,15 @@ def _usage_scope(caller: Caller, org: str | None, *, all_orgs: bool) -> str | No
         require_everywhere(caller.user.role, Action.VIEW_SYSTEM_USAGE)
         return None
     return _scope_org(caller, org, Action.VIEW_ORG_USAGE)
+
+
+def announce_admin_key(key: str, home: Path) -> None:
+    """Tell the operator where the first-start admin key is: the key itself only on a
+    terminal, never to a log or a service manager's journal."""
+    path = home / "admin.key"
+    if sys.stdout.isatty():
+        text = f"Its API key, shown only this once, is also in {path} (mode 0600):\n  {key}"
+    else:
+        text = f"Its API key is in {path} (mode 0600; not printed, as this is not a terminal)."
+    sys.stdout.write(f"\nCreated the system administrator. {text}\n\n")
+    sys.stdout.flush()

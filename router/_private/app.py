@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -38,6 +37,7 @@ from federation import (
     Performance,
     Principal,
     Tenancy,
+    announce_admin_key,
     client_gone_response,
     count_exits,
     decode_request,
@@ -115,7 +115,7 @@ class RouterState:
     async def start(self) -> None:
         admin_key = await self.tenancy.start()
         if admin_key is not None:
-            _announce_admin_key(admin_key, self.tenancy.home)
+            announce_admin_key(admin_key, self.tenancy.home)
         self.forwarder.gate = self.tenancy.gate
         await self.forwarder.start()
         self._tasks = [
@@ -460,17 +460,6 @@ def _ops_routes(state: RouterState) -> list[HTTPRouteHandler]:
 
 def _json(payload: object) -> Response[Any]:
     return Response(ENCODER.encode(payload), media_type=MediaType.JSON)
-
-
-def _announce_admin_key(key: str, home: Path) -> None:
-    # Shown once on a terminal, never to a log or a journal: elsewhere, only where it is.
-    path = home / "admin.key"
-    if sys.stdout.isatty():
-        text = f"Its API key, shown only this once, is also in {path} (mode 0600):\n  {key}"
-    else:
-        text = f"Its API key is in {path} (mode 0600; not printed, as this is not a terminal)."
-    sys.stdout.write(f"\nCreated the system administrator. {text}\n\n")
-    sys.stdout.flush()
 
 
 def _announce_demo(key: str, state: RouterState) -> None:

@@ -27,6 +27,8 @@ from tests.support import run_palisade, wait_for
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "ping"}]
 
+_TEARDOWN_S = 0.25  # SIGKILL to the node's sockets being closed, at the most
+
 
 @dataclass
 class Outcome:
@@ -135,11 +137,13 @@ def test_sigkill_of_the_rdu_node_fails_only_its_own_requests_and_moves_traffic_t
 
         # Requests the node held when it died are not replayed (they may have killed it):
         # each gets 502 backend_crashed. Requests sent after it died find it refusing
-        # connections, and go to gpu-1 without an error.
+        # connections, and go to gpu-1 without an error. The kernel tears the process down
+        # a few milliseconds after send_signal returns, so a request sent in that window
+        # still reached the node, and counts as one it held.
         failures = load.failures()
         assert len(failures) <= 4  # one per worker at most: those in flight at the kill
         assert all(o.code == "backend_crashed" for o in failures), failures
-        assert all(o.started < killed for o in failures), failures
+        assert all(o.started < killed + _TEARDOWN_S for o in failures), failures
         after = load.since(killed + 2.0)
         assert {o.device for o in after} == {"gpu"}
         assert fleet.status()["rdu-1"]["state"] in ("ejected", "down")
