@@ -1,7 +1,7 @@
 """Node bring-up: first boot, identity, enrollment, pinned node config.
 
 Empty until the provisioning issue lands; the package exists so the layout and import rules of
-DESIGN.md hold from the first commit.
+docs/architecture.md hold from the first commit.
 """
 
 __all__: list[str] = []

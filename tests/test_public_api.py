@@ -11,7 +11,7 @@ import pytest
 from tests.support import REPO
 
 PACKAGES = ["federation", "compliance", "appliance", "router", "provisioning", "images", "palisade"]
-# Imports point downward only (DESIGN.md): a package may import those listed for it.
+# Imports point downward only (docs/architecture.md): a package imports those listed for it.
 ALLOWED = {
     "federation": set(),
     "compliance": {"federation"},
