@@ -187,6 +187,7 @@ def test_a_full_disk_refuses_admission_with_503_and_takes_nothing(tmp_path: Path
         assert journal._fd is not None
         os.close(journal._fd)
         journal._fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+        journal.flush()  # what the loop does after this iteration: the write fails
         with pytest.raises(ServiceUnavailableError) as refused:
             gate.admit(PRINCIPAL, 100, model="m")
         assert refused.value.code == "journal_unavailable"
