@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +20,15 @@ import httpx
 from federation import JOIN_SECRET_ENV
 from tests.federation.tenants import Admin
 from tests.standin import RunningStandin, run_standin
-from tests.support import Server, model_toml, start_server, wait_for, write_config
+from tests.support import (
+    REPO,
+    Server,
+    default_model_path,
+    model_toml,
+    start_server,
+    wait_for,
+    write_config,
+)
 
 SECRET = "e2e-fleet-join-secret-0123456789"  # noqa: S105 - a test fleet's secret
 FLEET_ENV = {JOIN_SECRET_ENV: SECRET}
@@ -136,3 +151,74 @@ def served_by(response: httpx.Response) -> tuple[str, str, str]:
         headers["x-palisade-node"],
         headers["x-palisade-device"],
     )
+
+
+_FLEET_URL = re.compile(r"export PALISADE_URL=(?P<url>\S+)")
+FLEET_READY = "Palisade fleet ready"
+
+
+@dataclass
+class FleetUp:
+    """A running `palisade fleet up` and everything it printed so far."""
+
+    process: subprocess.Popen[str]
+    output: list[str]
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def url(self) -> str:
+        found = _FLEET_URL.search(self.text())
+        assert found is not None, self.text()
+        return found["url"]
+
+    def children(self) -> dict[str, int]:
+        """Its child processes' PIDs: `router`, and each appliance by node id."""
+        found: dict[str, int] = {}
+        pids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        for pid in pids.split():
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            name = args[args.index("--node-id") + 1] if "--node-id" in args else args[3]
+            found[name] = int(pid)
+        return found
+
+
+@contextmanager
+def fleet_up(home: Path, *flags: str, umask: int = -1) -> Iterator[FleetUp]:
+    """`palisade fleet up --port 0 [flags]` on `home` (under `umask` if given); SIGTERM at
+    the end must exit 0 and stop it all."""
+    (home / "models").symlink_to(default_model_path().parent, target_is_directory=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "palisade", "fleet", "up", "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env=os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"},
+        umask=umask,
+    )
+    fleet = FleetUp(process, [])
+
+    def pump() -> None:
+        assert process.stdout is not None
+        fleet.output.extend(process.stdout)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    url = None
+    try:
+        wait_for(lambda: FLEET_READY in fleet.text(), timeout=180)
+        url = fleet.url()
+        yield fleet
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert code == 0, fleet.text()
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+        raise AssertionError("the router still answers after fleet up stopped")
+    except httpx.TransportError:
+        pass

@@ -7,87 +7,16 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tests.e2e.fleet import fleet_up
 from tests.federation.tenants import Admin
-from tests.support import REPO, default_model_path, run_palisade, wait_for
+from tests.support import run_palisade, wait_for
 
 _CURL = re.compile(r"^\s*(curl -s .*Authorization: Bearer .*)$", re.MULTILINE)
-_URL = re.compile(r"export PALISADE_URL=(?P<url>\S+)")
-_READY = "Palisade fleet ready"
-
-
-@dataclass
-class FleetUp:
-    """A running `palisade fleet up` and everything it printed so far."""
-
-    process: subprocess.Popen[str]
-    output: list[str]
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def url(self) -> str:
-        found = _URL.search(self.text())
-        assert found is not None, self.text()
-        return found["url"]
-
-    def children(self) -> dict[str, int]:
-        """Its child processes' PIDs: `router`, and each appliance by node id."""
-        found: dict[str, int] = {}
-        pids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
-        for pid in pids.split():
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-            name = args[args.index("--node-id") + 1] if "--node-id" in args else args[3]
-            found[name] = int(pid)
-        return found
-
-
-@contextmanager
-def fleet_up(home: Path) -> Iterator[FleetUp]:
-    """`palisade fleet up --port 0` on `home`; SIGTERM at the end must exit 0 and stop it all."""
-    (home / "models").symlink_to(default_model_path().parent, target_is_directory=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "palisade", "fleet", "up", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env=os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"},
-    )
-    fleet = FleetUp(process, [])
-
-    def pump() -> None:
-        assert process.stdout is not None
-        fleet.output.extend(process.stdout)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    url = None
-    try:
-        wait_for(lambda: _READY in fleet.text(), timeout=180)
-        url = fleet.url()
-        yield fleet
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-        reader.join(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
-    assert code == 0, fleet.text()
-    try:
-        httpx.get(f"{url}/healthz", timeout=2)
-        raise AssertionError("the router still answers after fleet up stopped")
-    except httpx.TransportError:
-        pass
 
 
 def pinned(url: str, key: str, region: str) -> httpx.Response:

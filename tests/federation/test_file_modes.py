@@ -11,9 +11,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,10 +18,8 @@ import pytest
 
 from federation import private_database, private_dir, private_file, shown_secret
 from tests.conftest import MODEL
-from tests.e2e.fleet import FLEET_ENV
-from tests.support import REPO, default_model_path, wait_for
-
-_READY = "Palisade fleet ready"
+from tests.e2e.fleet import FLEET_ENV, fleet_up
+from tests.support import REPO, wait_for
 
 
 def modes(home: Path) -> dict[Path, int]:
@@ -49,39 +44,11 @@ def assert_private(home: Path) -> dict[Path, int]:
     return found
 
 
-@contextmanager
-def fleet_up(home: Path) -> Iterator[list[str]]:
-    """`palisade fleet up` with one region, started under umask 022; its output so far."""
-    home.mkdir(mode=0o755)  # as a user might have made it: fleet up makes it private
-    (home / "models").symlink_to(default_model_path().parent, target_is_directory=True)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "palisade", "fleet", "up", "--port", "0", "--regions", "eu-west"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env=os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"},
-        umask=0o022,
-    )
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(process.stdout or []), daemon=True)
-    reader.start()
-    try:
-        wait_for(lambda: _READY in "".join(output), timeout=180)
-        yield output
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-        reader.join(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
-    assert code == 0, "".join(output)
-
-
 def test_every_state_file_is_private_under_umask_022(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    with fleet_up(home) as output:
-        url = next(line for line in output if "export PALISADE_URL=" in line).split("=")[1]
+    home.mkdir(mode=0o755)  # as a user might have made it: fleet up makes it private
+    with fleet_up(home, "--regions", "eu-west", umask=0o022) as fleet:
+        url = fleet.url()
         key = (home / "demo.key").read_text().strip()
         answer = httpx.post(
             f"{url.split()[0]}/v1/chat/completions",
