@@ -1,7 +1,11 @@
-"""Node bring-up: first boot, identity, enrollment, pinned node config.
+"""Node bring-up: first boot, identity, enrollment into a fleet, pinned node config.
 
-Empty until the provisioning issue lands; the package exists so the layout and import rules of
-docs/architecture.md hold from the first commit.
+`palisade node init` gives the node its key and node.toml; `palisade node enroll` pins the
+fleet CA and gets the node's certificate; `palisade node status` shows both
+(docs/architecture.md, Fleet trust).
 """
 
-__all__: list[str] = []
+from provisioning._private.bringup import BringupError, enroll_node, init_node, node_status
+from provisioning._private.cli import node_cli
+
+__all__ = ["BringupError", "enroll_node", "init_node", "node_cli", "node_status"]

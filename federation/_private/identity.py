@@ -37,6 +37,11 @@ class NodeIdentity:
         write_private(path, pem)
         return cls(key)
 
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The key itself: it is also the node's TLS key and signs its certificate requests."""
+        return self._private
+
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
 

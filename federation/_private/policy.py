@@ -14,6 +14,7 @@
 | view org audit log            | any org      | own       | no       |
 | call the inference API        | no           | yes       | yes      |
 | view the fleet                | yes          | no        | no       |
+| enroll/revoke fleet nodes     | yes          | no        | no       |
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Action(Enum):
     VIEW_AUDIT = "view org audit log"
     CALL_INFERENCE = "call the inference API"
     VIEW_FLEET = "view the fleet"
+    MANAGE_FLEET = "enroll/revoke fleet nodes"
 
 
 # Per role: the actions allowed in any org ("any"), only in the actor's own org ("own").
@@ -52,6 +54,7 @@ _MATRIX: dict[str, dict[Action, str]] = {
         Action.MANAGE_ORG_KEYS: _ANY,
         Action.VIEW_AUDIT: _ANY,
         Action.VIEW_FLEET: _ANY,
+        Action.MANAGE_FLEET: _ANY,
     },
     "org_admin": {
         Action.VIEW_ORG_USAGE: _OWN,

@@ -1,0 +1,250 @@
+"""Fleet x509: who a certificate says its holder is, certificate requests, TLS contexts.
+
+Every node and router proves its identity with a certificate from the fleet CA (the
+router's `fleet/ca.pem`). The key is the process's Ed25519 `node.key`. The subject says
+everything the fleet trusts about the holder: CN = node (or router) id, O = fleet id,
+OU = role, plus region and device class under private OIDs. The CA sets all of it; a
+certificate request contributes only its public key and the host names it asks for.
+
+Revocation is a CRL signed by the CA. A context that checks client certificates always
+has a CRL loaded (an empty one at first): with `VERIFY_CRL_CHECK_LEAF` and no CRL every
+handshake fails. A newer CRL (higher CRLNumber, later last_update) loaded into a live
+context is honoured from the next handshake on, see `reload_crl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import os
+import re
+import ssl
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import NameOID, ObjectIdentifier
+
+from federation._private.identity import NodeIdentity
+
+Role = Literal["node", "router"]
+StrPath = str | os.PathLike[str]
+
+# Private OIDs under the UUID arc 2.25 (ITU-T X.667): no registration needed, no clash.
+REGION_OID = ObjectIdentifier("2.25.310613956484810803564186195976021482477")
+DEVICE_CLASS_OID = ObjectIdentifier("2.25.288518122563068208789969010568663243962")
+DNS_SUFFIX = "palisade.internal"
+ROLES: tuple[Role, ...] = ("node", "router")
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """What a fleet certificate vouches for; `device_class` None means "any"."""
+
+    node_id: str
+    role: Role
+    fleet_id: str
+    region: str | None
+    device_class: str | None
+    serial: int
+    fingerprint: str
+    not_after: float
+
+
+def load_pem_certificate(pem: bytes) -> x509.Certificate:
+    """Parse one PEM certificate; ValueError if it is not one."""
+    return x509.load_pem_x509_certificate(pem)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """`sha256:<hex>` of the certificate's DER: how operators pin the CA."""
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def node_dns_name(node_id: str) -> str:
+    return f"{node_id}.node.{DNS_SUFFIX}"
+
+
+def router_dns_name(router_id: str) -> str:
+    return f"{router_id}.router.{DNS_SUFFIX}"
+
+
+def dns_name(role: Role, holder_id: str) -> str:
+    return node_dns_name(holder_id) if role == "node" else router_dns_name(holder_id)
+
+
+def identity_of(cert: x509.Certificate) -> PeerIdentity:
+    """The fleet identity a certificate names. Does not check who signed it: TLS did, or
+    the caller must. ValueError if the subject is not a fleet subject."""
+    subject = cert.subject
+    holder = _attribute(subject, NameOID.COMMON_NAME)
+    fleet_id = _attribute(subject, NameOID.ORGANIZATION_NAME)
+    role = _attribute(subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if holder is None or fleet_id is None or role not in ROLES:
+        raise ValueError(f"certificate subject {subject.rfc4514_string()} is not a fleet subject")
+    return PeerIdentity(
+        node_id=holder,
+        role="node" if role == "node" else "router",
+        fleet_id=fleet_id,
+        region=_attribute(subject, REGION_OID),
+        device_class=_attribute(subject, DEVICE_CLASS_OID),
+        serial=cert.serial_number,
+        fingerprint=fingerprint(cert),
+        not_after=cert.not_valid_after_utc.timestamp(),
+    )
+
+
+def fleet_subject(
+    holder_id: str,
+    fleet_id: str,
+    role: Role,
+    region: str | None = None,
+    device_class: str | None = None,
+) -> x509.Name:
+    """The subject `identity_of` reads back: what the CA writes into every certificate."""
+    attributes = [
+        x509.NameAttribute(NameOID.COMMON_NAME, holder_id),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, fleet_id),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+    ]
+    if region is not None:
+        attributes.append(x509.NameAttribute(REGION_OID, region))
+    if device_class is not None:
+        attributes.append(x509.NameAttribute(DEVICE_CLASS_OID, device_class))
+    return x509.Name(attributes)
+
+
+def _attribute(name: x509.Name, oid: ObjectIdentifier) -> str | None:
+    values = name.get_attributes_for_oid(oid)
+    if not values:
+        return None
+    value = values[0].value
+    return value if isinstance(value, str) else value.decode("utf-8")
+
+
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be a name a node asks for in its certificate, or None if it can:
+    an IP address or a DNS name, not a wildcard, not under the fleet's own `palisade.internal`
+    names (those are the CA's to give: `<router>.router.palisade.internal` would let a node
+    pass for the router)."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    name = host.lower().rstrip(".")
+    if name == DNS_SUFFIX or name.endswith("." + DNS_SUFFIX):
+        return f"`{host}` is a fleet name only the CA assigns"
+    if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+        return f"`{host}` is neither an IP address nor a DNS name (no wildcards)"
+    return None
+
+
+def general_names(hosts: list[str]) -> list[x509.GeneralName]:
+    """SAN entries for host names and IP addresses (an IP literal becomes an IPAddress)."""
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def requested_hosts(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The DNS names and IP addresses a certificate request asks for, in order."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    hosts: list[str] = list(san.get_values_for_type(x509.DNSName))
+    hosts += [str(address) for address in san.get_values_for_type(x509.IPAddress)]
+    return hosts
+
+
+def make_csr(identity: NodeIdentity, node_id: str, hosts: list[str]) -> bytes:
+    """A PEM certificate request for the node's own key, asking for `hosts` as SANs."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)])
+    )
+    if hosts:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(general_names(hosts)), critical=False
+        )
+    csr = builder.sign(identity.private_key, algorithm=None)
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def raw_public_key(holder: x509.Certificate | x509.CertificateSigningRequest) -> bytes:
+    """The holder's Ed25519 public key as 32 raw bytes; ValueError for any other key type."""
+    key = holder.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"the key is {type(key).__name__}; fleet keys are Ed25519")  # noqa: TRY004
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def server_context(
+    cert_path: StrPath,
+    key_path: StrPath,
+    ca_path: StrPath | None,
+    crl_path: StrPath | None,
+    *,
+    client_certs: bool,
+) -> ssl.SSLContext:
+    """TLS 1.3 server context presenting `cert_path`. With `client_certs`, clients may
+    present a certificate (routes that need one check `peer_identity`); a presented one
+    must chain to the CA and not be revoked, or the handshake fails."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(os.fspath(cert_path), os.fspath(key_path))
+    if client_certs:
+        if ca_path is None or crl_path is None:
+            raise ValueError("checking client certificates needs the fleet CA and a CRL")
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cafile=os.fspath(ca_path))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        reload_crl(ctx, crl_path)
+    return ctx
+
+
+def client_context(
+    ca_path: StrPath | None,
+    cert_path: StrPath | None = None,
+    key_path: StrPath | None = None,
+    crl_path: StrPath | None = None,
+    *,
+    ca_pem: bytes | None = None,
+) -> ssl.SSLContext:
+    """TLS 1.3 client context trusting only the fleet CA (a file, or `ca_pem` in memory).
+
+    Host names are checked: connect with `server_hostname=node_dns_name(...)` or
+    `router_dns_name(...)`. With `cert_path` the client presents its fleet certificate;
+    with `crl_path` the server's certificate is checked against the CRL too.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if ca_path is not None:
+        ctx.load_verify_locations(cafile=os.fspath(ca_path))
+    if ca_pem is not None:
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+    if cert_path is not None:
+        key = os.fspath(key_path) if key_path is not None else None
+        ctx.load_cert_chain(os.fspath(cert_path), key)
+    if crl_path is not None:
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        reload_crl(ctx, crl_path)
+    return ctx
+
+
+def reload_crl(ctx: ssl.SSLContext, crl_path: StrPath) -> None:
+    """Add the CRL at `crl_path` to a live context; the next handshake honours it.
+
+    OpenSSL keeps every CRL it was given and uses the newest for an issuer, so the CA
+    must issue each CRL with a higher CRLNumber and last_update = now.
+    """
+    ctx.load_verify_locations(cafile=os.fspath(crl_path))
