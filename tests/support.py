@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import httpx
 from appliance import DEFAULT_MODEL_FILE, DEFAULT_MODEL_ID
 
 REPO = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"listening on (?P<url>http://\S+)")
+_LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
 T = TypeVar("T")
 
 
@@ -74,6 +75,8 @@ class Server:
     home: Path
     output: list[str] = field(default_factory=list)
     reader: threading.Thread | None = None
+    # What checks its certificate when it serves HTTPS (an enrolled node: the fleet CA).
+    verify: ssl.SSLContext | bool = True
 
     @property
     def v1(self) -> str:
@@ -81,7 +84,7 @@ class Server:
 
     def metric(self, name: str, **labels: str) -> float:
         """Current value of one Prometheus sample (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", timeout=10, verify=self.verify).text
         want = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
         for line in text.splitlines():
             if line.startswith("#"):
@@ -122,13 +125,16 @@ def start_server(
     env: dict[str, str] | None = None,
     start_timeout: float = 60.0,
 ) -> Server:
-    """Start `palisade <kind> serve --port 0 …` and wait until it prints its URL.
+    """Start `palisade <kind> serve --port 0 …` (a router also `--fleet-port 0`) and wait
+    until it prints its URL.
 
     The caller waits for readiness (`Server.wait_ready`) and stops it (`Server.stop`), so
     several servers can start at once.
     """
     home.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "palisade", kind, "serve", "--port", "0", *args]
+    if kind == "router":
+        command[7:7] = ["--fleet-port", "0"]  # its fleet listener too (default 8301)
     environment = os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         command,
@@ -193,7 +199,7 @@ def _ready(server: Server) -> bool:
     if server.process.poll() is not None:
         raise RuntimeError("server exited:\n" + server.log_text())
     try:
-        return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+        return httpx.get(f"{server.url}/readyz", timeout=2, verify=server.verify).status_code == 200
     except httpx.TransportError:
         return False
 

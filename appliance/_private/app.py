@@ -7,9 +7,11 @@ import asyncio
 import base64
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,10 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance._private import inference
 from appliance._private.config import ApplianceConfig
+from appliance._private.edge import EdgeGate, HttpRouterLink, is_fleet_principal
+from appliance._private.edge_ledger import EdgeLedger
 from appliance._private.engine import Finish, Generation, Prompt, SamplingParams
 from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
 from appliance._private.membership import BOOT_ID, Membership
 from appliance._private.metrics import ApplianceMetrics
+from appliance._private.policy_sync import PolicySync, policy_book_for, policy_offer_routes
+from appliance._private.presence import node_advertisement
 from appliance._private.served import ServedModel
 from compliance import Recorder, audit_routes
 from federation import (
@@ -56,8 +62,10 @@ from federation import (
     EmbeddingUsage,
     ErrorDetail,
     ErrorResponse,
+    FleetPresence,
     Heartbeat,
     ModelList,
+    NodeCredentials,
     NodeModel,
     PermissionDeniedError,
     Pricing,
@@ -70,7 +78,9 @@ from federation import (
     count_exits,
     decode_request,
     error_handlers,
+    peer_identity,
     read_body,
+    reload_crl,
     require,
     shown_secret,
 )
@@ -123,7 +133,27 @@ class ApplianceState:
         self.on_fatal: Callable[[], None] = lambda: None
         self._loader: asyncio.Task[None] | None = None
         self.membership: Membership | None = None
+        # An enrolled node's fleet policy: the signed snapshot (fleet keys) and its long poll.
+        self.policy_sync: PolicySync | None = None
+        # The offline edge: admission, budget share and usage of fleet keys (`edge.py`).
+        self.edge: EdgeGate | None = None
+        # The listener's TLS context and the CRL it checks client certificates against
+        # (set by `server.serve` for an enrolled node).
+        self.tls: ssl.SSLContext | None = None
+        self.crl_path: Path | None = None
+        # zeroconf (`[discovery]`): announces this node; an enrolled one, what its certificate
+        # says (set by `create_app`).
+        self.discovery = FleetPresence(config.discovery)
+        self.credentials: NodeCredentials | None = None
         self._beats = 0
+
+    def reload_crl(self) -> None:
+        """Honour the newest `fleet/crl.pem` (a policy snapshot wrote it) from the next
+        handshake on: peers whose certificates it lists are refused, both ways."""
+        if self.tls is not None and self.crl_path is not None:
+            reload_crl(self.tls, self.crl_path)
+        if self.membership is not None:
+            self.membership.reload_crl()
 
     @property
     def ready(self) -> bool:
@@ -139,6 +169,12 @@ class ApplianceState:
         self._loader = asyncio.create_task(self._load_all())
         if self.membership is not None:
             await self.membership.start()
+        if self.policy_sync is not None:
+            await self.policy_sync.start()
+        if self.edge is not None:
+            await self.edge.start()
+        if self.config.discovery.enabled:
+            await self.discovery.start(node_advertisement(self.config, self.url, self.credentials))
 
     async def _load_all(self) -> None:
         for model in self.models.values():
@@ -155,12 +191,19 @@ class ApplianceState:
                 self.membership.nudge()
 
     async def stop(self) -> None:
+        await self.discovery.stop()
+        if self.policy_sync is not None:
+            await self.policy_sync.stop()
+        if self.edge is not None:  # before membership closes the client it talks through
+            await self.edge.stop()
         if self.membership is not None:
             await self.membership.stop()
         if self._loader is not None:
             await self._loader
         for model in self.models.values():
             await asyncio.to_thread(model.engine.close)
+        if self.edge is not None:  # after the engines: what they settled is in its ledger
+            self.edge.close()
         if self.tenancy is not None:
             await self.tenancy.close()
         if self.recorder is not None:
@@ -223,7 +266,14 @@ class ApplianceState:
         that a crash leaves it in the log (`Recorder.begin`).
         """
         admission = None
-        if self.tenancy is not None and principal.via is None:
+        if self.edge is not None and is_fleet_principal(principal):
+            audit = self._row(
+                principal, served, estimate, 0, status=INTERRUPTED, record_id=request_id
+            )
+            admission = self.edge.admit(
+                principal, estimate, request_id=request_id, model=served.id, audit=audit
+            )
+        elif self.tenancy is not None and principal.via is None:
             gate = self.tenancy.gate
             admission = gate.admit(principal, estimate, request_id=request_id, model=served.id)
         if self.recorder is not None:
@@ -269,10 +319,21 @@ class ApplianceState:
         record_id: str,
     ) -> None:
         """Settle the admission (if this node admitted it) and write the audit row."""
-        if admission is not None:
+        pricing = served.config.pricing
+        spent = prompt * pricing.input_per_million + completion * pricing.output_per_million
+        if admission is not None and self.edge is not None and is_fleet_principal(principal):
+            used = prompt, completion
+            self.edge.settle(
+                admission,
+                model=served.id,
+                input_tokens=prompt,
+                output_tokens=completion,
+                status=status,
+                cost=round(spent / 1e6, 9),
+                audit=self._row(principal, served, *used, status=status, record_id=record_id),
+            )
+        elif admission is not None:
             assert self.tenancy is not None
-            pricing = served.config.pricing
-            spent = prompt * pricing.input_per_million + completion * pricing.output_per_million
             self.tenancy.gate.settle(
                 admission,
                 model=served.id,
@@ -319,17 +380,29 @@ class ApplianceState:
         return served
 
     async def authenticate(self, request: Request[Any, Any, Any]) -> Principal:
-        """A router's signed assertion, else a local API key."""
+        """A router's signed assertion, else a local API key, else a fleet key from the
+        policy snapshot (`via` = `FLEET_POLICY_VIA`: this node admits and meters it)."""
         token = request.headers.get(ASSERTION_HEADER)
         if token is None:
             assert self.tenancy is not None
-            return await self.tenancy.principal(request)
+            try:
+                return await self.tenancy.principal(request)
+            except AuthenticationError:
+                key = _bearer_key(request)
+                if self.policy_sync is None or key is None:
+                    raise
+                principal = self.policy_sync.book.principal(key)
+                if self.edge is not None:
+                    await self.edge.prepare(principal)  # online: a share to admit it from
+                return principal
         if self.membership is None:
             raise AuthenticationError(
                 "This appliance is not in a fleet, so it accepts no router assertions; send a "
                 "local API key (`Authorization: Bearer pal-sk-…`).",
                 code="invalid_assertion",
             )
+        if self.membership.tls is not None:
+            _check_router_peer(request)
         if self.membership.verifier is None:
             raise AuthenticationError(
                 f"This appliance has not yet registered with its router "
@@ -373,6 +446,7 @@ class ApplianceState:
             ttft_ewma_ms=next((m.ttft_ewma_ms for m in models if m.ttft_ewma_ms), None),
             tpot_ewma_ms=next((m.tpot_ewma_ms for m in models if m.tpot_ewma_ms), None),
             boot_id=BOOT_ID,
+            offline_since=self.edge.reported_offline_since() if self.edge is not None else None,
         )
 
     def receipt(self, model: ServedModel) -> dict[str, str]:
@@ -383,6 +457,24 @@ class ApplianceState:
         }
 
 
+def _bearer_key(request: Request[Any, Any, Any]) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
+def _check_router_peer(request: Request[Any, Any, Any]) -> None:
+    """An enrolled node takes assertions only over a connection whose client certificate
+    (verified against the fleet CA and CRL by the handshake) is the router's."""
+    peer = peer_identity(request)
+    if peer is None or peer.role != "router":
+        raise AuthenticationError(
+            "A router assertion must come over a connection that presents the router's fleet "
+            "certificate"
+            + ("." if peer is None else f"; this one presents {peer.role} `{peer.node_id}`'s."),
+            code="client_certificate_required",
+        )
+
+
 def create_app(
     config: ApplianceConfig,
     *,
@@ -390,20 +482,36 @@ def create_app(
     authenticate: Authenticator | None = None,
     demo: bool = False,
     recorder: Recorder | None = None,
-    join_secret: bytes | None = None,
+    credentials: NodeCredentials | None = None,
+    lab_secret: bytes | None = None,
 ) -> tuple[Litestar, ApplianceState]:
     """The appliance app. With `tenancy`, keys are required and /admin/v1 is mounted;
     without it, every caller is the local principal (`--no-auth`) unless `authenticate`
-    supplies another. With `config.router_url` and the fleet `join_secret`, the appliance
-    joins the router's fleet and also accepts the router's signed principal assertions."""
+    supplies another. With `config.router_url` and the node's enrolled `credentials` (or,
+    in a lab, the `lab_secret`), the appliance joins the router's fleet and also accepts the
+    router's signed principal assertions."""
     state = ApplianceState(config, tenancy, demo=demo, recorder=recorder)
-    if config.router_url is not None and join_secret is not None:
+    state.credentials = credentials
+    if config.router_url is not None and (credentials is not None or lab_secret is not None):
         state.membership = Membership(
             config.router_url,
-            join_secret,
             home=config.home(),
             node_id=config.node_id,
             snapshot=state.heartbeat,
+            credentials=credentials,
+            lab_secret=lab_secret if credentials is None else None,
+        )
+    book = policy_book_for(credentials, logging_floor=config.logging_floor) if credentials else None
+    if book is not None and state.membership is not None:
+        book.crl_hooks.append(lambda _: state.reload_crl())
+        state.policy_sync = PolicySync(book, state.membership)
+        state.edge = EdgeGate(
+            EdgeLedger(config.home(), node=config.node_id, region=book.region),
+            HttpRouterLink(state.membership),
+            book,
+            region=book.region,
+            node=config.node_id,
+            grace_s=config.fleet.offline_grace_s,
         )
     admin: list[HTTPRouteHandler] = []
     if tenancy is not None:
@@ -416,6 +524,7 @@ def create_app(
             *_openai_routes(state, Provide(authenticate or local_principal)),
             *_ops_routes(state),
             *admin,
+            *(policy_offer_routes(book) if book is not None else []),
         ],
         exception_handlers={
             **error_handlers("appliance", log),
@@ -552,7 +661,10 @@ def _ops_routes(state: ApplianceState) -> list[HTTPRouteHandler]:
     async def readyz() -> Response[Any]:
         if not state.ready:
             raise ModelNotReadyError("Models are still loading; retry shortly.", retry_after=1)
-        return _json({"status": "ready", "models": sorted(state.models)})
+        ready: dict[str, Any] = {"status": "ready", "models": sorted(state.models)}
+        if state.edge is not None:  # an enrolled node: when it lost its router, if it has
+            ready["offline_since"] = state.edge.offline_since_iso()
+        return _json(ready)
 
     @get("/metrics")
     async def metrics() -> Response[Any]:

@@ -7,12 +7,14 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
+import msgspec
 import typer
 
 from appliance._private.config import load_appliance_config, palisade_home
 from appliance._private.model_store import fetch_default_model, installed_models
-from appliance._private.server import serve
-from federation import PalisadeError
+from appliance._private.presence import with_discovered_router
+from appliance._private.server import fleet_settings, serve
+from federation import NodeCredentials, PalisadeError
 
 appliance_cli = typer.Typer(help="Run an edge inference node.", no_args_is_help=True)
 models_cli = typer.Typer(
@@ -36,13 +38,19 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     port: Annotated[
         int | None, typer.Option(help="Listen port; 0 picks a free one (default 8400).")
     ] = None,
-    region: Annotated[str | None, typer.Option(help="Region this node is pinned to.")] = None,
-    node_id: Annotated[str | None, typer.Option("--node-id", help="This node's id.")] = None,
+    region: Annotated[
+        str | None,
+        typer.Option(help="Region this node is pinned to (an enrolled node: its certificate's)."),
+    ] = None,
+    node_id: Annotated[
+        str | None,
+        typer.Option("--node-id", help="This node's id (an enrolled node: its certificate's)."),
+    ] = None,
     router: Annotated[
         str | None,
         typer.Option(
             "--router",
-            help="Join this router's fleet (needs PALISADE_JOIN_SECRET, shared with the router).",
+            help="Join this router's fleet (default for an enrolled node: its fleet URL).",
         ),
     ] = None,
     advertise_url: Annotated[
@@ -60,6 +68,15 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
         bool,
         typer.Option("--demo", help="Also create a demo org and user and print a ready curl line."),
     ] = False,
+    discovery: Annotated[
+        bool | None,
+        typer.Option(
+            "--discovery/--no-discovery",
+            help="Announce this node by zeroconf; find the router if none is known "
+            "(overrides [discovery]).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the configured models (the default model when no config is given)."""
     logging.basicConfig(
@@ -76,7 +93,13 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     }
     try:
         settings = load_appliance_config(config, overrides)
-        code = serve(settings, no_auth=no_auth, demo=demo)
+        switched = settings.discovery.switched(discovery)
+        settings = msgspec.structs.replace(settings, discovery=switched)
+        credentials = NodeCredentials.load(settings.home())
+        settings = fleet_settings(settings, credentials, node_id=node_id, region=region)
+        settings = with_discovered_router(settings, credentials)
+        enrolled = credentials if credentials.enrolled else None
+        code = serve(settings, no_auth=no_auth, demo=demo, credentials=enrolled)
     except PalisadeError as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)

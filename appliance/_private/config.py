@@ -9,7 +9,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from federation import ConfigError, Pricing, ServerConfig, convert_config, load_config
+from federation import (
+    ConfigError,
+    DiscoveryConfig,
+    Pricing,
+    ServerConfig,
+    convert_config,
+    load_config,
+)
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,6 +73,14 @@ class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         return self.cache_type_k == self.cache_type_v == "f16"
 
 
+class FleetConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The offline edge of an enrolled node (`[fleet]`)."""
+
+    # How long after losing its router the node keeps serving fleet keys on its last policy
+    # snapshot and budget share; beyond it they get 503 `policy_expired`.
+    offline_grace_s: Annotated[float, Meta(gt=0, le=90 * 86400)] = 24 * 3600.0
+
+
 class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole appliance: identity, listen address, state and models."""
 
@@ -81,12 +96,19 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     models: Annotated[list[ModelConfig], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: [default_model_config()]
     )
-    # Fleet membership: the router to register with (the join secret comes from
-    # PALISADE_JOIN_SECRET), and the URL the router should use to reach this node.
+    # Fleet membership: the router's fleet URL (an enrolled node defaults to the one in its
+    # node.toml and talks mTLS), and the URL the router should use to reach this node.
     router_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
     advertise_url: Annotated[str, Meta(pattern=r"^https?://")] | None = None
+    # A standalone appliance serves HTTPS with this certificate and key (PEM files) when both
+    # are set; an enrolled node always serves HTTPS with its node certificate.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     # Limits on each client connection: read timeouts, keep-alive, how many at once.
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    # zeroconf: announce this process on the listed interfaces and browse for its fleet.
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
 
     def home(self) -> Path:
         """The state directory: `data_dir` from the file, else `$PALISADE_HOME`."""

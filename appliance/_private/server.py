@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 import sys
 
-from appliance._private.app import create_app
+import msgspec
+
+from appliance._private.app import ApplianceState, create_app
 from appliance._private.config import ApplianceConfig
 from appliance._private.errors import ModelLoadError
 from appliance._private.upstream import upstream_key
 from compliance import Recorder
 from federation import (
     ConfigError,
+    Listener,
+    NodeCredentials,
     Tenancy,
+    announce_lab_secret,
     bind_socket,
     join_secret,
     make_server,
+    server_context,
     url_of,
 )
 
@@ -52,14 +59,23 @@ def check_no_auth(config: ApplianceConfig) -> None:
         )
 
 
-def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False) -> int:
-    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+def serve(
+    config: ApplianceConfig,
+    *,
+    no_auth: bool = False,
+    demo: bool = False,
+    credentials: NodeCredentials | None = None,
+) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code. `credentials`: the node's
+    enrolled fleet credentials (see `fleet_settings`), served with and presented to the
+    router."""
     check_models(config)
     if no_auth:
         check_no_auth(config)
     if no_auth and demo:
         raise ConfigError("--demo makes a demo org and key; it needs keys, so drop --no-auth.")
-    secret = _fleet_secret(config, no_auth=no_auth, host=config.host)
+    lab_secret = _fleet_transport(config, credentials, no_auth=no_auth, host=config.host)
+    tls = _listener_tls(config, credentials)
     sock = bind_socket(config.host, config.port)
     recorder = None if no_auth else _recorder(config)
     tenancy = None
@@ -72,15 +88,21 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
             logging_floor=config.logging_floor,
         )
     app, state = create_app(
-        config, tenancy=tenancy, demo=demo, recorder=recorder, join_secret=secret
+        config,
+        tenancy=tenancy,
+        demo=demo,
+        recorder=recorder,
+        credentials=credentials,
+        lab_secret=lab_secret,
     )
-    server = make_server(app, config.server)
+    _use_tls(state, tls, credentials)
+    server = make_server(app, config.server, [Listener(sock, tls)])
 
     def stop_on_fatal() -> None:
         server.should_exit = True
 
     state.on_fatal = stop_on_fatal
-    url = url_of(sock)
+    url = url_of(sock, "https" if tls is not None else "http")
     state.url = url
     if no_auth:
         log.warning(
@@ -88,14 +110,58 @@ def serve(config: ApplianceConfig, *, no_auth: bool = False, demo: bool = False)
             "management API is disabled. Listening on loopback only."
         )
     _announce(config, url, no_auth=no_auth)
-    server.run(sockets=[sock])
+    server.run()
     if state.load_error is not None:
         return 1
     return 0
 
 
-def _fleet_secret(config: ApplianceConfig, *, no_auth: bool, host: str) -> bytes | None:
-    """The join secret when this node joins a router's fleet (checked before serving)."""
+def fleet_settings(
+    config: ApplianceConfig,
+    credentials: NodeCredentials,
+    *,
+    node_id: str | None = None,
+    region: str | None = None,
+) -> ApplianceConfig:
+    """An enrolled node is what its certificate says: its node id, region and device class
+    come from it (a flag that says otherwise is refused), and it joins the router it
+    enrolled with unless `router_url` names another."""
+    if not credentials.enrolled:
+        return config
+    identity = credentials.identity()
+    for flag, given, certified in (
+        ("--node-id", node_id, identity.node_id),
+        ("--region", region, identity.region),
+    ):
+        if given is not None and given != certified:
+            raise ConfigError(
+                f"{flag} {given} disagrees with this node's certificate ({certified}): an "
+                "enrolled node is what its certificate says. Drop the flag, or enroll again "
+                "with a token for the other identity."
+            )
+    for model in config.models:
+        if identity.device_class is not None and model.device_class != identity.device_class:
+            raise ConfigError(
+                f"Model `{model.id}` declares device_class = {model.device_class!r}, but this "
+                f"node is certified for {identity.device_class!r} only; the router would refuse "
+                "its heartbeats. Fix device_class in the config, or enroll with a token for "
+                "the other device class."
+            )
+    state = credentials.state
+    fleet_url = state.fleet_url if state is not None else None
+    return msgspec.structs.replace(
+        config,
+        node_id=identity.node_id,
+        region=identity.region or config.region,
+        router_url=config.router_url or fleet_url,
+    )
+
+
+def _fleet_transport(
+    config: ApplianceConfig, credentials: NodeCredentials | None, *, no_auth: bool, host: str
+) -> bytes | None:
+    """Check a fleet member's settings before serving; the lab join secret for an
+    unenrolled one (None for an enrolled node, which uses mTLS)."""
     if config.router_url is None:
         return None
     if no_auth:
@@ -107,9 +173,64 @@ def _fleet_secret(config: ApplianceConfig, *, no_auth: bool, host: str) -> bytes
         raise ConfigError(
             f"This node listens on {host}, so the router cannot be told one address to reach "
             "it: set --advertise-url (or `advertise_url` in the config), e.g. "
-            "http://10.0.0.5:8400."
+            "https://10.0.0.5:8400."
         )
-    return join_secret(required=True)
+    if credentials is not None:
+        return None
+    secret = join_secret(required=False)
+    if secret is None:
+        raise ConfigError(
+            "This node is not enrolled, so it cannot join a fleet: get a token from the "
+            "router's operator (`palisade fleet token create`), then run `palisade node init` "
+            "and `palisade node enroll`."
+        )
+    announce_lab_secret("appliance")
+    return secret
+
+
+def _listener_tls(
+    config: ApplianceConfig, credentials: NodeCredentials | None
+) -> ssl.SSLContext | None:
+    """An enrolled node serves HTTPS with its node certificate and checks the client
+    certificates it is offered (the router's) against the fleet CA and CRL; a standalone
+    appliance serves HTTPS with `tls_cert`/`tls_key` when both are set."""
+    if credentials is not None:
+        if not credentials.crl_path.exists():
+            raise ConfigError(
+                f"{credentials.crl_path} is missing; enroll the node again "
+                "(`palisade node enroll`) to fetch the fleet's revocation list."
+            )
+        return server_context(
+            credentials.cert_path,
+            credentials.key_path,
+            credentials.ca_path,
+            credentials.crl_path,
+            client_certs=True,
+        )
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("Set both tls_cert and tls_key to serve HTTPS, or neither.")
+    try:
+        return server_context(config.tls_cert, config.tls_key, None, None, client_certs=False)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"Cannot use {config.tls_cert} with {config.tls_key} for HTTPS: {exc}."
+        ) from exc
+
+
+def _use_tls(
+    state: ApplianceState, tls: ssl.SSLContext | None, credentials: NodeCredentials | None
+) -> None:
+    """Give the app the listener's context: a new CRL (policy snapshot) and a renewed
+    certificate (membership) take effect from the next handshake."""
+    state.tls = tls
+    if tls is None or credentials is None:
+        return
+    state.crl_path = credentials.crl_path
+    if state.membership is not None:
+        cert, key = credentials.cert_path, credentials.key_path
+        state.membership.on_renewed.append(lambda: tls.load_cert_chain(cert, key))
 
 
 def _recorder(config: ApplianceConfig) -> Recorder:

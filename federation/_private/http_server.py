@@ -1,20 +1,48 @@
 """Running a Palisade app under uvicorn with connection hygiene: slow or idle clients cost a
-socket for a bounded time, never the node's health."""
+socket for a bounded time, never the node's health.
+
+One app may serve several listeners, each with its own TLS context (or none): the router's
+public listener beside its mTLS fleet listener. On a TLS connection every request's scope
+carries the ASGI TLS extension (`scope["extensions"]["tls"]`), with the client's verified
+certificate if it presented one; `peer_identity` reads the fleet identity from it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
+import socket
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from federation._private.openai_wire import ENCODER, ErrorDetail, ErrorResponse
+from federation._private.pki import PeerIdentity, identity_of, load_pem_certificate
 from federation._private.serving import ServerConfig
 
 log = logging.getLogger("palisade.serving")
+
+# ASGI TLS extension values: the protocol version and the IANA cipher suite numbers.
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+_TLS13_SUITES = {
+    "TLS_AES_128_GCM_SHA256": 0x1301,
+    "TLS_AES_256_GCM_SHA384": 0x1302,
+    "TLS_CHACHA20_POLY1305_SHA256": 0x1303,
+}
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A bound socket and the TLS context its connections are served with (None: plain)."""
+
+    sock: socket.socket
+    ssl: ssl.SSLContext | None = None
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -41,10 +69,45 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
-def make_server(app: Any, config: ServerConfig) -> uvicorn.Server:
-    """A uvicorn server for `app` that enforces `config` on every connection."""
+class _Server(uvicorn.Server):
+    """uvicorn's server, serving each `Listener` with its own TLS context."""
+
+    def __init__(
+        self, config: uvicorn.Config, listeners: Sequence[Listener], handshake_timeout_s: float
+    ) -> None:
+        super().__init__(config)
+        self.listeners = list(listeners)
+        self._handshake_timeout_s = handshake_timeout_s
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        listeners = self.listeners + [Listener(sock) for sock in sockets or []]
+        await super().startup(sockets=[])  # the lifespan; servers are made below
+        loop = asyncio.get_running_loop()
+        protocol = self.config.http_protocol_class
+        for listener in listeners:
+            server = await loop.create_server(
+                lambda: protocol(  # type: ignore[call-arg]
+                    config=self.config,
+                    server_state=self.server_state,
+                    app_state=self.lifespan.state,
+                ),
+                sock=listener.sock,
+                ssl=listener.ssl,
+                backlog=self.config.backlog,
+                # A client that never finishes its handshake holds a socket no longer than
+                # one that never finishes its headers.
+                ssl_handshake_timeout=self._handshake_timeout_s if listener.ssl else None,
+            )
+            self.servers.append(server)
+
+
+def make_server(
+    app: Any, config: ServerConfig, listeners: Sequence[Listener] = ()
+) -> uvicorn.Server:
+    """A uvicorn server for `app` on `listeners` that enforces `config` on every connection
+    (`server.run()`; sockets given to `run(sockets=...)` are served as plain listeners)."""
     raise_fd_limit(config.max_connections + 256)
-    return uvicorn.Server(
+    return _Server(
         uvicorn.Config(
             app,
             http=guarded_protocol(config),
@@ -53,8 +116,48 @@ def make_server(app: Any, config: ServerConfig) -> uvicorn.Server:
             lifespan="on",
             timeout_graceful_shutdown=5,
             timeout_keep_alive=config.keep_alive_s,
-        )
+        ),
+        listeners,
+        config.header_timeout_s,
     )
+
+
+def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    """The ASGI TLS extension for a connection (None when it is not TLS): the client's
+    certificate (already verified by the handshake) as PEM, the version and cipher suite."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    cipher = ssl_object.cipher()
+    return {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": _TLS13_SUITES.get(cipher[0]) if cipher else None,
+    }
+
+
+def peer_identity(source: Any) -> PeerIdentity | None:
+    """The fleet identity of the client certificate a request (or ASGI scope) came with;
+    None without TLS or without a certificate. The handshake verified the certificate
+    against the fleet CA and CRL: a certificate that fails never gets this far."""
+    scope: Mapping[str, Any] = getattr(source, "scope", source)
+    tls = scope.get("extensions", {}).get("tls")
+    if not tls or not tls["client_cert_chain"]:
+        return None
+    return _identity_of_pem(tls["client_cert_chain"][0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity_of_pem(pem: str) -> PeerIdentity | None:
+    """Parsed once per certificate: every request of every connection presents the same."""
+    try:
+        return identity_of(load_pem_certificate(pem.encode("ascii")))
+    except ValueError:
+        return None  # verified by the CA, but not a fleet subject: no fleet identity
 
 
 def _error_reply(status: int, reason: str, message: str, code: str) -> bytes:
@@ -106,9 +209,11 @@ def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
         _header_bytes = 0  # of the request being read, while its headers are incomplete
         _tail = b""  # the last bytes received, in case the headers' end straddles two reads
         _requests = 0
+        _tls: dict[str, Any] | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._tls = tls_extension(transport)
             if len(self.connections) > config.max_connections:
                 self._refuse(busy)
                 return
@@ -126,6 +231,8 @@ def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            if self._tls is not None:
+                self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
             self._in_headers = True
             if self._deadline is None:  # a kept-alive connection's next request
                 self._arm(config.header_timeout_s, header_timeout)

@@ -47,7 +47,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
-    """`http://host:port` for a bound socket (IPv6 hosts in brackets)."""
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
+    """`http://host:port` (or `https://…`) for a bound socket (IPv6 hosts in brackets)."""
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

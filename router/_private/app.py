@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get, post
@@ -26,33 +26,52 @@ from federation import (
     INTERRUPTED,
     SIGNATURE_HEADER,
     Action,
+    Advertisement,
     AssertionSigner,
+    AuthenticationError,
     Caller,
     ClientGoneError,
+    FleetPresence,
+    Heartbeat,
     HeartbeatReply,
+    InvalidRequestError,
     ModelCard,
     ModelList,
     NodeIdentity,
     NotFoundError,
+    PeerIdentity,
     Performance,
+    PermissionDeniedError,
     Principal,
+    ServiceUnavailableError,
     Tenancy,
     announce_admin_key,
     client_gone_response,
     count_exits,
     decode_request,
     error_handlers,
+    peer_identity,
     read_body,
     require_everywhere,
     shown_secret,
     sign_fleet_message,
     verify_fleet_message,
 )
+from router._private.ca import FleetCA
 from router._private.config import RouterConfig
+from router._private.edge_routes import edge_routes
 from router._private.errors import RegionHeaderError
 from router._private.fleet import Fleet
+from router._private.leases import EdgeLeases
 from router._private.metrics import RouterMetrics
+from router._private.policy_publisher import PolicyPublisher
+from router._private.policy_routes import policy_routes
 from router._private.proxy import Call, Forwarder, with_usage
+from router._private.registry import NodeRegistry
+from router._private.trust_routes import trust_routes
+
+if TYPE_CHECKING:
+    from router._private.transport import RouterTLS
 
 log = logging.getLogger("palisade.router")
 
@@ -92,22 +111,48 @@ class RouterState:
         config: RouterConfig,
         tenancy: Tenancy,
         recorder: Recorder,
-        join_secret: bytes,
         *,
+        lab_secret: bytes | None = None,
         demo_regions: list[str] | None = None,
     ) -> None:
         self.config = config
         self.tenancy = tenancy
         self.recorder = recorder
-        self.join_secret = join_secret
+        # The lab switch (PALISADE_LAB_JOIN_SECRET): heartbeats without certificates, signed
+        # with a shared secret, from plain-HTTP nodes. None everywhere but test labs.
+        self.lab_secret = lab_secret
+        # Serials of revoked certificates: a connection made before the revocation (the CRL
+        # refuses new ones) must not heartbeat on.
+        self.revoked_serials: set[int] = set()
+        # Called with the node id when a node is revoked (the server drops it from the fleet
+        # and reloads the CRL).
+        self.on_revoked: list[Callable[[str], None]] = []
+        # The router's TLS material (`transport.RouterTLS`; None in an app made without its
+        # listeners) and the fleet URL nodes are told to use.
+        self.tls: RouterTLS | None = None
+        self.fleet_url = f"https://{config.fleet_host}:{config.fleet_port}"
         self.demo_regions = demo_regions
         self.identity = NodeIdentity.load_or_create(config.home())
+        # The fleet CA and the registry of tokens and enrolled nodes (trust_routes).
+        self.ca = FleetCA.load_or_create(config.home())
+        self.registry = NodeRegistry(config.home(), self.ca, self.identity, config.router_id)
+        self.revoked_serials |= self.registry.revoked_serials()
         self.fleet = Fleet(config.health)
         self.metrics = RouterMetrics(router_id=config.router_id, version=VERSION)
         self.metrics.watch_fleet(lambda: self.fleet.status(config.router_id))
         self.signer = AssertionSigner(self.identity, config.router_id, ttl_s=config.assertion_ttl_s)
         self.forwarder = Forwarder(config, self.fleet, self.signer, self.metrics, recorder=recorder)
         self.url = f"http://{config.host}:{config.port}"
+        # zeroconf (`[discovery]`): announces the router and lists nodes seen on the network;
+        # what it lists is never trusted (docs/architecture.md, Fleet trust → Discovery).
+        self.discovery = FleetPresence(config.discovery)
+        # Signed policy snapshots for the appliances (fleet keys, revoked certificates).
+        self.policy = PolicyPublisher(
+            tenancy, self.identity, home=config.home(), router_id=config.router_id
+        )
+        self.on_revoked.append(lambda _: self.policy.changed())
+        # Budget shares leased to nodes for the offline edge (set up with the gate, at start).
+        self._leases: EdgeLeases | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[str] = set()
         self._probes: set[asyncio.Task[None]] = set()
@@ -117,15 +162,36 @@ class RouterState:
         if admin_key is not None:
             announce_admin_key(admin_key, self.tenancy.home)
         self.forwarder.gate = self.tenancy.gate
+        self._leases = EdgeLeases(self.tenancy.store, self.tenancy.gate, self.recorder)
+        await self._leases.start()
         await self.forwarder.start()
+        await self.policy.start()
         self._tasks = [
             asyncio.create_task(self._sweep_forever()),
             asyncio.create_task(self._probe_forever()),
         ]
         if self.demo_regions is not None:
             _announce_demo(await self.tenancy.demo_key(self.demo_regions), self)
+        if self.tls is not None:
+            await self.discovery.start(self._advertisement(self.tls))
+
+    def leases(self) -> EdgeLeases:
+        if self._leases is None:
+            raise ServiceUnavailableError("The router is starting; retry shortly.", retry_after=1)
+        return self._leases
+
+    def _advertisement(self, tls: RouterTLS) -> Advertisement:
+        """The router as zeroconf announces it: its fleet URL and the CA nodes must pin."""
+        return Advertisement(
+            role="router",
+            node_id=self.config.router_id,
+            url=self.fleet_url,
+            fleet_id=tls.ca.fleet_id,
+            fingerprint=tls.ca.fingerprint,
+        )
 
     async def stop(self) -> None:
+        await self.discovery.stop()
         tasks = [*self._tasks, *self._probes]
         for task in tasks:
             task.cancel()
@@ -133,6 +199,7 @@ class RouterState:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.forwarder.close()
+        await self.policy.stop()
         await self.tenancy.close()
         await asyncio.to_thread(self.recorder.close)
 
@@ -199,14 +266,17 @@ def create_router_app(
     *,
     tenancy: Tenancy,
     recorder: Recorder,
-    join_secret: bytes,
+    lab_secret: bytes | None = None,
     demo_regions: list[str] | None = None,
 ) -> tuple[Litestar, RouterState]:
-    state = RouterState(config, tenancy, recorder, join_secret, demo_regions=demo_regions)
+    state = RouterState(config, tenancy, recorder, lab_secret=lab_secret, demo_regions=demo_regions)
     app = Litestar(
         route_handlers=[
             *_openai_routes(state),
             *_fleet_routes(state),
+            *trust_routes(state),
+            *policy_routes(state.policy, lambda r: certified_node(state, peer_identity(r))),
+            *edge_routes(state.leases, lambda r: certified_node(state, peer_identity(r))),
             *_ops_routes(state),
             *tenancy.routes(),
             *audit_routes(tenancy, recorder, origin=config.router_id),
@@ -415,12 +485,18 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
     @post("/federation/v1/heartbeat", status_code=200)
     async def heartbeat(request: Request[Any, Any, Any]) -> Response[Any]:
         body = await request.body()
-        verify_fleet_message(state.join_secret, body, request.headers.get(SIGNATURE_HEADER))
+        identity = peer_identity(request)
+        if identity is None and state.lab_secret is not None:
+            verify_fleet_message(state.lab_secret, body, request.headers.get(SIGNATURE_HEADER))
+        else:
+            identity = certified_node(state, identity)
         beat = decode_request(body, HEARTBEAT_DECODER)
+        if identity is not None:
+            _check_claims(beat, identity)
         known = beat.node_id in state.fleet.nodes
-        state.fleet.beat(beat)
+        node = state.fleet.beat(beat, identity)
         if not known:
-            log.info("node %s joined from %s (%s)", beat.node_id, beat.region, beat.url)
+            log.info("node %s joined from %s (%s)", node.id, node.region, node.url)
         health = state.config.health
         reply = ENCODER.encode(
             HeartbeatReply(
@@ -428,9 +504,12 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
                 router_public_key=state.identity.public_key.hex(),
                 interval_s=health.heartbeat_interval_s,
                 missed_beats_down=health.missed_beats_down,
+                policy_version=state.policy.version,
             )
         )
-        headers = {SIGNATURE_HEADER: sign_fleet_message(state.join_secret, reply)}
+        headers = {}
+        if identity is None and state.lab_secret is not None:
+            headers[SIGNATURE_HEADER] = sign_fleet_message(state.lab_secret, reply)
         return Response(reply, media_type=MediaType.JSON, headers=headers)
 
     @get("/federation/v1/fleet", dependencies=caller_dependency)
@@ -439,6 +518,66 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
         return _json(state.fleet.status(state.config.router_id))
 
     return [heartbeat, fleet]
+
+
+def certified_node(state: RouterState, identity: PeerIdentity | None) -> PeerIdentity:
+    """The node certificate a fleet request came with (`peer_identity(request)`: verified
+    by the handshake against the fleet CA and CRL), or the refusal. Every fleet route that
+    a node calls checks its caller with this."""
+    if identity is None:
+        raise AuthenticationError(
+            "Fleet requests need the node's fleet certificate: connect to the router's fleet "
+            "URL over TLS with the certificate from `palisade node enroll`.",
+            code="client_certificate_required",
+        )
+    if identity.role != "node":
+        raise PermissionDeniedError(
+            f"The certificate presented is a {identity.role} certificate; fleet heartbeats "
+            "come from node certificates.",
+            code="node_identity_mismatch",
+        )
+    if identity.serial in state.revoked_serials:
+        raise PermissionDeniedError(
+            f"The certificate of node `{identity.node_id}` has been revoked; enroll the node "
+            "again with a new token.",
+            code="node_revoked",
+        )
+    return identity
+
+
+def _check_claims(beat: Heartbeat, identity: PeerIdentity) -> None:
+    """A heartbeat may only speak for the node, region and device class its certificate
+    names: the router trusts the certificate, never the claim."""
+    if beat.node_id != identity.node_id:
+        raise PermissionDeniedError(
+            f"This heartbeat claims node `{beat.node_id}`, but its certificate is node "
+            f"`{identity.node_id}`'s.",
+            code="node_identity_mismatch",
+            param="node_id",
+        )
+    if beat.region != identity.region:
+        raise PermissionDeniedError(
+            f"This heartbeat claims region `{beat.region}`, but node `{identity.node_id}` is "
+            f"certified for `{identity.region}`.",
+            code="region_mismatch",
+            param="region",
+        )
+    if identity.device_class is not None:
+        for model in beat.models:
+            if model.device_class != identity.device_class:
+                raise PermissionDeniedError(
+                    f"Model `{model.id}` is declared `{model.device_class}`, but node "
+                    f"`{identity.node_id}` is certified for `{identity.device_class}` only.",
+                    code="device_class_mismatch",
+                    param="models",
+                )
+    if not beat.url.startswith("https://"):
+        raise InvalidRequestError(
+            f"Node `{identity.node_id}` advertises {beat.url}; a certified node serves HTTPS "
+            "with its node certificate (the router sends it assertions).",
+            code="insecure_node_url",
+            param="url",
+        )
 
 
 def _ops_routes(state: RouterState) -> list[HTTPRouteHandler]:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
+import msgspec
 import typer
 
 from federation import PalisadeError
@@ -29,7 +34,7 @@ fleet_cli = typer.Typer(help="Watch and run a fleet of appliances.", no_args_is_
 
 
 @router_cli.command("serve")
-def serve_command(
+def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     config: Annotated[
         Path | None, typer.Option("--config", help="Router TOML config file.")
     ] = None,
@@ -44,14 +49,49 @@ def serve_command(
             help="Also make a demo org allowed in these comma-separated regions; print its key.",
         ),
     ] = None,
+    fleet_port: Annotated[
+        int | None,
+        typer.Option(
+            "--fleet-port", help="mTLS fleet listener port; 0 picks a free one (default 8301)."
+        ),
+    ] = None,
+    fleet_url: Annotated[
+        str | None,
+        typer.Option("--fleet-url", help="The fleet URL nodes are told to use (https://…)."),
+    ] = None,
+    tls_cert: Annotated[
+        str | None,
+        typer.Option("--tls-cert", help="Serve the public listener over HTTPS: certificate PEM."),
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option("--tls-key", help="The key PEM for --tls-cert.")
+    ] = None,
+    discovery: Annotated[
+        bool | None,
+        typer.Option(
+            "--discovery/--no-discovery",
+            help="Announce the router by zeroconf and list nodes seen (overrides [discovery]).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Serve the OpenAI API in front of the fleet (needs PALISADE_JOIN_SECRET)."""
+    """Serve the OpenAI API in front of the fleet, and the mTLS fleet listener."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     regions = [r.strip() for r in demo_regions.split(",") if r.strip()] if demo_regions else None
+    overrides = {
+        "host": host,
+        "port": port,
+        "fleet_port": fleet_port,
+        "fleet_url": fleet_url,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+    }
     try:
-        settings = load_router_config(config, {"host": host, "port": port})
+        settings = load_router_config(config, overrides)
+        switched = settings.discovery.switched(discovery)
+        settings = msgspec.structs.replace(settings, discovery=switched)
         code = serve(settings, demo_regions=regions)
     except PalisadeError as exc:
         raise fail(str(exc)) from None
@@ -90,7 +130,7 @@ def status_command(
             node["region"],
             ",".join(node["device_classes"]) or "-",
             ",".join(node["models"]) or "-",
-            node["state"],
+            _state(node),
             str(node["in_flight"]),
             str(node["queue_depth"]),
             "-" if node["ttft_p50_ms"] is None else f"{node['ttft_p50_ms']:.1f}",
@@ -107,6 +147,16 @@ def status_command(
     if looping:
         summary += f" Crash-looping: {', '.join(looping)}; see their logs."
     typer.echo(summary)
+
+
+def _state(node: dict[str, Any]) -> str:
+    """`down (offline since 2026-11-30T12:00:00Z)`: when a node lost the router, as long as
+    it is down or still reconciling what it served meanwhile."""
+    since = node.get("offline_since")
+    if since is None:
+        return str(node["state"])
+    moment = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{node['state']} (offline since {moment})"
 
 
 def _restarts(node: dict[str, Any]) -> str:
@@ -131,3 +181,124 @@ def up_command(
     except PalisadeError as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(code)
+
+
+token_cli = typer.Typer(help="Enrollment tokens for new nodes.", no_args_is_help=True)
+node_cli = typer.Typer(help="Enrolled nodes: list, revoke.", no_args_is_help=True)
+fleet_cli.add_typer(token_cli, name="token")
+fleet_cli.add_typer(node_cli, name="node")
+_DURATION = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)(?P<unit>[smhd]?)$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """`90`, `90s`, `15m`, `24h`, `7d` in seconds."""
+    match = _DURATION.match(text.strip())
+    if match is None or float(match["amount"]) <= 0:
+        raise fail(f"--ttl must be a positive duration such as 15m, 24h or 7d, not {text!r}.")
+    return float(match["amount"]) * _SECONDS[match["unit"]]
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@token_cli.command("create")
+def token_create_command(  # noqa: PLR0917 - typer maps each option to a parameter
+    region: Annotated[str, typer.Option(help="The region the node will serve.")],
+    node_id: Annotated[
+        str | None, typer.Option("--node-id", help="Only a node with this id may use it.")
+    ] = None,
+    device_class: Annotated[
+        str | None,
+        typer.Option("--device-class", help="Only a node of this device class (cpu, gpu, rdu)."),
+    ] = None,
+    ttl: Annotated[str, typer.Option(help="How long the token is valid: 15m, 24h, 7d.")] = "24h",
+    uses: Annotated[int, typer.Option(help="How many nodes may enroll with it.")] = 1,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Make an enrollment token and print the command that enrolls a node with it."""
+    body = {
+        "region": region,
+        "node_id": node_id,
+        "device_class": device_class,
+        "ttl_s": duration_s(ttl),
+        "uses": uses,
+    }
+    created = call_api(resolve_target(url, key), "POST", "/admin/v1/fleet/tokens", body=body)
+    if as_json:
+        print_json(created)
+        return
+    scope = f"region {created['region']}"
+    if created["node_id"]:
+        scope += f", node {created['node_id']}"
+    if created["device_class"]:
+        scope += f", device class {created['device_class']}"
+    plural = "use" if created["uses"] == 1 else "uses"
+    init = f"palisade node init --region {created['region']}"
+    if created["node_id"]:
+        init += f" --node-id {created['node_id']}"
+    if created["device_class"]:
+        init += f" --device-class {created['device_class']}"
+    typer.echo(
+        f"Enrollment token ({scope}; {created['uses']} {plural}; expires "
+        f"{_when(created['expires_at'])}):\n  {created['token']}\n"
+        f"Fleet CA fingerprint: {created['ca_fingerprint']}\n"
+        f"On the node:\n  {init}\n  {created['enroll_command']}"
+    )
+
+
+@node_cli.command("list")
+def node_list_command(
+    url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
+) -> None:
+    """Every enrolled node: region, device class, certificate, expiry, revocation."""
+    listing = call_api(resolve_target(url, key), "GET", "/admin/v1/fleet/nodes")
+    if as_json:
+        print_json(listing)
+        return
+    nodes: list[dict[str, Any]] = listing["data"]
+    if not nodes:
+        typer.echo("No node has enrolled yet: palisade fleet token create --region <region>.")
+        return
+    headers = ["node", "region", "device", "state", "serial", "expires", "enrolled"]
+    typer.echo(table(headers, [_node_row(node) for node in nodes]))
+
+
+def _node_row(node: dict[str, Any]) -> list[str]:
+    if node["state"] == "discovered":  # seen on the network, not enrolled: nothing certified
+        return [node["node_id"], node["region"] or "-", "-", "discovered", "-", "-", "-"]
+    expired = node["state"] == "enrolled" and node["not_after"] < time.time()
+    return [
+        node["node_id"],
+        node["region"],
+        node["device_class"] or "any",
+        "expired" if expired else node["state"],
+        f"{int(node['serial']):x}"[:16],
+        _when(node["not_after"]),
+        _when(node["enrolled_at"]),
+    ]
+
+
+@node_cli.command("revoke")
+def node_revoke_command(
+    node_id: Annotated[str, typer.Argument(help="The node to revoke.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Revoke a node: its certificates go on the CRL and the router drops it at once."""
+    path = f"/admin/v1/fleet/nodes/{quote(node_id, safe='')}/revoke"
+    node = call_api(resolve_target(url, key), "POST", path)
+    if as_json:
+        print_json(node)
+        return
+    typer.echo(
+        f"Node {node['node_id']} revoked at {_when(node['revoked_at'])}: its certificates are "
+        "refused from the next handshake, and nodes learn the new CRL with the next policy "
+        "snapshot. Enrolling it again needs a new token."
+    )

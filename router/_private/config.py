@@ -9,9 +9,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from federation import ServerConfig, convert_config, load_config
+from federation import DiscoveryConfig, ServerConfig, convert_config, load_config
 
 DEFAULT_PORT = 8300
+DEFAULT_FLEET_PORT = 8301
 DeviceClass = Literal["cpu", "gpu", "rdu"]
 DEFAULT_PREFERENCE: list[DeviceClass] = ["rdu", "gpu", "cpu"]
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
@@ -44,6 +45,16 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     router_id: Name = "router"
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_PORT
+    # The public listener serves HTTPS with this certificate and key (PEM files) when both
+    # are set, plain HTTP otherwise.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # The fleet listener (always mTLS, the router's fleet certificate): heartbeats,
+    # enrollment, renewal, policy. `fleet_url` is what nodes are told to use (default
+    # https://<fleet_host>:<bound port>).
+    fleet_host: str = "127.0.0.1"
+    fleet_port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_FLEET_PORT
+    fleet_url: Annotated[str, Meta(pattern=r"^https://[^\s/]+/?$")] | None = None
     data_dir: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     logging_floor: Literal["full", "metadata", "zero"] = "full"
@@ -58,6 +69,8 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
     # Limits on each client connection: read timeouts, keep-alive, how many at once.
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    # zeroconf: announce this process on the listed interfaces and browse for its fleet.
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
 
     def home(self) -> Path:
         return Path(self.data_dir) if self.data_dir else palisade_home()

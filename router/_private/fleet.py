@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from federation import FleetNode, FleetStatus, Heartbeat, NodeModel
+from federation import FleetNode, FleetStatus, Heartbeat, NodeModel, PeerIdentity
 from router._private.config import HealthConfig
 
 log = logging.getLogger("palisade.router")
@@ -58,7 +58,11 @@ class Node:
     last_chosen: float = 0.0
     down: bool = False
     boot_id: str = ""
+    # The serial of the certificate it last heartbeat with (0 under the lab join secret).
+    serial: int = 0
     restarts: int = 0
+    # The outage the node reported (unix s) and is still reconciling (the offline edge).
+    offline_since: float | None = None
     # When the recent restarts were seen (within the crash-loop window).
     recent_restarts: list[float] = field(default_factory=list)
     # Requests still waiting for this node's answer: cancelled (and retried elsewhere,
@@ -98,28 +102,59 @@ class Fleet:
 
     # --- membership ---------------------------------------------------------------------
 
-    def beat(self, heartbeat: Heartbeat) -> Node:
+    def beat(self, heartbeat: Heartbeat, identity: PeerIdentity | None = None) -> Node:
         """Register a node or refresh it; a node back from down, or restarted, waits for a
-        half-open probe."""
+        half-open probe.
+
+        The node's id and region are the certificate's (`identity`; the heartbeat route has
+        refused a heartbeat that claims others). None only under the lab join secret, where
+        the heartbeat's own claims are all there is.
+        """
         now = self._clock()
+        region = (
+            heartbeat.region if identity is None or identity.region is None else identity.region
+        )
         models = {model.id: model for model in heartbeat.models}
         node = self.nodes.get(heartbeat.node_id)
+        url = normalised_url(heartbeat.url)
         if node is None:
-            node = self._register(heartbeat, models, now)
-        elif node.boot_id != heartbeat.boot_id or node.url != heartbeat.url.rstrip("/"):
-            node = self._reincarnate(node, heartbeat, models, now)
+            node = self._register(heartbeat, models, now, region=region, url=url)
+        elif node.boot_id != heartbeat.boot_id or node.url != url:
+            node = self._reincarnate(node, heartbeat, models, now, region=region, url=url)
         else:
-            node.region, node.version, node.models = heartbeat.region, heartbeat.version, models
+            node.region, node.version, node.models = region, heartbeat.version, models
             node.last_beat = now
             node.down = False
+        if identity is not None:
+            node.serial = identity.serial
+        node.offline_since = heartbeat.offline_since
         self._refresh_prior(models)
         return node
 
-    def _register(self, heartbeat: Heartbeat, models: dict[str, NodeModel], now: float) -> Node:
+    def revoke(self, node_id: str) -> Node | None:
+        """Drop a revoked node at once: no new requests, and those waiting on it or streaming
+        from it are abandoned (waiting ones retried elsewhere, once) rather than left to a
+        node the fleet no longer trusts."""
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            node.down = True
+            node.abandon_waiting()
+            node.abandon_streams()
+        return node
+
+    def _register(
+        self,
+        heartbeat: Heartbeat,
+        models: dict[str, NodeModel],
+        now: float,
+        *,
+        region: str,
+        url: str,
+    ) -> Node:
         node = Node(
             id=heartbeat.node_id,
-            region=heartbeat.region,
-            url=heartbeat.url.rstrip("/"),
+            region=region,
+            url=url,
             version=heartbeat.version,
             models=models,
             last_beat=now,
@@ -131,14 +166,21 @@ class Fleet:
         return node
 
     def _reincarnate(
-        self, old: Node, heartbeat: Heartbeat, models: dict[str, NodeModel], now: float
+        self,
+        old: Node,
+        heartbeat: Heartbeat,
+        models: dict[str, NodeModel],
+        now: float,
+        *,
+        region: str,
+        url: str,
     ) -> Node:
         """A node id back with another URL or boot id: a fresh node that keeps the restart
         history; a restart is held out until a half-open probe passes."""
         # The old process is gone: nothing more will come from requests still waiting on it.
         old.abandon_waiting()
         old.abandon_streams()
-        node = self._register(heartbeat, models, now)
+        node = self._register(heartbeat, models, now, region=region, url=url)
         node.restarts = old.restarts
         node.recent_restarts = _within(old.recent_restarts, now)
         if old.boot_id and heartbeat.boot_id != old.boot_id:
@@ -313,10 +355,26 @@ class Fleet:
                 ready=all(m.ready for m in node.models.values()),
                 restarts=node.restarts,
                 crash_loop=self.crash_looping(node),
+                offline_since=self._offline_since(node, now),
             )
             for node in sorted(self.nodes.values(), key=lambda n: (n.region, n.id))
         ]
         return FleetStatus(router_id=router_id, nodes=rows)
+
+    def _offline_since(self, node: Node, now: float) -> float | None:
+        """A down node has been offline (as far as the router knows) since its last beat."""
+        if self.state(node) == "down":
+            return round(time.time() - (now - node.last_beat), 3)
+        return node.offline_since
+
+
+def normalised_url(url: str) -> str:
+    """A node's advertised URL as the router stores and compares it: scheme and host in
+    lower case, no trailing slash. (Compared raw, `http://n:8400/` differed from the stored
+    `http://n:8400` on every heartbeat, and each one re-registered the node.)"""
+    scheme, sep, rest = url.rstrip("/").partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}{sep}{host.lower()}{slash}{path}"
 
 
 def _within(moments: list[float], now: float) -> list[float]:

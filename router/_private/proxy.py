@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -44,6 +45,7 @@ from federation import (
     InvalidRequestError,
     Principal,
     decode_request,
+    node_dns_name,
 )
 from router._private.config import RouterConfig
 from router._private.errors import BackendCrashedError, BackendUnavailableError, NoBackendError
@@ -178,6 +180,7 @@ class Forwarder:
         *,
         gate: Gate | None = None,
         recorder: Recorder | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._config = config
         self._fleet = fleet
@@ -185,6 +188,9 @@ class Forwarder:
         self._metrics = metrics
         self.gate = gate
         self._recorder = recorder
+        # The router's client context (its fleet certificate, the fleet CA and CRL): every
+        # https node is reached with it and must present the certificate of its node id.
+        self.tls = tls
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -197,7 +203,10 @@ class Forwarder:
         proxy = self._config.proxy
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=proxy.max_connections, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S
+                limit=proxy.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=_KEEPALIVE_S,
+                ssl=self.tls if self.tls is not None else True,
             ),
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -218,7 +227,9 @@ class Forwarder:
         (503), False if it failed (refused, reset, timed out, another status)."""
         try:
             async with self.session.get(
-                node.url + "/readyz", timeout=aiohttp.ClientTimeout(total=timeout_s)
+                node.url + "/readyz",
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                server_hostname=tls_name(node),
             ) as reply:
                 await reply.read()
         except (aiohttp.ClientError, TimeoutError):
@@ -273,7 +284,13 @@ class Forwarder:
         handed_off = False
         try:
             reply = await self._guarded(
-                node, self.session.post(node.url + call.endpoint, data=payload, headers=headers)
+                node,
+                self.session.post(
+                    node.url + call.endpoint,
+                    data=payload,
+                    headers=headers,
+                    server_hostname=tls_name(node),
+                ),
             )
             if reply.status == _BUSY:
                 return await self._refused(node, reply)
@@ -480,6 +497,12 @@ class Forwarder:
                     "tried": list(call.tried),
                 },
             )
+
+
+def tls_name(node: Node) -> str | None:
+    """The name a node's certificate must carry: its node id's fleet DNS name, whatever
+    address it advertised (None for a plain-HTTP lab node)."""
+    return node_dns_name(node.id) if node.url.startswith("https:") else None
 
 
 def classify(exc: aiohttp.ClientError | TimeoutError, read_timeout_s: float) -> _NodeFailedError:

@@ -1,4 +1,10 @@
-"""Running the router: bind the socket, print where it listens, serve until signalled."""
+"""Running the router: bind its two listeners, print where they are, serve until signalled.
+
+The public listener (plain HTTP, or HTTPS with `tls_cert`/`tls_key`) serves the OpenAI and
+management APIs; the fleet listener (always mTLS, see `transport`) serves the nodes. Both
+serve the same app: fleet routes refuse callers without a node certificate, and only the
+fleet listener asks for one.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,19 @@ import logging
 import sys
 
 from compliance import Recorder
-from federation import Tenancy, bind_socket, join_secret, make_server, private_dir, url_of
-from router._private.app import create_router_app
+from federation import (
+    Listener,
+    Tenancy,
+    announce_lab_secret,
+    bind_socket,
+    join_secret,
+    make_server,
+    private_dir,
+    url_of,
+)
+from router._private.app import RouterState, create_router_app
 from router._private.config import RouterConfig
+from router._private.transport import RouterTLS, router_tls
 
 log = logging.getLogger("palisade.router")
 
@@ -18,11 +34,13 @@ ROUTER_REGION = "global"
 
 def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
-    secret = join_secret(required=True)
-    assert secret is not None
+    lab_secret = join_secret(required=False)
+    if lab_secret is not None:
+        announce_lab_secret("router")
     home = config.home()
     private_dir(home)
-    sock = bind_socket(config.host, config.port)
+    public = bind_socket(config.host, config.port)
+    fleet = bind_socket(config.fleet_host, config.fleet_port)
     recorder = Recorder(
         home,
         origin=config.router_id,
@@ -37,15 +55,38 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         logging_floor=config.logging_floor,
     )
     app, state = create_router_app(
-        config, tenancy=tenancy, recorder=recorder, join_secret=secret, demo_regions=demo_regions
+        config, tenancy=tenancy, recorder=recorder, lab_secret=lab_secret, demo_regions=demo_regions
     )
-    state.url = url_of(sock)
-    server = make_server(app, config.server)
+    state.registry.current_crl()  # an empty CRL at first: checking client certificates needs one
+    tls = router_tls(config, state.identity)
+    use_tls(state, tls)
+    state.url = url_of(public, "https" if tls.public is not None else "http")
+    state.fleet_url = config.fleet_url.rstrip("/") if config.fleet_url else url_of(fleet, "https")
+    server = make_server(
+        app, config.server, [Listener(public, tls.public), Listener(fleet, tls.fleet)]
+    )
+    state.policy.stopping = lambda: server.should_exit  # long polls end as shutdown starts
     sys.stdout.write(
         f"Palisade router {config.router_id} listening on {state.url}\n"
-        f"  appliances join with: palisade appliance serve --router {state.url} "
-        "--region <region> --node-id <id> (and the same PALISADE_JOIN_SECRET)\n"
+        f"  fleet (mTLS) on {state.fleet_url}, CA {tls.ca.fingerprint}\n"
+        "  enroll a node: palisade fleet token create --region <region>, then on the node "
+        "palisade node init and palisade node enroll\n"
     )
     sys.stdout.flush()
-    server.run(sockets=[sock])
+    server.run()
     return 0
+
+
+def use_tls(state: RouterState, tls: RouterTLS) -> None:
+    """Connect to nodes with the router's fleet certificate; on a revocation drop the node,
+    refuse its certificate's heartbeats, and load the new CRL into every context."""
+    state.tls = tls
+    state.forwarder.tls = tls.client
+
+    def revoked(node_id: str) -> None:
+        state.fleet.revoke(node_id)
+        state.revoked_serials |= state.registry.revoked_serials()
+        tls.reload_crl()
+        log.warning("node %s revoked: dropped from the fleet, its certificate refused", node_id)
+
+    state.on_revoked.append(revoked)

@@ -1,11 +1,20 @@
-"""Real fleets for end-to-end tests: a router and appliances, each its own process."""
+"""Real fleets for end-to-end tests: a router and appliances, each its own process.
+
+Every member is enrolled the way an operator enrolls one (`palisade fleet token create`,
+`palisade node init`, `palisade node enroll`, all real processes) before it serves, so
+every hop is mTLS: the member heartbeats to the router's fleet listener with its node
+certificate, and serves HTTPS with it (tests reach it with `Fleet.verify`, which trusts the
+fleet CA).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from federation import JOIN_SECRET_ENV
+from federation import NodeCredentials
 from tests.federation.tenants import Admin
 from tests.standin import RunningStandin, run_standin
 from tests.support import (
@@ -25,14 +35,16 @@ from tests.support import (
     Server,
     default_model_path,
     model_toml,
+    run_palisade,
     start_server,
     wait_for,
     write_config,
 )
 
-SECRET = "e2e-fleet-join-secret-0123456789"  # noqa: S105 - a test fleet's secret
-FLEET_ENV = {JOIN_SECRET_ENV: SECRET}
+# Fleets need no shared secret: members enroll. (Kept for callers that lay it over an env.)
+FLEET_ENV: dict[str, str] = {}
 UPSTREAM_MODEL = "standin-model"
+_FLEET_LISTENER = re.compile(r"fleet \(mTLS\) on (?P<url>https://[^\s,]+)")
 
 
 def upstream_toml(standin: RunningStandin, device: str, **extra: object) -> str:
@@ -74,27 +86,59 @@ class Fleet:
     def admin(self) -> Admin:
         return Admin(self.router.url, (self.router.home / "admin.key").read_text().strip())
 
+    @property
+    def fleet_url(self) -> str:
+        found = _FLEET_LISTENER.search(self.router.log_text())
+        assert found is not None, self.router.log_text()
+        return found["url"]
+
+    @property
+    def ca_path(self) -> Path:
+        return self.router.home / "fleet" / "ca.pem"
+
+    @property
+    def verify(self) -> ssl.SSLContext:
+        """Checks a member's certificate (issued for 127.0.0.1 by the fleet CA)."""
+        return ssl.create_default_context(cafile=str(self.ca_path))
+
     def standin(self, name: str, **settings: Any) -> RunningStandin:
         standin = self.stack.enter_context(run_standin(**settings))
         self.standins[name] = standin
         return standin
 
-    def start_member(self, node_id: str, region: str, config_text: str) -> Server:
-        """Start an appliance that joins this router (the caller waits with `wait_joined`)."""
+    def token(self, region: str, node_id: str | None = None, *flags: str) -> str:
+        """A one-use enrollment token from the router (`palisade fleet token create`)."""
+        args = ["--region", region, *(["--node-id", node_id] if node_id else []), *flags]
+        created = run_palisade(
+            "fleet", "token", "create", *args, "--url", self.router.url, "--json",
+            env={"PALISADE_HOME": str(self.router.home)},
+        )  # fmt: skip
+        assert created.returncode == 0, created.stdout + created.stderr
+        token: str = json.loads(created.stdout)["token"]
+        return token
+
+    def enroll(self, node_id: str, region: str, *init_flags: str) -> Path:
+        """`palisade node init` + `palisade node enroll` a home for `node_id` (once: an
+        enrolled home is reused, as a restarted node reuses its certificate)."""
         home = self.root / node_id
+        if NodeCredentials.load(home).enrolled:
+            return home
+        env = {"PALISADE_HOME": str(home)}
+        steps = [
+            ("init", "--region", region, "--node-id", node_id, "--host", "127.0.0.1", *init_flags),
+            ("enroll", "--router", self.fleet_url, "--token", self.token(region, node_id)),
+        ]
+        for step in steps:
+            result = run_palisade("node", *step, env=env)
+            assert result.returncode == 0, result.stdout + result.stderr
+        return home
+
+    def start_member(self, node_id: str, region: str, config_text: str) -> Server:
+        """Enroll `node_id` in `region` and start it (the caller waits with `wait_joined`)."""
+        home = self.enroll(node_id, region)
         config = write_config(home, config_text)
-        member = start_server(
-            "appliance",
-            home,
-            *config,
-            "--region",
-            region,
-            "--node-id",
-            node_id,
-            "--router",
-            self.router.url,
-            env=FLEET_ENV,
-        )
+        member = start_server("appliance", home, *config)
+        member.verify = self.verify
         self.stack.callback(member.stop)
         self.members[node_id] = member
         return member
@@ -137,11 +181,32 @@ class Fleet:
 
 @contextlib.contextmanager
 def running_fleet(root: Path, *router_args: str) -> Iterator[Fleet]:
+    """A router (its fleet listener on a free port) in `root / "router"`.
+
+    Meanwhile this process's default TLS trust (`SSL_CERT_FILE`, which httpx and the openai
+    SDK read) is the fleet CA, so a test reaches a member's HTTPS URL as a client of that
+    fleet would; tests of other trust pass their own context.
+    """
     with contextlib.ExitStack() as stack:
-        router = start_server("router", root / "router", *router_args, env=FLEET_ENV)
+        router = start_server("router", root / "router", *router_args)
         stack.callback(router.stop)
+        fleet = Fleet(root, router, stack)
+        stack.enter_context(_trusting(fleet.ca_path))
         router.wait_ready(30)
-        yield Fleet(root, router, stack)
+        yield fleet
+
+
+@contextmanager
+def _trusting(ca_path: Path) -> Iterator[None]:
+    previous = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = str(ca_path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = previous
 
 
 def served_by(response: httpx.Response) -> tuple[str, str, str]:
@@ -163,9 +228,19 @@ class FleetUp:
 
     process: subprocess.Popen[str]
     output: list[str]
+    home: Path
 
     def text(self) -> str:
         return "".join(self.output)
+
+    @property
+    def ca(self) -> Path:
+        """The fleet CA the router's HTTPS certificate is from (what clients must trust)."""
+        return self.home / "fleet" / "ca.pem"
+
+    def trust(self) -> ssl.SSLContext:
+        """A client context trusting the fleet CA only (for httpx `verify=`)."""
+        return ssl.create_default_context(cafile=self.ca)
 
     def url(self) -> str:
         found = _FLEET_URL.search(self.text())
@@ -186,8 +261,9 @@ class FleetUp:
 @contextmanager
 def fleet_up(home: Path, *flags: str, umask: int = -1) -> Iterator[FleetUp]:
     """`palisade fleet up --port 0 [flags]` on `home` (under `umask` if given); SIGTERM at
-    the end must exit 0 and stop it all."""
-    (home / "models").symlink_to(default_model_path().parent, target_is_directory=True)
+    the end must exit 0 and stop it all. `home` may hold an earlier run's fleet."""
+    if not (home / "models").exists():
+        (home / "models").symlink_to(default_model_path().parent, target_is_directory=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "palisade", "fleet", "up", "--port", "0", *flags],
         stdout=subprocess.PIPE,
@@ -197,7 +273,7 @@ def fleet_up(home: Path, *flags: str, umask: int = -1) -> Iterator[FleetUp]:
         env=os.environ | {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"},
         umask=umask,
     )
-    fleet = FleetUp(process, [])
+    fleet = FleetUp(process, [], home)
 
     def pump() -> None:
         assert process.stdout is not None
@@ -207,7 +283,8 @@ def fleet_up(home: Path, *flags: str, umask: int = -1) -> Iterator[FleetUp]:
     reader.start()
     url = None
     try:
-        wait_for(lambda: FLEET_READY in fleet.text(), timeout=180)
+        wait_for(lambda: FLEET_READY in fleet.text() or process.poll() is not None, timeout=240)
+        assert FLEET_READY in fleet.text(), fleet.text()
         url = fleet.url()
         yield fleet
     finally:
@@ -217,8 +294,6 @@ def fleet_up(home: Path, *flags: str, umask: int = -1) -> Iterator[FleetUp]:
         if process.stdout is not None:
             process.stdout.close()
     assert code == 0, fleet.text()
-    try:
-        httpx.get(f"{url}/healthz", timeout=2)
-        raise AssertionError("the router still answers after fleet up stopped")
-    except httpx.TransportError:
-        pass
+    with pytest.raises(httpx.ConnectError) as refused:  # the router no longer answers
+        httpx.get(f"{url}/healthz", timeout=2, verify=fleet.trust())
+    assert "CERTIFICATE" not in str(refused.value).upper()  # refused, not distrusted

@@ -10,6 +10,7 @@ PALISADE_CRASH_SEED replays a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,7 +30,7 @@ import pytest
 
 from compliance import Scope, build_export, read_entries, verify_export
 from federation import INTERRUPTED, REQUEST_ID_HEADER, NodeIdentity
-from tests.e2e.fleet import FLEET_ENV, UPSTREAM_MODEL, upstream_toml
+from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, upstream_toml
 from tests.federation.tenants import Admin
 from tests.standin import RunningStandin, run_standin
 from tests.support import Server, run_palisade, start_server, wait_for, write_config
@@ -102,27 +103,20 @@ def test_router_books_survive_sigkill(
 ) -> None:
     home = tmp_path / "router"
     config = write_config(home, 'router_id = "crash-router"\n', "router.toml")
-    port = ("--port", str(_free_port()))  # the appliance knows the router by its URL
+    # The appliance knows the router by its fleet URL (in its node.toml): the same ports on
+    # every restart.
+    ports = ("--port", str(_free_port()), "--fleet-port", str(_free_port()))
 
     def start() -> Server:
-        return start_server("router", home, *config, *port, env=FLEET_ENV)
+        return start_server("router", home, *config, *ports)
 
     target = Target(start, start(), "crash-router", ROUTER_BUDGET)
     target.server.wait_ready(30)
-    member_home = tmp_path / "member"
+    fleet = Fleet(tmp_path, target.server, contextlib.ExitStack())
+    member_home = fleet.enroll("member-1", "eu-west")
     member_config = write_config(member_home, upstream_toml(standin, "cpu"))
-    member = start_server(
-        "appliance",
-        member_home,
-        *member_config,
-        "--region",
-        "eu-west",
-        "--node-id",
-        "member-1",
-        "--router",
-        target.server.url,
-        env=FLEET_ENV,
-    )
+    member = start_server("appliance", member_home, *member_config)
+    member.verify = fleet.verify
     try:
         member.wait_ready(60)
         crash_rounds(target, clients, random.Random(SEED + 1), joined=_joined)

@@ -10,10 +10,17 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from federation import ASSERTION_HEADER, AssertionSigner, NodeIdentity, Principal
+from federation import (
+    ASSERTION_HEADER,
+    JOIN_SECRET_ENV,
+    AssertionSigner,
+    NodeIdentity,
+    Principal,
+    client_context,
+)
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, running_fleet, upstream_toml
 from tests.federation.tenants import Admin
-from tests.support import run_palisade, start_server, wait_for, write_config
+from tests.support import run_palisade, wait_for, write_config
 
 CHAT = "/v1/chat/completions"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "one two three"}]
@@ -39,13 +46,22 @@ def test_an_appliance_takes_a_valid_assertion_or_a_local_key_and_nothing_else(
     with running_fleet(tmp_path) as fleet:
         one_member(fleet)
         appliance = fleet.members["eu-1"].url + CHAT
+        # Assertions are taken only from a connection presenting the router's certificate.
+        fleet_dir = fleet.router.home / "fleet"
+        as_router = client_context(
+            fleet.ca_path, fleet_dir / "router.pem", fleet.router.home / "node.key"
+        )
 
         def post(**headers: str) -> httpx.Response:
-            return httpx.post(appliance, json=BODY, headers=headers, timeout=30)
+            return httpx.post(appliance, json=BODY, headers=headers, timeout=30, verify=as_router)
 
         assert post().json()["error"]["code"] == "invalid_api_key"
         assert post().status_code == 401
-        assert post(**{ASSERTION_HEADER: assertion(fleet, "eu-1", {"eu-west"})}).status_code == 200
+        valid = {ASSERTION_HEADER: assertion(fleet, "eu-1", {"eu-west"})}
+        assert post(**valid).status_code == 200
+        anonymous = httpx.post(appliance, json=BODY, headers=valid, timeout=30)
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["code"] == "client_certificate_required"
 
         impostor = NodeIdentity.load_or_create(tmp_path / "impostor")
         principal = Principal(org="acme", user="u", regions=frozenset({"eu-west"}))
@@ -148,23 +164,20 @@ def test_budgets_are_enforced_at_the_router_before_any_node_works(tmp_path: Path
         assert budget["used_tokens"] <= 600
 
 
-def test_an_appliance_with_the_wrong_join_secret_never_joins(tmp_path: Path) -> None:
+def test_an_unenrolled_appliance_never_joins(tmp_path: Path) -> None:
     with running_fleet(tmp_path) as fleet:
         upstream = fleet.standin("upstream")
         home = tmp_path / "stranger"
         config = write_config(home, upstream_toml(upstream, "gpu"))
-        stranger = start_server(
-            "appliance", home, *config, "--node-id", "stranger", "--region", "eu-west",
-            "--router", fleet.router.url,
-            env={"PALISADE_JOIN_SECRET": "not-the-fleet-secret-at-all"},
+        refused = run_palisade(
+            "appliance", "serve", "--port", "0", *config, "--node-id", "stranger",
+            "--region", "eu-west", "--router", fleet.fleet_url,
+            env={"PALISADE_HOME": str(home), "PALISADE_JOIN_SECRET": "the-old-secret-0123456789"},
+            unset=(JOIN_SECRET_ENV,),
         )  # fmt: skip
-        try:
-            stranger.wait_ready(60)
-            wait_for(lambda: "cannot reach router" in stranger.log_text(), timeout=20)
-            assert "invalid_join_signature" in stranger.log_text()
-            assert fleet.status() == {}
-        finally:
-            stranger.stop()
+        assert refused.returncode == 1
+        assert "not enrolled" in refused.stderr
+        assert fleet.status() == {}
 
 
 def test_the_router_exports_a_signed_log_of_where_each_request_ran(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ the stalled connections when their read deadline passes."""
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import pytest
 from federation import ConfigError
 from router import load_router_config
 from tests.conftest import MODEL
-from tests.e2e.fleet import FLEET_ENV, Fleet, llama_toml, running_fleet
+from tests.e2e.fleet import Fleet, llama_toml, running_fleet
 from tests.support import Server, start_server, wait_for, write_config
 
 SLOW_CONNECTIONS = 500
@@ -102,10 +103,14 @@ def _local_key(url: str, admin_key: str) -> str:
 def stalled(url: str, prefix: bytes, count: int) -> Iterator[list[socket.socket]]:
     """`count` connections that each send `prefix` and then nothing more."""
     parts = urlsplit(url)
+    # An enrolled appliance serves HTTPS: these clients stall after the handshake.
+    tls = ssl.create_default_context() if parts.scheme == "https" else None
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
             sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=parts.hostname)
             sock.sendall(prefix)
             sockets.append(sock)
         yield sockets
@@ -126,7 +131,7 @@ def _closed_by_server(sock: socket.socket, seen: dict[int, bytes]) -> bool:
     try:
         while data := sock.recv(4096):
             seen[sock.fileno()] = seen.get(sock.fileno(), b"") + data
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError):
         return False
     except ConnectionResetError:
         return True
@@ -214,7 +219,7 @@ def test_connections_beyond_the_limit_are_refused_until_slots_free(tmp_path: Pat
     limit = 50
     settings = "[server]\nheader_timeout_s = 2\nkeep_alive_s = 5\nmax_header_bytes = 2048\n"
     config = write_config(tmp_path, settings + f"max_connections = {limit}\n", "r.toml")
-    router = start_server("router", tmp_path, *config, env=FLEET_ENV)
+    router = start_server("router", tmp_path, *config)
     try:
         router.wait_ready(30)
         with stalled(router.url, b"GET /healthz HTTP/1.1\r\n", limit) as sockets:
