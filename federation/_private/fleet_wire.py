@@ -51,6 +51,9 @@ class Heartbeat(Struct, kw_only=True):
     tpot_ewma_ms: float | None = None
     # Random per process start: a new value from the same node id means it restarted.
     boot_id: Annotated[str, Meta(max_length=64)] = ""
+    # When the node lost its router (unix s), sent after it reconnects until the usage it
+    # served offline is reconciled (the offline edge).
+    offline_since: float | None = None
 
 
 class HeartbeatReply(Struct, kw_only=True):
@@ -60,6 +63,8 @@ class HeartbeatReply(Struct, kw_only=True):
     router_public_key: str
     interval_s: float
     missed_beats_down: int
+    # The policy snapshot version the router publishes: a node holding an older one fetches.
+    policy_version: int = 0
 
 
 class FleetNode(Struct, kw_only=True):
@@ -83,6 +88,9 @@ class FleetNode(Struct, kw_only=True):
     # often that the node counts as crash-looping.
     restarts: int = 0
     crash_loop: bool = False
+    # Unix s: for a down node, its last heartbeat; for an up one, the outage it reported
+    # and is still reconciling.
+    offline_since: float | None = None
 
 
 class FleetStatus(Struct, kw_only=True):

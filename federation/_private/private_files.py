@@ -50,6 +50,21 @@ def write_private(path: Path, data: str | bytes) -> None:
         path.write_bytes(data)
 
 
+def replace_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` (0600) so that a crash leaves the old file or the new one,
+    whole: a private temporary file, synced, renamed over `path`, the directory synced."""
+    temporary = path.with_name(path.name + ".tmp")
+    write_private(temporary, data)
+    with temporary.open("rb+") as file:
+        os.fsync(file.fileno())
+    temporary.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def private_database(path: Path) -> Path:
     """Make a SQLite database (before it is opened) and its journals private."""
     private_file(path)

@@ -76,6 +76,11 @@ CREATE TABLE IF NOT EXISTS org_key_limits (
 CREATE TABLE IF NOT EXISTS audit_events (
     id INTEGER PRIMARY KEY, at TEXT NOT NULL, event TEXT NOT NULL, actor TEXT NOT NULL,
     org TEXT, payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS edge_leases (
+    node TEXT NOT NULL, org TEXT NOT NULL, month TEXT NOT NULL, granted INTEGER NOT NULL,
+    used INTEGER NOT NULL, PRIMARY KEY (node, org, month));
+CREATE TABLE IF NOT EXISTS edge_records (
+    id TEXT PRIMARY KEY, node TEXT NOT NULL, month TEXT NOT NULL);
 """
 
 
@@ -144,6 +149,17 @@ class Recovered:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeLease:
+    """A node's share of an org's monthly budget: `granted` in all, `used` of it reported."""
+
+    node: str
+    org: str
+    month: str
+    granted: int
+    used: int
+
+
+@dataclass(frozen=True, slots=True)
 class Caller:
     """An authenticated key with its user and org."""
 
@@ -175,6 +191,9 @@ class TenancyStore:
         self.orgs: dict[str, OrgRecord] = {}
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, KeyRecord] = {}
+        # Bumped by every management change (in `_audit`), which then calls `on_change`.
+        self.generation = 0
+        self.on_change: list[Callable[[], None]] = []
 
     @classmethod
     async def open(
@@ -249,11 +268,29 @@ class TenancyStore:
             except BaseException:
                 await self._db.rollback()  # no change may commit without its event
                 raise
+            self._changed()
             return
         await self._db.execute(
             "INSERT INTO audit_events (at, event, actor, org, payload) VALUES (?, ?, ?, ?, ?)",
             (iso(self.clock()), event, actor, org, json.dumps(payload, sort_keys=True)),
         )
+        self._changed()
+
+    def _changed(self) -> None:
+        self.generation += 1
+        for callback in self.on_change:
+            callback()
+
+    async def settled(self) -> None:
+        """Return once every change already under way is committed and in memory.
+
+        A change is announced (`_audit`) just before its transaction commits, and the
+        in-memory records change right after the commit. aiosqlite runs a connection's
+        operations in order and resolves them in order, so a query queued now completes
+        after that commit, and the change's own continuation runs before ours.
+        """
+        async with self._db.execute("SELECT 1"):
+            pass
 
     async def record_event(
         self, event: str, actor: str, org: str | None, payload: dict[str, Any]
@@ -617,6 +654,61 @@ class TenancyStore:
         if mark is not None:
             await self._set_mark(*mark)
         await self._db.commit()
+
+    # --- budget shares leased to nodes (the offline edge) -------------------------------------
+
+    async def edge_leases(self, month: str) -> list[EdgeLease]:
+        """The shares leased for `month` (and later months)."""
+        async with self._db.execute(
+            "SELECT node, org, month, granted, used FROM edge_leases WHERE month >= ?", (month,)
+        ) as rows:
+            return [EdgeLease(r[0], r[1], r[2], r[3], r[4]) async for r in rows]
+
+    async def grant_edge_lease(self, node: str, org: str, month: str, tokens: int) -> None:
+        await self._db.execute(
+            "INSERT INTO edge_leases VALUES (?, ?, ?, ?, 0) ON CONFLICT(node, org, month) "
+            "DO UPDATE SET granted = granted + excluded.granted",
+            (node, org, month, tokens),
+        )
+        await self._db.commit()
+
+    async def apply_edge_usage(self, node: str, entries: list[tuple[str, Recovered]]) -> set[str]:
+        """One transaction: each (id, entry) a node reported and this store does not yet
+        hold adds its usage row, its tokens to the org's month and to the node's lease.
+
+        Returns the ids applied now; an id seen before changes nothing, so a node may send
+        the same rows again (it does after a lost answer or a crash) and each counts once.
+        """
+        try:
+            applied = await self._apply_edge_usage(node, entries)
+        except BaseException:
+            await self._db.rollback()  # none of it, or a later commit would keep a part
+            raise
+        return applied
+
+    async def _apply_edge_usage(self, node: str, entries: list[tuple[str, Recovered]]) -> set[str]:
+        applied: set[str] = set()
+        totals: dict[tuple[str, str], int] = {}
+        for record_id, entry in entries:
+            cursor = await self._db.execute(
+                "INSERT OR IGNORE INTO edge_records VALUES (?, ?, ?)",
+                (record_id, node, entry.month),
+            )
+            if cursor.rowcount != 1:
+                continue
+            applied.add(record_id)
+            if entry.record is not None:
+                await self._db.execute(_INSERT_USAGE_ONCE, _usage_row(entry.record))
+            slot = (entry.org, entry.month)
+            totals[slot] = totals.get(slot, 0) + entry.tokens
+        await self._add_totals(totals)
+        await self._db.executemany(
+            "INSERT INTO edge_leases VALUES (?, ?, ?, 0, ?) ON CONFLICT(node, org, month) "
+            "DO UPDATE SET used = used + excluded.used",
+            [(node, org, month, used) for (org, month), used in totals.items()],
+        )
+        await self._db.commit()
+        return applied
 
     async def month_usage(self, month: str) -> dict[str, int]:
         async with self._db.execute(
