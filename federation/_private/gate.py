@@ -30,6 +30,7 @@ from federation._private.store import Recovered, TenancyStore, iso, month_of
 
 log = logging.getLogger("palisade.federation.gate")
 Monotonic = Callable[[], float]
+Held = Callable[[str, str], int]  # (org, month) -> tokens held by nodes' budget-share leases
 _FLUSH_SECONDS = 0.2
 _FLUSH_BATCH = 256
 _ROTATE_BYTES = 4 * 1024 * 1024  # the journal is rewritten with only what is open past this
@@ -63,10 +64,40 @@ class TokenBucket:
 
 
 @dataclass(slots=True)
-class _KeyBuckets:
+class KeyBuckets:
+    """One key's request and token buckets (None: that limit is not set)."""
+
     limits: KeyLimits
     requests: TokenBucket | None
     tokens: TokenBucket | None
+
+    @classmethod
+    def of(cls, limits: KeyLimits, now: float) -> KeyBuckets:
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        return cls(
+            limits,
+            TokenBucket(limits.burst or rpm, rpm, now) if rpm else None,
+            TokenBucket(tpm, tpm, now) if tpm else None,
+        )
+
+    def check(self, now: float, estimate: int) -> None:
+        """Refill, then raise 429 unless one request and `estimate` tokens fit."""
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.refill(now)
+        check_rate(self, estimate)
+
+    def take(self, estimate: int) -> dict[str, str]:
+        """Take what `check` found room for; the rate-limit headers."""
+        if self.requests is not None:
+            self.requests.level -= 1
+        if self.tokens is not None:
+            self.tokens.level -= estimate
+        return rate_headers(self)
+
+    def refund(self, tokens: int) -> None:
+        if self.tokens is not None:
+            self.tokens.level = min(self.tokens.capacity, self.tokens.level + tokens)
 
 
 @dataclass(slots=True)
@@ -132,7 +163,7 @@ class Gate:
         self._region = region
         self._node = node
         self._monotonic = monotonic
-        self._buckets: dict[str, _KeyBuckets] = {}
+        self._buckets: dict[str, KeyBuckets] = {}
         self._used: dict[tuple[str, str], int] = {}
         self._reserved: dict[tuple[str, str], int] = {}
         self._loaded_months: set[str] = set()
@@ -149,6 +180,9 @@ class Gate:
         self._seq = 0  # the last settle line's number in this epoch
         self._open: dict[str, _Admitted] = {}  # admitted, not settled: carried on rotation
         self._unflushed: list[_Settled] = []  # settled, not yet in policy.db
+        # The router's seam for the offline edge: tokens its nodes hold in leased shares
+        # count as reserved here, so this gate and every node together stay in budget.
+        self.held_by_leases: Held = lambda _org, _month: 0
 
     async def start(self) -> None:
         """Settle what a killed predecessor left in the journal, then start a new one."""
@@ -195,7 +229,7 @@ class Gate:
         for bucket in (buckets.requests, buckets.tokens):
             if bucket is not None:
                 bucket.refill(now)
-        self._check_rate(buckets, estimate)
+        check_rate(buckets, estimate)
         request_id = request_id or f"req-{os.urandom(12).hex()}"
         line = _Admitted(
             request_id,
@@ -219,57 +253,26 @@ class Gate:
             buckets.tokens.level -= estimate
         slot = (principal.org, month)
         self._reserved[slot] = self._reserved.get(slot, 0) + estimate
-        headers = self._headers(buckets)
+        headers = rate_headers(buckets)
         headers[REQUEST_ID_HEADER] = request_id
         return Admission(principal, month, estimate, now, headers, request_id)
 
-    def _buckets_for(self, key_id: str | None) -> _KeyBuckets:
+    def _buckets_for(self, key_id: str | None) -> KeyBuckets:
         record = self._store.keys.get(key_id) if key_id else None
         limits = record.limits if record is not None else KeyLimits()
         current = self._buckets.get(key_id or "")
         if current is not None and current.limits == limits:
             return current
-        now = self._monotonic()
-        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-        fresh = _KeyBuckets(
-            limits,
-            TokenBucket(limits.burst or rpm, rpm, now) if rpm else None,
-            TokenBucket(tpm, tpm, now) if tpm else None,
-        )
+        fresh = KeyBuckets.of(limits, self._monotonic())
         self._buckets[key_id or ""] = fresh
         return fresh
-
-    def _check_rate(self, buckets: _KeyBuckets, estimate: int) -> None:
-        if buckets.requests is not None and buckets.requests.level < 1:
-            wait = buckets.requests.wait_for(1)
-            raise RateLimitError(
-                f"Rate limit reached: {buckets.limits.requests_per_minute} requests per minute "
-                f"for this key. Retry in {math.ceil(wait)} s.",
-                retry_after=max(1, math.ceil(wait)),
-            )
-        if buckets.tokens is not None and buckets.tokens.level < estimate:
-            wait = buckets.tokens.wait_for(estimate)
-            if math.isinf(wait):
-                raise RateLimitError(
-                    f"This request may use {estimate} tokens (prompt + max_tokens), more than "
-                    f"the key's {buckets.limits.tokens_per_minute} tokens per minute. Lower "
-                    "max_tokens or ask for a higher limit.",
-                    param="max_tokens",
-                    retry_after=60,
-                )
-            raise RateLimitError(
-                f"Rate limit reached: {buckets.limits.tokens_per_minute} tokens per minute for "
-                f"this key. Retry in {math.ceil(wait)} s.",
-                retry_after=max(1, math.ceil(wait)),
-            )
 
     def _check_budget(self, org: str, month: str, estimate: int, now: datetime) -> None:
         record = self._store.orgs.get(org)
         limit = record.budget_tokens if record is not None else None
         if limit is None:
             return
-        slot = (org, month)
-        committed = self._used.get(slot, 0) + self._reserved.get(slot, 0)
+        committed = self.committed(org, month)
         if committed + estimate > limit:
             raise RateLimitError(
                 f"Organization `{org}` has used its monthly budget of {limit} tokens "
@@ -279,18 +282,6 @@ class Gate:
                 retry_after=_seconds_to_next_month(now),
             )
         self._leases.cover(org, month, committed + estimate, limit)
-
-    def _headers(self, buckets: _KeyBuckets) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        for kind, bucket, limit in (
-            ("requests", buckets.requests, buckets.limits.requests_per_minute),
-            ("tokens", buckets.tokens, buckets.limits.tokens_per_minute),
-        ):
-            if bucket is not None and limit is not None:
-                headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-                headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
-                headers[f"x-ratelimit-reset-{kind}"] = _reset(bucket.until_full())
-        return headers
 
     # --- settlement and metering --------------------------------------------------------------
 
@@ -365,9 +356,21 @@ class Gate:
         if len(self._pending) >= _FLUSH_BATCH or len(self._totals) >= _FLUSH_BATCH:
             self._wakeup.set()
 
+    def committed(self, org: str, month: str) -> int:
+        """Tokens used, reserved by requests in flight, or held by nodes' leases."""
+        slot = (org, month)
+        held = self.held_by_leases(org, month)
+        return self._used.get(slot, 0) + self._reserved.get(slot, 0) + held
+
+    def absorb(self, org: str, month: str, tokens: int) -> None:
+        """Count tokens a node used and the store has already written (its usage report)."""
+        self._used[(org, month)] = self._used.get((org, month), 0) + tokens
+
     def budget_state(self, org: str) -> tuple[str, int, int]:
+        """The month, tokens used, and reserved (in flight or held by nodes' leases)."""
         month = month_of(self._store.clock())
-        return month, self._used.get((org, month), 0), self._reserved.get((org, month), 0)
+        reserved = self._reserved.get((org, month), 0) + self.held_by_leases(org, month)
+        return month, self._used.get((org, month), 0), reserved
 
     async def flush(self) -> None:
         async with self._flushing:  # one at a time: each commits the journal mark it covers
@@ -512,6 +515,44 @@ class Gate:
                 await self.flush()
             except Exception:
                 log.exception("writing usage records failed; they will be retried")
+
+
+def check_rate(buckets: KeyBuckets, estimate: int) -> None:
+    if buckets.requests is not None and buckets.requests.level < 1:
+        wait = buckets.requests.wait_for(1)
+        raise RateLimitError(
+            f"Rate limit reached: {buckets.limits.requests_per_minute} requests per minute "
+            f"for this key. Retry in {math.ceil(wait)} s.",
+            retry_after=max(1, math.ceil(wait)),
+        )
+    if buckets.tokens is not None and buckets.tokens.level < estimate:
+        wait = buckets.tokens.wait_for(estimate)
+        if math.isinf(wait):
+            raise RateLimitError(
+                f"This request may use {estimate} tokens (prompt + max_tokens), more than "
+                f"the key's {buckets.limits.tokens_per_minute} tokens per minute. Lower "
+                "max_tokens or ask for a higher limit.",
+                param="max_tokens",
+                retry_after=60,
+            )
+        raise RateLimitError(
+            f"Rate limit reached: {buckets.limits.tokens_per_minute} tokens per minute for "
+            f"this key. Retry in {math.ceil(wait)} s.",
+            retry_after=max(1, math.ceil(wait)),
+        )
+
+
+def rate_headers(buckets: KeyBuckets) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for kind, bucket, limit in (
+        ("requests", buckets.requests, buckets.limits.requests_per_minute),
+        ("tokens", buckets.tokens, buckets.limits.tokens_per_minute),
+    ):
+        if bucket is not None and limit is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
+            headers[f"x-ratelimit-reset-{kind}"] = _reset(bucket.until_full())
+    return headers
 
 
 def _unrecordable(exc: OSError) -> ServiceUnavailableError:

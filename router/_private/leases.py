@@ -1,0 +1,183 @@
+"""Budget shares leased to nodes (the offline edge), counted against each org's budget.
+
+An enrolled appliance admits fleet keys itself and must keep serving when the router is
+gone, so it spends a share of the org's monthly budget that it leased beforehand. The
+router grants at most `SHARE` of what is neither used, reserved by its own requests in
+flight, nor already leased, and its gate counts every node's unspent share as reserved
+(`Gate.held_by_leases`): router traffic plus every node's share never exceeds the budget,
+even with every node offline. Usage a node reports converts its share into used tokens
+(`TenancyStore.apply_edge_usage`: once per record id, in one transaction with the rows).
+
+Grants and reports change the books in memory before they await the database, so on one
+event loop no two grants can hand out the same tokens; a grant the database refuses is
+taken back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from compliance import Recorder
+from federation import (
+    EdgeLease,
+    EdgeRow,
+    Gate,
+    InvalidRequestError,
+    LeaseGrant,
+    NotFoundError,
+    PeerIdentity,
+    PermissionDeniedError,
+    Recovered,
+    ServiceUnavailableError,
+    TenancyStore,
+    UsageRecord,
+    month_of,
+)
+
+log = logging.getLogger("palisade.router.leases")
+SHARE = 0.5  # of what is left of the budget, at most, per grant
+
+
+def fair_share(limit: int, committed: int, asked: int) -> int:
+    """What one grant may hand out: at most `SHARE` of what is left (at least one token
+    while anything is left, so the last tokens are not stranded), never more than asked."""
+    left = limit - committed
+    if left <= 0:
+        return 0
+    return min(asked, max(1, math.floor(left * SHARE)))
+
+
+@dataclass(slots=True)
+class _Share:
+    granted: int
+    used: int
+
+    @property
+    def held(self) -> int:
+        return max(0, self.granted - self.used)
+
+
+class EdgeLeases:
+    """Every node's leased shares, in memory and in the tenancy store."""
+
+    def __init__(self, store: TenancyStore, gate: Gate, recorder: Recorder | None = None) -> None:
+        self._store = store
+        self._gate = gate
+        self._recorder = recorder
+        self._shares: dict[tuple[str, str, str], _Share] = {}  # (node, org, month)
+        self._held: dict[tuple[str, str], int] = {}  # (org, month): all nodes' unspent shares
+
+    async def start(self) -> None:
+        """Load this month's shares and make the gate count them."""
+        for lease in await self._store.edge_leases(month_of(self._store.clock())):
+            self._shares[(lease.node, lease.org, lease.month)] = _Share(lease.granted, lease.used)
+            self._recount(lease.org, lease.month)
+        self._gate.held_by_leases = self.held
+
+    def held(self, org: str, month: str) -> int:
+        return self._held.get((org, month), 0)
+
+    def shares(self) -> list[EdgeLease]:
+        return [
+            EdgeLease(node, org, month, share.granted, share.used)
+            for (node, org, month), share in sorted(self._shares.items())
+        ]
+
+    def _recount(self, org: str, month: str) -> None:
+        self._held[(org, month)] = sum(
+            share.held for (_, o, m), share in self._shares.items() if (o, m) == (org, month)
+        )
+
+    # --- grants -------------------------------------------------------------------------------
+
+    async def grant(self, node: PeerIdentity, org: str, asked: int) -> LeaseGrant:
+        record = self._store.orgs.get(org)
+        if record is None:
+            raise NotFoundError(f"No org named `{org}`.", code="org_not_found")
+        if node.region is None or node.region not in record.regions:
+            raise PermissionDeniedError(
+                f"Org `{org}` may not be served in region `{node.region}`, this node's "
+                "certified region; it gets no share of the org's budget.",
+                code="residency_violation",
+            )
+        month = month_of(self._store.clock())
+        if record.budget_tokens is None:
+            return LeaseGrant(org=org, month=month, granted=0, total=None)
+        granted = fair_share(record.budget_tokens, self._gate.committed(org, month), asked)
+        share = self._shares.setdefault((node.node_id, org, month), _Share(0, 0))
+        if granted:
+            share.granted += granted
+            self._recount(org, month)
+            try:
+                await self._store.grant_edge_lease(node.node_id, org, month, granted)
+            except Exception as exc:
+                share.granted -= granted
+                self._recount(org, month)
+                log.exception("could not record a budget share for node %s", node.node_id)
+                raise ServiceUnavailableError(
+                    "The router could not record this budget share; retry shortly.",
+                    code="lease_unavailable",
+                    retry_after=5,
+                ) from exc
+        return LeaseGrant(org=org, month=month, granted=granted, total=share.granted)
+
+    # --- usage reports ------------------------------------------------------------------------
+
+    async def report(self, node: PeerIdentity, rows: list[EdgeRow]) -> list[str]:
+        """Count each row once (by id), convert the node's share into used tokens, keep
+        the audit rows; the answer names every row of the report, counted now or before."""
+        rows = list({row.id: row for row in rows}.values())
+        entries = [(row.id, self._entry(node, row)) for row in rows]
+        applied = await self._store.apply_edge_usage(node.node_id, entries)
+        for row, (_, entry) in zip(rows, entries, strict=True):
+            if row.id not in applied:
+                continue
+            self._gate.absorb(entry.org, entry.month, entry.tokens)
+            share = self._shares.setdefault((node.node_id, entry.org, entry.month), _Share(0, 0))
+            share.used += entry.tokens
+            self._recount(entry.org, entry.month)
+            self._audit(node, row)
+        if applied:
+            log.info("node %s reported %d requests served on its own", node.node_id, len(applied))
+        return [row.id for row in rows]
+
+    def _entry(self, node: PeerIdentity, row: EdgeRow) -> Recovered:
+        """The row as the store counts it, attributed to the node its certificate names."""
+        record: UsageRecord | None = None
+        if row.record is not None:
+            counts = (row.record.input_tokens, row.record.output_tokens)
+            if min(counts) < 0 or sum(counts) != row.tokens:
+                raise InvalidRequestError(
+                    f"Usage row `{row.id}` counts {row.tokens} tokens, but its record has "
+                    f"{counts[0]} input and {counts[1]} output tokens.",
+                    code="invalid_usage_row",
+                    param="rows",
+                )
+            record = UsageRecord(
+                at=row.record.at,
+                org=row.org,
+                user_id=row.record.user_id,
+                key_id=row.record.key_id,
+                model=row.record.model,
+                region=node.region or row.record.region,
+                node=node.node_id,
+                input_tokens=row.record.input_tokens,
+                output_tokens=row.record.output_tokens,
+                latency_ms=row.record.latency_ms,
+                status=row.status,
+                cost=row.record.cost,
+                request_id=row.id,
+            )
+        return Recovered(record, row.org, row.month, row.tokens, row.status)
+
+    def _audit(self, node: PeerIdentity, row: EdgeRow) -> None:
+        if self._recorder is None or row.audit is None:
+            return
+        org = self._store.orgs.get(row.org)
+        mode = org.logging_mode if org is not None else "metadata"
+        audit = row.audit | {"id": row.id, "org": row.org, "node": node.node_id}
+        if node.region is not None:
+            audit["region"] = node.region
+        self._recorder.request(mode, audit | {"edge": True})
