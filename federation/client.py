@@ -16,6 +16,7 @@ from federation._private.client import (
     print_json,
     resolve_target,
     table,
+    trusted_cas,
     unreachable,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "print_json",
     "resolve_target",
     "table",
+    "trusted_cas",
     "unreachable",
 ]

@@ -3,8 +3,11 @@ vLLM on a GPU): a real HTTP server speaking the real protocol, with deterministi
 
     python -m tests.standin --host 127.0.0.1 --port 0 [--ttft-ms N] [--token-ms N]
                             [--tokens N] [--api-key K] [--model NAME]
+                            [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]
 
-prints `standin listening on http://HOST:PORT` once bound and serves until SIGTERM/SIGINT.
+prints `standin listening on http://HOST:PORT` once bound and serves until SIGTERM/SIGINT
+(HTTPS with `--tls-cert`/`--tls-key`, TLS 1.3, asking for optional client certificates
+signed by `--tls-ca`: how an enrolled appliance serves the router).
 Each completion is `--tokens` tokens (" tok0", " tok1", ...), capped by the request's
 `max_tokens`; `prompt_tokens` is the number of whitespace-separated words in the prompt.
 `GET /stats` counts what happened (for tests to assert on) and `POST /control` changes
@@ -22,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,7 +45,7 @@ from tests.support import stop as stop_process
 from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"standin listening on (?P<url>http://\S+)")
+_LISTENING = re.compile(r"standin listening on (?P<url>https?://\S+)")
 _ENCODE = msgspec.json.encode
 _DECODE = msgspec.json.decode
 _JSON = "application/json"
@@ -390,7 +394,29 @@ class Standin:
 # --- running it -------------------------------------------------------------------------
 
 
-async def serve(host: str, port: int, settings: Settings) -> None:
+@dataclass(frozen=True)
+class StandinTLS:
+    """Serve HTTPS with this certificate and key; clients may present one signed by `ca`."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+    def args(self) -> list[str]:
+        found = ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+        return found + (["--tls-ca", str(self.ca)] if self.ca is not None else [])
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(self.cert, self.key)
+        if self.ca is not None:
+            context.load_verify_locations(cafile=self.ca)
+            context.verify_mode = ssl.CERT_OPTIONAL
+        return context
+
+
+async def serve(host: str, port: int, settings: Settings, tls: StandinTLS | None = None) -> None:
     """Bind, print the listening line, serve until SIGTERM or SIGINT."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -400,14 +426,16 @@ async def serve(host: str, port: int, settings: Settings) -> None:
         Standin(settings).app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
     )
     await runner.setup()
-    site = web.SockSite(runner, sock, backlog=2048)
+    context = tls.context() if tls is not None else None
+    site = web.SockSite(runner, sock, backlog=2048, ssl_context=context)
     await site.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     url_host = f"[{host}]" if ":" in host else host
-    sys.stdout.write(f"standin listening on http://{url_host}:{bound}\n")
+    scheme = "https" if tls is not None else "http"
+    sys.stdout.write(f"standin listening on {scheme}://{url_host}:{bound}\n")
     sys.stdout.flush()
     try:
         await stopping.wait()
@@ -426,7 +454,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=8, help="tokens per completion")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     parser.add_argument("--model", default="standin-model", help="the model id in /v1/models")
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="... and this private key (PEM)")
+    parser.add_argument("--tls-ca", type=Path, help="accept client certificates of this CA")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = None if args.tls_cert is None else StandinTLS(args.tls_cert, args.tls_key, args.tls_ca)
     settings = Settings(
         ttft_ms=args.ttft_ms,
         token_ms=args.token_ms,
@@ -437,9 +471,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up, present with uvicorn[standard]
     except ImportError:
-        asyncio.run(serve(args.host, args.port, settings))
+        asyncio.run(serve(args.host, args.port, settings, tls))
     else:
-        uvloop.run(serve(args.host, args.port, settings))
+        uvloop.run(serve(args.host, args.port, settings, tls))
 
 
 @dataclass
@@ -449,17 +483,21 @@ class RunningStandin:
     url: str
     process: subprocess.Popen[str]
     output: list[str] = field(default_factory=list)
+    # What verifies its certificate when it serves HTTPS (a context trusting its CA).
+    verify: ssl.SSLContext | bool = True
 
     @property
     def v1(self) -> str:
         return f"{self.url}/v1"
 
     def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.get(f"{self.url}/stats", timeout=10).json()
+        reply = httpx.get(f"{self.url}/stats", timeout=10, verify=self.verify)
+        result: dict[str, Any] = reply.json()
         return result
 
     def control(self, **settings: object) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.post(f"{self.url}/control", json=settings, timeout=10).json()
+        reply = httpx.post(f"{self.url}/control", json=settings, timeout=10, verify=self.verify)
+        result: dict[str, Any] = reply.json()
         return result
 
     def stop(self) -> None:
@@ -477,13 +515,19 @@ def run_standin(
     model: str = "standin-model",
     host: str = "127.0.0.1",
     ready_timeout: float = 30.0,
+    tls: StandinTLS | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> Iterator[RunningStandin]:
-    """Start the stand-in on an ephemeral port, wait for /readyz, stop it with SIGTERM."""
+    """Start the stand-in on an ephemeral port, wait for /readyz, stop it with SIGTERM.
+
+    With `tls` it serves HTTPS; `verify` is what checks its certificate."""
     command = [sys.executable, "-m", "tests.standin", "--host", host, "--port", "0"]
     command += ["--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms), "--tokens", str(tokens)]
     command += ["--model", model]
     if api_key is not None:
         command += ["--api-key", api_key]
+    if tls is not None:
+        command += tls.args()
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -512,7 +556,7 @@ def run_standin(
         found.wait(ready_timeout)
         if not urls:
             raise RuntimeError("the stand-in did not start:\n" + "".join(output))
-        standin = RunningStandin(urls[0], process, output)
+        standin = RunningStandin(urls[0], process, output, verify)
         _wait_ready(standin, ready_timeout)
         yield standin
     finally:
@@ -534,9 +578,10 @@ def _ready(standin: RunningStandin) -> bool:
     if standin.process.poll() is not None:
         raise RuntimeError("the stand-in exited:\n" + "".join(standin.output))
     try:
-        return httpx.get(f"{standin.url}/readyz", timeout=2).status_code == 200
+        reply = httpx.get(f"{standin.url}/readyz", timeout=2, verify=standin.verify)
     except httpx.TransportError:
         return False
+    return reply.status_code == 200
 
 
 if __name__ == "__main__":

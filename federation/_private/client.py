@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-DEFAULT_URL = "http://127.0.0.1:8300"
+# The router of `make run` (`palisade fleet up`): HTTPS with the fleet CA (see trusted_cas).
+DEFAULT_URL = "https://127.0.0.1:8300"
 TIMEOUT = 30.0
 
 UrlOpt = Annotated[
@@ -108,6 +110,20 @@ def instant(value: str | None, flag: str) -> str | None:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
+def trusted_cas() -> ssl.SSLContext:
+    """What client commands trust for https:// URLs: the public CAs, plus the fleet CA in
+    $PALISADE_HOME (the router's `fleet/ca.pem`, or a node's pinned copy) when there is one,
+    so `palisade fleet status --url https://…` works against the router of `fleet up`."""
+    context = httpx.create_ssl_context()  # httpx's default: certifi, or SSL_CERT_FILE
+    fleet_ca = Path(os.environ.get("PALISADE_HOME", "var")).resolve() / "fleet" / "ca.pem"
+    if fleet_ca.is_file():
+        try:
+            context.load_verify_locations(cafile=fleet_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise fail(f"cannot use the fleet CA {fleet_ca}: {exc}") from None
+    return context
+
+
 def call_api(
     target: Target,
     method: str,
@@ -120,7 +136,9 @@ def call_api(
     headers = {"Authorization": f"Bearer {target.key}"} if target.key else {}
     query = {k: v for k, v in (params or {}).items() if v is not None}
     try:
-        with httpx.Client(base_url=target.url.rstrip("/"), timeout=TIMEOUT) as client:
+        with httpx.Client(
+            base_url=target.url.rstrip("/"), timeout=TIMEOUT, verify=trusted_cas()
+        ) as client:
             response = client.request(method, path, json=body, params=query, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise unreachable(target.url, exc) from None

@@ -1,20 +1,26 @@
 """`palisade fleet up`: a whole fleet on this machine, for trying Palisade (what `make run` starts).
 
-It starts the router on $PALISADE_HOME and one appliance per region, each with its own
-state directory under $PALISADE_HOME/fleet/<node>/ (sharing $PALISADE_HOME/models), joined
-with a generated join secret, plus a demo org allowed in every region. It waits until
-every node is up, prints the URL, the demo key and a curl line, and stops them all on
-Ctrl-C or SIGTERM. Once the fleet is up, a process that exits is started again after a
-back-off (1 s, doubling to 30 s, from 1 s again after a minute up), and the exit is
-reported with its code or signal and the tail of the process's log.
+It starts the router on $PALISADE_HOME, serving HTTPS with a certificate from its own fleet
+CA, plus a demo org allowed in every region; then, for one appliance per region, each with
+its own state directory under $PALISADE_HOME/fleet/<node>/ (sharing $PALISADE_HOME/models),
+it creates a one-time enrollment token through the admin API and runs `palisade node init`
+and `palisade node enroll` there, as an operator would (a node enrolled by an earlier run
+is not enrolled again). The appliances then serve with their node certificates, mTLS both
+ways with the router. It waits until every node is up, prints the URL, the demo key and a
+curl line trusting the fleet CA, and stops them all on Ctrl-C or SIGTERM. Once the fleet
+is up, a process that exits is started again after a back-off (1 s, doubling to 30 s, from
+1 s again after a minute up), and the exit is reported with its code or signal and the
+tail of the process's log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import secrets
+import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,18 +31,35 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from federation import (
     JOIN_SECRET_ENV,
     ConfigError,
+    NodeCredentials,
+    NodeIdentity,
     PalisadeError,
+    load_pem_certificate,
     private_dir,
     private_file,
+    raw_public_key,
     shown_secret,
     write_private,
 )
+from router._private.ca import FLEET_DIR, FleetCA
 
-_LISTENING = re.compile(r"listening on (?P<url>http://\S+)")
+_LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
+_FLEET_LISTENING = re.compile(r"fleet \(mTLS\) on (?P<url>https://[^\s,]+)")
+ROUTER_ID = "router"
+# The router's HTTPS certificate for its public listener (issued by the fleet CA), and the
+# names a client on this machine may reach it by.
+PUBLIC_CERT = "public.pem"
+PUBLIC_HOSTS = ("127.0.0.1", "localhost")
+# Enrollment tokens made here are bound to one node and live just long enough to be used.
+_TOKEN_TTL_S = 600
+_ENROLL_TIMEOUT_S = 120
 _START_TIMEOUT_S = 180.0
 _BACKOFF_FIRST_S = 1.0
 _BACKOFF_MAX_S = 30.0
@@ -62,10 +85,18 @@ class _Child:
     restarts: int = 0
 
 
+@dataclass(frozen=True)
+class _RouterUrls:
+    public: str  # https://…: the OpenAI and admin APIs
+    fleet: str  # https://…: where nodes enroll and heartbeat (mTLS)
+
+
 def run_local_fleet(home: Path, regions: list[str], port: int, model: str) -> int:
     private_dir(home)
-    secret = os.environ.get(JOIN_SECRET_ENV) or _local_secret(home)
-    env = os.environ | {JOIN_SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}
+    # Always certificates: the lab switch for plain-HTTP fleets never reaches this fleet.
+    env = {k: v for k, v in os.environ.items() if k != JOIN_SECRET_ENV}
+    env |= {"PYTHONUNBUFFERED": "1"}
+    ca_path, public_cert = public_certificate(home)
     children: list[_Child] = []
     stopping = threading.Event()
 
@@ -75,33 +106,60 @@ def run_local_fleet(home: Path, regions: list[str], port: int, model: str) -> in
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
-        router, url = _start_router(home, port, regions, env)
+    with contextlib.ExitStack() as stack:
+        stack.callback(_stop_all, children)
+        router, urls = _start_router(home, port, regions, public_cert, env)
         children.append(router)
+        client = httpx.Client(verify=ssl.create_default_context(cafile=ca_path), timeout=10)
+        stack.callback(client.close)
+        _wait_router(client, urls.public, router, stopping)
+        admin_key = _secret_file(home, "admin.key")
+        for region in regions:
+            if stopping.is_set():
+                return 0
+            _enroll(client, home, f"{region}-1", region, urls=urls, admin_key=admin_key, env=env)
         children.extend(
-            _start_appliance(home, f"{region}-1", region, url, env) for region in regions
+            _start_appliance(home, f"{region}-1", region, urls.fleet, env) for region in regions
         )
-        _wait_router(url, router, stopping)
-        _wait_joined(url, _secret_file(home, "admin.key"), children, stopping)
+        _wait_joined(client, urls.public, admin_key, children, stopping)
         if stopping.is_set():
             return 0
         demo_key = shown_secret(_secret_file(home, "demo.key"), home / "demo.key")
-        _announce(url, demo_key, model, regions, children)
+        _announce(urls.public, demo_key, model, regions, children, ca_path=ca_path)
         while not stopping.wait(0.5):
             for child in children:
                 _tend(child, time.monotonic())
         return 0
-    finally:
-        _stop_all(children)
 
 
-def _local_secret(home: Path) -> str:
-    path = home / "join.secret"
-    if path.is_file():
-        return path.read_text().strip()
-    value = secrets.token_urlsafe(32)
-    write_private(path, value + "\n")
-    return value
+def public_certificate(home: Path) -> tuple[Path, Path]:
+    """The fleet CA (made here on the first run, as the router would) and `fleet/public.pem`,
+    the router's HTTPS certificate for 127.0.0.1 and localhost (for its `node.key`), issued
+    again when missing, from another CA or key, or with less than a third of its life left."""
+    ca = FleetCA.load_or_create(home)
+    identity = NodeIdentity.load_or_create(home)
+    path = home / FLEET_DIR / PUBLIC_CERT
+    if not _still_good(path, ca, identity):
+        cert = ca.issue_router(identity, ROUTER_ID, PUBLIC_HOSTS)
+        write_private(path, cert.public_bytes(serialization.Encoding.PEM))
+    return home / FLEET_DIR / "ca.pem", path
+
+
+def _still_good(path: Path, ca: FleetCA, identity: NodeIdentity) -> bool:
+    try:
+        cert = load_pem_certificate(path.read_bytes())
+        cert.verify_directly_issued_by(ca.certificate)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, TypeError, x509.ExtensionNotFound, InvalidSignature):
+        return False
+    listed = set(san.get_values_for_type(x509.DNSName))
+    listed |= {str(address) for address in san.get_values_for_type(x509.IPAddress)}
+    begins, ends = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    return (
+        raw_public_key(cert) == identity.public_key
+        and ends - time.time() > (ends - begins) / 3
+        and set(PUBLIC_HOSTS) <= listed
+    )
 
 
 def _secret_file(home: Path, name: str) -> str:
@@ -114,13 +172,13 @@ def _secret_file(home: Path, name: str) -> str:
         ) from exc
 
 
-def _wait_router(url: str, router: _Child, stopping: threading.Event) -> None:
+def _wait_router(client: httpx.Client, url: str, router: _Child, stopping: threading.Event) -> None:
     deadline = time.monotonic() + _START_TIMEOUT_S
     while not stopping.is_set() and time.monotonic() < deadline:
         if router.process.poll() is not None:
             raise LocalFleetError(_died(router))
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if client.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -132,25 +190,37 @@ def _palisade(*args: str) -> list[str]:
 
 
 def _start_router(
-    home: Path, port: int, regions: list[str], env: dict[str, str]
-) -> tuple[_Child, str]:
-    process, urls, found = _spawn_router(home, port, regions, env)
+    home: Path, port: int, regions: list[str], cert: Path, env: dict[str, str]
+) -> tuple[_Child, _RouterUrls]:
+    # The fleet listener on the next port (8301 beside 8300), or a free one beside a free one.
+    ports = (port, port + 1 if port else 0)
+    process, urls, found = _spawn_router(home, ports, regions, cert, env)
     child = _Child("router", process, None)
     found.wait(_START_TIMEOUT_S)
-    if not urls:
+    if len(urls) < 2:
         _stop_all([child])
         raise LocalFleetError("the router did not start; its output is above.")
-    # Started again on the port it got, so the appliances find it at the same URL.
-    bound = int(urls[0].rsplit(":", 1)[1])
-    child.respawn = lambda: _spawn_router(home, bound, regions, env)[0]
-    return child, urls[0]
+    # Started again on the ports it got, so the appliances find it at the same URLs.
+    bound = (_port_of(urls[0]), _port_of(urls[1]))
+    child.respawn = lambda: _spawn_router(home, bound, regions, cert, env)[0]
+    return child, _RouterUrls(public=urls[0], fleet=urls[1])
+
+
+def _port_of(url: str) -> int:
+    return int(url.rstrip("/").rsplit(":", 1)[1])
 
 
 def _spawn_router(
-    home: Path, port: int, regions: list[str], env: dict[str, str]
+    home: Path, ports: tuple[int, int], regions: list[str], cert: Path, env: dict[str, str]
 ) -> tuple[subprocess.Popen[str], list[str], threading.Event]:
-    """The router process, its output relayed here; `urls` gets its URL, then `found` is set."""
-    command = _palisade("router", "serve", "--port", str(port), "--demo-regions", ",".join(regions))
+    """The router process, its output relayed here; `urls` gets its public URL, then its
+    fleet URL, then `found` is set."""
+    command = _palisade(
+        "router", "serve", "--port", str(ports[0]), "--fleet-port", str(ports[1]),
+        "--tls-cert", str(cert), "--tls-key", str(home / "node.key"),
+        "--demo-regions", ",".join(regions),
+        "--discovery",  # zeroconf on 127.0.0.1 only: `fleet node list` shows nodes seen
+    )  # fmt: skip
     process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
         command,
         stdout=subprocess.PIPE,
@@ -169,6 +239,8 @@ def _spawn_router(
             sys.stdout.flush()
             if not urls and (match := _LISTENING.search(line)):
                 urls.append(match["url"])
+            elif len(urls) == 1 and (match := _FLEET_LISTENING.search(line)):
+                urls.append(match["url"])
                 found.set()
         found.set()
 
@@ -176,19 +248,114 @@ def _spawn_router(
     return process, urls, found
 
 
-def _start_appliance(
-    home: Path, node: str, region: str, router_url: str, env: dict[str, str]
-) -> _Child:
-    node_home = home / "fleet" / node
+def _node_home(home: Path, node: str) -> Path:
+    node_home = home / FLEET_DIR / node
     private_dir(node_home)
     models = node_home / "models"
     if not models.exists():
         models.symlink_to(home / "models", target_is_directory=True)
+    return node_home
+
+
+def _enroll(
+    client: httpx.Client,
+    home: Path,
+    node: str,
+    region: str,
+    *,
+    urls: _RouterUrls,
+    admin_key: str,
+    env: dict[str, str],
+) -> None:
+    """Enroll `node` as an operator would: a one-time token bound to it (admin API), then
+    `palisade node init` and `palisade node enroll` in its state directory. Their output
+    goes to its `appliance.log`. A node already enrolled with this fleet CA, whose
+    certificate is still valid, is left as it is (it renews its certificate itself)."""
+    node_home = _node_home(home, node)
+    credentials = NodeCredentials.load(node_home)
+    ca = FleetCA.load_or_create(home)
+    if _enrolled_with(credentials, ca):
+        _say(f"{node}: already enrolled in {region} (fleet {ca.fleet_id}), not enrolled again.\n")
+        return
+    if credentials.state is not None and credentials.state.fleet_id not in (None, ca.fleet_id):
+        raise LocalFleetError(
+            f"{node_home} is enrolled in fleet {credentials.state.fleet_id}, but this router's "
+            f"CA is fleet {ca.fleet_id}'s (its home was started over): move {node_home} aside "
+            "to enroll the node afresh."
+        )
+    try:
+        reply = client.post(
+            f"{urls.public}/admin/v1/fleet/tokens",
+            json={"region": region, "node_id": node, "ttl_s": _TOKEN_TTL_S, "uses": 1},
+            headers={"Authorization": f"Bearer {admin_key}"},
+        )
+    except httpx.HTTPError as exc:
+        raise LocalFleetError(f"cannot ask the router for {node}'s token: {exc}") from None
+    if reply.status_code != 201:
+        raise LocalFleetError(f"the router refused an enrollment token for {node}: {reply.text}")
+    token: str = reply.json()["token"]
+    log = node_home / "appliance.log"
+    private_file(log)
+    steps = [
+        ("node", "init", "--region", region, "--node-id", node),
+        ("node", "enroll", "--router", urls.fleet, "--token", token),
+    ]
+    for step in steps:
+        _run_step(node, step, node_home, log, env)
+    _say(f"{node}: enrolled in {region} with a one-time token (fleet {ca.fleet_id}).\n")
+
+
+def _enrolled_with(credentials: NodeCredentials, ca: FleetCA) -> bool:
+    state = credentials.state
+    if state is None or not credentials.enrolled or state.ca_fingerprint != ca.fingerprint:
+        return False
+    try:
+        not_after = credentials.certificate().not_valid_after_utc.timestamp()
+    except PalisadeError:
+        return False
+    return not_after > time.time()
+
+
+def _run_step(
+    node: str, step: tuple[str, ...], node_home: Path, log: Path, env: dict[str, str]
+) -> None:
+    """One `palisade …` command for `node`, its output appended to `log`."""
+    with log.open("a") as output:
+        output.write(f"--- fleet up: palisade {' '.join(step[:2])} ---\n")
+        output.flush()
+        try:
+            result = subprocess.run(  # noqa: S603 - our own CLI, arguments built here
+                _palisade(*step),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env | {"PALISADE_HOME": str(node_home)},
+                timeout=_ENROLL_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise LocalFleetError(
+                f"`palisade {' '.join(step[:2])}` for {node} did not finish in "
+                f"{_ENROLL_TIMEOUT_S} s (log: {log})"
+            ) from None
+    if result.returncode != 0:
+        tail = "\n  ".join(["", *log.read_text(errors="replace").splitlines()[-10:]])
+        raise LocalFleetError(
+            f"`palisade {' '.join(step[:2])}` for {node} exited with code "
+            f"{result.returncode} (log: {log}){tail}"
+        )
+
+
+def _start_appliance(
+    home: Path, node: str, region: str, fleet_url: str, env: dict[str, str]
+) -> _Child:
+    node_home = _node_home(home, node)
     log = node_home / "appliance.log"
     private_file(log)  # like the state beside it: owner only
+    # Node id and region are its certificate's; given here too, they are checked against it.
     command = _palisade(
         "appliance", "serve", "--port", "0", "--region", region, "--node-id", node,
-        "--router", router_url,
+        "--router", fleet_url, "--discovery",
     )  # fmt: skip
 
     def spawn(mode: str) -> subprocess.Popen[str]:
@@ -202,7 +369,8 @@ def _start_appliance(
                 env=env | {"PALISADE_HOME": str(node_home)},
             )
 
-    return _Child(node, spawn("w"), log, respawn=lambda: spawn("a"))
+    # Appends: the enrollment's output stays at the top of the log.
+    return _Child(node, spawn("a"), log, respawn=lambda: spawn("a"))
 
 
 def _tend(child: _Child, now: float) -> None:
@@ -235,7 +403,11 @@ def _say(text: str) -> None:
 
 
 def _wait_joined(
-    url: str, admin_key: str, children: list[_Child], stopping: threading.Event
+    client: httpx.Client,
+    url: str,
+    admin_key: str,
+    children: list[_Child],
+    stopping: threading.Event,
 ) -> None:
     expected = {child.name for child in children if child.log is not None}
     sys.stdout.write(f"Waiting for {len(expected)} appliances to load and join…\n")
@@ -246,7 +418,7 @@ def _wait_joined(
         if dead := next((c for c in children if c.process.poll() is not None), None):
             raise LocalFleetError(_died(dead))
         try:
-            nodes = httpx.get(f"{url}/federation/v1/fleet", headers=headers, timeout=5).json()
+            nodes = client.get(f"{url}/federation/v1/fleet", headers=headers, timeout=5).json()
             ready = {n["node_id"] for n in nodes["nodes"] if n["state"] == "up" and n["ready"]}
         except (httpx.HTTPError, ValueError, KeyError):
             ready = set()
@@ -278,16 +450,22 @@ def _exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _announce(url: str, key: str, model: str, regions: list[str], children: list[_Child]) -> None:
+def _announce(
+    url: str, key: str, model: str, regions: list[str], children: list[_Child], *, ca_path: Path
+) -> None:
     body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
     nodes = ", ".join(f"{c.name}" for c in children if c.log is not None)
+    ca = shlex.quote(str(ca_path))
     sys.stdout.write(
         f"\nPalisade fleet ready: router {url}, appliances {nodes} "
-        f"(regions {', '.join(regions)}).\n"
+        f"(regions {', '.join(regions)}; enrolled, mTLS between router and appliances).\n"
         f"  export PALISADE_URL={url} PALISADE_API_KEY={key}\n"
-        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-H \"Authorization: Bearer {key}\" -d '{body}'\n"
+        f"  curl -s --cacert {ca} {url}/v1/chat/completions "
+        f"-H 'Content-Type: application/json' -H \"Authorization: Bearer {key}\" -d '{body}'\n"
         f"  palisade fleet status --url {url}      # as the system admin (admin.key)\n"
+        f"  palisade fleet node list --url {url}   # enrolled nodes and their certificates\n"
+        f"The router's certificate is from the fleet CA {ca_path} (not a public CA): clients "
+        "trust that file (curl --cacert, SSL_CERT_FILE, httpx verify=).\n"
         "Stop with Ctrl-C.\n"
     )
     sys.stdout.flush()

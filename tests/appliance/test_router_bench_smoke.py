@@ -1,7 +1,8 @@
 """The router overhead benchmark still runs end to end (figures are not judged here).
 
 It sits here rather than in tests/bench/, which pytest skips (`--ignore=tests/bench`).
-Tiny settings and `--no-litellm`, so it never installs LiteLLM and takes a few seconds.
+Tiny settings and `--no-litellm`, so it never installs LiteLLM; it still starts both
+fleets (plain HTTP, and mTLS with the stand-in enrolled), so it takes half a minute.
 """
 
 from __future__ import annotations
@@ -44,19 +45,21 @@ def test_router_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=55,
+        timeout=150,
         cwd=REPO,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Concurrency 1, closed loop" in result.stdout
     assert "router saturation throughput" in result.stdout
+    assert "router (mTLS) saturation throughput" in result.stdout
     report = json.loads((tmp_path / "router.json").read_text())
     assert report["benchmark"] == "router"
     assert report["setup"]["litellm_skipped"] == "--no-litellm"
     summary = report["summary"]
-    assert summary["targets_measured"] == ["direct", "router"]
-    for target in ("direct", "router"):
+    targets = ["direct", "router", "direct_tls", "router_mtls"]
+    assert summary["targets_measured"] == targets
+    for target in targets:
         c1 = summary["concurrency_1"][target]
         assert c1["requests_per_repeat"] == 40
         assert c1["errors"] == 0
@@ -69,9 +72,14 @@ def test_router_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
         saturation = summary["saturation"][target]
         assert saturation["achieved_per_s"] > 0
         assert saturation["p50_ms"] > 0
-    assert isinstance(summary["concurrency_1"]["router"]["added_p50_ms"], float)
-    assert isinstance(summary["open_loop"]["50"]["router"]["added_p99_ms"], float)
+    for router, base in (("router", "direct"), ("router_mtls", "direct_tls")):
+        assert summary["concurrency_1"][router]["base"] == base
+        assert isinstance(summary["concurrency_1"][router]["added_p50_ms"], float)
+        assert isinstance(summary["open_loop"]["50"][router]["added_p99_ms"], float)
     names = {row["name"] for row in summary["targets"]}
     assert "router added p50 / LiteLLM added p50" in names
     assert summary["ratios"]["router_vs_litellm_added_p50"] is None
     assert summary["ratios"]["router_vs_direct_saturation"] > 0
+    assert summary["ratios"]["mtls_vs_plain_saturation"] > 0
+    assert isinstance(summary["ratios"]["mtls_vs_plain_added_p50"], float)
+    assert set(report["setup"]["heartbeats_sent"]) == {"plain", "mTLS"}

@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--requests",
         type=int,
         default=defaults.requests,
-        help="concurrency-1 requests per repeat, direct and router (default %(default)s)",
+        help="concurrency-1 requests per repeat and target, LiteLLM aside (default %(default)s)",
     )
     group.add_argument(
         "--litellm-requests",

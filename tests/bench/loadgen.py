@@ -4,7 +4,8 @@ It reads one JSON command per line on stdin and answers each with one JSON line 
 so the connections it opens stay warm across phases. One aiohttp session (large connection
 limit, per-request timeout) on uvloop serves every target. Commands:
 
-- `{"op": "setup", "targets": {name: {"url", "headers"}}, "body", "timeout_s", "connections"}`
+- `{"op": "setup", "targets": {name: {"url", "headers", "cafile"?}}, "body", "timeout_s",
+  "connections"}`: an `https://` target is verified against `cafile` (a PEM CA file).
 - `{"op": "closed", "target", "workers", "requests" | "seconds"}`: closed loop; `workers`
   callers each send the next request when the previous one completes, until `requests`
   have been sent in all or `seconds` have passed.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -34,14 +36,19 @@ import aiohttp
 class Target:
     url: str
     headers: dict[str, str]
+    # For an https:// target: the context that trusts its CA (aiohttp's default otherwise).
+    tls: ssl.SSLContext | None = None
+
+
+def _target(spec: dict[str, Any]) -> Target:
+    cafile = spec.get("cafile")
+    tls = ssl.create_default_context(cafile=cafile) if cafile else None
+    return Target(url=spec["url"], headers=dict(spec["headers"]), tls=tls)
 
 
 class LoadGenerator:
     def __init__(self, command: dict[str, Any]) -> None:
-        self.targets = {
-            name: Target(url=spec["url"], headers=dict(spec["headers"]))
-            for name, spec in command["targets"].items()
-        }
+        self.targets = {name: _target(spec) for name, spec in command["targets"].items()}
         self.body = str(command["body"]).encode()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
@@ -57,7 +64,9 @@ class LoadGenerator:
     async def one(self, target: Target) -> str | None:
         """One request; None when it succeeded, else the kind of failure."""
         try:
-            async with self.session.post(target.url, data=self.body, headers=target.headers) as r:
+            async with self.session.post(
+                target.url, data=self.body, headers=target.headers, ssl=target.tls or True
+            ) as r:
                 data = await r.read()
                 if r.status != 200:
                     return f"http_{r.status}"

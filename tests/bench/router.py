@@ -1,19 +1,39 @@
-"""Router overhead benchmark: the Palisade router and the LiteLLM proxy, each in front of the
-same fast stand-in upstream, against the stand-in reached directly, in one run.
+"""Router overhead benchmark: the Palisade router, with plain HTTP and with TLS on every hop,
+and the LiteLLM proxy, each in front of a fast stand-in upstream, against the stand-in
+reached directly, in one run.
 
-Every target is a real process on 127.0.0.1: the stand-in (`tests.standin`, zero delay),
-`palisade router serve --demo-regions bench` (auth, selection, admission and metering on,
-with the stand-in registered as a node by heartbeats sent from this process), and the LiteLLM
-proxy (installed by this benchmark into its own virtual env under var/bench/litellm-venv).
-Requests are non-streaming chat completions with a small body and `max_tokens` 8, sent by a
-load generator in a process of its own (`tests.bench.loadgen`, aiohttp on uvloop). Phases:
+Every target is a real process on 127.0.0.1. Two fleets of one router and one stand-in node
+(`tests.standin`, zero delay) each; in both `palisade router serve --demo-regions bench`
+has auth, selection, admission and metering on, and the stand-in is registered as node
+`standin` by heartbeats sent from this process:
+
+- plain (`direct`, `router`): the lab switch `PALISADE_LAB_JOIN_SECRET` on, plain HTTP from
+  the client to the router and from the router to the node, heartbeats HMAC-signed;
+- mTLS (`direct_tls`, `router_mtls`): the stand-in enrolled like a real node (a token from
+  the admin API, `palisade node init`, `palisade node enroll`) and serving HTTPS with its
+  node certificate; the router serving its public listener over HTTPS with a certificate
+  from its fleet CA (as `palisade fleet up` does), reaching the node with its own fleet
+  certificate (mTLS), heartbeats over mTLS to its fleet listener. The client trusts the
+  fleet CA, both for the router and for the stand-in reached directly.
+
+`router` is measured against `direct`, `router_mtls` against `direct_tls` (the client's own
+TLS costs the same on both sides), so "added" is what the router adds in each mode. The
+LiteLLM proxy (installed by this benchmark into its own virtual env under
+var/bench/litellm-venv) fronts the plain stand-in. Requests are non-streaming chat
+completions with a small body and `max_tokens` 8, sent by a load generator in a process of
+its own (`tests.bench.loadgen`, aiohttp on uvloop, connections kept alive). Phases:
 
 1. concurrency 1, closed loop: each repeat sends every target its requests in interleaved
-   chunks; p50/p99 per target per repeat, and the added p50/p99 (target minus direct in the
-   same repeat); the table shows the median across repeats.
+   chunks; p50/p99 per target per repeat, and the added p50/p99 (target minus its direct
+   base in the same repeat); the table shows the median across repeats.
 2. open loop at fixed rates: requests start on schedule whatever the completions, latency
    runs from the scheduled start; errors (timeouts included) are counted, never hidden.
 3. saturation: a closed loop of many concurrent workers; achieved requests/s.
+
+Each phase starts once the servers are idle, and then on warm connection pools: a few
+unmeasured requests with the phase's concurrency first (`Bench.rewarm`), since waiting for
+quiet outlasts the servers' keep-alive and a cold pool's TLS handshakes are not the
+router's per-request cost.
 
 The machine's cores are shared by the load generator, the proxies and the upstream, so only
 medians, differences and ratios mean anything; the targets are informational, never asserted.
@@ -27,6 +47,7 @@ import os
 import platform
 import re
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -42,14 +63,25 @@ from typing import IO, Any
 
 import httpx
 
-from federation import ENCODER, SIGNATURE_HEADER, Heartbeat, NodeModel, sign_fleet_message
+from federation import (
+    ENCODER,
+    JOIN_SECRET_ENV,
+    SIGNATURE_HEADER,
+    Heartbeat,
+    NodeCredentials,
+    NodeModel,
+    client_context,
+    sign_fleet_message,
+)
+from router._private.local_fleet import public_certificate
 from tests.bench.engine import BUSY_CORES, CpuWatch
-from tests.standin import RunningStandin, run_standin
+from tests.standin import RunningStandin, StandinTLS, run_standin
 from tests.support import REPO, wait_for
 from tests.support import stop as stop_process
 
 MODEL = "standin-model"
 REGION = "bench"
+NODE_ID = "standin"
 MAX_TOKENS = 8
 REQUEST_BODY = json.dumps(
     {
@@ -61,6 +93,7 @@ REQUEST_BODY = json.dumps(
 JOIN_SECRET = "router-bench-join-secret"  # noqa: S105 - a throwaway local fleet
 LITELLM_KEY = "sk-router-bench-master-key"
 CHUNKS = 10  # concurrency-1 requests are sent in this many interleaved chunks per repeat
+REWARM_WORKERS = 16  # connections opened before an open-loop phase (see Bench.rewarm)
 CONNECTIONS = 4096
 HEARTBEAT_S = 1.0
 SETTLE_CORES = 0.25  # before each phase, wait until the servers use less CPU than this
@@ -77,7 +110,10 @@ LITELLM_RATIO = 0.2
 
 # Always here, whatever --out says, so it is installed once.
 LITELLM_VENV = REPO / "var" / "bench" / "litellm-venv"
-_ROUTER_LISTENING = re.compile(r"listening on (?P<url>http://\S+)")
+_ROUTER_LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
+_FLEET_LISTENING = re.compile(r"fleet \(mTLS\) on (?P<url>https://[^\s,]+)")
+# Each router-through target, and the target it is measured against.
+BASES = {"router": "direct", "litellm": "direct", "router_mtls": "direct_tls"}
 _API_KEY = re.compile(r"pal-sk-\S+")
 
 
@@ -108,6 +144,9 @@ class Server:
     url: str = ""
     output: list[str] = field(default_factory=list)
     log: Path | None = None
+    # A router's fleet listener (mTLS), and what verifies its certificates (https:// only).
+    fleet_url: str = ""
+    verify: ssl.SSLContext | bool = True
 
     def tail(self, lines: int = 30) -> str:
         text = self.log.read_text(errors="replace") if self.log is not None else ""
@@ -123,7 +162,7 @@ class Server:
         def ready() -> bool:
             self.alive()
             with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(self.url + path, timeout=2).status_code == 200
+                return httpx.get(self.url + path, timeout=2, verify=self.verify).status_code == 200
             return False
 
         try:
@@ -138,46 +177,60 @@ class Server:
 
 
 def _pump(process: subprocess.Popen[str], output: list[str], found: threading.Event) -> None:
+    """Collect the router's output; `found` once it printed its fleet listener (after the
+    public one)."""
     assert process.stdout is not None
     for line in process.stdout:
         output.append(line)
-        if _ROUTER_LISTENING.search(line):
+        if _FLEET_LISTENING.search(line):
             found.set()
     found.set()
 
 
 @contextlib.contextmanager
-def run_router(home: Path, *, ready_timeout: float = 60.0) -> Iterator[tuple[Server, str]]:
-    """`palisade router serve --port 0 --demo-regions bench`; yields it and the demo key."""
-    environment = os.environ | {
-        "PALISADE_HOME": str(home),
-        "PALISADE_JOIN_SECRET": JOIN_SECRET,
-        "PYTHONUNBUFFERED": "1",
-    }
+def run_router(
+    home: Path, *, tls: bool, ready_timeout: float = 60.0
+) -> Iterator[tuple[Server, str]]:
+    """`palisade router serve --port 0 --fleet-port 0 --demo-regions bench`; yields it and
+    the demo key. With `tls` its public listener serves HTTPS with a certificate from its
+    fleet CA, and nodes must be enrolled; without, it runs with the lab join secret."""
+    environment = {k: v for k, v in os.environ.items() if k != JOIN_SECRET_ENV}
+    environment |= {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "palisade", "router", "serve", "--port", "0"]
+    command += ["--fleet-port", "0", "--demo-regions", REGION]
+    verify: ssl.SSLContext | bool = True
+    if tls:
+        home.mkdir(parents=True, exist_ok=True)
+        ca, cert = public_certificate(home)
+        command += ["--tls-cert", str(cert), "--tls-key", str(home / "node.key")]
+        verify = ssl.create_default_context(cafile=ca)
+    else:
+        environment[JOIN_SECRET_ENV] = JOIN_SECRET
     process = subprocess.Popen(
-        [*command, "--demo-regions", REGION],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=environment,
         cwd=REPO,
     )
-    server = Server("router", process)
+    server = Server("router-mtls" if tls else "router", process, verify=verify)
     found = threading.Event()
     reader = threading.Thread(target=_pump, args=(process, server.output, found), daemon=True)
     reader.start()
     try:
         found.wait(ready_timeout)
-        match = _ROUTER_LISTENING.search("".join(server.output))
-        if match is None:
+        text = "".join(server.output)
+        match, fleet = _ROUTER_LISTENING.search(text), _FLEET_LISTENING.search(text)
+        if match is None or fleet is None:
             raise RuntimeError("the router did not start:\n" + server.tail())
-        server.url = match["url"]
+        server.url, server.fleet_url = match["url"], fleet["url"]
         key_file = home / "demo.key"
 
         def key_written() -> bool:
             server.alive()
-            return key_file.is_file() and bool(key_file.read_text().strip())
+            written = [key_file, home / "admin.key"]
+            return all(path.is_file() and path.read_text().strip() for path in written)
 
         wait_for(key_written, timeout=ready_timeout, interval=0.05)
         yield server, key_file.read_text().strip()
@@ -188,13 +241,56 @@ def run_router(home: Path, *, ready_timeout: float = 60.0) -> Iterator[tuple[Ser
             process.stdout.close()
 
 
-class Heartbeats(threading.Thread):
-    """Registers the stand-in with the router as node `standin`, one signed beat a second."""
+def enroll_standin(router: Server, router_home: Path, home: Path) -> NodeCredentials:
+    """Enroll node `standin` as an operator would: a one-time token from the admin API, then
+    `palisade node init` and `palisade node enroll` (real processes) in `home`."""
+    admin = (router_home / "admin.key").read_text().strip()
+    reply = httpx.post(
+        f"{router.url}/admin/v1/fleet/tokens",
+        json={"region": REGION, "node_id": NODE_ID, "ttl_s": 600},
+        headers={"Authorization": f"Bearer {admin}"},
+        verify=router.verify,
+        timeout=30,
+    )
+    if reply.status_code != 201:
+        raise RuntimeError(f"the router refused an enrollment token: {reply.text}")
+    token = reply.json()["token"]
+    steps = [
+        ["init", "--region", REGION, "--node-id", NODE_ID, "--host", "127.0.0.1"],
+        ["enroll", "--router", router.fleet_url, "--token", token],
+    ]
+    for step in steps:
+        result = subprocess.run(
+            [sys.executable, "-m", "palisade", "node", *step],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env=os.environ | {"PALISADE_HOME": str(home)},
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"palisade node {step[0]} failed:\n{result.stdout}{result.stderr}")
+    return NodeCredentials.load(home)
 
-    def __init__(self, router_url: str, standin_url: str) -> None:
+
+class Heartbeats(threading.Thread):
+    """Registers the stand-in with a router as node `standin`, one beat a second: signed
+    with the lab secret (plain fleet), or sent over mTLS with the node's certificate."""
+
+    def __init__(
+        self,
+        router_url: str,
+        standin_url: str,
+        *,
+        secret: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         super().__init__(name="heartbeats", daemon=True)
         self.url = f"{router_url}/federation/v1/heartbeat"
         self.standin_url = standin_url
+        self.secret = secret
+        self.tls = tls
         self.stopping = threading.Event()
         self.sent = 0
         self.failures: list[str] = []
@@ -202,7 +298,7 @@ class Heartbeats(threading.Thread):
 
     def beat(self, client: httpx.Client, sequence: int) -> None:
         heartbeat = Heartbeat(
-            node_id="standin",
+            node_id=NODE_ID,
             region=REGION,
             url=self.standin_url,
             version="bench",
@@ -214,14 +310,12 @@ class Heartbeats(threading.Thread):
             ],
         )
         body = ENCODER.encode(heartbeat)
-        signature = sign_fleet_message(JOIN_SECRET.encode(), body)
+        headers = {"Content-Type": "application/json"}
+        if self.secret is not None:
+            headers[SIGNATURE_HEADER] = sign_fleet_message(self.secret, body)
         started = time.perf_counter()
         try:
-            reply = client.post(
-                self.url,
-                content=body,
-                headers={SIGNATURE_HEADER: signature, "Content-Type": "application/json"},
-            )
+            reply = client.post(self.url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             self.failures.append(f"{type(exc).__name__}: {exc}")
             return
@@ -232,7 +326,7 @@ class Heartbeats(threading.Thread):
 
     def run(self) -> None:
         began = time.monotonic()
-        with httpx.Client(timeout=HEARTBEAT_S * 2) as client:
+        with httpx.Client(timeout=HEARTBEAT_S * 2, verify=self.tls or True) as client:
             sequence = 0
             while True:
                 self.beat(client, sequence)
@@ -253,11 +347,55 @@ def wait_for_model(router: Server, key: str, *, timeout: float = 30.0) -> None:
     def listed() -> bool:
         router.alive()
         with contextlib.suppress(httpx.HTTPError):
-            reply = httpx.get(f"{router.url}/v1/models", headers=headers, timeout=5)
+            url = f"{router.url}/v1/models"
+            reply = httpx.get(url, headers=headers, timeout=5, verify=router.verify)
             return reply.status_code == 200 and MODEL in {m["id"] for m in reply.json()["data"]}
         return False
 
     wait_for(listed, timeout=timeout, interval=0.1)
+
+
+@dataclass
+class BenchFleet:
+    """A router with the stand-in as its one node, plain or mTLS."""
+
+    router: Server
+    key: str
+    standin: RunningStandin
+    heartbeats: Heartbeats
+    # The fleet CA that clients trust (mTLS fleet only).
+    ca: Path | None = None
+
+    def pids(self) -> list[int]:
+        return [self.standin.process.pid, self.router.process.pid]
+
+
+@contextlib.contextmanager
+def run_fleet(home: Path, *, tls: bool) -> Iterator[BenchFleet]:
+    """The router, then (mTLS) the stand-in's enrollment, the stand-in, its heartbeats, and
+    a wait until the router lists its model."""
+    with contextlib.ExitStack() as stack:
+        router, key = stack.enter_context(run_router(home / "router", tls=tls))
+        settings: dict[str, Any] = {"tokens": MAX_TOKENS, "model": MODEL}
+        ca = None
+        if tls:
+            node = enroll_standin(router, home / "router", home / "standin")
+            ca = node.ca_path
+            settings |= {
+                "tls": StandinTLS(node.cert_path, node.key_path, node.ca_path),
+                "verify": router.verify,
+            }
+        standin = stack.enter_context(run_standin(**settings))
+        if tls:
+            assert ca is not None
+            node_tls = client_context(ca, node.cert_path, node.key_path)
+            heartbeats = Heartbeats(router.fleet_url, standin.url, tls=node_tls)
+        else:
+            heartbeats = Heartbeats(router.url, standin.url, secret=JOIN_SECRET.encode())
+        heartbeats.start()
+        stack.callback(heartbeats.stop)
+        wait_for_model(router, key)
+        yield BenchFleet(router, key, standin, heartbeats, ca)
 
 
 # --- LiteLLM ----------------------------------------------------------------------------------
@@ -520,6 +658,14 @@ class Bench:
         self.settle_waits.append(round(waited, 2))
         self.noisy_phases += not quiet
 
+    def rewarm(self, target: str, workers: int) -> None:
+        """Unmeasured requests with `workers` at once, just before a phase: the wait for
+        quiet outlasts the servers' keep-alive (5 s), and a phase must not start on a cold
+        connection pool, whose TLS handshakes (both hops with mTLS) would be measured as
+        the router's latency. Pools are kept warm in steady state; the cold start is a
+        separate cost (docs/architecture.md, "The cost of TLS on every hop")."""
+        self.load.call(op="closed", target=target, workers=workers, requests=workers * 4)
+
     def count(self, target: str) -> int:
         return self.settings.litellm_requests if target == "litellm" else self.settings.requests
 
@@ -548,6 +694,8 @@ class Bench:
         repeats = []
         for repeat in range(self.settings.repeats):
             self.settle()
+            for target in self.targets:
+                self.rewarm(target, workers=1)
             latencies: dict[str, list[float]] = {target: [] for target in self.targets}
             errors: dict[str, dict[str, int]] = {target: {} for target in self.targets}
             elapsed = dict.fromkeys(self.targets, 0.0)
@@ -588,6 +736,7 @@ class Bench:
             row: dict[str, dict[str, Any]] = {}
             for target in self.targets:
                 self.settle()
+                self.rewarm(target, workers=REWARM_WORKERS)
                 result = self.load.call(
                     op="open", target=target, rate=rate, seconds=self.settings.open_seconds
                 )
@@ -610,6 +759,7 @@ class Bench:
         found = {}
         for target in self.targets:
             self.settle()
+            self.rewarm(target, workers=self.settings.workers)
             result = self.load.call(
                 op="closed",
                 target=target,
@@ -640,15 +790,17 @@ def summarize_c1(repeats: list[dict[str, dict[str, Any]]], targets: list[str]) -
     found: dict[str, Any] = {}
     for target in targets:
         rows = [repeat[target] for repeat in repeats]
-        added50 = [_minus(r[target]["p50_ms"], r["direct"]["p50_ms"]) for r in repeats]
-        added99 = [_minus(r[target]["p99_ms"], r["direct"]["p99_ms"]) for r in repeats]
+        base = BASES.get(target)
+        added50 = [_minus(r[target]["p50_ms"], r[base]["p50_ms"]) for r in repeats if base]
+        added99 = [_minus(r[target]["p99_ms"], r[base]["p99_ms"]) for r in repeats if base]
         found[target] = {
             "requests_per_repeat": rows[0]["ok"] + rows[0]["errors"],
             "repeats": len(rows),
+            "base": base,
             "p50_ms": _median([row["p50_ms"] for row in rows]),
             "p99_ms": _median([row["p99_ms"] for row in rows]),
-            "added_p50_ms": None if target == "direct" else _median(added50),
-            "added_p99_ms": None if target == "direct" else _median(added99),
+            "added_p50_ms": None if base is None else _median(added50),
+            "added_p99_ms": None if base is None else _median(added99),
             "errors": sum(row["errors"] for row in rows),
             "per_repeat": [
                 {"p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"], "errors": row["errors"]}
@@ -659,71 +811,28 @@ def summarize_c1(repeats: list[dict[str, dict[str, Any]]], targets: list[str]) -
 
 
 def _with_added(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    base = rows["direct"]
-    return {
-        target: row
-        | {
-            "added_p50_ms": None if target == "direct" else _minus(row["p50_ms"], base["p50_ms"]),
-            "added_p99_ms": None if target == "direct" else _minus(row["p99_ms"], base["p99_ms"]),
+    found = {}
+    for target, row in rows.items():
+        base = rows.get(BASES.get(target, ""))
+        found[target] = row | {
+            "added_p50_ms": None if base is None else _minus(row["p50_ms"], base["p50_ms"]),
+            "added_p99_ms": None if base is None else _minus(row["p99_ms"], base["p99_ms"]),
         }
-        for target, row in rows.items()
-    }
+    return found
 
 
 def _target(name: str, value: float | None, unit: str, goal: str, met: bool | None) -> Any:
     return {"name": name, "value": value, "unit": unit, "goal": goal, "met": met}
 
 
+ROUTER_TARGETS = {"router": "router", "router_mtls": "router (mTLS)"}
+
+
 def judge(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    open_loop, saturation = summary["open_loop"], summary["saturation"]
-    router = summary["concurrency_1"]["router"]
-    found = [
-        _target(
-            "router added p50, concurrency 1",
-            router["added_p50_ms"],
-            "ms",
-            f"<= {C1_ADDED_P50_MS:g} ms",
-            _at_most(router["added_p50_ms"], C1_ADDED_P50_MS),
-        ),
-        _target(
-            "router added p99, concurrency 1",
-            router["added_p99_ms"],
-            "ms",
-            f"<= {C1_ADDED_P99_MS:g} ms",
-            _at_most(router["added_p99_ms"], C1_ADDED_P99_MS),
-        ),
-    ]
-    at_rate = open_loop.get(_rate_key(OPEN_RATE), {}).get("router")
-    added = at_rate["added_p99_ms"] if at_rate else None
-    errors = at_rate["errors"] if at_rate else None
-    found.append(
-        _target(
-            f"router added p99 at {OPEN_RATE:g} req/s",
-            added,
-            "ms",
-            f"<= {OPEN_ADDED_P99_MS:g} ms",
-            _at_most(added, OPEN_ADDED_P99_MS),
-        )
-    )
-    found.append(
-        _target(
-            f"router errors at {OPEN_RATE:g} req/s",
-            errors,
-            "",
-            "0",
-            None if errors is None else errors == 0,
-        )
-    )
-    rps = saturation["router"]["achieved_per_s"]
-    found.append(
-        _target(
-            "router saturation throughput",
-            rps,
-            "req/s",
-            f">= {SATURATION_RPS:,.0f} req/s",
-            rps >= SATURATION_RPS,
-        )
-    )
+    found = []
+    for target, label in ROUTER_TARGETS.items():
+        if target in summary["concurrency_1"]:
+            found += _judge_router(summary, target, label)
     ratio = summary["ratios"]["router_vs_litellm_added_p50"]
     found.append(
         _target(
@@ -732,6 +841,58 @@ def judge(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "",
             f"<= {LITELLM_RATIO:g}",
             _at_most(ratio, LITELLM_RATIO),
+        )
+    )
+    return found
+
+
+def _judge_router(summary: dict[str, Any], target: str, label: str) -> list[dict[str, Any]]:
+    router = summary["concurrency_1"][target]
+    found = [
+        _target(
+            f"{label} added p50, concurrency 1",
+            router["added_p50_ms"],
+            "ms",
+            f"<= {C1_ADDED_P50_MS:g} ms",
+            _at_most(router["added_p50_ms"], C1_ADDED_P50_MS),
+        ),
+        _target(
+            f"{label} added p99, concurrency 1",
+            router["added_p99_ms"],
+            "ms",
+            f"<= {C1_ADDED_P99_MS:g} ms",
+            _at_most(router["added_p99_ms"], C1_ADDED_P99_MS),
+        ),
+    ]
+    at_rate = summary["open_loop"].get(_rate_key(OPEN_RATE), {}).get(target)
+    added = at_rate["added_p99_ms"] if at_rate else None
+    errors = at_rate["errors"] if at_rate else None
+    found.append(
+        _target(
+            f"{label} added p99 at {OPEN_RATE:g} req/s",
+            added,
+            "ms",
+            f"<= {OPEN_ADDED_P99_MS:g} ms",
+            _at_most(added, OPEN_ADDED_P99_MS),
+        )
+    )
+    found.append(
+        _target(
+            f"{label} errors at {OPEN_RATE:g} req/s",
+            errors,
+            "",
+            "0",
+            None if errors is None else errors == 0,
+        )
+    )
+    rps = summary["saturation"][target]["achieved_per_s"]
+    found.append(
+        _target(
+            f"{label} saturation throughput",
+            rps,
+            "req/s",
+            f">= {SATURATION_RPS:,.0f} req/s",
+            rps >= SATURATION_RPS,
         )
     )
     return found
@@ -746,30 +907,47 @@ def ratios(summary: dict[str, Any]) -> dict[str, float | None]:
     found: dict[str, float | None] = {
         "router_vs_litellm_added_p50": None,
         "router_vs_litellm_added_p99": None,
-        "router_vs_direct_saturation": None,
+        "router_vs_direct_saturation": _ratio(saturation, "router", "direct"),
         "litellm_vs_direct_saturation": None,
         "router_vs_litellm_saturation": None,
+        # TLS on every hop against plain HTTP: the router's added latency and throughput.
+        "mtls_vs_plain_added_p50": None,
+        "mtls_vs_plain_added_p99": None,
+        "router_mtls_vs_direct_tls_saturation": _ratio(saturation, "router_mtls", "direct_tls"),
+        "mtls_vs_plain_saturation": _ratio(saturation, "router_mtls", "router"),
     }
-    direct_rps = saturation["direct"]["achieved_per_s"]
-    if direct_rps:
-        found["router_vs_direct_saturation"] = saturation["router"]["achieved_per_s"] / direct_rps
-    if "litellm" in c1:
-        for pct in ("p50", "p99"):
-            ours, theirs = c1["router"][f"added_{pct}_ms"], c1["litellm"][f"added_{pct}_ms"]
-            if ours is not None and theirs is not None and theirs > 0:
-                found[f"router_vs_litellm_added_{pct}"] = ours / theirs
-        litellm_rps = saturation["litellm"]["achieved_per_s"]
-        if direct_rps:
-            found["litellm_vs_direct_saturation"] = litellm_rps / direct_rps
-        if litellm_rps:
-            found["router_vs_litellm_saturation"] = (
-                saturation["router"]["achieved_per_s"] / litellm_rps
+    for pct in ("p50", "p99"):
+        for theirs, key in (("litellm", "router_vs_litellm"), ("router_mtls", "mtls_vs_plain")):
+            if theirs not in c1:
+                continue
+            # router/LiteLLM: ours over theirs; mTLS/plain: the mTLS router over the plain one.
+            top, bottom = ("router", theirs) if theirs == "litellm" else (theirs, "router")
+            found[f"{key}_added_{pct}"] = _quotient(
+                c1[top][f"added_{pct}_ms"], c1[bottom][f"added_{pct}_ms"]
             )
+    if "litellm" in saturation:
+        found["litellm_vs_direct_saturation"] = _ratio(saturation, "litellm", "direct")
+        found["router_vs_litellm_saturation"] = _ratio(saturation, "router", "litellm")
     return found
 
 
+def _ratio(saturation: dict[str, Any], top: str, bottom: str) -> float | None:
+    if top not in saturation or bottom not in saturation:
+        return None
+    return _quotient(saturation[top]["achieved_per_s"], saturation[bottom]["achieved_per_s"])
+
+
+def _quotient(top: float | None, bottom: float | None) -> float | None:
+    if top is None or bottom is None or bottom <= 0:
+        return None
+    return top / bottom
+
+
 def warnings(
-    summary: dict[str, Any], bench: Bench, heartbeats: Heartbeats, litellm_skipped: str | None
+    summary: dict[str, Any],
+    bench: Bench,
+    heartbeats: dict[str, Heartbeats],
+    litellm_skipped: str | None,
 ) -> list[str]:
     found = []
     if litellm_skipped is not None:
@@ -781,10 +959,12 @@ def warnings(
             f"stole {contention['stolen_cores']:.2f} on average during the runs: the figures "
             "are unreliable; rerun on a quiet machine"
         )
-    if heartbeats.failures:
-        found.append(
-            f"{len(heartbeats.failures)} heartbeats failed (first: {heartbeats.failures[0]})"
-        )
+    for fleet, beats in heartbeats.items():
+        if beats.failures:
+            found.append(
+                f"{len(beats.failures)} heartbeats of the {fleet} fleet failed "
+                f"(first: {beats.failures[0]})"
+            )
     slow = [wait for wait in bench.settle_waits if wait >= SETTLE_TIMEOUT_S]
     if slow:
         found.append(f"{len(slow)} phases started before the servers were idle")
@@ -800,11 +980,14 @@ def warnings(
                     f"open loop {rate}/s, {target}: the load generator started requests "
                     f"{row['start_lag_p99_ms']:.1f} ms late (p99): it was short of CPU"
                 )
-    direct_errors = summary["concurrency_1"]["direct"]["errors"] + sum(
-        rows["direct"]["errors"] for rows in summary["open_loop"].values()
-    )
-    if direct_errors:
-        found.append(f"{direct_errors} requests straight to the stand-in failed")
+    for direct in ("direct", "direct_tls"):
+        if direct not in summary["concurrency_1"]:
+            continue
+        direct_errors = summary["concurrency_1"][direct]["errors"] + sum(
+            rows[direct]["errors"] for rows in summary["open_loop"].values()
+        )
+        if direct_errors:
+            found.append(f"{direct_errors} requests straight to the stand-in failed ({direct})")
     return found
 
 
@@ -836,15 +1019,19 @@ def print_table(summary: dict[str, Any], settings: Settings, found: list[str]) -
         f"\nRouter overhead benchmark: non-streaming chat completions, max_tokens {MAX_TOKENS}, "
         f"stand-in upstream with zero delay"
     )
+    print(
+        "  plain: direct, router (HTTP on every hop, lab join secret); mTLS: direct_tls, "
+        "router_mtls (HTTPS to the router, mTLS router -> node); added = target - its base"
+    )
     print(f"\n  Concurrency 1, closed loop (median of {settings.repeats} interleaved repeats)")
     print(
-        f"  {'target':<9}{'requests':>12}{'p50 ms':>9}{'p99 ms':>9}"
+        f"  {'target':<13}{'requests':>12}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'added p50':>11}{'added p99':>11}{'errors':>8}"
     )
     for target, row in c1.items():
         count = f"{row['repeats']}x{row['requests_per_repeat']}"
         print(
-            f"  {target:<9}{count:>12}"
+            f"  {target:<13}{count:>12}"
             f"{_ms(row['p50_ms']):>9}{_ms(row['p99_ms']):>9}"
             f"{_signed(row['added_p50_ms']):>11}{_signed(row['added_p99_ms']):>11}"
             f"{row['errors']:>8}"
@@ -854,13 +1041,13 @@ def print_table(summary: dict[str, Any], settings: Settings, found: list[str]) -
         f"(latency from the scheduled start; timeout {settings.timeout_s:g} s)"
     )
     print(
-        f"  {'rate/s':<8}{'target':<9}{'achieved/s':>11}{'p50 ms':>9}{'p99 ms':>10}"
+        f"  {'rate/s':<8}{'target':<13}{'achieved/s':>11}{'p50 ms':>9}{'p99 ms':>10}"
         f"{'added p50':>11}{'added p99':>11}{'errors':>8}"
     )
     for rate, rows in summary["open_loop"].items():
         for target, row in rows.items():
             print(
-                f"  {rate:<8}{target:<9}{row['achieved_per_s']:>11,.0f}{_ms(row['p50_ms']):>9}"
+                f"  {rate:<8}{target:<13}{row['achieved_per_s']:>11,.0f}{_ms(row['p50_ms']):>9}"
                 f"{_ms(row['p99_ms']):>10}{_signed(row['added_p50_ms']):>11}"
                 f"{_signed(row['added_p99_ms']):>11}{row['errors']:>8}"
             )
@@ -868,20 +1055,33 @@ def print_table(summary: dict[str, Any], settings: Settings, found: list[str]) -
         f"\n  Saturation, closed loop, {settings.workers} workers, "
         f"{settings.saturation_seconds:g} s per target"
     )
-    print(f"  {'target':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>10}{'errors':>8}{'vs direct':>11}")
-    direct = summary["saturation"]["direct"]["achieved_per_s"]
-    for target, row in summary["saturation"].items():
-        share = f"{row['achieved_per_s'] / direct:.0%}" if direct else "-"
+    print(f"  {'target':<13}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>10}{'errors':>8}{'of base':>9}")
+    saturation = summary["saturation"]
+    for target, row in saturation.items():
+        share = _ratio(saturation, target, BASES.get(target, ""))
         print(
-            f"  {target:<9}{row['achieved_per_s']:>9,.0f}{_ms(row['p50_ms']):>9}"
-            f"{_ms(row['p99_ms']):>10}{row['errors']:>8}{share:>11}"
+            f"  {target:<13}{row['achieved_per_s']:>9,.0f}{_ms(row['p50_ms']):>9}"
+            f"{_ms(row['p99_ms']):>10}{row['errors']:>8}"
+            f"{'-' if share is None else f'{share:.0%}':>9}"
+        )
+    ratios = summary["ratios"]
+    if ratios["mtls_vs_plain_saturation"] is not None:
+        print(
+            "\n  mTLS / plain: added p50 "
+            f"{_times(ratios['mtls_vs_plain_added_p50'])}, added p99 "
+            f"{_times(ratios['mtls_vs_plain_added_p99'])}, saturation "
+            f"{_times(ratios['mtls_vs_plain_saturation'])}"
         )
     print("\n  Targets (informational, never asserted)")
-    print(f"  {'':<40}{'value':>14}{'goal':>16}{'result':>8}")
+    print(f"  {'':<42}{'value':>14}{'goal':>16}{'result':>8}")
     for row in summary["targets"]:
-        print(f"  {row['name']:<40}{_value(row):>14}{row['goal']:>16}{_verdict(row['met']):>8}")
+        print(f"  {row['name']:<42}{_value(row):>14}{row['goal']:>16}{_verdict(row['met']):>8}")
     for warning in found:
         print(f"  WARNING: {warning}")
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def machine_info(litellm_version: str | None) -> dict[str, Any]:
@@ -911,7 +1111,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, write `out_dir`/router.json; returns the summary."""
     settings = settings or Settings()
     out_dir.mkdir(parents=True, exist_ok=True)
-    targets = "direct, router" + (", litellm" if settings.litellm else "")
+    targets = "direct, router, direct_tls, router_mtls" + (", litellm" if settings.litellm else "")
     print(f"Router benchmark: {targets}; model {MODEL!r}, max_tokens {MAX_TOKENS}", flush=True)
     litellm_version: str | None = None
     skipped: str | None = None if settings.litellm else "--no-litellm"
@@ -926,12 +1126,10 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
         contextlib.ExitStack() as stack,
     ):
         scratch = Path(scratch_dir)
-        standin = stack.enter_context(run_standin(tokens=MAX_TOKENS, model=MODEL))
-        router, key = stack.enter_context(run_router(scratch / "home"))
-        heartbeats = Heartbeats(router.url, standin.url)
-        heartbeats.start()
-        stack.callback(heartbeats.stop)
-        wait_for_model(router, key)
+        plain = stack.enter_context(run_fleet(scratch / "plain", tls=False))
+        mtls = stack.enter_context(run_fleet(scratch / "mtls", tls=True))
+        fleets = {"plain": plain, "mTLS": mtls}
+        standin, router = plain.standin, plain.router
         litellm: Server | None = None
         if skipped is None:
             try:
@@ -940,12 +1138,24 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
                 skipped = f"LiteLLM did not start: {exc}"
                 print(f"  {skipped}", flush=True)
         json_header = {"Content-Type": "application/json"}
-        endpoints = {
+        assert mtls.ca is not None
+        fleet_ca = {"cafile": str(mtls.ca)}
+        endpoints: dict[str, dict[str, Any]] = {
             "direct": {"url": f"{standin.v1}/chat/completions", "headers": json_header},
             "router": {
                 "url": f"{router.url}/v1/chat/completions",
-                "headers": json_header | {"Authorization": f"Bearer {key}"},
+                "headers": json_header | {"Authorization": f"Bearer {plain.key}"},
             },
+            "direct_tls": {
+                "url": f"{mtls.standin.v1}/chat/completions",
+                "headers": json_header,
+            }
+            | fleet_ca,
+            "router_mtls": {
+                "url": f"{mtls.router.url}/v1/chat/completions",
+                "headers": json_header | {"Authorization": f"Bearer {mtls.key}"},
+            }
+            | fleet_ca,
         }
         if litellm is not None:
             endpoints["litellm"] = {
@@ -961,7 +1171,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             timeout_s=settings.timeout_s,
             connections=CONNECTIONS,
         )
-        pids = [standin.process.pid, router.process.pid]
+        pids = [*plain.pids(), *mtls.pids()]
         pids += [litellm.process.pid] if litellm is not None else []
         own = [os.getpid(), load.process.pid, *pids]
         bench = Bench(settings, load, list(endpoints), pids, own)
@@ -974,7 +1184,8 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
                 print(f"  {skipped}:\n{litellm.tail()}", flush=True)
                 bench.targets.remove("litellm")
                 continue
-            raise RuntimeError(f"every warm-up request to {target} failed:\n{router.tail()}")
+            failed = mtls.router if target.endswith("tls") else router
+            raise RuntimeError(f"every warm-up request to {target} failed:\n{failed.tail()}")
         watch = CpuWatch(*own)
         repeats = bench.concurrency_one()
         open_loop = bench.open_loop()
@@ -989,8 +1200,12 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
         }
         summary["ratios"] = ratios(summary)
         summary["targets"] = judge(summary)
+        heartbeats = {name: fleet.heartbeats for name, fleet in fleets.items()}
         found = warnings(summary, bench, heartbeats, skipped)
-        router_log = _API_KEY.sub("pal-sk-(redacted)", router.tail(50))
+        router_logs = {
+            name: _API_KEY.sub("pal-sk-(redacted)", fleet.router.tail(50))
+            for name, fleet in fleets.items()
+        }
     print_table(summary, settings, found)
     report = {
         "benchmark": "router",
@@ -1008,19 +1223,20 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             "saturation_seconds": settings.saturation_seconds,
             "saturation_workers": settings.workers,
             "warmup_requests": settings.warmup_requests,
+            "rewarm_workers": {"concurrency_1": 1, "open_loop": REWARM_WORKERS},
             "timeout_s": settings.timeout_s,
             "quiet_wait_s": settings.quiet_wait_s,
             "litellm": litellm_version,
             "litellm_skipped": skipped,
-            "heartbeats_sent": heartbeats.sent,
-            "heartbeat_slowest_ms": heartbeats.slowest_ms,
+            "heartbeats_sent": {name: beats.sent for name, beats in heartbeats.items()},
+            "heartbeat_slowest_ms": {name: beats.slowest_ms for name, beats in heartbeats.items()},
             "settle_waits_s": bench.settle_waits,
             "noisy_phases": bench.noisy_phases,
         },
         "summary": summary,
         "concurrency_1_repeats": repeats,
         "warnings": found,
-        "router_log_tail": router_log,
+        "router_log_tail": router_logs,
     }
     path = write_json(report, out_dir)
     print(f"\nwrote {path}")

@@ -1,10 +1,14 @@
-"""`palisade fleet up` (what `make run` starts): a router and two regions that answer curl,
-and that come back by themselves when one of their processes dies."""
+"""`palisade fleet up` (what `make run` starts): a router serving HTTPS with a certificate
+from its fleet CA and two regions whose appliances it enrolled with one-time tokens (mTLS
+between them), that answer the printed curl line as pasted, keep their enrollment across
+runs, and come back by themselves when one of their processes dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -12,47 +16,92 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.fleet import fleet_up
+from federation import NodeCredentials
+from tests.e2e.fleet import FleetUp, fleet_up
 from tests.federation.tenants import Admin
 from tests.support import run_palisade, wait_for
 
-_CURL = re.compile(r"^\s*(curl -s .*Authorization: Bearer .*)$", re.MULTILINE)
+_CURL = re.compile(r"^\s*(curl -s --cacert .*Authorization: Bearer .*)$", re.MULTILINE)
+REGIONS = ("eu-west", "us-east")
 
 
-def pinned(url: str, key: str, region: str) -> httpx.Response:
-    """A one-token completion that may run only in `region`."""
+def pinned(fleet: FleetUp, key: str, region: str) -> httpx.Response:
+    """A one-token completion that may run only in `region`, trusting the fleet CA."""
     return httpx.post(
-        f"{url}/v1/completions",
+        f"{fleet.url()}/v1/completions",
         json={"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 1},
         headers={"Authorization": f"Bearer {key}", "X-Palisade-Regions": region},
         timeout=60,
+        verify=fleet.trust(),
     )
 
 
-def test_fleet_up_serves_the_printed_curl_from_both_regions_and_stops_cleanly(
+def pasted(command: str) -> subprocess.CompletedProcess[str]:
+    """`command` run by a shell, as if pasted into a terminal."""
+    return subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def enrolled(fleet: FleetUp) -> dict[str, dict[str, Any]]:
+    """`palisade fleet node list --json` as the router's system admin, by node id (the CLI
+    trusts the fleet CA of its PALISADE_HOME)."""
+    home = {"PALISADE_HOME": str(fleet.home)}
+    listing = run_palisade("fleet", "node", "list", "--json", "--url", fleet.url(), env=home)
+    assert listing.returncode == 0, listing.stderr
+    return {node["node_id"]: node for node in json.loads(listing.stdout)["data"]}
+
+
+def test_fleet_up_serves_https_from_enrolled_nodes_and_the_printed_curl_works_as_pasted(
     tmp_path: Path,
 ) -> None:
+    assert shutil.which("curl") is not None, "curl is needed to run the printed line"
     with fleet_up(tmp_path) as fleet:
+        url = fleet.url()
+        assert url.startswith("https://127.0.0.1:"), url
         curl = _CURL.search(fleet.text())
         assert curl is not None, fleet.text()
-        result = subprocess.run(  # as pasted into a shell: it reads the key from its file
-            ["bash", "-c", f"{curl[1]} -D -"],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        assert result.returncode == 0
+        result = pasted(f"{curl[1]} -D -")  # it reads the key from its file, trusts the CA
+        assert result.returncode == 0, result.stderr
         assert '"object":"chat.completion"' in result.stdout
         receipt = re.search(r"x-palisade-region: (\S+)", result.stdout)
         assert receipt is not None
-        assert receipt[1] in {"eu-west", "us-east"}
+        assert receipt[1] in REGIONS
+        # The same line without the fleet CA: curl refuses the router's certificate (60).
+        untrusting = pasted(re.sub(r"--cacert \S+ ", "", curl[1]))
+        assert untrusting.returncode == 60, (untrusting.returncode, untrusting.stderr)
         demo_key = (tmp_path / "demo.key").read_text().strip()
         assert demo_key not in fleet.text()  # not a terminal: where the key is, not the key
-        for region in ("eu-west", "us-east"):  # both regions serve the default model
-            answer = pinned(fleet.url(), demo_key, region)
+        for region in REGIONS:  # both regions serve the default model
+            answer = pinned(fleet, demo_key, region)
             assert answer.status_code == 200, answer.text
             assert answer.headers["x-palisade-node"] == f"{region}-1"
+
+        nodes = enrolled(fleet)
+        assert set(nodes) == {"eu-west-1", "us-east-1"}
+        for region in REGIONS:
+            node = nodes[f"{region}-1"]
+            assert (node["region"], node["revoked_at"]) == (region, None)
+            credentials = NodeCredentials.load(tmp_path / "fleet" / f"{region}-1")
+            assert credentials.enrolled
+            certified = credentials.identity()
+            assert (certified.node_id, certified.region) == (f"{region}-1", region)
+            assert f"{certified.serial}" == node["serial"]
+        status = run_palisade(
+            "fleet", "status", "--json", "--url", url, env={"PALISADE_HOME": str(tmp_path)}
+        )
+        assert status.returncode == 0, status.stderr
+        # The router reaches each appliance over HTTPS (its node certificate).
+        assert all(n["url"].startswith("https://") for n in json.loads(status.stdout)["nodes"])
+    assert "enrolled in eu-west with a one-time token" in fleet.text()
+
+    # A second run on the same home: the same CA, the nodes keep their certificates.
+    with fleet_up(tmp_path) as again:
+        assert again.text().count("already enrolled") == 2, again.text()
+        assert "with a one-time token" not in again.text()
+        assert enrolled(again) == nodes
+        demo_key = (tmp_path / "demo.key").read_text().strip()
+        assert pinned(again, demo_key, "us-east").status_code == 200
 
 
 def test_fleet_up_restarts_a_killed_appliance_and_router_and_the_other_region_stays_up(
@@ -60,7 +109,7 @@ def test_fleet_up_restarts_a_killed_appliance_and_router_and_the_other_region_st
 ) -> None:
     with fleet_up(tmp_path) as fleet:
         url = fleet.url()
-        admin = Admin(url, (tmp_path / "admin.key").read_text().strip())
+        admin = Admin(url, (tmp_path / "admin.key").read_text().strip(), fleet.trust())
         demo_key = (tmp_path / "demo.key").read_text().strip()
         before = fleet.children()
         assert set(before) == {"router", "eu-west-1", "us-east-1"}
@@ -69,12 +118,12 @@ def test_fleet_up_restarts_a_killed_appliance_and_router_and_the_other_region_st
         us_east: list[int] = []
 
         def eu_west_back() -> bool:
-            us_east.append(pinned(url, demo_key, "us-east").status_code)
+            us_east.append(pinned(fleet, demo_key, "us-east").status_code)
             node = nodes(admin)["eu-west-1"]
             return node["restarts"] == 1 and node["state"] == "up" and node["ready"] is True
 
         wait_for(eu_west_back, timeout=120, interval=0.2)
-        answer = pinned(url, demo_key, "eu-west")
+        answer = pinned(fleet, demo_key, "eu-west")
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-palisade-node"] == "eu-west-1"
         after = fleet.children()
@@ -93,13 +142,13 @@ def test_fleet_up_restarts_a_killed_appliance_and_router_and_the_other_region_st
         assert status.returncode == 0, status.stderr
         assert row(status.stdout, "eu-west-1")["restarts"] == "1"
         assert row(status.stdout, "us-east-1")["restarts"] == "0"
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        metrics = httpx.get(f"{url}/metrics", timeout=10, verify=fleet.trust()).text
         assert 'palisade_router_node_restarts_total{node="eu-west-1"} 1.0' in metrics
 
         # The router comes back on the same URL, and the appliances find it there again.
         os.kill(after["router"], signal.SIGKILL)
         wait_for(lambda: both_joined(admin), timeout=60, interval=0.2)
-        assert pinned(url, demo_key, "us-east").status_code == 200
+        assert pinned(fleet, demo_key, "us-east").status_code == 200
         assert "router was killed by SIGKILL" in fleet.text()
         final = fleet.children()
         assert final["router"] != after["router"]

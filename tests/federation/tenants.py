@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ class Member:
 class Admin:
     """A client for /admin/v1 acting with one key."""
 
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, verify: ssl.SSLContext | bool = True) -> None:
         self.url = url
         self.key = key
+        # For an https:// server: a context trusting its CA (the fleet CA of `fleet up`).
+        self.verify = verify
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> httpx.Response:
         # One connection per call: these clients are made freely and never need closing.
@@ -38,6 +41,7 @@ class Admin:
             params=params or None,
             headers={"Authorization": f"Bearer {self.key}"},
             timeout=60,
+            verify=self.verify,
         )
 
     def ok(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
@@ -53,14 +57,17 @@ class Admin:
     def member(self, org: str, role: str, email: str) -> Member:
         invite = self.ok("POST", "/admin/v1/invites", {"email": email, "org": org, "role": role})
         accepted = httpx.post(
-            f"{self.url}/admin/v1/invites/accept", json={"token": invite["token"]}, timeout=30
+            f"{self.url}/admin/v1/invites/accept",
+            json={"token": invite["token"]},
+            timeout=30,
+            verify=self.verify,
         )
         assert accepted.status_code == 201, accepted.text
         data = accepted.json()
         return Member(data["user"]["id"], data["key"]["key"], data["key"]["info"]["id"], org, role)
 
     def as_member(self, member: Member) -> Admin:
-        return Admin(self.url, member.key)
+        return Admin(self.url, member.key, self.verify)
 
 
 def admin_of(appliance: Appliance) -> Admin:

@@ -55,6 +55,7 @@ def test_every_state_file_is_private_under_umask_022(tmp_path: Path) -> None:
             json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
             headers={"Authorization": f"Bearer {key}"},
             timeout=60,
+            verify=fleet.trust(),
         )
         assert answer.status_code == 200, answer.text
         serving = assert_private(home)
@@ -63,7 +64,10 @@ def test_every_state_file_is_private_under_umask_022(tmp_path: Path) -> None:
     expected = {
         "policy.db", "policy.db-wal", "policy.db-shm", "audit.db", "audit.db-wal",
         "audit.db.head", "content.db", "node.key", "node.pub", "admin.key", "demo.key",
-        "join.secret", "appliance.log", "router.pub", "fleet", "eu-west-1",
+        "appliance.log", "fleet", "eu-west-1",
+        # The fleet CA and the router's certificates; the node's enrollment and certificate.
+        "ca.key", "ca.pem", "fleet.id", "crl.pem", "registry.db", "router.pem", "public.pem",
+        "node.toml", "node.pem", "policy.json",
     }  # fmt: skip
     assert expected <= names, sorted(expected - names)
     assert home / "fleet" / "eu-west-1" / "policy.db" in serving  # the appliance's own too
@@ -115,7 +119,7 @@ def test_a_secret_is_shown_only_on_a_terminal(
 def test_the_first_start_admin_key_is_printed_on_a_terminal(tmp_path: Path) -> None:
     controller, terminal = os.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "palisade", "router", "serve", "--port", "0"],
+        [sys.executable, "-m", "palisade", "router", "serve", "--port", "0", "--fleet-port", "0"],
         stdin=subprocess.DEVNULL,
         stdout=terminal,
         stderr=terminal,
