@@ -453,7 +453,11 @@ def _exit(code: int) -> str:
 def _announce(
     url: str, key: str, model: str, regions: list[str], children: list[_Child], *, ca_path: Path
 ) -> None:
-    body = f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+    # A bounded answer: the first try should come back in a second, not run to the context.
+    body = (
+        f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], '
+        '"max_tokens": 64}'
+    )
     nodes = ", ".join(f"{c.name}" for c in children if c.log is not None)
     ca = shlex.quote(str(ca_path))
     sys.stdout.write(

@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from federation import NodeCredentials
+from provisioning import enroll_node, init_node
 from tests.federation.tenants import Admin
 from tests.standin import RunningStandin, run_standin
 from tests.support import (
@@ -117,20 +118,24 @@ class Fleet:
         token: str = json.loads(created.stdout)["token"]
         return token
 
-    def enroll(self, node_id: str, region: str, *init_flags: str) -> Path:
-        """`palisade node init` + `palisade node enroll` a home for `node_id` (once: an
-        enrolled home is reused, as a restarted node reuses its certificate)."""
+    def enroll(self, node_id: str, region: str, *, device_class: str | None = None) -> Path:
+        """Initialise and enroll a home for `node_id` with a one-use token bound to it (once:
+        an enrolled home is reused, as a restarted node reuses its certificate).
+
+        In this process, through provisioning's API: the CLI commands doing the same are
+        tested in test_enrollment and the local fleet, and three interpreter starts per
+        member would cost every e2e fleet seconds."""
         home = self.root / node_id
         if NodeCredentials.load(home).enrolled:
             return home
-        env = {"PALISADE_HOME": str(home)}
-        steps = [
-            ("init", "--region", region, "--node-id", node_id, "--host", "127.0.0.1", *init_flags),
-            ("enroll", "--router", self.fleet_url, "--token", self.token(region, node_id)),
-        ]
-        for step in steps:
-            result = run_palisade("node", *step, env=env)
-            assert result.returncode == 0, result.stdout + result.stderr
+        spec: dict[str, Any] = {"region": region, "node_id": node_id}
+        if device_class is not None:
+            spec["device_class"] = device_class
+        token: str = self.admin.ok("POST", "/admin/v1/fleet/tokens", spec)["token"]
+        init_node(
+            home, region=region, node_id=node_id, device_class=device_class, hosts=["127.0.0.1"]
+        )
+        enroll_node(home, token=token, router_url=self.fleet_url)
         return home
 
     def start_member(self, node_id: str, region: str, config_text: str) -> Server:

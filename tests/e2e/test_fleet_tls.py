@@ -250,7 +250,7 @@ def test_an_enrolled_node_refuses_flags_and_device_classes_its_certificate_does_
     tmp_path: Path,
 ) -> None:
     with running_fleet(tmp_path) as fleet:
-        home = fleet.enroll("eu-1", "eu-west", "--device-class", "gpu")
+        home = fleet.enroll("eu-1", "eu-west", device_class="gpu")
         upstream = fleet.standin("eu-1")
         env = {"PALISADE_HOME": str(home)}
         gpu = write_config(home, upstream_toml(upstream, "gpu"))
