@@ -160,6 +160,42 @@ def _identity_of_pem(pem: str) -> PeerIdentity | None:
         return None  # verified by the CA, but not a fleet subject: no fleet identity
 
 
+class _CorkedTransport:
+    """A connection's transport that gathers the writes of one event-loop iteration into
+    one. uvicorn writes a response's head and its body separately; on TLS each write is a
+    record of its own and a system call, on both ends. What is written goes out at the end
+    of the iteration (before anything is closed), so a stream's chunks are not held back.
+    Everything but writing and closing is the wrapped transport's."""
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _error_reply(status: int, reason: str, message: str, code: str) -> bytes:
     """A complete HTTP response in the OpenAI error shape, for answers uvicorn's app never
     sees (the connection is closed after it)."""
@@ -213,6 +249,7 @@ def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = _CorkedTransport(transport, self.loop)  # type: ignore[assignment]
             self._tls = tls_extension(transport)
             if len(self.connections) > config.max_connections:
                 self._refuse(busy)

@@ -17,7 +17,7 @@ from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Counter
 
 from compliance import Recorder, audit_routes
 from federation import (
@@ -296,8 +296,13 @@ def create_router_app(
 
 
 def _counter(metrics: RouterMetrics) -> Callable[[str, int], None]:
+    children: dict[tuple[str, int], Counter] = {}  # `labels()` costs more than `inc()`
+
     def count(endpoint: str, status: int) -> None:
-        metrics.requests.labels(endpoint, str(status)).inc()
+        child = children.get((endpoint, status))
+        if child is None:
+            child = children[endpoint, status] = metrics.requests.labels(endpoint, str(status))
+        child.inc()
 
     return count
 

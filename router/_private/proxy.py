@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 import aiohttp
 import msgspec
 from litestar import MediaType, Response
+from prometheus_client import Counter
 
 from compliance import Recorder
 from federation import (
@@ -192,6 +193,8 @@ class Forwarder:
         # https node is reached with it and must present the certificate of its node id.
         self.tls = tls
         self._session: aiohttp.ClientSession | None = None
+        # `attempts` children by (node, outcome): `labels()` costs more than the increment.
+        self._attempts: dict[tuple[str, str], Counter] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -306,7 +309,7 @@ class Forwarder:
             data = await self._guarded(node, reply.read())
         except _NodeFailedError as exc:
             self._fleet.failed(node)
-            self._metrics.attempts.labels(node.id, "failed").inc()
+            self._attempted(node, "failed")
             if exc.kind == "crashed":
                 log.warning(
                     "node %s failed while handling request %s: %s (%r)",
@@ -323,10 +326,10 @@ class Forwarder:
                 node.in_flight -= 1
         if reply.status in _GATEWAY_FAILURES:  # relayed as is, and held against the node
             self._fleet.failed(node)
-            self._metrics.attempts.labels(node.id, "failed").inc()
+            self._attempted(node, "failed")
         else:
             self._fleet.succeeded(node)
-            self._metrics.attempts.labels(node.id, "ok").inc()
+            self._attempted(node, "ok")
         usage = _usage_of(data) if reply.status == 200 else None
         status = "ok" if reply.status == 200 else f"http_{reply.status}"
         self._settle(call, node, usage, status=status)
@@ -338,7 +341,7 @@ class Forwarder:
 
     async def _refused(self, node: Node, reply: aiohttp.ClientResponse) -> _Refusal:
         data = await self._guarded(node, reply.read())
-        self._metrics.attempts.labels(node.id, "overloaded").inc()
+        self._attempted(node, "overloaded")
         return _Refusal(node, reply.status, data, reply.headers.get("Retry-After"))
 
     async def _guarded(self, node: Node, awaitable: Awaitable[T]) -> T:
@@ -394,11 +397,11 @@ class Forwarder:
             relay.complete = True
             relay.status = "error" if failed else "ok"  # "error": the node's own error event
             self._fleet.succeeded(node)
-            self._metrics.attempts.labels(node.id, "ok").inc()
+            self._attempted(node, "ok")
         except (_NodeFailedError, aiohttp.ClientError, TimeoutError) as exc:
             relay.status = "backend_failed"
             self._fleet.failed(node)
-            self._metrics.attempts.labels(node.id, "failed").inc()
+            self._attempted(node, "failed")
             self._metrics.midstream_failures.inc()
             log.warning("node %s failed mid-stream: %s", node.id, exc)
             yield _error_frame(node, call)
@@ -424,6 +427,13 @@ class Forwarder:
         self._settle(relay.call, node, usage, status=relay.status)
 
     # --- receipts, metering, errors ------------------------------------------------------------
+
+    def _attempted(self, node: Node, outcome: str) -> None:
+        key = (node.id, outcome)
+        counter = self._attempts.get(key)
+        if counter is None:
+            counter = self._attempts[key] = self._metrics.attempts.labels(node.id, outcome)
+        counter.inc()
 
     def _receipt(self, node: Node, call: Call) -> dict[str, str]:
         headers = {
