@@ -405,8 +405,13 @@ def _body_needing(tokens: int) -> bytes:
 
 
 def _leave_after(client: openai.OpenAI, chunks: int) -> None:
+    # `ignore_eos`: a sampled answer may end after a few tokens, before the client leaves.
     stream = client.chat.completions.create(
-        model=DEFAULT_MODEL_ID, messages=LLAMA_MESSAGES, stream=True, max_tokens=200
+        model=DEFAULT_MODEL_ID,
+        messages=LLAMA_MESSAGES,
+        stream=True,
+        max_tokens=200,
+        extra_body={"ignore_eos": True},
     )
     received = 0
     for chunk in stream:
