@@ -10,7 +10,6 @@ where the router refused, the token keeps its use). Then renewal over mTLS and r
 
 from __future__ import annotations
 
-import base64
 import http.server
 import json
 import ssl
@@ -41,6 +40,7 @@ from federation import (
 )
 from router._private.ca import FleetCA
 from tests.e2e.fleet import Fleet, running_fleet
+from tests.federation.forgery import csr_with_signature
 from tests.support import run_palisade, wait_for
 
 
@@ -201,7 +201,7 @@ def test_a_csr_that_does_not_verify_is_refused_and_the_token_kept(
     thief = x509.load_pem_x509_csr(
         make_csr(NodeIdentity.load_or_create(tmp_path / "thief"), "edge-honest", [])
     )
-    forged = _with_signature(honest.tbs_certrequest_bytes, thief.signature)
+    forged = csr_with_signature(honest.tbs_certrequest_bytes, thief.signature)
     body = {"token": token, "csr": forged, "node_id": "edge-honest", "region": "eu"}
     answer = _post_enroll(fleet, body)
     assert answer.status_code == 400
@@ -406,23 +406,6 @@ def _renew(fleet: Fleet, home: Path) -> httpx.Response:
     csr = make_csr(NodeIdentity.load_or_create(home), "edge-renewed", []).decode()
     with httpx.Client(verify=_pinned(fleet, home), timeout=30) as client:
         return client.post(f"{fleet.fleet_url}/federation/v1/renew", json={"csr": csr})
-
-
-def _with_signature(tbs: bytes, signature: bytes) -> str:
-    """A PEM CSR made of one request's body and another key's signature."""
-    algorithm = bytes.fromhex("300506032b6570")  # AlgorithmIdentifier Ed25519
-    bits = b"\x03" + _length(len(signature) + 1) + b"\x00" + signature
-    body = tbs + algorithm + bits
-    der = b"\x30" + _length(len(body)) + body
-    lines = base64.encodebytes(der).decode("ascii")
-    return f"-----BEGIN CERTIFICATE REQUEST-----\n{lines}-----END CERTIFICATE REQUEST-----\n"
-
-
-def _length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
 
 
 @contextmanager

@@ -3,7 +3,6 @@ stable code and leaves the registry unchanged; renewal and revocation; an inject
 
 from __future__ import annotations
 
-import base64
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from federation import (
 )
 from router._private.ca import FleetCA
 from router._private.registry import NodeRegistry
+from tests.federation.forgery import csr_with_signature
 
 FLEET_URL = "https://127.0.0.1:9443"
 
@@ -206,30 +206,13 @@ def test_a_csr_that_does_not_verify_is_refused(router: Router, tmp_path: Path) -
     other = x509.load_pem_x509_csr(make_csr(_node(tmp_path, "other"), "edge-1", []))
     # The first node's request body with the other key's signature.
     body = csr.tbs_certrequest_bytes
-    forged = _reassemble(body, other.signature)
+    forged = csr_with_signature(body, other.signature)
     assert not x509.load_pem_x509_csr(forged.encode()).is_signature_valid
     request.csr = forged
     _refused(router, request, "invalid_csr", 400)
     request.csr = "-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n"
     _refused(router, request, "invalid_csr", 400)
     assert router.registry.uses_left(_token_id(token)) == 1
-
-
-def _reassemble(tbs: bytes, signature: bytes) -> str:
-    """A DER CSR from its parts: SEQUENCE { tbs, AlgorithmIdentifier Ed25519, BIT STRING }."""
-    algorithm = bytes.fromhex("300506032b6570")
-    bits = b"\x03" + _length(len(signature) + 1) + b"\x00" + signature
-    body = tbs + algorithm + bits
-    der = b"\x30" + _length(len(body)) + body
-    lines = base64.encodebytes(der).decode("ascii")
-    return f"-----BEGIN CERTIFICATE REQUEST-----\n{lines}-----END CERTIFICATE REQUEST-----\n"
-
-
-def _length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
 
 
 def _token_id(token: str) -> str:
