@@ -7,7 +7,10 @@ STAMP := $(VENV)/.palisade-installed
 export PALISADE_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model run test check lint typecheck bench bench-guidellm clean
+.PHONY: help setup system-deps model run test check lint typecheck bench bench-guidellm clean
+# Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format).
+SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin
+SYSTEM_COMMANDS := mksquashfs unsquashfs sfdisk grub-editenv veritysetup
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,7 +21,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-setup: $(STAMP) ## Create .venv and install Palisade with its dev tools
+system-deps: ## Install the Debian packages Palisade's image tools use (apt-get, as root)
+	@for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $(SYSTEM_PACKAGES); \
+	fi
+
+setup: $(STAMP) system-deps ## Create .venv and install Palisade with its dev tools
 
 model: $(STAMP) ## Fetch the default model (SmolLM2-135M-Instruct) into $PALISADE_HOME/models
 	$(BIN)/palisade models fetch-default
@@ -35,7 +45,7 @@ typecheck: $(STAMP) ## mypy --strict over every package and the tests
 
 check: lint typecheck ## Lint and type-check
 
-test: model check ## Install everything and run lint, types and the whole test suite
+test: model system-deps check ## Install everything and run lint, types and the whole test suite
 	$(BIN)/pytest
 
 bench: model ## Run the benchmarks (tables on stdout, JSON under var/bench/)

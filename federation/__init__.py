@@ -102,6 +102,14 @@ from federation._private.gate import (
     TokenBucket,
 )
 from federation._private.identity import NodeIdentity, signature_valid
+from federation._private.image_wire import (
+    IMAGE_REPORT_DECODER,
+    UPDATE_OFFER_DECODER,
+    ImageReport,
+    ImageState,
+    RolloutOutcome,
+    UpdateOffer,
+)
 from federation._private.join import (
     JOIN_SECRET_ENV,
     SIGNATURE_HEADER,
@@ -194,6 +202,7 @@ __all__ = [
     "FLEET_DECODER",
     "FLEET_POLICY_VIA",
     "HEARTBEAT_DECODER",
+    "IMAGE_REPORT_DECODER",
     "INTERRUPTED",
     "JOIN_SECRET_ENV",
     "LEASE_GRANT_DECODER",
@@ -205,6 +214,7 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "SERVICE_TYPE",
     "SIGNATURE_HEADER",
+    "UPDATE_OFFER_DECODER",
     "USAGE_ACK_DECODER",
     "USAGE_REPORT_DECODER",
     "APIError",
@@ -257,6 +267,8 @@ __all__ = [
     "Gate",
     "Heartbeat",
     "HeartbeatReply",
+    "ImageReport",
+    "ImageState",
     "ImageUrlPart",
     "InputAudioPart",
     "InvalidRequestError",
@@ -291,6 +303,7 @@ __all__ = [
     "RateLimitError",
     "Recovered",
     "RenewRequest",
+    "RolloutOutcome",
     "SamplingFields",
     "ServerConfig",
     "ServiceUnavailableError",
@@ -301,6 +314,7 @@ __all__ = [
     "TextPart",
     "TokenBucket",
     "TokenClaims",
+    "UpdateOffer",
     "Usage",
     "UsageRecord",
     "UsageReport",
