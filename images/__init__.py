@@ -6,21 +6,25 @@ state's try counter and the on-device agent commit it or fall back to the previo
 `palisade fleet update` rolls a bundle out through the router (docs/images.md).
 """
 
+from images._private.build import build_bundle
 from images._private.cli import image_cli
 from images._private.cli_rollout import register_fleet
 from images._private.errors import ImageError
-
-# --- bundle (build, verify, release keys) ---
-# --- disk (layout, boot state, flash) ---
-# --- agent (boot assessment, supervise, audit events) ---
-# --- rollout ---
+from images._private.keys import ReleaseKey, SigningKey, TrustSet
+from images._private.manifest import Manifest, Payload, compare_versions
+from images._private.verify import VerifiedBundle, verify_bundle
 
 __all__ = [
     "ImageError",
+    "Manifest",
+    "Payload",
+    "ReleaseKey",
+    "SigningKey",
+    "TrustSet",
+    "VerifiedBundle",
+    "build_bundle",
+    "compare_versions",
     "image_cli",
     "register_fleet",
-    # --- bundle ---
-    # --- disk ---
-    # --- agent ---
-    # --- rollout ---
+    "verify_bundle",
 ]
