@@ -91,6 +91,11 @@ class FleetNode(Struct, kw_only=True):
     # Unix s: for a down node, its last heartbeat; for an up one, the outage it reported
     # and is still reconciling.
     offline_since: float | None = None
+    # The appliance image it last reported running (`PUT /federation/v1/image`), whether
+    # that image is committed or still on trial, and from which slot; None before any report.
+    image_version: str | None = None
+    image_committed: bool | None = None
+    image_slot: str | None = None
 
 
 class FleetStatus(Struct, kw_only=True):

@@ -68,6 +68,8 @@ from router._private.policy_publisher import PolicyPublisher
 from router._private.policy_routes import policy_routes
 from router._private.proxy import Call, Forwarder, with_usage
 from router._private.registry import NodeRegistry
+from router._private.rollout import RolloutBook, with_images
+from router._private.rollout_routes import rollout_routes
 from router._private.trust_routes import trust_routes
 
 if TYPE_CHECKING:
@@ -137,6 +139,9 @@ class RouterState:
         self.ca = FleetCA.load_or_create(config.home())
         self.registry = NodeRegistry(config.home(), self.ca, self.identity, config.router_id)
         self.revoked_serials |= self.registry.revoked_serials()
+        # Image rollouts and the image each node runs (rollout_routes).
+        self.rollouts = RolloutBook(config.home())
+        self.on_revoked.append(self.rollouts.revoked)
         self.fleet = Fleet(config.health)
         self.metrics = RouterMetrics(router_id=config.router_id, version=VERSION)
         self.metrics.watch_fleet(lambda: self.fleet.status(config.router_id))
@@ -277,6 +282,7 @@ def create_router_app(
             *trust_routes(state),
             *policy_routes(state.policy, lambda r: certified_node(state, peer_identity(r))),
             *edge_routes(state.leases, lambda r: certified_node(state, peer_identity(r))),
+            *rollout_routes(state, lambda r: certified_node(state, peer_identity(r))),
             *_ops_routes(state),
             *tenancy.routes(),
             *audit_routes(tenancy, recorder, origin=config.router_id),
@@ -520,7 +526,8 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
     @get("/federation/v1/fleet", dependencies=caller_dependency)
     async def fleet(caller: NamedDependency[Caller]) -> Response[Any]:
         require_everywhere(caller.user.role, Action.VIEW_FLEET)
-        return _json(state.fleet.status(state.config.router_id))
+        images = await asyncio.to_thread(state.rollouts.images)
+        return _json(with_images(state.fleet.status(state.config.router_id), images))
 
     return [heartbeat, fleet]
 

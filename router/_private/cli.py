@@ -102,7 +102,8 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
 def status_command(
     url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = False
 ) -> None:
-    """Every node: region, device class, models, state, load, TTFT, heartbeat age, restarts."""
+    """Every node: region, device class, models, state, load, TTFT, heartbeat age, restarts,
+    software version and appliance image."""
     status = call_api(resolve_target(url, key), "GET", "/federation/v1/fleet")
     if as_json:
         print_json(status)
@@ -123,6 +124,7 @@ def status_command(
         "heartbeat_age_s",
         "restarts",
         "version",
+        "image",
     ]
     rows = [
         [
@@ -137,6 +139,7 @@ def status_command(
             f"{node['heartbeat_age_s']:.1f}",
             _restarts(node),
             node["version"],
+            _image(node),
         ]
         for node in nodes
     ]
@@ -157,6 +160,15 @@ def _state(node: dict[str, Any]) -> str:
         return str(node["state"])
     moment = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"{node['state']} (offline since {moment})"
+
+
+def _image(node: dict[str, Any]) -> str:
+    """The appliance image the node reported: `2.0.0 (B)`, `2.0.0 (B, trial)`, or `-`."""
+    version = node.get("image_version")
+    if version is None:
+        return "-"
+    trial = "" if node.get("image_committed") else ", trial"
+    return f"{version} ({node.get('image_slot') or '?'}{trial})"
 
 
 def _restarts(node: dict[str, Any]) -> str:

@@ -57,6 +57,8 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     fleet_url: Annotated[str, Meta(pattern=r"^https://[^\s/]+/?$")] | None = None
     data_dir: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    # The largest appliance-image bundle `palisade fleet update` may upload (streamed to disk).
+    max_bundle_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024**3
     logging_floor: Literal["full", "metadata", "zero"] = "full"
     content_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
     assertion_ttl_s: Annotated[float, Meta(ge=5, le=3600)] = 30.0
