@@ -231,7 +231,7 @@ def _rootfs(
         base = base_dir / image.rootfs.base
         if not base.is_dir():
             raise ImageError(f"Rootfs base {base} is not a directory.", code="image_config_invalid")
-        shutil.copytree(base, tree, symlinks=True)
+        _copy_tree(base, tree)
     tree.mkdir(exist_ok=True)
     tree.chmod(0o755)
     wheels = _wheels(base_dir / image.rootfs.wheels)
@@ -256,6 +256,19 @@ def _rootfs(
     return _Part(
         "rootfs", "rootfs", squashfs, squashfs.stat().st_size, sha256, {"hash_tree": hash_tree}
     )
+
+
+def _copy_tree(base: Path, tree: Path) -> None:
+    """Copy an OS tree as it is: device nodes, owners, modes, links (`cp -a`; Python's
+    copytree would read `/dev/full` or `/dev/zero` as if they were files)."""
+    tree.mkdir()
+    command = [shutil.which("cp") or "/bin/cp", "-a", "--", f"{base}/.", str(tree)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
+    if done.returncode != 0:
+        raise ImageError(
+            f"The rootfs base {base} could not be copied: {done.stderr.strip()[-500:]}",
+            code="build_failed",
+        )
 
 
 def _wheels(directory: Path) -> list[Path]:

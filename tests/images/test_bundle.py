@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -181,3 +182,32 @@ def test_a_model_name_the_format_cannot_carry_is_refused_at_build(tmp_path: Path
     assert caught.value.code == "image_config_invalid"
     assert "'my model.gguf'" in caught.value.message
     assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+def test_a_base_tree_keeps_its_device_nodes_and_links_as_they_are(tmp_path: Path) -> None:
+    """An OS tree carries /dev/null-like nodes: they go into the squashfs as nodes, never
+    read as files (reading /dev/zero as a file would fill the disk)."""
+    source = image_source(tmp_path)
+    dev = source / "base" / "dev"
+    dev.mkdir()
+    os.mknod(dev / "zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    (dev / "zero").chmod(0o666)  # mknod's mode passes through the umask
+    (source / "base" / "usr/lib/link").symlink_to("palisade-fixture/filler.bin")
+    key, trust = release_key(tmp_path)
+    bundle = build(source / "image.toml", tmp_path / "dev.pimg", key)
+    squashfs = tmp_path / "rootfs.squashfs"
+    squashfs.write_bytes(
+        b"".join(verify_bundle(bundle, TrustSet.load(trust)).iter_payload("rootfs"))
+    )
+    listing = subprocess.run(
+        ["unsquashfs", "-lls", str(squashfs)], check=True, capture_output=True, text=True
+    ).stdout
+    assert any(
+        line.startswith("crw-rw-rw-") and line.endswith("/dev/zero")
+        for line in listing.splitlines()
+    )
+    assert any(
+        line.startswith("lrwxrwxrwx") and "/usr/lib/link -> palisade-fixture" in line
+        for line in listing.splitlines()
+    )
