@@ -27,6 +27,7 @@ from appliance._private.edge import EdgeGate, HttpRouterLink, is_fleet_principal
 from appliance._private.edge_ledger import EdgeLedger
 from appliance._private.engine import Finish, Generation, Prompt, SamplingParams
 from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from appliance._private.image_events import ImageEventFeed
 from appliance._private.membership import BOOT_ID, Membership
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.policy_sync import PolicySync, policy_book_for, policy_offer_routes
@@ -120,6 +121,8 @@ class ApplianceState:
         self.config = config
         self.tenancy = tenancy
         self.recorder = recorder
+        # The image agent's events (install, boot, commit, rollback) into the audit log.
+        self.image_events = ImageEventFeed(recorder, config.home()) if recorder else None
         self.demo = demo
         self.url = f"http://{config.host}:{config.port}"
         self.metrics = ApplianceMetrics(
@@ -175,6 +178,8 @@ class ApplianceState:
             await self.edge.start()
         if self.config.discovery.enabled:
             await self.discovery.start(node_advertisement(self.config, self.url, self.credentials))
+        if self.image_events is not None:
+            await self.image_events.start()
 
     async def _load_all(self) -> None:
         for model in self.models.values():
@@ -206,6 +211,8 @@ class ApplianceState:
             self.edge.close()
         if self.tenancy is not None:
             await self.tenancy.close()
+        if self.image_events is not None:
+            await self.image_events.stop()
         if self.recorder is not None:
             await asyncio.to_thread(self.recorder.close)
 
@@ -655,7 +662,10 @@ def _ops_routes(state: ApplianceState) -> list[HTTPRouteHandler]:
 
     @get(["/healthz", "/health"])  # `/health`: what benchmark clients (guidellm) probe
     async def healthz() -> Response[Any]:
-        return _json({"status": "ok", "node": config.node_id, "region": config.region})
+        health = {"status": "ok", "node": config.node_id, "region": config.region}
+        if state.membership is not None:  # the image agent commits a slot once joined
+            health["router"] = "joined" if state.membership.joined else "unreachable"
+        return _json(health)
 
     @get("/readyz")
     async def readyz() -> Response[Any]:

@@ -119,6 +119,11 @@ class Membership:
     def router_url(self) -> str:
         return self.fleet_url
 
+    @property
+    def joined(self) -> bool:
+        """Whether the router accepted the last heartbeat."""
+        return self._reachable is True
+
     def _make_client(self) -> httpx.AsyncClient:
         timeout = httpx.Timeout(2.0)
         credentials = self._credentials
