@@ -52,7 +52,7 @@ from images._private.disk import read_boot_state, update_boot_state
 from images._private.errors import ImageError
 from images._private.events import EventName, record_event
 from images._private.flash import flash_bundle
-from images._private.keys import TrustSet
+from images._private.keys import TrustSet, node_trust_file
 
 log = logging.getLogger("palisade.images.agent")
 
@@ -60,7 +60,6 @@ DEFAULT_WINDOW_S = 60.0
 DEFAULT_DEADLINE_S = 300.0
 DEFAULT_POLL_S = 0.5
 DEFAULT_UPDATE_POLL_S = 30.0
-TRUST_FILE = "trust.json"
 PENDING_FILE = "rollout.json"
 ASSESSED_FILE = "assessed-boot"  # the kernel boot id the agent last assessed
 Verdict = Literal["waiting", "commit", "fail"]
@@ -441,7 +440,7 @@ class Updater:
         bundle = self.node.image_dir / "downloads" / f"{offer.rollout}.pimg"
         try:
             self.channel.download(offer, bundle)
-            trust = TrustSet.load(self.node.image_dir / TRUST_FILE)
+            trust = TrustSet.load(node_trust_file(self.node.data_dir))
             result = flash_bundle(
                 bundle, self.node.disk, trust=trust, data_dir=self.node.data_dir,
                 tries=self.tries, booted=booted,

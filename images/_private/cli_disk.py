@@ -3,7 +3,6 @@ disk's boot state says (registered by images/_private/cli.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -26,12 +25,11 @@ from images._private.disk import DiskLayout, is_block_device, read_boot_state
 from images._private.errors import ImageError
 from images._private.events import record_event
 from images._private.flash import DEFAULT_TRIES, DiskSizes, FlashResult, flash_bundle
-from images._private.keys import TrustSet
+from images._private.keys import TrustSet, default_trust_file
 
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _CMDLINE_SLOT = re.compile(r"(?:^|\s)palisade\.slot=([AB])(?:\s|$)")
-TRUST_FILE = Path("image") / "trust.json"
 
 DiskOpt = Annotated[
     Path, typer.Option("--disk", help="The node's disk: a block device or a disk image file.")
@@ -129,7 +127,7 @@ def flash_command(  # noqa: PLR0917 - typer maps each option to a parameter
 def _trust_file(path: Path | None) -> Path:
     if path is not None:
         return path
-    default = Path(os.environ.get("PALISADE_HOME", "var")) / TRUST_FILE
+    default = default_trust_file()
     if not default.is_file():
         raise fail(
             f"No release key trust file: pass --trust FILE or put one at {default} "

@@ -11,7 +11,6 @@ computed here, and each node verifies it again against its own pinned keys.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,14 +35,13 @@ from federation.client import (
     unreachable,
 )
 from images._private.errors import ImageError
-from images._private.keys import TrustSet
+from images._private.keys import TrustSet, default_trust_file
 from images._private.verify import VerifiedBundle, verify_bundle
 
 _CHUNK = 1024 * 1024
 # Per network operation (connect, each read and write), not for the whole upload.
 _TIMEOUT = 30.0
 _ENDED = {"completed", "stopped"}
-TRUST_FILE = Path("image") / "trust.json"
 
 BundleArg = Annotated[
     Path, typer.Argument(help="The signed bundle (.pimg) to roll out.", show_default=False)
@@ -176,7 +174,7 @@ def stop_command(
 
 def _verified(bundle: Path, trust_file: Path | None, region: str) -> VerifiedBundle:
     if trust_file is None:
-        trust_file = Path(os.environ.get("PALISADE_HOME", "var")).resolve() / TRUST_FILE
+        trust_file = default_trust_file()
     try:
         return verify_bundle(bundle, TrustSet.load(trust_file), region=region)
     except ImageError as exc:

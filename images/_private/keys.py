@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,3 +278,13 @@ class SigningKey:
 
 def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def node_trust_file(home: Path) -> Path:
+    """Where a node keeps the release keys it pins: `<PALISADE_HOME>/image/trust.json`."""
+    return home / "image" / "trust.json"
+
+
+def default_trust_file() -> Path:
+    """The trust file of `$PALISADE_HOME` (the commands' default for `--trust`)."""
+    return node_trust_file(Path(os.environ.get("PALISADE_HOME", "var")).resolve())
