@@ -272,9 +272,9 @@ def test_a_three_node_fleet_updates_in_batches_and_a_failing_bundle_stops_it(
         v1, trust = make_bundle(build, version="1.0.0", config_template=good)
         v2, _ = make_bundle(build, version="2.0.0", config_template=good)
         v3, _ = make_bundle(build, version="3.0.0", config_template=broken)
-        nodes = []
+        nodes, homes = [], {}
         for node_id in NODES:
-            home = fleet.enroll(node_id, REGION)
+            home = homes[node_id] = fleet.enroll(node_id, REGION)
             (home / "image").mkdir()
             shutil.copy(trust, home / "image" / "trust.json")
             disk = tmp_path / f"{node_id}.img"
@@ -284,6 +284,8 @@ def test_a_three_node_fleet_updates_in_batches_and_a_failing_bundle_stops_it(
             )  # fmt: skip
             assert flashed.returncode == 0, flashed.stdout + flashed.stderr
             nodes.append(fleet.stack.enter_context(supervised(node_id, disk, home)))
+        # Identity and enrollment live on the data partition: no update may touch them.
+        identities = {node_id: identity_files(home) for node_id, home in homes.items()}
 
         def all_on(version: str) -> bool:
             return all(image_of(fleet, node) == (version, True) for node in NODES)
@@ -336,6 +338,14 @@ def test_a_three_node_fleet_updates_in_batches_and_a_failing_bundle_stops_it(
         for node_id in NODES[1:]:
             assert ("3.0.0", "bad") not in disks[node_id].values()
             assert ("2.0.0", "good") in disks[node_id].values()
+        assert {node_id: identity_files(home) for node_id, home in homes.items()} == identities
+
+
+def identity_files(home: Path) -> dict[str, bytes]:
+    """A node's key, node config and fleet certificate: what enrollment gave it."""
+    return {
+        name: (home / name).read_bytes() for name in ("node.key", "node.toml", "fleet/node.pem")
+    }
 
 
 def disk_slots(disk: Path) -> dict[str, tuple[str, str]]:
