@@ -17,8 +17,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +47,7 @@ from federation import (
     verify_token,
 )
 from router._private.ca import CRL_FILE, FLEET_DIR, FleetCA, checked_csr
+from router._private.sqlite_files import connection, write_transaction
 
 REGISTRY_FILE = "registry.db"
 _SCHEMA = """
@@ -145,27 +145,10 @@ class NodeRegistry:
         self.identity = identity
         self.router_id = router_id
         self._clock = clock
-        with self._connect() as db:
+        with connection(self.path) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
         private_database(self.path)  # WAL made its -wal and -shm files: keep them private
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, isolation_level=None, timeout=10)) as db:
-            yield db
-
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken before the first read so checks and writes agree."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     # --- tokens ----------------------------------------------------------------------------
 
@@ -195,7 +178,7 @@ class NodeRegistry:
 
     def add_token(self, claims: TokenClaims, created_by: str) -> CreatedToken:
         """Record a drafted token (from now on it enrolls) and sign it."""
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             db.execute(
                 "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -228,7 +211,7 @@ class NodeRegistry:
         return self.add_token(self.draft_token(**fields), created_by)
 
     def uses_left(self, token_id: str) -> int | None:
-        with self._connect() as db:
+        with connection(self.path) as db:
             row = db.execute("SELECT uses_left FROM tokens WHERE id = ?", (token_id,)).fetchone()
         return None if row is None else int(row[0])
 
@@ -244,7 +227,7 @@ class NodeRegistry:
         claims = self._allowed(request)
         csr = checked_csr(request.csr.encode("utf-8"))
         public_key = raw_public_key(csr).hex()
-        with self._connect() as db:
+        with connection(self.path) as db:
             self._check_key(db, request.node_id, public_key)
         cert = self.ca.issue_node(
             request.csr.encode("utf-8"), request.node_id, request.region, request.device_class
@@ -255,7 +238,7 @@ class NodeRegistry:
         """Take the token's use and record the node, in one transaction; refused (and
         nothing changed) if another enrollment took the last use or the node id meanwhile."""
         holder = identity_of(pending.certificate)
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             row = db.execute(
                 "SELECT uses_left FROM tokens WHERE id = ?", (pending.token_id,)
             ).fetchone()
@@ -352,7 +335,7 @@ class NodeRegistry:
         current certificate names. The old certificate stays valid until it expires."""
         csr = checked_csr(csr_pem.encode("utf-8"))
         public_key = raw_public_key(csr).hex()
-        with self._connect() as db:
+        with connection(self.path) as db:
             node = db.execute(
                 "SELECT public_key, revoked_at FROM nodes WHERE node_id = ?", (peer.node_id,)
             ).fetchone()
@@ -376,7 +359,7 @@ class NodeRegistry:
             csr_pem.encode("utf-8"), peer.node_id, peer.region or "", peer.device_class
         )
         holder = identity_of(cert)
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             row = db.execute("SELECT revoked_at FROM nodes WHERE node_id = ?", (peer.node_id,))
             if row.fetchone()[0] is not None:  # revoked while this certificate was made
                 raise _revoked(peer.node_id)
@@ -390,13 +373,13 @@ class NodeRegistry:
     # --- nodes and revocation --------------------------------------------------------------
 
     def nodes(self) -> list[EnrolledNode]:
-        with self._connect() as db:
+        with connection(self.path) as db:
             rows = db.execute(f"SELECT {_NODE_COLUMNS} FROM nodes ORDER BY node_id").fetchall()  # noqa: S608
         return [_enrolled_node(row) for row in rows]
 
     def node(self, node_id: str) -> EnrolledNode:
         """The enrolled node `node_id`; 404 `node_not_found` if there is none."""
-        with self._connect() as db:
+        with connection(self.path) as db:
             row = db.execute(
                 f"SELECT {_NODE_COLUMNS} FROM nodes WHERE node_id = ?",  # noqa: S608
                 (node_id,),
@@ -406,7 +389,7 @@ class NodeRegistry:
         return _enrolled_node(row)
 
     def revoked_serials(self) -> set[int]:
-        with self._connect() as db:
+        with connection(self.path) as db:
             rows = db.execute(
                 "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL"
             ).fetchall()
@@ -416,7 +399,7 @@ class NodeRegistry:
         """Revoke the node and every certificate it holds; returns their serials. Revoking
         a revoked node again changes nothing."""
         now = self._clock()
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             row = db.execute(
                 "SELECT revoked_at FROM nodes WHERE node_id = ?", (node_id,)
             ).fetchone()
@@ -443,7 +426,7 @@ class NodeRegistry:
         try:
             return self.crl_path.read_bytes()
         except FileNotFoundError:
-            with self._writing() as db:
+            with write_transaction(self.path) as db:
                 return self._publish_crl(db)
 
     def _publish_crl(self, db: sqlite3.Connection) -> bytes:

@@ -20,8 +20,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +40,7 @@ from federation import (
     private_database,
 )
 from router._private.ca import FLEET_DIR
+from router._private.sqlite_files import connection, write_transaction
 
 ROLLOUTS_FILE = "rollouts.db"
 UPDATES_DIR = "updates"
@@ -194,26 +194,10 @@ class RolloutBook:
         self.path = private_database(home / FLEET_DIR / ROLLOUTS_FILE)
         self.updates = home / FLEET_DIR / UPDATES_DIR
         self._clock = clock
-        with self._connect() as db:
+        with connection(self.path) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
         private_database(self.path)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, isolation_level=None, timeout=10)) as db:
-            yield db
-
-    @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
 
     # --- the operator's side ------------------------------------------------------------
 
@@ -233,7 +217,7 @@ class RolloutBook:
                 code="region_has_no_nodes",
                 param="region",
             )
-        with self._connect() as db:
+        with connection(self.path) as db:
             _refuse_running(db, region)
 
     def create(
@@ -251,7 +235,7 @@ class RolloutBook:
         """Start a rollout of the stored bundle `rollout_id` to `nodes` (of `region`)."""
         self.check_can_start(region, nodes)
         now = self._clock()
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             _refuse_running(db, region)
             images = _images(db)
             members = [
@@ -281,17 +265,17 @@ class RolloutBook:
         return rollout.counted()
 
     def get(self, rollout_id: str) -> Rollout:
-        with self._connect() as db:
+        with connection(self.path) as db:
             return _load(db, rollout_id).counted()
 
     def list(self) -> list[Rollout]:
-        with self._connect() as db:
+        with connection(self.path) as db:
             rows = db.execute("SELECT body FROM rollouts ORDER BY created_at DESC").fetchall()
         return [_ROLLOUT.decode(row[0]).counted() for row in rows]
 
     def stop(self, rollout_id: str, reason: str) -> Rollout:
         """Stop a running rollout; stopping one that has ended is refused."""
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             rollout = _load(db, rollout_id)
             if rollout.state != "running":
                 raise RolloutConflictError(
@@ -306,10 +290,10 @@ class RolloutBook:
 
     def next_for(self, node_id: str, region: str) -> UpdateOffer | None:
         """The bundle `node_id` should install now, if any."""
-        with self._connect() as db:  # the usual answer, without taking the write lock
+        with connection(self.path) as db:  # the usual answer, without taking the write lock
             if _running(db, region) is None:
                 return None
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             rollout = _running(db, region)
             if rollout is None or not rollout.offer(node_id, self._clock()):
                 return None
@@ -318,7 +302,7 @@ class RolloutBook:
 
     def bundle_for(self, node_id: str, rollout_id: str) -> Path:
         """The stored bundle of `rollout_id`, for a node it was offered to while it runs."""
-        with self._connect() as db:
+        with connection(self.path) as db:
             rollout = _find(db, rollout_id)
         if rollout is None or not rollout.offered(node_id):
             raise _not_offered(rollout_id)
@@ -343,7 +327,7 @@ class RolloutBook:
             reported_at=now,
         )
         ended = None
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             rollout = _moved_by(db, node_id, region, report)
             if rollout is not None:
                 step, detail = _step_of(rollout, node_id, report)
@@ -360,7 +344,7 @@ class RolloutBook:
     def revoked(self, node_id: str) -> None:
         """A revoked node no longer holds up a running rollout (it gets nothing more)."""
         now = self._clock()
-        with self._writing() as db:
+        with write_transaction(self.path) as db:
             rows = db.execute("SELECT body FROM rollouts WHERE state = 'running'").fetchall()
             for row in rows:
                 rollout = _ROLLOUT.decode(row[0])
@@ -370,7 +354,7 @@ class RolloutBook:
                     _save(db, rollout)
 
     def images(self) -> dict[str, NodeImage]:
-        with self._connect() as db:
+        with connection(self.path) as db:
             return _images(db)
 
 
