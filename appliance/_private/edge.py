@@ -12,7 +12,8 @@ was lost, fleet keys get 503 `policy_expired`: the snapshot may be stale by then
 Every admission and settlement is in the edge ledger first (`edge_ledger.py`); a sync task
 sends the settled rows (`POST /federation/v1/usage`) and forgets those the router
 acknowledges. The router counts each id once, so rows sent twice (a lost answer, a
-SIGKILL) are counted once.
+SIGKILL) are counted once. Rows the router refuses (an org this node may not charge: see
+`router/_private/leases.py`) are forgotten too, and logged once.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from federation import (
     USAGE_ACK_DECODER,
     Admission,
     EdgeRow,
+    EdgeUsageAck,
     EdgeUsageReport,
     KeyBuckets,
     KeyLimits,
@@ -73,7 +75,7 @@ class RouterLink(Protocol):
 
     async def lease(self, org: str, tokens: int) -> LeaseGrant: ...
 
-    async def report(self, rows: list[EdgeRow]) -> list[str]: ...
+    async def report(self, rows: list[EdgeRow]) -> EdgeUsageAck: ...
 
 
 class RouterUnreachableError(PalisadeError):
@@ -120,9 +122,9 @@ class HttpRouterLink:
         body = ENCODER.encode(LeaseRequest(org=org, tokens=tokens))
         return LEASE_GRANT_DECODER.decode(await self._post("/federation/v1/lease", body))
 
-    async def report(self, rows: list[EdgeRow]) -> list[str]:
+    async def report(self, rows: list[EdgeRow]) -> EdgeUsageAck:
         body = ENCODER.encode(EdgeUsageReport(rows=rows))
-        return USAGE_ACK_DECODER.decode(await self._post("/federation/v1/usage", body)).ids
+        return USAGE_ACK_DECODER.decode(await self._post("/federation/v1/usage", body))
 
 
 def is_fleet_principal(principal: Principal) -> bool:
@@ -441,7 +443,7 @@ class EdgeGate:
         while self.ledger.unacked:
             batch = list(self.ledger.unacked.values())[:_BATCH]
             try:
-                ids = await self._link.report(batch)
+                ack = await self._link.report(batch)
             except RouterUnreachableError as exc:
                 self._note_router(reachable=False, reason=str(exc))
                 raise
@@ -449,13 +451,29 @@ class EdgeGate:
                 self._note_router(reachable=True)
                 raise
             self._note_router(reachable=True)
-            self.ledger.acknowledged(ids)
-            acknowledged += len(ids)
-            if not set(ids) & {row.id for row in batch}:
+            self._note_refused(batch, ack)
+            self.ledger.acknowledged(ack.ids)
+            acknowledged += len(ack.ids)
+            if not set(ack.ids) & {row.id for row in batch}:
                 break  # the router took none of them: try again at the next round
         if not self.ledger.unacked and self.ledger.offline_since is None:
             self.outage_since = None
         return acknowledged
+
+    def _note_refused(self, batch: list[EdgeRow], ack: EdgeUsageAck) -> None:
+        """Rows the router will never count (it names them in `ids` too, so they are
+        forgotten and never sent again): logged once, here."""
+        sent = {row.id: row for row in batch}
+        refused = [(sent[r.id], r.code) for r in ack.refused if r.id in sent]
+        if not refused:
+            return
+        log.warning(
+            "the router refused %d usage rows (%s tokens) as rows this node may not charge: "
+            "%s; they are dropped",
+            len(refused),
+            sum(row.tokens for row, _ in refused),
+            sorted({f"{row.org}: {code}" for row, code in refused}),
+        )
 
     async def _sync_forever(self) -> None:
         while True:

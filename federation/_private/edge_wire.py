@@ -6,7 +6,10 @@ spend more of an org's monthly budget than the router set aside for it: it lease
 it served goes back as rows (`POST /federation/v1/usage`), each with the id of the request
 it admitted; the router counts each id once, whatever the node sends again, and answers
 with the ids it holds, which the node then forgets. Both routes take the node's identity
-from its client certificate, never from the body.
+from its client certificate, never from the body, and hold a node to its certified region:
+it leases only for orgs allowed there, and a row counts only for an org that was allowed
+there during the row's month or for which the router granted the node a share that month
+(see `EdgeLeases.report`); the rest are refused, named in the answer.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ MAX_LEASE_TOKENS = 10**12
 MAX_USAGE_ROWS = 1000  # per report: a node with more sends several
 
 RecordId = Annotated[str, Meta(min_length=1, max_length=128)]
-Month = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}$")]
+Month = Annotated[str, Meta(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")]  # YYYY-MM, a real month
 
 
 class LeaseRequest(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -62,10 +65,21 @@ class EdgeUsageReport(Struct, kw_only=True, forbid_unknown_fields=True):
     rows: Annotated[list[EdgeRow], Meta(max_length=MAX_USAGE_ROWS)]
 
 
+class EdgeRefusal(Struct, kw_only=True):
+    """A row the router will never count, and why (`code`: `org_not_found`,
+    `residency_violation`, `month_not_started`)."""
+
+    id: str
+    code: str
+
+
 class EdgeUsageAck(Struct, kw_only=True):
-    """The ids of the report the router now holds (counted now or before)."""
+    """The ids of the report the node may forget: the rows the router now holds (counted now
+    or before) and those it refused, which `refused` names again with the reason. An
+    appliance that predates `refused` forgets them all the same, so it stops resending."""
 
     ids: list[str]
+    refused: list[EdgeRefusal] = msgspec.field(default_factory=list)
 
 
 LEASE_REQUEST_DECODER = msgspec.json.Decoder(LeaseRequest)

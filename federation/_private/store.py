@@ -81,6 +81,8 @@ CREATE TABLE IF NOT EXISTS edge_leases (
     used INTEGER NOT NULL, PRIMARY KEY (node, org, month));
 CREATE TABLE IF NOT EXISTS edge_records (
     id TEXT PRIMARY KEY, node TEXT NOT NULL, month TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS org_region_spans (
+    org TEXT NOT NULL, region TEXT NOT NULL, since TEXT NOT NULL, until TEXT);
 """
 
 
@@ -160,6 +162,23 @@ class EdgeLease:
 
 
 @dataclass(frozen=True, slots=True)
+class RegionSpan:
+    """From `since` until `until` (None: still), `region` was one of an org's regions."""
+
+    region: str
+    since: str
+    until: str | None
+
+    def covers(self, month: str, slack_s: float = 0.0) -> bool:
+        """Whether the span, its end `slack_s` later, overlaps `month` (`YYYY-MM`)."""
+        if self.since[:7] > month:  # the times are UTC ISO 8601: they start with the month
+            return False
+        if self.until is None:
+            return True
+        return month <= month_of(datetime.fromisoformat(self.until) + timedelta(seconds=slack_s))
+
+
+@dataclass(frozen=True, slots=True)
 class Caller:
     """An authenticated key with its user and org."""
 
@@ -191,6 +210,8 @@ class TenancyStore:
         self.orgs: dict[str, OrgRecord] = {}
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, KeyRecord] = {}
+        # Where each org could be served, and when: what a node's usage rows are held to.
+        self.region_spans: dict[str, list[RegionSpan]] = {}
         # Bumped by every management change (in `_audit`), which then calls `on_change`.
         self.generation = 0
         self.on_change: list[Callable[[], None]] = []
@@ -251,6 +272,48 @@ class TenancyStore:
                     limits,
                     row[10],
                 )
+        await self._load_region_spans()
+
+    async def _load_region_spans(self) -> None:
+        """The region history; a region without an open span (a database made before the
+        history was kept) is taken as allowed since its org was created."""
+        async with self._db.execute(
+            "SELECT org, region, since, until FROM org_region_spans ORDER BY rowid"
+        ) as rows:
+            async for org, region, since, until in rows:
+                self.region_spans.setdefault(org, []).append(RegionSpan(region, since, until))
+        for record in self.orgs.values():
+            await self._open_spans(record.name, record.regions, record.created_at)
+        await self._db.commit()
+
+    async def _open_spans(self, org: str, regions: Iterable[str], since: str) -> None:
+        spans = self.region_spans.setdefault(org, [])
+        open_now = {span.region for span in spans if span.until is None}
+        for region in sorted(set(regions) - open_now):
+            await self._db.execute(
+                "INSERT INTO org_region_spans VALUES (?, ?, ?, NULL)", (org, region, since)
+            )
+            spans.append(RegionSpan(region, since, None))
+
+    async def _close_spans(self, org: str, regions: frozenset[str], until: str) -> None:
+        """End the open spans of `org`'s regions not in `regions`."""
+        spans = self.region_spans.setdefault(org, [])
+        for index, span in enumerate(spans):
+            if span.until is None and span.region not in regions:
+                await self._db.execute(
+                    "UPDATE org_region_spans SET until = ? WHERE org = ? AND region = ? "
+                    "AND until IS NULL",
+                    (until, org, span.region),
+                )
+                spans[index] = replace(span, until=until)
+
+    def served_in(self, org: str, region: str, month: str, *, slack_s: float = 0.0) -> bool:
+        """Whether `region` was one of `org`'s regions at some moment of `month`, or less
+        than `slack_s` before it began."""
+        return any(
+            span.region == region and span.covers(month, slack_s)
+            for span in self.region_spans.get(org, [])
+        )
 
     # --- audit --------------------------------------------------------------------------
 
@@ -351,8 +414,13 @@ class TenancyStore:
                 record.created_at,
             ),
         )
-        await self._audit("org_created", actor, spec.name, msgspec.to_builtins(spec))
-        await self._db.commit()
+        try:
+            await self._open_spans(record.name, record.regions, record.created_at)
+            await self._audit("org_created", actor, spec.name, msgspec.to_builtins(spec))
+            await self._db.commit()
+        except BaseException:
+            self.region_spans.pop(record.name, None)
+            raise
         self.orgs[record.name] = record
         return org_view(record)
 
@@ -392,8 +460,18 @@ class TenancyStore:
         record = replace(self.org(name), regions=frozenset(regions))
         text = json.dumps(sorted(record.regions))
         await self._db.execute("UPDATE orgs SET regions = ? WHERE name = ?", (text, name))
-        await self._audit("org_regions_changed", actor, name, {"regions": sorted(record.regions)})
-        await self._db.commit()
+        spans = list(self.region_spans.get(name, []))
+        try:
+            now = iso(self.clock())
+            await self._close_spans(name, record.regions, now)
+            await self._open_spans(name, record.regions, now)
+            await self._audit(
+                "org_regions_changed", actor, name, {"regions": sorted(record.regions)}
+            )
+            await self._db.commit()
+        except BaseException:
+            self.region_spans[name] = spans  # the transaction is rolled back: so is the history
+            raise
         self.orgs[name] = record
         return record
 
@@ -663,6 +741,14 @@ class TenancyStore:
             "SELECT node, org, month, granted, used FROM edge_leases WHERE month >= ?", (month,)
         ) as rows:
             return [EdgeLease(r[0], r[1], r[2], r[3], r[4]) async for r in rows]
+
+    async def leased(self, node: str, org: str, month: str) -> bool:
+        """Whether `node` was ever granted a share of `org`'s budget for `month`."""
+        async with self._db.execute(
+            "SELECT 1 FROM edge_leases WHERE node = ? AND org = ? AND month = ? AND granted > 0",
+            (node, org, month),
+        ) as rows:
+            return await rows.fetchone() is not None
 
     async def grant_edge_lease(self, node: str, org: str, month: str, tokens: int) -> None:
         await self._db.execute(

@@ -17,7 +17,6 @@ from federation import (
     ENCODER,
     LEASE_REQUEST_DECODER,
     USAGE_REPORT_DECODER,
-    EdgeUsageAck,
     PeerIdentity,
     decode_request,
     read_body,
@@ -39,7 +38,7 @@ def edge_routes(leases: Callable[[], EdgeLeases], node_of: NodeOf) -> list[HTTPR
     async def usage(request: Request[Any, Any, Any]) -> Response[Any]:
         node = node_of(request)
         report = decode_request(await read_body(request), USAGE_REPORT_DECODER)
-        ids = await leases().report(node, report.rows)
-        return Response(ENCODER.encode(EdgeUsageAck(ids=ids)), media_type=MediaType.JSON)
+        ack = await leases().report(node, report.rows)
+        return Response(ENCODER.encode(ack), media_type=MediaType.JSON)
 
     return [lease, usage]

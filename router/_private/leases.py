@@ -11,18 +11,34 @@ even with every node offline. Usage a node reports converts its share into used 
 Grants and reports change the books in memory before they await the database, so on one
 event loop no two grants can hand out the same tokens; a grant the database refuses is
 taken back.
+
+A node is held to its certified region. It gets a share only of an org allowed there now,
+and a row it reports counts only for an org that was allowed there at some moment of the
+row's month (`TenancyStore.served_in`, from the org's region history; or less than the
+offline grace period before the month began: a node cut off from the router serves on its
+last snapshot that long) or for which the router granted it a share for that month (which
+it did only while the org was allowed there). An honest node's rows made before the org
+left its region therefore still count, while a compromised node cannot charge orgs it could
+never serve, nor a month that has not begun (beyond a day of clock skew). Refused rows
+change nothing but one management audit event per report (`edge_usage_refused`); the
+answer names them so the node forgets them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 
 from compliance import Recorder
 from federation import (
+    DEFAULT_GRACE_S,
     EdgeLease,
+    EdgeRefusal,
     EdgeRow,
+    EdgeUsageAck,
     Gate,
     InvalidRequestError,
     LeaseGrant,
@@ -38,6 +54,8 @@ from federation import (
 
 log = logging.getLogger("palisade.router.leases")
 SHARE = 0.5  # of what is left of the budget, at most, per grant
+_CLOCK_SKEW = timedelta(days=1)  # a node's clock may run ahead of the router's by this much
+_AUDITED_NAMES = 10  # ids and orgs named in a refusal's audit event (it gives the counts)
 
 
 def fair_share(limit: int, committed: int, asked: int) -> int:
@@ -62,10 +80,18 @@ class _Share:
 class EdgeLeases:
     """Every node's leased shares, in memory and in the tenancy store."""
 
-    def __init__(self, store: TenancyStore, gate: Gate, recorder: Recorder | None = None) -> None:
+    def __init__(
+        self,
+        store: TenancyStore,
+        gate: Gate,
+        recorder: Recorder | None = None,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,  # the longest a node serves on an old snapshot
+    ) -> None:
         self._store = store
         self._gate = gate
         self._recorder = recorder
+        self._grace_s = grace_s
         self._shares: dict[tuple[str, str, str], _Share] = {}  # (node, org, month)
         self._held: dict[tuple[str, str], int] = {}  # (org, month): all nodes' unspent shares
 
@@ -125,13 +151,18 @@ class EdgeLeases:
 
     # --- usage reports ------------------------------------------------------------------------
 
-    async def report(self, node: PeerIdentity, rows: list[EdgeRow]) -> list[str]:
-        """Count each row once (by id), convert the node's share into used tokens, keep
-        the audit rows; the answer names every row of the report, counted now or before."""
+    async def report(self, node: PeerIdentity, rows: list[EdgeRow]) -> EdgeUsageAck:
+        """Count each row the node may charge once (by id), convert its share into used
+        tokens, keep the audit rows; refuse the others (`_refusal`). The answer names every
+        row of the report, held (counted now or before) or refused."""
         rows = list({row.id: row for row in rows}.values())
-        entries = [(row.id, self._entry(node, row)) for row in rows]
+        refused = await self._refusals(node, rows)
+        counted = [row for row in rows if row.id not in refused]
+        entries = [(row.id, self._entry(node, row)) for row in counted]
+        if refused:
+            await self._audit_refusals(node, rows, refused)
         applied = await self._store.apply_edge_usage(node.node_id, entries)
-        for row, (_, entry) in zip(rows, entries, strict=True):
+        for row, (_, entry) in zip(counted, entries, strict=True):
             if row.id not in applied:
                 continue
             self._gate.absorb(entry.org, entry.month, entry.tokens)
@@ -141,7 +172,62 @@ class EdgeLeases:
             self._audit(node, row)
         if applied:
             log.info("node %s reported %d requests served on its own", node.node_id, len(applied))
-        return [row.id for row in rows]
+        return EdgeUsageAck(
+            ids=[row.id for row in rows],
+            refused=[EdgeRefusal(id=row_id, code=code) for row_id, code in refused.items()],
+        )
+
+    async def _refusals(self, node: PeerIdentity, rows: list[EdgeRow]) -> dict[str, str]:
+        """The rows the node may not charge, by id, with the reason's code."""
+        verdicts: dict[tuple[str, str], str | None] = {}
+        refused: dict[str, str] = {}
+        for row in rows:
+            slot = (row.org, row.month)
+            if slot not in verdicts:
+                verdicts[slot] = await self._refusal(node, row.org, row.month)
+            code = verdicts[slot]
+            if code is not None:
+                refused[row.id] = code
+        return refused
+
+    async def _refusal(self, node: PeerIdentity, org: str, month: str) -> str | None:
+        """None if `node` may charge `org` for `month`: the org was allowed in the node's
+        certified region during that month (or within the grace period before it), or the
+        router granted the node a share of it for that month. Otherwise why not."""
+        if org not in self._store.orgs:
+            return "org_not_found"
+        if month > month_of(self._store.clock() + _CLOCK_SKEW):
+            return "month_not_started"  # it would spend a budget nobody has had yet
+        region = node.region
+        if region is not None and self._store.served_in(org, region, month, slack_s=self._grace_s):
+            return None
+        if await self._store.leased(node.node_id, org, month):
+            return None
+        return "residency_violation"
+
+    async def _audit_refusals(
+        self, node: PeerIdentity, rows: list[EdgeRow], refused: dict[str, str]
+    ) -> None:
+        """One management event per report, however many rows it refuses."""
+        orgs = sorted({row.org for row in rows if row.id in refused})
+        payload = {
+            "node_id": node.node_id,
+            "region": node.region,
+            "rows": len(refused),
+            "tokens": sum(row.tokens for row in rows if row.id in refused),
+            "codes": dict(sorted(Counter(refused.values()).items())),
+            "orgs": orgs[:_AUDITED_NAMES],
+            "ids": sorted(refused)[:_AUDITED_NAMES],
+        }
+        await self._store.record_event("edge_usage_refused", f"node:{node.node_id}", None, payload)
+        log.warning(
+            "node %s (region %s) reported %d usage rows it may not charge (orgs %s): "
+            "refused, not counted",
+            node.node_id,
+            node.region,
+            len(refused),
+            orgs[:_AUDITED_NAMES],  # a list's repr: names from a node cannot forge log lines
+        )
 
     def _entry(self, node: PeerIdentity, row: EdgeRow) -> Recovered:
         """The row as the store counts it, attributed to the node its certificate names."""

@@ -25,6 +25,7 @@ from federation import (
     REQUEST_ID_HEADER,
     Admission,
     EdgeRow,
+    EdgeUsageAck,
     Gate,
     KeyLimits,
     KeyPolicy,
@@ -118,7 +119,7 @@ class Link:
         self._check()
         return await self.leases.grant(NODE, org, tokens)
 
-    async def report(self, rows: list[EdgeRow]) -> list[str]:
+    async def report(self, rows: list[EdgeRow]) -> EdgeUsageAck:
         self._check()
         return await self.leases.report(NODE, rows)
 

@@ -182,11 +182,11 @@ def test_a_report_counts_each_row_once_and_converts_the_share_into_use(tmp_path:
         store, gate, leases = books
         await leases.grant(node("n1"), ORG, 400)
         batch = [row("r1", 100), row("r2", 30)]
-        assert await leases.report(node("n1"), batch) == ["r1", "r2"]
+        assert (await leases.report(node("n1"), batch)).ids == ["r1", "r2"]
         # Sent again (a lost answer, a node killed before it forgot them) with one new row,
         # and the same row twice in one report.
         again = [*batch, row("r3", 20), row("r3", 20)]
-        assert await leases.report(node("n1"), again) == ["r1", "r2", "r3"]
+        assert (await leases.report(node("n1"), again)).ids == ["r1", "r2", "r3"]
         assert gate.budget_state(ORG) == (MONTH, 150, 250)
         assert (await store.month_usage(MONTH))[ORG] == 150
         records = await store.usage_records(ORG)
