@@ -7,10 +7,13 @@ or forged; the signed checkpoints pin the whole sequence.
 
 One writer thread owns the database. Appends queue up and are committed in groups (one
 fsync for many entries, WAL with synchronous=FULL); each caller is released only once its
-entry is durable. A checkpoint (origin, size, root, time) is signed every `checkpoint_every`
-entries or `checkpoint_seconds`, and at close. Sizes are the primary key of the checkpoint
-table, so the node can never sign two different roots for one size; the last checkpoint is
-also kept in `<db>.head`, so a database restored from an older copy refuses to open.
+entry is durable. Entries submitted with `linger` (rows that are journaled elsewhere and
+that nobody waits for) may be held up to `linger_s` to share a commit with the entries that
+follow them; any other append, a checkpoint or close commits them at once. A checkpoint
+(origin, size, root, time) is signed every `checkpoint_every` entries or
+`checkpoint_seconds`, and at close. Sizes are the primary key of the checkpoint table, so
+the node can never sign two different roots for one size; the last checkpoint is also kept
+in `<db>.head`, so a database restored from an older copy refuses to open.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     size INTEGER PRIMARY KEY, body BLOB NOT NULL, signature BLOB NOT NULL);
 """
 _BATCH = 4096
+# How long a lingering entry may wait for others to share its commit (see `submit`).
+LINGER_S = 0.02
 GENESIS = bytes(32)  # the `prev` of entry 0
 Clock = Callable[[], datetime]
 
@@ -79,6 +84,7 @@ class Checkpoint:
 class _Append:
     entry: dict[str, Any]
     done: Future[int]
+    linger: bool = False
 
 
 @dataclass(slots=True)
@@ -96,6 +102,7 @@ class AuditLog:
         origin: str,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 10.0,
+        linger_s: float = LINGER_S,
         clock: Clock = _now,
     ) -> None:
         self.path = path
@@ -104,7 +111,10 @@ class AuditLog:
         self._every = checkpoint_every
         self._seconds = checkpoint_seconds
         self._clock = clock
+        self._linger_s = linger_s
         self._queue: queue.SimpleQueue[_Append | _Command] = queue.SimpleQueue()
+        # Set when something that must not linger is queued: it cuts the writer's wait short.
+        self._urgent = threading.Event()
         self._tree = CompactRange()
         self._latest: Checkpoint | None = None
         self._prev = GENESIS
@@ -127,9 +137,19 @@ class AuditLog:
         """Append one entry; returns its index once it is durable on disk."""
         return self.submit(entry).result()
 
-    def submit(self, entry: Mapping[str, Any]) -> Future[int]:
+    def submit(self, entry: Mapping[str, Any], *, linger: bool = False) -> Future[int]:
+        """Queue one entry; the future gets its index once it is durable.
+
+        `linger`: nobody waits for this entry and it is on record elsewhere until then (the
+        `Recorder` journals request rows), so the writer may hold it up to `linger_s` and
+        commit it with the entries that follow. At low load that is one commit (an fsync,
+        and the writer thread taking the interpreter lock) per group of requests instead of
+        one per request, off the serving thread's back.
+        """
         done: Future[int] = Future()
-        self._queue.put(_Append(dict(entry), done))
+        self._queue.put(_Append(dict(entry), done, linger))
+        if not linger:
+            self._urgent.set()
         return done
 
     async def append_async(self, entry: Mapping[str, Any]) -> int:
@@ -139,6 +159,7 @@ class AuditLog:
         """Sign a checkpoint now (None when nothing was appended since the last one)."""
         done: Future[Checkpoint | None] = Future()
         self._queue.put(_Command("checkpoint", done))
+        self._urgent.set()
         return done.result()
 
     def close(self) -> None:
@@ -147,6 +168,7 @@ class AuditLog:
             return
         done: Future[Checkpoint | None] = Future()
         self._queue.put(_Command("close", done))
+        self._urgent.set()
         done.result()
         self._thread.join()
 
@@ -239,6 +261,11 @@ class AuditLog:
             batch = [self._queue.get(timeout=timeout)]
         except queue.Empty:
             return []
+        if isinstance(batch[0], _Append) and batch[0].linger:
+            self._urgent.wait(self._linger_s)  # for company, unless something must go now
+        # Cleared before draining: whatever set it was queued before it did, so it is drained
+        # now; a set that comes later leaves it set, and the next wait does not linger.
+        self._urgent.clear()
         while len(batch) < _BATCH:
             try:
                 batch.append(self._queue.get_nowait())

@@ -139,7 +139,9 @@ class Recorder:
         self._open[entry["id"]] = line
 
     def request(self, org_mode: str, entry: dict[str, Any]) -> None:
-        """Queue one request's metadata row (not awaited: the response never waits)."""
+        """Queue one request's metadata row (not awaited: the response never waits). It is
+        journaled, so it may linger in the log's writer and share a commit with the rows
+        that follow it (`AuditLog.submit`)."""
         if self.mode_for(org_mode) == "zero":
             return
         row_id = entry["id"]
@@ -147,7 +149,7 @@ class Recorder:
         self._journal_line(line)
         self._open.pop(row_id, None)
         self._unacked[row_id] = line  # before submitting: the writer thread acknowledges it
-        done = self.log.submit({"kind": "request", **entry})
+        done = self.log.submit({"kind": "request", **entry}, linger=True)
         done.add_done_callback(partial(self._acknowledged, row_id))
         if self._journal.size > _ROTATE_BYTES:
             self._new_epoch([*self._open.values(), *self._unacked.values()])
