@@ -22,13 +22,16 @@ import asyncio
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiohttp
 import msgspec
 from litestar import MediaType, Response
+from litestar.datastructures import MutableScopeHeaders
+from litestar.response.base import ASGIResponse
+from litestar.utils.helpers import get_enum_string_value
 from prometheus_client import Counter
 
 from compliance import Recorder
@@ -53,6 +56,12 @@ from router._private.errors import BackendCrashedError, BackendUnavailableError,
 from router._private.fleet import Fleet, Node
 from router._private.metrics import RouterMetrics
 
+if TYPE_CHECKING:
+    from litestar import Litestar, Request
+    from litestar.background_tasks import BackgroundTask, BackgroundTasks
+    from litestar.datastructures import Cookie
+    from litestar.types import TypeEncodersMap
+
 log = logging.getLogger("palisade.router")
 T = TypeVar("T")
 
@@ -67,6 +76,7 @@ _GATEWAY_FAILURES = frozenset({502, 504})
 _KEEPALIVE_S = 4.0
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]"
+_BODILESS = frozenset({204, 304})
 _ERROR_FRAME = b'data: {"error"'
 
 
@@ -169,6 +179,74 @@ class _Accounting:
 
     def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
         self._forwarder.settle_exit(self._call, exc)
+
+
+class RelayedResponse(Response[bytes]):
+    """A node's answer (or refusal) relayed to the client: its body is bytes already, so it
+    goes to the ASGI server as it is, with its headers encoded once, instead of through
+    Litestar's general rendering and header mapping: about 20 of the 55-65 µs of CPU that
+    Litestar spends on a request on the development machine. Anything that path does not
+    cover (cookies, background tasks, HEAD, bodiless statuses) takes Litestar's own."""
+
+    def to_asgi_response(
+        self,
+        app: Litestar | None,
+        request: Request[Any, Any, Any],
+        *,
+        background: BackgroundTask | BackgroundTasks | None = None,
+        cookies: Iterable[Cookie] | None = None,
+        encoded_headers: Iterable[tuple[bytes, bytes]] | None = None,
+        headers: dict[str, str] | None = None,
+        is_head_response: bool = False,
+        media_type: MediaType | str | None = None,
+        status_code: int | None = None,
+        type_encoders: TypeEncodersMap | None = None,
+    ) -> ASGIResponse:
+        status = self.status_code or status_code or 200
+        extras = background or self.background or cookies or self.cookies or headers
+        plain = isinstance(self.content, bytes) and status >= 200 and status not in _BODILESS
+        if not plain or extras or encoded_headers or is_head_response:
+            return super().to_asgi_response(
+                app,
+                request,
+                background=background,
+                cookies=cookies,
+                encoded_headers=encoded_headers,
+                headers=headers,
+                is_head_response=is_head_response,
+                media_type=media_type,
+                status_code=status_code,
+                type_encoders=type_encoders,
+            )
+        media = get_enum_string_value(self.media_type or media_type or MediaType.JSON)
+        return _BytesASGIResponse(status, self.content, media, self.headers)
+
+
+class _BytesASGIResponse(ASGIResponse):
+    """What `ASGIResponse` sends for a bytes body with plain headers, built directly."""
+
+    __slots__ = ()
+
+    def __init__(self, status: int, body: bytes, media_type: str, headers: dict[str, Any]) -> None:
+        raw = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers.items()
+        ]
+        named = {name for name, _ in raw}
+        if b"content-type" not in named:
+            if media_type.startswith("text/"):
+                media_type += "; charset=utf-8"
+            raw.append((b"content-type", media_type.encode("latin-1")))
+        if b"content-length" not in named:
+            raw.append((b"content-length", str(len(body)).encode("latin-1")))
+        self.headers = MutableScopeHeaders({"headers": raw})
+        self.status_code = status
+        self.body = body
+        self.content_length = len(body)
+        self.background = None
+        self._encoded_cookies = ()
+        self.encoding = "utf-8"
+        self.is_head_response = False
 
 
 class Forwarder:
@@ -337,7 +415,9 @@ class Forwarder:
         if (retry_after := reply.headers.get("Retry-After")) is not None:
             headers["Retry-After"] = retry_after
         media_type = reply.headers.get("Content-Type", MediaType.JSON)
-        return Response(data, status_code=reply.status, media_type=media_type, headers=headers)
+        return RelayedResponse(
+            data, status_code=reply.status, media_type=media_type, headers=headers
+        )
 
     async def _refused(self, node: Node, reply: aiohttp.ClientResponse) -> _Refusal:
         data = await self._guarded(node, reply.read())
@@ -447,7 +527,7 @@ class Forwarder:
         headers = self._receipt(refusal.node, call)
         if refusal.retry_after is not None:
             headers["Retry-After"] = refusal.retry_after
-        return Response(
+        return RelayedResponse(
             refusal.body, status_code=refusal.status, media_type=MediaType.JSON, headers=headers
         )
 
