@@ -2,9 +2,13 @@
 
 Each copy is exactly 1024 bytes (`# GRUB Environment Block\\n`, `key=value\\n` lines, `#`
 padding), so GRUB's `load_env`/`save_env` and `grub-editenv` read it as it is. Copy 0 sits at
-partition offset 0, copy 1 at 4096. The first line is `palisade_seq=<n>`, the last one
-`palisade_check=<n>`, and a `palisade_pad=###…` line pushes the check into the block's second
-512-byte sector: a copy whose two sectors come from different writes has seq != check.
+partition offset 512, copy 1 at 2048: each is the one member (`copy0`, `copy1`) of a tar
+archive that `--init` lays on the partition (`state_area`), because GRUB 2.06's `save_env`
+writes only to a file it reads through a filesystem driver (its tar driver reports the
+sectors; a raw blocklist such as `(hd0,gpt1)0+2` is refused as "sparse"). The first line
+is `palisade_seq=<n>`, the last one `palisade_check=<n>`, and a `palisade_pad=###…` line
+pushes the check into the block's second 512-byte sector: a copy whose two sectors come from
+different writes has seq != check.
 
 A write takes a sequence number above any found on the partition, writes copy 1 and fsyncs,
 then copy 0 and fsyncs (copy 0 first if copy 0 is the torn one: the copy a read relies on is
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import tarfile
 from typing import Literal, Protocol
 
 from msgspec import Struct, structs
@@ -31,8 +36,8 @@ SLOT_STATUSES: tuple[SlotStatus, ...] = ("empty", "installed", "trial", "good", 
 
 BLOCK_SIZE = 1024
 SECTOR = 512
-COPY_OFFSETS = (0, 4096)  # copy 0, copy 1 (GRUB: `(hd0,gpt1)0+2`, `(hd0,gpt1)8+2`)
-STATE_SPAN = COPY_OFFSETS[1] + BLOCK_SIZE  # bytes of the state partition the copies use
+COPY_OFFSETS = (512, 2048)  # copy 0, copy 1 (GRUB: `(hd0,gpt1)/copy0`, `(hd0,gpt1)/copy1`)
+STATE_SPAN = 4096  # the tar archive holding the copies: headers, copies, end-of-archive
 HEADER = b"# GRUB Environment Block\n"
 MAX_TRIES = 9  # one digit: GRUB's in-place decrement never moves the check line
 
@@ -83,6 +88,17 @@ class BootState(Struct, frozen=True, kw_only=True):
     def same_content(self, other: BootState) -> bool:
         """Equal apart from the sequence number (which every write moves)."""
         return structs.replace(self, seq=0) == structs.replace(other, seq=0)
+
+
+def state_area() -> bytes:
+    """The state partition's first STATE_SPAN bytes before any state is stored: a tar archive
+    whose members `copy0` and `copy1` (1024 zero bytes each) are the two copies' places."""
+    area = bytearray(STATE_SPAN)
+    for index, offset in enumerate(COPY_OFFSETS):
+        member = tarfile.TarInfo(f"copy{index}")
+        member.size, member.mode, member.mtime = BLOCK_SIZE, 0o644, 0
+        area[offset - SECTOR : offset] = member.tobuf(format=tarfile.USTAR_FORMAT)
+    return bytes(area)
 
 
 def other_slot(slot: Slot) -> Slot:

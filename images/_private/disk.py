@@ -32,6 +32,7 @@ from images._private.bootstate import (
     FileDevice,
     Slot,
     load_state,
+    state_area,
     store_state,
 )
 from images._private.errors import ImageError
@@ -216,6 +217,7 @@ def init_disk(
     layout = DiskLayout.read(target)
     with locked_disk(target) as fd:
         os.pwrite(fd, bytes(layout.state.size), layout.state.start)
+        os.pwrite(fd, state_area(), layout.state.start)  # where GRUB finds the copies
         store_state(FileDevice(fd), layout.state.start, state or BootState())
     return layout
 
