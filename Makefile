@@ -7,7 +7,8 @@ STAMP := $(VENV)/.palisade-installed
 export PALISADE_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps model run test check lint typecheck bench bench-guidellm clean
+.PHONY: help setup system-deps model run test check lint typecheck bench bench-guidellm clean \
+	image-deps appliance-image image-test
 # Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format).
 SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin
 SYSTEM_COMMANDS := mksquashfs unsquashfs sfdisk grub-editenv veritysetup
@@ -53,6 +54,27 @@ bench: model ## Run the benchmarks (tables on stdout, JSON under var/bench/)
 
 bench-guidellm: model ## guidellm's sweep against the appliance and the router (own venv)
 	$(BIN)/python -m tests.bench --only guidellm
+
+# The bootable appliance image and its QEMU lane (not part of `make test`; docs/images.md).
+IMAGE_BUILD ?= $(PALISADE_HOME)/image-build
+# (g++: llama-cpp-python is compiled once for the guest's CPU, see images/os/build.sh.)
+IMAGE_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap e2fsprogs fdisk grub-pc-bin grub-common \
+	squashfs-tools g++
+IMAGE_COMMANDS := qemu-system-x86_64 mmdebstrap mkfs.ext4 sfdisk grub-mkimage mksquashfs g++
+
+image-deps: system-deps
+	@for c in $(IMAGE_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $(IMAGE_PACKAGES); \
+	fi
+
+appliance-image: model image-deps ## Build the bootable appliance disk image (Debian, GRUB A/B) under var/image-build
+	IMAGE_BUILD=$(IMAGE_BUILD) images/os/build.sh
+
+image-test: appliance-image ## Boot the appliance image under QEMU: openai SDK, update to v2, rollback from a broken v3
+	IMAGE_BUILD=$(IMAGE_BUILD) $(BIN)/pytest -o addopts="--strict-markers -ra" -p no:cacheprovider \
+		--timeout=3600 -s tests/image_lane
 
 clean: ## Remove the virtual env and caches (keeps var/)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
