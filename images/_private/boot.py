@@ -96,9 +96,15 @@ def _committed_version(record: SlotRecord, slot: Slot, version: str | None) -> s
 
 
 def mark_bad(state: BootState, slot: Slot) -> BootState:
-    """`slot` failed (its health check, or it ran out of trial boots): never boot it again."""
+    """`slot` failed (its health check, or it ran out of trial boots): never boot it again.
+
+    The other slot goes first, unless it holds no image at all (the first image of a new
+    disk failed): then the failed slot stays first, because the boot loader's last resort is
+    the first slot of ORDER, and an empty slot cannot boot anything."""
     record = structs.replace(state.slot(slot), ok=False, tries=0, status="bad")
-    return structs.replace(state.with_slot(slot, record), order=(other_slot(slot), slot))
+    other = other_slot(slot)
+    order = (slot, other) if state.slot(other).status == "empty" else (other, slot)
+    return structs.replace(state.with_slot(slot, record), order=order)
 
 
 def record_booted(state: BootState, slot: Slot) -> BootState:

@@ -149,3 +149,15 @@ def test_tries_must_be_one_digit() -> None:
 )
 def test_the_active_slot(state: BootState, booted: Slot | None, active: Slot | None) -> None:
     assert active_slot(state, booted=booted) == active
+
+
+def test_a_first_image_that_fails_stays_the_boot_loaders_last_resort(tmp_path: Path) -> None:
+    """On a new disk the other slot is empty: a failed first image must not send the boot
+    loader's fallback to a slot with nothing in it."""
+    path = tmp_path / "new.img"
+    init_disk(path, slot_size=1 << 20, state_size=1 << 20, data_size=1 << 20)
+    update_boot_state(path, lambda state: install(state, "A", version=V1, digest=D1, tries=3))
+    failed = update_boot_state(path, lambda state: mark_bad(state, "A"))
+    assert failed.order == ("A", "B")
+    assert failed.slot("A").status == "bad"
+    assert select_slot(failed).slot == "A"
