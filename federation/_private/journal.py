@@ -29,6 +29,8 @@ from pathlib import Path
 
 import msgspec
 
+from federation._private.private_files import sync_directory
+
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _MODE = 0o600
@@ -145,15 +147,6 @@ class Journal:
             os.close(self._fd)
             self._fd = None
         self.closed = True
-
-
-def sync_directory(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Lease(msgspec.Struct, array_like=True):

@@ -8,6 +8,7 @@ an older version.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import sys
@@ -58,11 +59,25 @@ def replace_private(path: Path, data: bytes) -> None:
     with temporary.open("rb+") as file:
         os.fsync(file.fileno())
     temporary.replace(path)
-    directory = os.open(path.parent, os.O_RDONLY)
+    sync_directory(path.parent)
+
+
+def sync_directory(path: Path) -> None:
+    """Make a rename or a new file in the directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(directory)
+        os.fsync(fd)
     finally:
-        os.close(directory)
+        os.close(fd)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (model files and bundles are large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def private_database(path: Path) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from federation import file_sha256
 from images._private.bundle import (
     CHUNK,
     Signature,
@@ -246,7 +247,7 @@ def _rootfs(
     _place(tree / "etc/palisade/image.json", json.dumps(facts, sort_keys=True).encode() + b"\n")
     squashfs = scratch / "rootfs.squashfs"
     _mksquashfs(tree, squashfs, epoch)
-    sha256 = _sha256(squashfs)
+    sha256 = file_sha256(squashfs)
     salt = hashlib.sha256(b"palisade-verity-salt\0" + bytes.fromhex(sha256)).hexdigest()
     tree_builder = HashTreeBuilder(bytes.fromhex(salt))
     with squashfs.open("rb") as file:
@@ -342,7 +343,7 @@ def _models(image: ImageConfig, base_dir: Path) -> list[_Part]:
                 "'.', '_' and '-' (at most 128).",
                 code="image_config_invalid",
             )
-        sha256 = _sha256(path)
+        sha256 = file_sha256(path)
         if entry.sha256 is not None and entry.sha256 != sha256:
             raise ImageError(
                 f"Model {path} has SHA-256 {sha256}, not the {entry.sha256} the image config pins.",
@@ -398,14 +399,6 @@ def _check_decodable(manifest: bytes) -> None:
             f"The image config yields an invalid manifest: {exc.message}",
             code="image_config_invalid",
         ) from exc
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _created(epoch: int) -> str:

@@ -10,7 +10,6 @@ computed here, and each node verifies it again against its own pinned keys.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from urllib.parse import quote
 import httpx
 import typer
 
+from federation import file_sha256
 from federation.client import (
     DEFAULT_URL,
     JsonFlag,
@@ -182,16 +182,10 @@ def _verified(bundle: Path, trust_file: Path | None, region: str) -> VerifiedBun
 
 
 def _sha256(bundle: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
     try:
-        with bundle.open("rb") as source:
-            while chunk := source.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+        return file_sha256(bundle), bundle.stat().st_size
     except OSError as exc:
         raise fail(f"cannot read {bundle}: {exc.strerror or exc}") from None
-    return digest.hexdigest(), size
 
 
 def _upload(target: Target, bundle: Path, size: int, params: dict[str, Any]) -> Any:

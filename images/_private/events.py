@@ -16,6 +16,8 @@ from typing import Literal
 
 import msgspec
 
+from federation import sync_directory
+
 IMAGE_DIR = "image"
 EVENTS_FILE = "events.jsonl"
 EventName = Literal[
@@ -92,12 +94,4 @@ def append_line(path: Path, line: bytes) -> None:
     finally:
         os.close(fd)
     if created:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        sync_directory(path.parent)

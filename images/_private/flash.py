@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation import NodeState, PalisadeError
+from federation import NodeState, PalisadeError, sync_directory
 from images._private.boot import active_slot, cancel, install
 from images._private.bootstate import (
     MAX_TRIES,
@@ -343,8 +343,4 @@ def _replace_atomically(path: Path, chunks: Iterator[bytes]) -> None:
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    sync_directory(path.parent)
