@@ -197,6 +197,7 @@ from federation._private.store import (
     iso,
     month_of,
 )
+from federation._private.tasks import cancel_and_wait
 
 __all__ = [
     "ASSERTION_HEADER",
@@ -331,6 +332,7 @@ __all__ = [
     "bind_socket",
     "boot_id",
     "budget_cli",
+    "cancel_and_wait",
     "client_context",
     "client_gone_response",
     "content_digest",

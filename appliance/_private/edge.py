@@ -52,6 +52,7 @@ from federation import (
     RateLimitError,
     ServiceUnavailableError,
     UsageRecord,
+    cancel_and_wait,
     iso,
     month_of,
 )
@@ -195,12 +196,7 @@ class EdgeGate:
     async def stop(self) -> None:
         """Stop talking to the router (before its client closes); `close` after the engines."""
         self._stopped = True
-        tasks = [*self._top_ups, *([self._task] if self._task is not None else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._top_ups, self._task)
         self._task = None
 
     def close(self) -> None:

@@ -15,7 +15,6 @@ The appliance does not import `images`: the file is a plain JSON-lines contract.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -25,7 +24,7 @@ from typing import Any
 import msgspec
 
 from compliance import Recorder, read_entries
-from federation import replace_private
+from federation import cancel_and_wait, replace_private
 
 log = logging.getLogger("palisade.appliance.image")
 
@@ -60,10 +59,7 @@ class ImageEventFeed:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

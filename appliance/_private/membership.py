@@ -43,6 +43,7 @@ from federation import (
     NodeIdentity,
     PalisadeError,
     RenewRequest,
+    cancel_and_wait,
     client_context,
     identity_of,
     load_pem_certificate,
@@ -165,10 +166,7 @@ class Membership:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self.fleet_client.aclose()
 
     async def _run(self) -> None:

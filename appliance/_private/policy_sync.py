@@ -33,6 +33,7 @@ from federation import (
     NodeCredentials,
     PalisadeError,
     PolicyRollbackError,
+    cancel_and_wait,
     peer_identity,
     read_body,
 )
@@ -78,10 +79,7 @@ class PolicySync:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def heard(self, reply: HeartbeatReply) -> None:
         """A heartbeat reply: the router says which version it publishes."""

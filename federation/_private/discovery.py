@@ -40,6 +40,7 @@ from federation._private.discovery_config import (
     DiscoveryConfig,
     check_interface,
 )
+from federation._private.tasks import cancel_and_wait
 
 log = logging.getLogger("palisade.discovery")
 
@@ -415,10 +416,7 @@ class FleetPresence:
         return [] if self._discovery is None else self._discovery.routers(ca_fingerprint)
 
     async def stop(self) -> None:
-        if self._announcing is not None:
-            self._announcing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._announcing
+        await cancel_and_wait(self._announcing)
         if self._discovery is not None:
             await self._discovery.stop()
         self._discovery = self._announcing = None

@@ -4,7 +4,6 @@ the fleet protocol and the ops endpoints."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -46,6 +45,7 @@ from federation import (
     ServiceUnavailableError,
     Tenancy,
     announce_admin_key,
+    cancel_and_wait,
     client_gone_response,
     count_exits,
     decode_request,
@@ -197,12 +197,7 @@ class RouterState:
 
     async def stop(self) -> None:
         await self.discovery.stop()
-        tasks = [*self._tasks, *self._probes]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks, *self._probes)
         await self.forwarder.close()
         await self.policy.stop()
         await self.tenancy.close()
