@@ -11,7 +11,7 @@ from appliance._private.config import (
     load_appliance_config,
     palisade_home,
 )
-from appliance._private.engine import (
+from appliance._private.engines.base import (
     Engine,
     EngineLoad,
     Finish,
@@ -19,6 +19,8 @@ from appliance._private.engine import (
     Prompt,
     SamplingParams,
 )
+from appliance._private.engines.llamacpp.engine import LlamaCppEngine
+from appliance._private.engines.upstream.engine import OpenAIUpstreamEngine
 from appliance._private.errors import (
     ApplianceError,
     ContextLengthExceededError,
@@ -34,7 +36,6 @@ from appliance._private.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from appliance._private.llamacpp import LlamaCppEngine
 from appliance._private.model_store import (
     DEFAULT_MODEL_SHA256,
     FetchResult,
@@ -42,7 +43,6 @@ from appliance._private.model_store import (
     fetch_default_model,
     installed_models,
 )
-from appliance._private.upstream import OpenAIUpstreamEngine
 
 __all__ = [
     "DEFAULT_MODEL_FILE",

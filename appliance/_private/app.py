@@ -25,7 +25,7 @@ from appliance._private import inference
 from appliance._private.config import ApplianceConfig
 from appliance._private.edge import EdgeGate, HttpRouterLink, is_fleet_principal
 from appliance._private.edge_ledger import EdgeLedger
-from appliance._private.engine import Finish, Generation, Prompt, SamplingParams
+from appliance._private.engines.base import Finish, Generation, Prompt, SamplingParams
 from appliance._private.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
 from appliance._private.image_events import ImageEventFeed
 from appliance._private.membership import BOOT_ID, Membership

@@ -17,7 +17,7 @@ federation.PalisadeError
     └── UpstreamError                      502 upstream_error         (APIError) bad upstream reply
         └── UpstreamTimeoutError           504 upstream_timeout       no answer within the timeout
 
-The `Upstream*` errors come from an OpenAI-compatible upstream engine (upstream.py). An
+The `Upstream*` errors come from an OpenAI-compatible upstream engine (engines/upstream). An
 `UpstreamRejectedError` keeps the upstream's status and code (a 400
 `context_length_exceeded` stays one); its message says that the upstream refused.
 """

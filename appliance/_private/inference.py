@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance._private.engine import Prompt, SamplingParams
+from appliance._private.engines.base import Prompt, SamplingParams
 from appliance._private.errors import ContextLengthExceededError, UnsupportedParameterError
 from federation import (
     ChatCompletionRequest,

@@ -8,10 +8,10 @@ from collections import deque
 from pathlib import Path
 
 from appliance._private.config import ModelConfig
-from appliance._private.engine import Engine, Finish, Generation
-from appliance._private.llamacpp import LlamaCppEngine
+from appliance._private.engines.base import Engine, Finish, Generation
+from appliance._private.engines.llamacpp.engine import LlamaCppEngine
+from appliance._private.engines.upstream.engine import OpenAIUpstreamEngine
 from appliance._private.metrics import ApplianceMetrics
-from appliance._private.upstream import OpenAIUpstreamEngine
 from federation import ModelCard, Performance
 
 _WINDOW = 256

@@ -11,8 +11,8 @@ import msgspec
 
 from appliance._private.app import ApplianceState, create_app
 from appliance._private.config import ApplianceConfig
+from appliance._private.engines.upstream.engine import upstream_key
 from appliance._private.errors import ModelLoadError
-from appliance._private.upstream import upstream_key
 from compliance import Recorder
 from federation import (
     ConfigError,

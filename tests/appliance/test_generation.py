@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from appliance._private.engine import Finish, Generation, Prompt, SamplingParams, WakeBatch
+from appliance._private.engines.base import Finish, Generation, Prompt, SamplingParams, WakeBatch
 
 
 def _generation(loop: asyncio.AbstractEventLoop) -> Generation:

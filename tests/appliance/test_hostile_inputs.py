@@ -20,9 +20,9 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from appliance._private.config import ModelConfig
-from appliance._private.engine import Generation, Prompt, SamplingParams
-from appliance._private.llamacpp import LlamaCppEngine
-from appliance._private.upstream import _sampling as upstream_sampling
+from appliance._private.engines.base import Generation, Prompt, SamplingParams
+from appliance._private.engines.llamacpp.engine import LlamaCppEngine
+from appliance._private.engines.upstream.engine import _sampling as upstream_sampling
 from tests.conftest import MODEL
 from tests.e2e.fleet import UPSTREAM_MODEL, upstream_toml
 from tests.standin import run_standin

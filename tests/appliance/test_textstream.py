@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance._private.textstream import StopMatcher, Utf8Stream
+from appliance._private.engines.llamacpp.textstream import StopMatcher, Utf8Stream
 
 
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> tuple[str, bool]:

@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 
 from appliance._private.config import KvCacheType
-from appliance._private.engine import EngineLoad, Finish, FinishReason, Generation, WakeBatch
+from appliance._private.engines.base import EngineLoad, Finish, FinishReason, Generation, WakeBatch
+from appliance._private.engines.llamacpp.textstream import StopMatcher, Utf8Stream
 from appliance._private.errors import ModelLoadError, ModelNotReadyError, QueueFullError
-from appliance._private.textstream import StopMatcher, Utf8Stream
 
 log = logging.getLogger("palisade.appliance.batching")
 

@@ -30,7 +30,7 @@ from msgspec import Struct
 
 from appliance._private import inference
 from appliance._private.config import ModelConfig
-from appliance._private.engine import (
+from appliance._private.engines.base import (
     EngineLoad,
     Finish,
     FinishReason,

@@ -14,14 +14,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance._private import inference
-from appliance._private.batching import BatchLimits, BatchScheduler, PoisonFn, StepStats
 from appliance._private.config import ModelConfig
-from appliance._private.engine import (
+from appliance._private.engines.base import (
     EngineLoad,
     Finish,
     Generation,
     Prompt,
     SamplingParams,
+)
+from appliance._private.engines.llamacpp.batching import (
+    BatchLimits,
+    BatchScheduler,
+    PoisonFn,
+    StepStats,
 )
 from appliance._private.errors import (
     ContextLengthExceededError,
