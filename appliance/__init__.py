@@ -7,7 +7,6 @@ from appliance._private.config import (
     DEFAULT_MODEL_ID,
     DEFAULT_PORT,
     ApplianceConfig,
-    ModelConfig,
     load_appliance_config,
     palisade_home,
 )
@@ -19,7 +18,11 @@ from appliance._private.engines.base import (
     Prompt,
     SamplingParams,
 )
+from appliance._private.engines.config import ModelConfigBase
+from appliance._private.engines.llamacpp.config import LlamaCppModel
 from appliance._private.engines.llamacpp.engine import LlamaCppEngine
+from appliance._private.engines.registry import ENGINES, ModelConfig, create_engine
+from appliance._private.engines.upstream.config import UpstreamModel
 from appliance._private.engines.upstream.engine import OpenAIUpstreamEngine
 from appliance._private.errors import (
     ApplianceError,
@@ -49,6 +52,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_SHA256",
     "DEFAULT_PORT",
+    "ENGINES",
     "ApplianceConfig",
     "ApplianceError",
     "ApplianceState",
@@ -60,7 +64,9 @@ __all__ = [
     "Generation",
     "InstalledModel",
     "LlamaCppEngine",
+    "LlamaCppModel",
     "ModelConfig",
+    "ModelConfigBase",
     "ModelFetchError",
     "ModelLoadError",
     "ModelNotFoundError",
@@ -72,11 +78,13 @@ __all__ = [
     "SamplingParams",
     "UnsupportedParameterError",
     "UpstreamError",
+    "UpstreamModel",
     "UpstreamRejectedError",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "appliance_cli",
     "create_app",
+    "create_engine",
     "fetch_default_model",
     "installed_models",
     "load_appliance_config",

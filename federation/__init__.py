@@ -27,7 +27,12 @@ from federation._private.assertion import (
     AssertionSigner,
     AssertionVerifier,
 )
-from federation._private.decoding import convert_config, decode_request, load_config
+from federation._private.decoding import (
+    convert_config,
+    decode_request,
+    load_config,
+    read_toml,
+)
 from federation._private.discovery_config import DiscoveryConfig
 from federation._private.edge_wire import (
     LEASE_GRANT_DECODER,
@@ -201,10 +206,14 @@ from federation._private.tasks import cancel_and_wait
 
 __all__ = [
     "ASSERTION_HEADER",
+    "DEFAULT_DEVICE_PREFERENCE",
     "DEFAULT_GRACE_S",
+    "DEVICE_CLASSES",
+    "DEVICE_HEADER",
     "ENCODER",
     "FLEET_DECODER",
     "FLEET_POLICY_VIA",
+    "FLEET_ROLES",
     "HEARTBEAT_DECODER",
     "IMAGE_REPORT_DECODER",
     "INTERRUPTED",
@@ -212,8 +221,11 @@ __all__ = [
     "LEASE_GRANT_DECODER",
     "LEASE_REQUEST_DECODER",
     "LOCAL_PRINCIPAL",
+    "LOGGING_MODES",
     "NODE_FILE",
+    "NODE_HEADER",
     "PROMPT_TOKENS_HEADER",
+    "REGION_HEADER",
     "REPLY_DECODER",
     "REQUEST_ID_HEADER",
     "SERVICE_TYPE",
@@ -221,6 +233,7 @@ __all__ = [
     "UPDATE_OFFER_DECODER",
     "USAGE_ACK_DECODER",
     "USAGE_REPORT_DECODER",
+    "USER_ROLES",
     "APIError",
     "Action",
     "Admission",
@@ -247,6 +260,7 @@ __all__ = [
     "CompletionRequest",
     "ConfigError",
     "CreatedKey",
+    "DeviceClass",
     "DiscoveredNode",
     "DiscoveredRouter",
     "Discovery",
@@ -268,6 +282,7 @@ __all__ = [
     "FleetCaller",
     "FleetNode",
     "FleetPresence",
+    "FleetRole",
     "FleetStatus",
     "Gate",
     "Heartbeat",
@@ -287,6 +302,7 @@ __all__ = [
     "LeaseGrant",
     "LeaseRequest",
     "Listener",
+    "LoggingMode",
     "ModelCard",
     "ModelList",
     "NodeCredentials",
@@ -326,6 +342,7 @@ __all__ = [
     "UsageRow",
     "User",
     "UserPolicy",
+    "UserRole",
     "allowed",
     "announce_admin_key",
     "announce_lab_secret",
@@ -376,6 +393,8 @@ __all__ = [
     "raw_public_key",
     "read_body",
     "read_token",
+    "read_toml",
+    "receipt_headers",
     "reload_crl",
     "replace_private",
     "requested_hosts",
@@ -398,6 +417,22 @@ __all__ = [
     "verify_token",
     "write_private",
 ]
+
+from federation._private.vocabulary import (
+    DEFAULT_DEVICE_PREFERENCE,
+    DEVICE_CLASSES,
+    DEVICE_HEADER,
+    FLEET_ROLES,
+    LOGGING_MODES,
+    NODE_HEADER,
+    REGION_HEADER,
+    USER_ROLES,
+    DeviceClass,
+    FleetRole,
+    LoggingMode,
+    UserRole,
+    receipt_headers,
+)
 
 if TYPE_CHECKING:
     from federation._private.admin_api import Tenancy, announce_admin_key

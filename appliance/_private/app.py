@@ -129,7 +129,7 @@ class ApplianceState:
             node_id=config.node_id, region=config.region, version=VERSION
         )
         self.models = {
-            model.id: ServedModel(model, config.model_path(model), self.metrics)
+            model.id: ServedModel(model, config.home(), config.model_path(model), self.metrics)
             for model in config.models
         }
         self.load_error: ModelLoadError | None = None

@@ -1,21 +1,26 @@
-"""Appliance configuration: a TOML file parsed into msgspec Structs, overridden by flags."""
+"""Appliance configuration: a TOML file parsed into msgspec Structs, overridden by flags.
+
+Each `[[models]]` entry is one engine's config (`engines/registry.py`), chosen by `engine`.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
 
+from appliance._private.engines.llamacpp.config import LlamaCppModel
+from appliance._private.engines.registry import ENGINES, ModelConfig
 from federation import (
     ConfigError,
     DiscoveryConfig,
-    Pricing,
+    LoggingMode,
     ServerConfig,
     convert_config,
-    load_config,
+    read_toml,
 )
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
@@ -23,54 +28,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PORT = 8400
 
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
-DeviceClass = Literal["cpu", "gpu", "rdu"]
-KvCacheType = Literal["q8_0", "f16"]
-# With f16 keys and values llama.cpp's CPU attention changes kernels at 64 queries of a stream.
-F16_MAX_PREFILL_CHUNK = 63
-# The NAME of an environment variable (never the key itself: that stays out of config files).
-EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
-_UPSTREAM_KEYS = ("upstream_url", "upstream_model", "upstream_key_env")
-
-
-class ModelConfig(Struct, forbid_unknown_fields=True, kw_only=True):
-    """One model served by the appliance.
-
-    `engine = "llamacpp"` runs the GGUF at `path` in-process. `engine = "openai"` forwards
-    to an OpenAI-compatible server (SambaNova Cloud, vLLM, llama-server) at `upstream_url`,
-    with the API key read from the environment variable named by `upstream_key_env`.
-    """
-
-    id: Annotated[str, Meta(min_length=1, max_length=128)]
-    path: str | None = None
-    engine: Literal["llamacpp", "openai"] = "llamacpp"
-    context_length: Annotated[int, Meta(ge=64, le=1_048_576)] = 2048
-    device_class: DeviceClass = "cpu"
-    pricing: Pricing = msgspec.field(default_factory=Pricing)
-    max_queue: Annotated[int, Meta(ge=0, le=100_000)] = 64
-    threads: Annotated[int, Meta(ge=1, le=512)] | None = None
-    embeddings: bool = True
-    upstream_url: Annotated[str, Meta(pattern=r"^https?://[^\s]+$")] | None = None
-    upstream_model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
-    upstream_key_env: EnvName | None = None
-    max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 64
-    upstream_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
-    # Continuous batching (llamacpp): sequences decoded together in one llama.cpp batch,
-    # the KV cache they share (default: context_length for each) and the element types of
-    # its keys and values, the tokens one step may decode, and the most prompt tokens one
-    # sequence reads per step.
-    max_sequences: Annotated[int, Meta(ge=1, le=256)] = 16
-    kv_cache_tokens: Annotated[int, Meta(ge=64, le=16_777_216)] | None = None
-    cache_type_k: KvCacheType = "q8_0"
-    cache_type_v: KvCacheType = "f16"
-    step_tokens: Annotated[int, Meta(ge=16, le=65_536)] = 256
-    prefill_chunk: Annotated[int, Meta(ge=1, le=8192)] = 32
-
-    def kv_tokens(self) -> int:
-        return self.kv_cache_tokens or self.context_length * self.max_sequences
-
-    @property
-    def all_f16_cache(self) -> bool:
-        return self.cache_type_k == self.cache_type_v == "f16"
+_DEFAULT_ENGINE = "llamacpp"  # a `[[models]]` entry without `engine` (configs before engines)
 
 
 class FleetConfig(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -91,7 +49,7 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     # Node-wide logging floor: it can only make an org stricter (`metadata` = no content kept).
-    logging_floor: Literal["full", "metadata", "zero"] = "full"
+    logging_floor: LoggingMode = "full"
     content_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
     models: Annotated[list[ModelConfig], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: [default_model_config()]
@@ -114,12 +72,12 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
         """The state directory: `data_dir` from the file, else `$PALISADE_HOME`."""
         return Path(self.data_dir) if self.data_dir else palisade_home()
 
-    def model_path(self, model: ModelConfig) -> Path:
-        """A model's GGUF path; a relative path is taken from the state directory.
-
-        An upstream model (`engine = "openai"`) has no file: its path is the state directory.
-        """
-        path = Path(model.path or "").expanduser()
+    def model_path(self, model: ModelConfig) -> Path | None:
+        """A model's file or directory; a relative path is taken from the state directory.
+        None for a model without one (an upstream)."""
+        if model.path is None:
+            return None
+        path = Path(model.path).expanduser()
         return path if path.is_absolute() else self.home() / path
 
 
@@ -129,7 +87,7 @@ def palisade_home() -> Path:
 
 
 def default_model_config() -> ModelConfig:
-    return ModelConfig(id=DEFAULT_MODEL_ID, path=f"models/{DEFAULT_MODEL_FILE}")
+    return LlamaCppModel(id=DEFAULT_MODEL_ID, path=f"models/{DEFAULT_MODEL_FILE}")
 
 
 def load_appliance_config(
@@ -137,11 +95,13 @@ def load_appliance_config(
 ) -> ApplianceConfig:
     """Read `path` (or the defaults), then apply flag overrides such as host and port."""
     if path is None:
-        config = ApplianceConfig()
+        data: dict[str, Any] = {}
         source = "defaults"
     else:
-        config = load_config(path, ApplianceConfig)
+        data = read_toml(path)
         source = str(path)
+    with_engine_tags(data, source)
+    config = convert_config(data, ApplianceConfig, source=source)
     check_engines(config, source)
     if not overrides:
         return config
@@ -149,42 +109,41 @@ def load_appliance_config(
     return convert_config(merged, ApplianceConfig, source=f"{source} with flags")
 
 
+def with_engine_tags(data: dict[str, Any], source: str) -> None:
+    """Give `[[models]]` entries without `engine` the default, and name the engine a key
+    belongs to when it is set on another engine's model (instead of "unknown key")."""
+    models = data.get("models")
+    if not isinstance(models, list):
+        return
+    for index, model in enumerate(models):
+        if not isinstance(model, dict):
+            continue
+        engine = model.setdefault("engine", _DEFAULT_ENGINE)
+        entry = ENGINES.get(engine) if isinstance(engine, str) else None
+        if entry is None:
+            raise ConfigError(
+                f"{source}: `models[{index}].engine` = {engine!r} is not an engine of this "
+                f"appliance; use one of {', '.join(sorted(ENGINES))}."
+            )
+        own = set(entry.config.__struct_fields__)
+        for key in model:
+            owners = sorted(
+                tag for tag, other in ENGINES.items() if key in other.config.__struct_fields__
+            )
+            if key != "engine" and key not in own and owners:
+                raise ConfigError(
+                    f'{source}: `models[{index}].{key}` is set but engine = "{engine}"; it is '
+                    f"a key of engine = {' or '.join(map(repr, owners))}. Set that engine in "
+                    f"`models[{index}]`, or remove `{key}`."
+                )
+
+
 def check_engines(config: ApplianceConfig, source: str) -> None:
-    """The keys each engine needs: `path` for llamacpp, `upstream_url` for openai."""
+    """Each model's own cross-key checks, and model ids unique."""
+    seen: set[str] = set()
     for index, model in enumerate(config.models):
         where = f"models[{index}]"
-        if model.engine == "llamacpp":
-            if model.path is None:
-                raise ConfigError(
-                    f"{source}: missing required key `{where}.path` (the GGUF file, required "
-                    'when engine = "llamacpp"); or set engine = "openai" and upstream_url to '
-                    "forward to an OpenAI-compatible server."
-                )
-            for key in _UPSTREAM_KEYS:
-                if getattr(model, key) is not None:
-                    raise ConfigError(
-                        f'{source}: `{where}.{key}` is set but engine = "llamacpp"; add '
-                        f'engine = "openai" to `{where}` to forward to an upstream, or remove '
-                        f"`{key}`."
-                    )
-            each = model.kv_tokens() // model.max_sequences
-            if each < model.context_length:
-                raise ConfigError(
-                    f"{source}: `{where}.kv_cache_tokens` = {model.kv_tokens()} gives each of "
-                    f"its {model.max_sequences} sequences {each} KV cells, fewer than "
-                    f"context_length = {model.context_length}; raise kv_cache_tokens, or lower "
-                    "max_sequences or context_length."
-                )
-            if model.all_f16_cache and model.prefill_chunk > F16_MAX_PREFILL_CHUNK:
-                raise ConfigError(
-                    f"{source}: `{where}.prefill_chunk` = {model.prefill_chunk} is too large "
-                    'for cache_type_k = cache_type_v = "f16": llama.cpp computes 64 or more '
-                    "prompt tokens of one sequence with another kernel, and answers would "
-                    "depend on what else runs. Set prefill_chunk to at most "
-                    f'{F16_MAX_PREFILL_CHUNK}, or cache_type_k = "q8_0".'
-                )
-        elif model.upstream_url is None:
-            raise ConfigError(
-                f'{source}: `{where}.upstream_url` is required when engine = "openai"; set '
-                'it to the upstream\'s base URL including /v1, e.g. "http://gpu-1:8000/v1".'
-            )
+        model.check(where, source)
+        if model.id in seen:
+            raise ConfigError(f"{source}: `{where}.id` = {model.id!r} is used by two models.")
+        seen.add(model.id)

@@ -7,10 +7,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from appliance._private.config import ModelConfig
-from appliance._private.engines.base import Engine, Finish, Generation
-from appliance._private.engines.llamacpp.engine import LlamaCppEngine
-from appliance._private.engines.upstream.engine import OpenAIUpstreamEngine
+from appliance._private.engines.base import Engine, EngineContext, Finish, Generation
+from appliance._private.engines.registry import ModelConfig, create_engine
 from appliance._private.metrics import ApplianceMetrics
 from federation import ModelCard, Performance
 
@@ -20,19 +18,18 @@ _EWMA_ALPHA = 0.3
 
 
 class ServedModel:
-    def __init__(self, config: ModelConfig, path: Path, metrics: ApplianceMetrics) -> None:
+    def __init__(
+        self, config: ModelConfig, home: Path, path: Path | None, metrics: ApplianceMetrics
+    ) -> None:
         self.config = config
         self.created = int(time.time())
-        self.engine: Engine = (
-            OpenAIUpstreamEngine(config, self._finished)
-            if config.engine == "openai"
-            else LlamaCppEngine(
-                config,
-                path,
-                self._finished,
-                on_step=lambda step: metrics.observe_step(config.id, step),
-            )
+        context = EngineContext(
+            home=home,
+            path=path,
+            on_finish=self._finished,
+            on_step=lambda step: metrics.observe_step(config.id, step),
         )
+        self.engine: Engine = create_engine(config, context)
         self._metrics = metrics
         self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)
         self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)

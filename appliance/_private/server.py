@@ -11,6 +11,7 @@ import msgspec
 
 from appliance._private.app import ApplianceState, create_app
 from appliance._private.config import ApplianceConfig
+from appliance._private.engines.upstream.config import UpstreamModel
 from appliance._private.engines.upstream.engine import upstream_key
 from appliance._private.errors import ModelLoadError
 from compliance import Recorder
@@ -34,11 +35,11 @@ def check_models(config: ApplianceConfig) -> None:
     """Fail before binding when a model file or an upstream key is missing, saying how to fix
     it. (Whether an upstream answers is checked when the model loads.)"""
     for model in config.models:
-        if model.engine == "openai":
+        if isinstance(model, UpstreamModel):
             upstream_key(model)
             continue
         path = config.model_path(model)
-        if not path.is_file():
+        if path is not None and not path.exists():
             raise ModelLoadError(
                 f"Model file {path} for `{model.id}` does not exist. Run "
                 "`palisade models fetch-default` for the default model, or fix `path` in the "

@@ -111,6 +111,11 @@ def _request_error(where: _Located) -> InvalidRequestError:
 
 def load_config(path: Path, config_type: type[T]) -> T:
     """Parse a TOML file into `config_type`, naming the bad key and what was expected."""
+    return convert_config(read_toml(path), config_type, source=str(path))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML config file's tables, or a `ConfigError` saying what is wrong with the file."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError as exc:
@@ -121,7 +126,7 @@ def load_config(path: Path, config_type: type[T]) -> T:
         data: dict[str, Any] = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
-    return convert_config(data, config_type, source=str(path))
+    return data
 
 
 def convert_config(data: dict[str, Any], config_type: type[T], *, source: str) -> T:

@@ -207,11 +207,17 @@ class EmbeddingResponse(Struct):
 
 
 class Pricing(Struct, forbid_unknown_fields=True):
-    """Price per million tokens, in `currency`."""
+    """Price per million tokens (and per request, for models without tokens), in `currency`."""
 
     input_per_million: Annotated[float, Meta(ge=0.0)] = 0.0
     output_per_million: Annotated[float, Meta(ge=0.0)] = 0.0
     currency: str = "USD"
+    per_request: Annotated[float, Meta(ge=0.0)] = 0.0
+
+    def cost(self, input_tokens: int, output_tokens: int, requests: int = 1) -> float:
+        """What one answer costs, rounded to 1e-9 of the currency."""
+        tokens = input_tokens * self.input_per_million + output_tokens * self.output_per_million
+        return round(tokens / 1e6 + requests * self.per_request, 9)
 
 
 class Performance(Struct):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import DEFAULT_MODEL_ID, ApplianceConfig, load_appliance_config
+from appliance import DEFAULT_MODEL_ID, ApplianceConfig, LlamaCppModel, load_appliance_config
 from federation import ConfigError
 from tests.support import run_palisade
 
@@ -60,6 +60,7 @@ pricing = { input_per_million = 0.2, output_per_million = 0.6 }
         "edge-7",
     )
     model = config.models[0]
+    assert isinstance(model, LlamaCppModel)
     assert (model.context_length, model.device_class, model.max_queue, model.threads) == (
         4096,
         "gpu",
@@ -85,7 +86,7 @@ pricing = { input_per_million = 0.2, output_per_million = 0.6 }
         ),
         (
             '[[models]]\nid = "a"\npath = "a.gguf"\nengine = "magic"\n',
-            "bad value for key `models[0].engine`",
+            "`models[0].engine` = 'magic' is not an engine of this appliance; use one of",
         ),
         ('[[models]]\nid = "a"\n', "missing required key `models[0].path`"),
         ("port = 70000\n", "bad value for key `port`"),

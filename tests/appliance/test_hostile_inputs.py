@@ -19,8 +19,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from appliance._private.config import ModelConfig
-from appliance._private.engines.base import Generation, Prompt, SamplingParams
+from appliance._private.engines.base import EngineContext, Generation, Prompt, SamplingParams
+from appliance._private.engines.llamacpp.config import LlamaCppModel
 from appliance._private.engines.llamacpp.engine import LlamaCppEngine
 from appliance._private.engines.upstream.engine import _sampling as upstream_sampling
 from tests.conftest import MODEL
@@ -383,8 +383,9 @@ def test_a_failed_decode_ends_only_the_sequence_it_belongs_to(
         return when == "reading its prompt" or generation.first_token_at is not None
 
     path = default_model_path()
-    config = ModelConfig(id=MODEL, path=str(path), context_length=512, max_sequences=4, threads=1)
-    engine = LlamaCppEngine(config, path, lambda _, __: None, poison=poison)
+    config = LlamaCppModel(id=MODEL, path=str(path), context_length=512, max_sequences=4, threads=1)
+    context = EngineContext(home=path.parent, path=path, on_finish=lambda _, __: None)
+    engine = LlamaCppEngine(config, context, poison=poison)
     engine.load()
     caplog.set_level(logging.WARNING, logger="palisade.appliance.batching")
     try:

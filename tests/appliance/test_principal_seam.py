@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from litestar import Request
 
-from appliance import ApplianceConfig, ModelConfig, create_app
+from appliance import ApplianceConfig, LlamaCppModel, create_app
 from federation import AuthenticationError, Principal
 from tests.conftest import MODEL
 from tests.support import default_model_path, wait_for
@@ -30,7 +30,7 @@ async def header_principal(request: Request[Any, Any, Any]) -> Principal:
 def server() -> Iterator[str]:
     config = ApplianceConfig(
         region="eu-west",
-        models=[ModelConfig(id=MODEL, path=str(default_model_path()), embeddings=False)],
+        models=[LlamaCppModel(id=MODEL, path=str(default_model_path()), embeddings=False)],
     )
     app, _ = create_app(config, authenticate=header_principal)
     sock = socket.socket()

@@ -13,9 +13,10 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from appliance._private.errors import (
     UpstreamError,
@@ -26,6 +27,58 @@ from appliance._private.errors import (
 from federation import APIError
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What one engine (as configured) can do; request validation reads it, so the HTTP
+    layer refuses what this model cannot serve and never names an engine.
+
+    `tokenizes_locally`: prompts arrive as token ids (`Prompt.tokens`), the context window
+    is checked here and token-id inputs can be turned back into text. `early_errors`: a
+    generation can fail before its first text with an error the client should get as the
+    HTTP status, so streaming handlers wait for the first event before the 200.
+    """
+
+    tokenizes_locally: bool
+    early_errors: bool
+    generates: bool = True  # chat completions and completions
+    embeddings: bool = False
+    logprobs: bool = False
+    n: bool = False  # more than one choice per request
+    tools: bool = False  # tools, tool_choice, tool messages
+    structured_output: bool = False  # response_format json_object / json_schema
+    predict: bool = False  # tensors in, tensors out (POST /api/v1/models/{id}/predict)
+    # Where it runs, as reported in /v1/models, the heartbeat and X-Palisade-Device
+    # details: "cpu", "cuda:0", an ONNX execution provider, "gpu-offload:32-layers".
+    accelerator: str = "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFeatures:
+    """The OpenAI request fields beyond sampling, for engines whose capabilities include
+    them; an OpenAI-speaking engine forwards them verbatim."""
+
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None  # chat: 0-20 alternatives; completions: `logprobs`
+    n: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    """Rich output for one choice: what a plain `emit(text)` cannot carry (a choice other
+    than 0, tool-call fragments, log probabilities, a per-choice finish reason). Fields are
+    OpenAI's own shapes, so the HTTP layer renders them without interpreting them."""
+
+    index: int = 0
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None  # `delta.tool_calls` fragments
+    logprobs: dict[str, Any] | None = None  # the choice's `logprobs` object for this piece
+    finish_reason: str | None = None  # "stop", "length", "tool_calls", "content_filter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +101,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True  # False: control tokens are written as text
     include_stop_str_in_output: bool = False
+    # n, logprobs, tools, response_format: only for engines whose Capabilities say so.
+    features: RequestFeatures | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,3 +424,14 @@ class Engine(Protocol):
         """One embedding per text, and the number of tokens read."""
 
     def load_now(self) -> EngineLoad: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineContext:
+    """What the node hands an engine's factory besides the engine's own config."""
+
+    home: Path  # the state directory ($PALISADE_HOME or data_dir)
+    path: Path | None  # the model's file or directory, resolved against `home`; None: none
+    on_finish: Callable[[Generation, Finish], None]  # from the engine's thread, once each
+    on_step: Callable[[Any], None] | None = None  # an engine's own step statistics
+    environ: Mapping[str, str] | None = None  # None: os.environ (tests pass their own)

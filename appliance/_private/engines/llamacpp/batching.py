@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance._private.config import KvCacheType
 from appliance._private.engines.base import EngineLoad, Finish, FinishReason, Generation, WakeBatch
+from appliance._private.engines.llamacpp.config import KvCacheType
 from appliance._private.engines.llamacpp.textstream import StopMatcher, Utf8Stream
 from appliance._private.errors import ModelLoadError, ModelNotReadyError, QueueFullError
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance._private import inference
-from appliance._private.config import ModelConfig
 from appliance._private.engines.base import (
+    EngineContext,
     EngineLoad,
     Finish,
     Generation,
@@ -28,6 +28,7 @@ from appliance._private.engines.llamacpp.batching import (
     PoisonFn,
     StepStats,
 )
+from appliance._private.engines.llamacpp.config import LlamaCppModel
 from appliance._private.errors import (
     ContextLengthExceededError,
     ModelLoadError,
@@ -48,17 +49,17 @@ T = TypeVar("T")
 class LlamaCppEngine:
     def __init__(
         self,
-        config: ModelConfig,
-        path: Path,
-        on_finish: FinishFn,
-        on_step: StepFn | None = None,
+        config: LlamaCppModel,
+        context: EngineContext,
         *,
         poison: PoisonFn | None = None,
     ) -> None:
+        if context.path is None:
+            raise ModelLoadError(f"`{config.id}` has no `path` (the GGUF file).")
         self._config = config
-        self._path = path
-        self._on_finish = on_finish
-        self._on_step = on_step
+        self._path: Path = context.path
+        self._on_finish = context.on_finish
+        self._on_step = context.on_step
         self._poison = poison  # the scheduler's test seam (BatchScheduler.poison)
         self._threads = config.threads or os.cpu_count() or 1
         self._llm: Any = None

@@ -29,8 +29,8 @@ import msgspec
 from msgspec import Struct
 
 from appliance._private import inference
-from appliance._private.config import ModelConfig
 from appliance._private.engines.base import (
+    EngineContext,
     EngineLoad,
     Finish,
     FinishReason,
@@ -38,6 +38,7 @@ from appliance._private.engines.base import (
     Prompt,
     SamplingParams,
 )
+from appliance._private.engines.upstream.config import UpstreamModel
 from appliance._private.errors import (
     ModelLoadError,
     ModelNotReadyError,
@@ -124,7 +125,7 @@ _ENCODE = msgspec.json.encode
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def upstream_key(config: ModelConfig, environ: Mapping[str, str] | None = None) -> str | None:
+def upstream_key(config: UpstreamModel, environ: Mapping[str, str] | None = None) -> str | None:
     """The upstream API key from the environment variable named by `upstream_key_env`."""
     name = config.upstream_key_env
     if name is None:
@@ -144,11 +145,10 @@ class OpenAIUpstreamEngine:
 
     def __init__(
         self,
-        config: ModelConfig,
-        on_finish: FinishFn,
-        *,
-        environ: Mapping[str, str] | None = None,
+        config: UpstreamModel,
+        context: EngineContext,
     ) -> None:
+        on_finish, environ = context.on_finish, context.environ
         if config.upstream_url is None:
             raise ModelLoadError(
                 f'`{config.id}` has engine = "openai" but no upstream_url; set it to the '

@@ -1,0 +1,36 @@
+"""Palisade's shared words, each defined once and typed: every package imports them here.
+
+A new device class, logging mode or role is added here and nowhere else; tests check that
+no module spells one of these sets out again.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+# The accelerator a model runs on, as routed by (preference RDU → GPU → CPU) and certified.
+DeviceClass = Literal["cpu", "gpu", "rdu"]
+DEVICE_CLASSES: Final[tuple[DeviceClass, ...]] = get_args(DeviceClass)
+DEFAULT_DEVICE_PREFERENCE: Final[tuple[DeviceClass, ...]] = ("rdu", "gpu", "cpu")
+
+# What a request log keeps: `full` (metadata and sealed content), `metadata`, `zero`.
+LoggingMode = Literal["full", "metadata", "zero"]
+LOGGING_MODES: Final[tuple[LoggingMode, ...]] = get_args(LoggingMode)
+
+# Who a user is in the RBAC matrix (`policy.py`).
+UserRole = Literal["system_admin", "org_admin", "org_user"]
+USER_ROLES: Final[tuple[UserRole, ...]] = get_args(UserRole)
+
+# Who holds a fleet certificate (and announces itself by zeroconf).
+FleetRole = Literal["node", "router"]
+FLEET_ROLES: Final[tuple[FleetRole, ...]] = get_args(FleetRole)
+
+# The receipt every inference answer carries: where it ran.
+REGION_HEADER: Final = "X-Palisade-Region"
+NODE_HEADER: Final = "X-Palisade-Node"
+DEVICE_HEADER: Final = "X-Palisade-Device"
+
+
+def receipt_headers(region: str, node: str, device: str) -> dict[str, str]:
+    """The receipt headers of one answer."""
+    return {REGION_HEADER: region, NODE_HEADER: node, DEVICE_HEADER: device}
