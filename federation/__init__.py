@@ -356,6 +356,7 @@ __all__ = [
     "convert_config",
     "count_exits",
     "decode_request",
+    "device_label",
     "discover_router",
     "dns_name",
     "effective_mode",
@@ -431,6 +432,7 @@ from federation._private.vocabulary import (
     FleetRole,
     LoggingMode,
     UserRole,
+    device_label,
     receipt_headers,
 )
 

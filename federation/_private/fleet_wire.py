@@ -34,6 +34,12 @@ class NodeModel(Struct, kw_only=True):
     queue_depth: int = 0
     in_flight: int = 0
     tpot_p50_ms: float | None = None
+    # What runs it: the engine tag, where it runs ("cpu", "cuda:0", an ONNX execution
+    # provider), and the model's version and SHA-256 (of its file or directory manifest).
+    engine: str | None = None
+    accelerator: str | None = None
+    version: str | None = None
+    sha256: str | None = None
 
 
 class Heartbeat(Struct, kw_only=True):

@@ -235,6 +235,13 @@ class ModelCard(Struct):
     device_class: str
     context_length: int
     object: str = "model"
+    engine: str | None = None
+    accelerator: str | None = None
+    version: str | None = None
+    sha256: str | None = None
+    # What the model serves beyond plain generation: "embeddings", "logprobs", "n",
+    # "tools", "structured_output", "predict" (tensors in, tensors out).
+    capabilities: list[str] = msgspec.field(default_factory=list)
 
 
 class ModelList(Struct):

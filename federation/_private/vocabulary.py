@@ -34,3 +34,11 @@ DEVICE_HEADER: Final = "X-Palisade-Device"
 def receipt_headers(region: str, node: str, device: str) -> dict[str, str]:
     """The receipt headers of one answer."""
     return {REGION_HEADER: region, NODE_HEADER: node, DEVICE_HEADER: device}
+
+
+def device_label(device_class: str, accelerator: str | None) -> str:
+    """`X-Palisade-Device`: the device class, and what runs the model on it when that says
+    more (`gpu/CUDAExecutionProvider`, `cpu/CPUExecutionProvider`, `gpu/cuda:0`)."""
+    if not accelerator or accelerator == device_class:
+        return device_class
+    return f"{device_class}/{accelerator}"
