@@ -10,7 +10,6 @@ from router._private.app import RouterState, create_router_app
 from router._private.cli import fleet_cli, router_cli
 from router._private.config import (
     DEFAULT_PORT,
-    DEFAULT_PREFERENCE,
     HealthConfig,
     ProxyConfig,
     RouterConfig,
@@ -27,7 +26,6 @@ from router._private.fleet import Fleet, Node
 
 __all__ = [
     "DEFAULT_PORT",
-    "DEFAULT_PREFERENCE",
     "BackendCrashedError",
     "BackendUnavailableError",
     "Fleet",

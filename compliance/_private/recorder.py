@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -29,6 +29,7 @@ from federation import (
     INTERRUPTED,
     AuditEvent,
     Journal,
+    LoggingMode,
     NodeIdentity,
     boot_id,
     effective_mode,
@@ -37,7 +38,6 @@ from federation import (
 )
 
 log = logging.getLogger("palisade.compliance")
-Mode = Literal["full", "metadata", "zero"]
 _ROTATE_BYTES = 4 * 1024 * 1024
 
 
@@ -63,7 +63,7 @@ class Recorder:
     """The node's audit log, its content vault, and the tenancy store's audit sink."""
 
     def __init__(
-        self, home: Path, *, origin: str, floor: Mode = "full", retention_days: int = 30
+        self, home: Path, *, origin: str, floor: LoggingMode = "full", retention_days: int = 30
     ) -> None:
         self.home = home
         self.origin = origin

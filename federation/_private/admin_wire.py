@@ -6,8 +6,8 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from msgspec import Meta, Struct, field
 
-Role = Literal["system_admin", "org_admin", "org_user"]
-LoggingMode = Literal["full", "metadata", "zero"]
+from federation._private.vocabulary import LoggingMode, OrgRole
+
 OrgName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Region = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Email = Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+$", max_length=254)]
@@ -28,7 +28,7 @@ class OrgCreate(Struct, forbid_unknown_fields=True, kw_only=True):
 class InviteCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     email: Email
     org: OrgName
-    role: Literal["org_admin", "org_user"]
+    role: OrgRole
 
 
 class Invite(Struct, kw_only=True):

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import typer
 
+from federation._private.admin_wire import UsageGroup
 from federation._private.client import (
     DEFAULT_URL,
     JsonFlag,
@@ -29,6 +30,7 @@ from federation._private.client import (
     resolve_target,
     table,
 )
+from federation._private.vocabulary import LoggingMode, OrgRole
 
 org_cli = typer.Typer(help="Manage organizations (tenants).", no_args_is_help=True)
 user_cli = typer.Typer(help="Invite, list and remove users.", no_args_is_help=True)
@@ -36,27 +38,6 @@ key_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=
 budget_cli = typer.Typer(help="Monthly token budgets per organization.", no_args_is_help=True)
 limits_cli = typer.Typer(help="Per-key rate limits.", no_args_is_help=True)
 usage_cli = typer.Typer(help="Usage and cost reports.", no_args_is_help=True)
-
-
-class LoggingMode(StrEnum):
-    full = "full"
-    metadata = "metadata"
-    zero = "zero"
-
-
-class InviteRole(StrEnum):
-    org_admin = "org_admin"
-    org_user = "org_user"
-
-
-class UsageGroup(StrEnum):
-    model = "model"
-    user = "user"
-    region = "region"
-    node = "node"
-    day = "day"
-    org = "org"
-    key = "key"
 
 
 class ReportFormat(StrEnum):
@@ -104,7 +85,7 @@ def org_create(
     ] = None,
     logging_mode: Annotated[
         LoggingMode, typer.Option("--logging-mode", help="What request logs keep.")
-    ] = LoggingMode.metadata,
+    ] = "metadata",
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = None,
     as_json: JsonFlag = False,
@@ -114,7 +95,7 @@ def org_create(
         "name": name,
         "regions": _csv_list(regions),
         "budget_tokens": budget_tokens,
-        "logging_mode": logging_mode.value,
+        "logging_mode": logging_mode,
     }
     org = call_api(resolve_target(url, key), "POST", "/admin/v1/orgs", body=body)
     if as_json:
@@ -148,13 +129,13 @@ def user_invite(
     email: Annotated[str, typer.Argument(help="The invitee's email address.")],
     *,
     org: Annotated[str, typer.Option("--org", help="Organization to join.")],
-    role: Annotated[InviteRole, typer.Option("--role", help="Role in the organization.")],
+    role: Annotated[OrgRole, typer.Option("--role", help="Role in the organization.")],
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Invite EMAIL to an organization; prints the one-time invitation token."""
-    body = {"email": email, "org": org, "role": role.value}
+    body = {"email": email, "org": org, "role": role}
     invite = call_api(resolve_target(url, key), "POST", "/admin/v1/invites", body=body)
     if as_json:
         print_json(invite)
@@ -400,7 +381,7 @@ def _usage_text(report: dict[str, Any], fmt: ReportFormat) -> str:
 @usage_cli.command("report")
 def usage_report(
     *,
-    by: Annotated[UsageGroup, typer.Option("--by", help="Group rows by this.")] = UsageGroup.model,
+    by: Annotated[UsageGroup, typer.Option("--by", help="Group rows by this.")] = "model",
     org: OrgFilter = None,
     since: Annotated[str | None, typer.Option("--since", help="From (ISO, inclusive).")] = None,
     until: Annotated[str | None, typer.Option("--until", help="To (ISO, exclusive).")] = None,
@@ -413,7 +394,7 @@ def usage_report(
 ) -> None:
     """Requests, tokens and cost, grouped, with a total row."""
     params = {
-        "by": by.value,
+        "by": by,
         "org": org,
         "since": instant(since, "--since"),
         "until": instant(until, "--until"),

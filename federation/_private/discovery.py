@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import zeroconf
@@ -41,11 +41,11 @@ from federation._private.discovery_config import (
     check_interface,
 )
 from federation._private.tasks import cancel_and_wait
+from federation._private.vocabulary import FLEET_ROLES, FleetRole
 
 log = logging.getLogger("palisade.discovery")
 
 SERVICE_TYPE = "_palisade._tcp.local."
-Role = Literal["node", "router"]
 # How long other machines cache the records: a process that dies without saying goodbye
 # (SIGKILL, power loss) drops out of every browser's list within this time.
 RECORD_TTL_S = 120
@@ -54,7 +54,6 @@ _RESOLVE_TIMEOUT_MS = 3000
 MAX_SEEN = 1024
 _MAX_LABEL = 63  # bytes in one DNS label, the instance name included
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
-_ROLES: tuple[Role, ...] = ("node", "router")
 # What a TXT field may hold: anyone on the link can announce anything, and these values end
 # up in an operator's terminal (`fleet node list`), so no control characters get through.
 _FIELDS = {
@@ -70,7 +69,7 @@ _FIELDS = {
 class Advertisement:
     """What one process announces. Claims only: nothing here is verified."""
 
-    role: Role
+    role: FleetRole
     node_id: str  # the router id when role is router
     url: str
     fleet_id: str = ""  # empty while a node has not enrolled
@@ -97,7 +96,7 @@ class Advertisement:
             except UnicodeDecodeError:
                 return None
         role = text.get("role", "")
-        if role not in _ROLES:
+        if role not in FLEET_ROLES:
             return None
         for name, pattern in _FIELDS.items():
             if not pattern.fullmatch(text.get(name, "")):

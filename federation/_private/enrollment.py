@@ -25,8 +25,9 @@ from federation._private.errors import (
     InvalidRequestError,
     PermissionDeniedError,
 )
-from federation._private.fleet_wire import DeviceClass, Name
+from federation._private.fleet_wire import Name
 from federation._private.identity import NodeIdentity, signature_valid
+from federation._private.vocabulary import DeviceClass
 
 TOKEN_PREFIX = "pet1"  # noqa: S105 - the format tag, not a secret
 MAX_TOKEN_LENGTH = 4096

@@ -14,9 +14,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 from federation._private.openai_wire import Pricing
+from federation._private.vocabulary import DeviceClass
 
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
-DeviceClass = Literal["cpu", "gpu", "rdu"]
 NodeState = Literal["up", "down", "ejected"]
 
 

@@ -26,10 +26,11 @@ from msgspec import Struct
 
 from federation._private.decoding import convert_config
 from federation._private.errors import ConfigError
-from federation._private.fleet_wire import DeviceClass, Name
+from federation._private.fleet_wire import Name
 from federation._private.identity import KEY_FILE
 from federation._private.pki import PeerIdentity, identity_of, load_pem_certificate
 from federation._private.private_files import replace_private
+from federation._private.vocabulary import DeviceClass
 
 NODE_FILE = "node.toml"
 FLEET_DIR = "fleet"

@@ -21,7 +21,6 @@ import os
 import re
 import ssl
 from dataclasses import dataclass
-from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -29,15 +28,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from federation._private.identity import NodeIdentity
+from federation._private.vocabulary import FLEET_ROLES, FleetRole
 
-Role = Literal["node", "router"]
 StrPath = str | os.PathLike[str]
 
 # Private OIDs under the UUID arc 2.25 (ITU-T X.667): no registration needed, no clash.
 REGION_OID = ObjectIdentifier("2.25.310613956484810803564186195976021482477")
 DEVICE_CLASS_OID = ObjectIdentifier("2.25.288518122563068208789969010568663243962")
 DNS_SUFFIX = "palisade.internal"
-ROLES: tuple[Role, ...] = ("node", "router")
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ class PeerIdentity:
     """What a fleet certificate vouches for; `device_class` None means "any"."""
 
     node_id: str
-    role: Role
+    role: FleetRole
     fleet_id: str
     region: str | None
     device_class: str | None
@@ -73,7 +71,7 @@ def router_dns_name(router_id: str) -> str:
     return f"{router_id}.router.{DNS_SUFFIX}"
 
 
-def dns_name(role: Role, holder_id: str) -> str:
+def dns_name(role: FleetRole, holder_id: str) -> str:
     return node_dns_name(holder_id) if role == "node" else router_dns_name(holder_id)
 
 
@@ -84,7 +82,7 @@ def identity_of(cert: x509.Certificate) -> PeerIdentity:
     holder = _attribute(subject, NameOID.COMMON_NAME)
     fleet_id = _attribute(subject, NameOID.ORGANIZATION_NAME)
     role = _attribute(subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if holder is None or fleet_id is None or role not in ROLES:
+    if holder is None or fleet_id is None or role not in FLEET_ROLES:
         raise ValueError(f"certificate subject {subject.rfc4514_string()} is not a fleet subject")
     return PeerIdentity(
         node_id=holder,
@@ -101,7 +99,7 @@ def identity_of(cert: x509.Certificate) -> PeerIdentity:
 def fleet_subject(
     holder_id: str,
     fleet_id: str,
-    role: Role,
+    role: FleetRole,
     region: str | None = None,
     device_class: str | None = None,
 ) -> x509.Name:

@@ -23,6 +23,7 @@ from enum import Enum
 
 from federation._private.admin_wire import KeyLimits
 from federation._private.errors import PermissionDeniedError
+from federation._private.vocabulary import LOGGING_MODES
 
 
 class Action(Enum):
@@ -102,7 +103,7 @@ def require(role: str, action: Action, *, actor_org: str | None, target_org: str
         )
 
 
-_STRICTNESS = {"full": 0, "metadata": 1, "zero": 2}
+_STRICTNESS: dict[str, int] = {mode: rank for rank, mode in enumerate(LOGGING_MODES)}
 
 
 def effective_mode(org_mode: str, floor: str) -> str:

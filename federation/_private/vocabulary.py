@@ -13,12 +13,14 @@ DeviceClass = Literal["cpu", "gpu", "rdu"]
 DEVICE_CLASSES: Final[tuple[DeviceClass, ...]] = get_args(DeviceClass)
 DEFAULT_DEVICE_PREFERENCE: Final[tuple[DeviceClass, ...]] = ("rdu", "gpu", "cpu")
 
-# What a request log keeps: `full` (metadata and sealed content), `metadata`, `zero`.
+# What a request log keeps: `full` (metadata and sealed content), `metadata`, `zero`; in
+# order of strictness (the stricter of an org's mode and a node's floor applies).
 LoggingMode = Literal["full", "metadata", "zero"]
 LOGGING_MODES: Final[tuple[LoggingMode, ...]] = get_args(LoggingMode)
 
-# Who a user is in the RBAC matrix (`policy.py`).
-UserRole = Literal["system_admin", "org_admin", "org_user"]
+# Who a user is in the RBAC matrix (`policy.py`); an invitation grants one of the org roles.
+OrgRole = Literal["org_admin", "org_user"]
+UserRole = Literal["system_admin", OrgRole]
 USER_ROLES: Final[tuple[UserRole, ...]] = get_args(UserRole)
 
 # Who holds a fleet certificate (and announces itself by zeroconf).
@@ -29,11 +31,17 @@ FLEET_ROLES: Final[tuple[FleetRole, ...]] = get_args(FleetRole)
 REGION_HEADER: Final = "X-Palisade-Region"
 NODE_HEADER: Final = "X-Palisade-Node"
 DEVICE_HEADER: Final = "X-Palisade-Device"
+MODEL_VERSION_HEADER: Final = "X-Palisade-Model-Version"
 
 
-def receipt_headers(region: str, node: str, device: str) -> dict[str, str]:
-    """The receipt headers of one answer."""
-    return {REGION_HEADER: region, NODE_HEADER: node, DEVICE_HEADER: device}
+def receipt_headers(
+    region: str, node: str, device: str, model_version: str | None = None
+) -> dict[str, str]:
+    """The receipt headers of one answer (the model's version when the node knows it)."""
+    headers = {REGION_HEADER: region, NODE_HEADER: node, DEVICE_HEADER: device}
+    if model_version is not None:
+        headers[MODEL_VERSION_HEADER] = model_version
+    return headers
 
 
 def device_label(device_class: str, accelerator: str | None) -> str:

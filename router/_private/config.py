@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
 
-from federation import DiscoveryConfig, ServerConfig, convert_config, load_config
+from federation import (
+    DEFAULT_DEVICE_PREFERENCE,
+    DeviceClass,
+    DiscoveryConfig,
+    LoggingMode,
+    ServerConfig,
+    convert_config,
+    load_config,
+)
 
 DEFAULT_PORT = 8300
 DEFAULT_FLEET_PORT = 8301
-DeviceClass = Literal["cpu", "gpu", "rdu"]
-DEFAULT_PREFERENCE: list[DeviceClass] = ["rdu", "gpu", "cpu"]
 Name = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Seconds = Annotated[float, Meta(gt=0, le=3600)]
 
@@ -59,12 +65,12 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     # The largest appliance-image bundle `palisade fleet update` may upload (streamed to disk).
     max_bundle_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024**3
-    logging_floor: Literal["full", "metadata", "zero"] = "full"
+    logging_floor: LoggingMode = "full"
     content_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 30
     assertion_ttl_s: Annotated[float, Meta(ge=5, le=3600)] = 30.0
     # Device classes in order of preference; `models` overrides it per model id.
     device_preference: list[DeviceClass] = msgspec.field(
-        default_factory=lambda: list(DEFAULT_PREFERENCE)
+        default_factory=lambda: list(DEFAULT_DEVICE_PREFERENCE)
     )
     models: dict[str, list[DeviceClass]] = msgspec.field(default_factory=dict)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)

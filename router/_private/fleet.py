@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from federation import FleetNode, FleetStatus, Heartbeat, NodeModel, PeerIdentity
+from federation import (
+    FleetNode,
+    FleetStatus,
+    Heartbeat,
+    NodeModel,
+    PeerIdentity,
+    device_label,
+)
 from router._private.config import HealthConfig
 
 log = logging.getLogger("palisade.router")
@@ -71,9 +78,12 @@ class Node:
     # Streams being relayed from this node: cut (with an error frame) when it goes down.
     streams: set[asyncio.Future[Any]] = field(default_factory=set)
 
-    def device_class(self, model: str) -> str:
+    def device(self, model: str) -> str:
+        """`X-Palisade-Device` for `model` here: its class, and what runs it when reported."""
         served = self.models.get(model)
-        return served.device_class if served is not None else "cpu"
+        if served is None:
+            return "cpu"
+        return device_label(served.device_class, served.accelerator)
 
     def abandon_waiting(self) -> None:
         for waiter in list(self.waiting):

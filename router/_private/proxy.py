@@ -50,6 +50,7 @@ from federation import (
     Principal,
     decode_request,
     node_dns_name,
+    receipt_headers,
 )
 from router._private.config import RouterConfig
 from router._private.errors import BackendCrashedError, BackendUnavailableError, NoBackendError
@@ -516,12 +517,7 @@ class Forwarder:
         counter.inc()
 
     def _receipt(self, node: Node, call: Call) -> dict[str, str]:
-        headers = {
-            "X-Palisade-Region": node.region,
-            "X-Palisade-Node": node.id,
-            "X-Palisade-Device": node.device_class(call.model),
-        }
-        return headers | call.headers
+        return receipt_headers(node.region, node.id, node.device(call.model)) | call.headers
 
     def _refusal_response(self, call: Call, refusal: _Refusal) -> Response[Any]:
         headers = self._receipt(refusal.node, call)
@@ -553,12 +549,11 @@ class Forwarder:
         prompt = usage.prompt_tokens if usage is not None else 0
         completion = usage.completion_tokens if usage is not None else 0
         if self.gate is not None and call.admission is not None:
-            cost = 0.0
             served = node.models.get(call.model) if node is not None else None
+            answered = int(usage is not None)  # a per-request price is due once a node answered
+            cost = 0.0
             if served is not None:
-                pricing = served.pricing
-                spent = prompt * pricing.input_per_million + completion * pricing.output_per_million
-                cost = round(spent / 1e6, 9)
+                cost = served.pricing.cost(prompt, completion, answered)
             self.gate.settle(
                 call.admission,
                 model=call.model,

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from federation import Heartbeat, NodeModel
+from federation import DEFAULT_DEVICE_PREFERENCE, Heartbeat, NodeModel
 from router import Fleet, HealthConfig
 from router._private.metrics import RouterMetrics
 
-PREFERENCE = ["rdu", "gpu", "cpu"]
+PREFERENCE = list(DEFAULT_DEVICE_PREFERENCE)
 EU = frozenset({"eu-west"})
 
 
@@ -304,3 +304,13 @@ def test_restarts_and_crash_loops_are_metrics_read_from_the_fleet(fleet: Fleet) 
     assert 'palisade_router_node_restarts_total{node="steady"} 0.0' in text
     assert 'palisade_router_node_crash_looping{node="looping"} 1.0' in text
     assert 'palisade_router_node_crash_looping{node="steady"} 0.0' in text
+
+
+def test_the_device_receipt_names_what_runs_the_model_when_the_node_says(fleet: Fleet) -> None:
+    fleet.beat(beat("gpu-1", device="gpu"))
+    onnx = beat("cpu-1", device="cpu", model="classifier")
+    onnx.models[0].accelerator = "CPUExecutionProvider"
+    fleet.beat(onnx)
+    assert fleet.nodes["gpu-1"].device("m") == "gpu"  # no accelerator reported
+    assert fleet.nodes["cpu-1"].device("classifier") == "cpu/CPUExecutionProvider"
+    assert fleet.nodes["cpu-1"].device("not-served") == "cpu"
