@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench import batching
+from tests.bench.__main__ import batching_settings, parse_args
 from tests.support import REPO
 
 
@@ -77,3 +79,21 @@ def test_batching_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert judged["appliance 1 stream decode / raw in-process decode"]["met"] in {True, False}
     assert judged["appliance / llama-server, 16 streams"]["met"] is None
     assert judged["appliance / llamacpp-server-threads, 16 streams"]["met"] is None
+
+
+def test_baseline_options_choose_the_targets_and_ratios_compare_the_same_rounds() -> None:
+    args = ["--only", "batching", "--baseline", "HEAD", "--targets", "appliance,baseline"]
+    settings = batching_settings(parse_args(args))
+    assert (settings.baseline, settings.raw, settings.llama_server) == ("HEAD", False, False)
+    assert not settings.llamacpp_server
+    assert batching.resolve_revision("HEAD") == batching.resolve_revision("HEAD^{commit}")
+    with pytest.raises(ValueError, match="not a commit"):
+        batching.resolve_revision("no-such-revision")
+    row = {"aggregate_tok_s": 99.0, "aggregate_tok_s_rounds": [90.0, 99.0], "ttft_p50_ms": 51.0}
+    base = {"aggregate_tok_s": 100.0, "aggregate_tok_s_rounds": [100.0, 90.0], "ttft_p50_ms": 50.0}
+    found = batching.baseline_ratios({"appliance": {"16": row}, "old": {"16": base}}, "old")
+    assert found["16"]["aggregate_tok_s"] == pytest.approx(0.99)
+    assert found["16"]["aggregate_tok_s_paired_median"] == pytest.approx((0.9 + 1.1) / 2)
+    assert found["16"]["ttft_p50_ms"] == pytest.approx(1.02)
+    verdicts = [row["met"] for row in batching.judge_baseline(found, "old")]
+    assert verdicts == [True, True]  # 0.99 >= 0.98 and 1.02 <= 1 / 0.98

@@ -1,6 +1,10 @@
 """Run the benchmarks: `python -m tests.bench [--only engine|audit|router|batching|guidellm]
 [options]`.
 
+Before/after a restructure: `python -m tests.bench --only batching --baseline REV --targets
+appliance,baseline --streams 1,16` measures the checkout's appliance and REV's in the same
+interleaved rounds and prints the ratios.
+
 Without --only, the engine benchmark runs first, then the audit-log benchmark, then the
 router overhead benchmark (which installs the LiteLLM proxy into var/bench/litellm-venv
 for its side-by-side columns, unless --no-litellm), then the batching benchmark (which
@@ -41,6 +45,22 @@ def _streams(text: str) -> tuple[int, ...]:
     if not streams or min(streams) < 1:
         raise argparse.ArgumentTypeError("stream counts must be at least 1")
     return tuple(sorted(set(streams)))
+
+
+# What `--targets` may name for the batching benchmark (the appliance is always measured).
+BATCHING_TARGETS = ("raw", "appliance", "baseline", "llama-server", "llamacpp-server")
+
+
+def _targets(text: str) -> frozenset[str]:
+    targets = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(targets - set(BATCHING_TARGETS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown target {', '.join(unknown)}; choose from {', '.join(BATCHING_TARGETS)}"
+        )
+    if "appliance" not in targets:
+        raise argparse.ArgumentTypeError("the appliance is what is measured: list `appliance`")
+    return targets
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -138,6 +158,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="measured rounds per target and concurrency (default %(default)s)",
     )
     group.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure the appliance of git revision REV (a worktree, removed afterwards) "
+        "in the same rounds, and report the ratios current / baseline",
+    )
+    group.add_argument(
+        "--targets",
+        type=_targets,
+        help=f"measure only these, comma-separated, from {','.join(BATCHING_TARGETS)} "
+        "(default: all; llamacpp-server means both of its variants)",
+    )
+    group.add_argument(
         "--skip-llama-server",
         action="store_true",
         help="skip llama.cpp's llama-server (and its build)",
@@ -190,6 +222,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.targets is not None and ("baseline" in args.targets) != (args.baseline is not None):
+        parser.error("--targets lists `baseline` exactly when --baseline REV is given")
     if (args.repeats is not None and args.repeats < 1) or args.warmups < 0:
         parser.error("--repeats must be at least 1 and --warmups at least 0")
     counts = (args.requests, args.litellm_requests, args.workers, args.warmup_requests)
@@ -220,11 +254,14 @@ def router_settings(args: argparse.Namespace) -> router.Settings:
 
 
 def batching_settings(args: argparse.Namespace) -> batching.Settings:
+    chosen = args.targets if args.targets is not None else frozenset(BATCHING_TARGETS)
     return batching.Settings(
         streams=args.streams,
         rounds=args.rounds,
-        llama_server=not args.skip_llama_server,
-        llamacpp_server=not args.skip_llamacpp_server,
+        raw="raw" in chosen,
+        llama_server="llama-server" in chosen and not args.skip_llama_server,
+        llamacpp_server="llamacpp-server" in chosen and not args.skip_llamacpp_server,
+        baseline=args.baseline,
         quiet_wait_s=args.quiet_wait,
     )
 

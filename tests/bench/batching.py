@@ -15,7 +15,15 @@ and greedy decoding (temperature 0, repeat penalty 1):
   llama-cpp-python wheel plus its server extras; failing that, the extras plus a .pth onto
   our own llama_cpp build);
 - llamacpp-server-threads: the same with `--n_threads N --n_threads_batch N`, N = cores,
-  as every other target runs.
+  as every other target runs;
+- appliance@REV (with `--baseline REV`): the appliance of another commit, checked out with
+  `git worktree add --detach` into the scratch folder (removed afterwards) and served by the
+  same Python with `PYTHONPATH` pointing at it, so its packages shadow the checkout's; the
+  report adds the ratios current / baseline of aggregate tok/s and TTFT p50 per concurrency
+  (a restructure should keep tok/s at 0.98 or more).
+
+`--targets` picks which of raw, baseline and the peers run beside the appliance (e.g.
+`--targets appliance,baseline --streams 1,16`: a before/after comparison in a few minutes).
 
 Each server is warmed up, then for each concurrency c the benchmark sends `rounds` rounds of
 c streamed chat completions at once (distinct short "Write a long story about ..." prompts,
@@ -54,7 +62,7 @@ import llama_cpp
 from appliance import DEFAULT_MODEL_ID
 from tests.bench.engine import BUSY_CORES, CpuWatch, RawEngine, machine_info
 from tests.bench.router import QUIET_CORES, Server, _free_port, percentile, wait_idle
-from tests.support import REPO, default_model_path, model_toml, run_appliance
+from tests.support import REPO, default_model_path, model_toml
 
 MAX_TOKENS = 64
 CONTEXT_LENGTH = 2048
@@ -121,12 +129,21 @@ PROMPTS = tuple(
 WARMUP_PROMPT = "Write a long story about a garden that grows at night."
 
 
+NOT_CHOSEN = "not in --targets"
+# A restructure keeps at least this share of the baseline's aggregate tok/s (and TTFT p50
+# within its inverse) at every concurrency.
+BASELINE_RATIO = 0.98
+
+
 @dataclass(frozen=True)
 class Settings:
     streams: tuple[int, ...] = STREAMS
     rounds: int = ROUNDS
+    raw: bool = True
     llama_server: bool = True
     llamacpp_server: bool = True
+    # A git revision whose appliance is measured beside the checkout's (None: not measured).
+    baseline: str | None = None
     timeout_s: float = TIMEOUT_S
     quiet_wait_s: float = 20.0
 
@@ -278,6 +295,7 @@ class Target:
     endpoint: Endpoint
     pid: int
     tail: Callable[[], str]
+    command: list[str] = field(default_factory=list)
 
 
 async def warm_up(session: aiohttp.ClientSession, target: Target, widest: int) -> None:
@@ -290,15 +308,15 @@ async def warm_up(session: aiohttp.ClientSession, target: Target, widest: int) -
 
 async def measure_interleaved(
     targets: Sequence[Target],
-    raw: RawEngine,
+    raw: RawEngine | None,
     schedule: dict[int, list[list[str]]],
     timeout_s: float,
 ) -> tuple[dict[str, dict[int, list[Round]]], list[dict[str, Any]]]:
     """Every round of every concurrency goes to each target in turn, the order rotating.
 
     The machine's speed drifts by several percent over minutes; interleaving puts every
-    target through the same drift. Raw in-process decode takes its turn in the one-stream
-    rounds (the first prompt of the smallest concurrency's rounds).
+    target through the same drift. Raw in-process decode (unless None) takes its turn in
+    the one-stream rounds (the first prompt of the smallest concurrency's rounds).
     """
     # Rounds of the other targets leave a target's connections idle for seconds; uvicorn
     # closes idle ones after 5 s, so the client lets them go first rather than race it.
@@ -307,16 +325,17 @@ async def measure_interleaved(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for warming in targets:
             await warm_up(session, warming, max(schedule))
-        raw.run(raw.prompt_tokens(_messages(WARMUP_PROMPT)), max_tokens=WARMUP_TOKENS)
+        if raw is not None:
+            raw.run(raw.prompt_tokens(_messages(WARMUP_PROMPT)), max_tokens=WARMUP_TOKENS)
         results: dict[str, dict[int, list[Round]]] = {t.name: {} for t in targets}
         raw_runs: list[dict[str, Any]] = []
-        turns: list[Target | None] = [*targets, None]  # None: raw's turn
+        turns: list[Target | None] = [*targets, None] if raw is not None else [*targets]
         for concurrency, batches in schedule.items():
             for index, prompts in enumerate(batches):
                 shift = index % len(turns)
                 for turn in turns[shift:] + turns[:shift]:
-                    if turn is None:
-                        if concurrency == min(schedule):
+                    if turn is None:  # raw's turn
+                        if raw is not None and concurrency == min(schedule):
                             raw_runs.append(raw_run(raw, prompts[0], len(raw_runs)))
                         continue
                     done = await run_round(session, turn.endpoint, prompts, MAX_TOKENS)
@@ -383,12 +402,20 @@ def _messages(prompt: str) -> list[dict[str, str]]:
 
 @contextlib.contextmanager
 def run_process(
-    name: str, command: list[str], *, url: str, ready_path: str, log: Path, ready_timeout: float
+    name: str,
+    command: list[str],
+    *,
+    url: str,
+    ready_path: str,
+    log: Path,
+    ready_timeout: float,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
-    """Start `command` (output to `log`), wait until GET url+ready_path is 200, SIGTERM it."""
+    """Start `command` in `log`'s folder (output to `log`), wait until GET url+ready_path is
+    200, SIGTERM it."""
     with log.open("w") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=log.parent
+            command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=log.parent, env=env
         )
     server = Server(name, process, url=url, log=log)
     try:
@@ -649,13 +676,111 @@ def appliance_config(model: Path) -> str:
     return model_toml(**fields, **BATCHING_KEYS)
 
 
-def start_appliance(stack: contextlib.ExitStack, model: Path, scratch: Path) -> Target:
-    appliance = stack.enter_context(
-        run_appliance(scratch / "appliance", appliance_config(model), "--no-auth")
+def appliance_command(config: Path, port: int) -> list[str]:
+    """`palisade appliance serve` as the benchmark runs it, for the checkout and a baseline."""
+    return [
+        *(sys.executable, "-m", "palisade", "appliance", "serve", "--config", str(config)),
+        *("--no-auth", "--host", "127.0.0.1", "--port", str(port)),
+    ]
+
+
+def appliance_environment(home: Path, source: Path) -> dict[str, str]:
+    """The appliance's environment: `source`'s packages come first (before the installed
+    ones)."""
+    return os.environ | {
+        "PALISADE_HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(source),
+    }
+
+
+def start_appliance(
+    stack: contextlib.ExitStack, name: str, model: Path, scratch: Path, source: Path = REPO
+) -> Target:
+    """The appliance of `source` (this checkout, or a baseline's worktree), each started the
+    same way, from its own home folder (so `python -m` puts no other tree first)."""
+    home = scratch / name.replace("@", "-")
+    home.mkdir(parents=True)
+    config = home / "appliance.toml"
+    config.write_text(appliance_config(model))
+    port = _free_port()
+    command = appliance_command(config, port)
+    environment = appliance_environment(home, source)
+    _check_imports_from(source, home, environment)
+    server = stack.enter_context(
+        run_process(
+            name,
+            command,
+            url=f"http://127.0.0.1:{port}",
+            ready_path="/readyz",
+            log=home / "appliance.log",
+            ready_timeout=300,
+            env=environment,
+        )
     )
-    endpoint = Endpoint(f"{appliance.v1}/chat/completions", DEFAULT_MODEL_ID)
-    return Target("appliance", endpoint, appliance.process.pid,
-                  lambda: "".join(appliance.output[-30:]))  # fmt: skip
+    endpoint = Endpoint(f"{server.url}/v1/chat/completions", DEFAULT_MODEL_ID)
+    shown = [f"PYTHONPATH={source}", *command]
+    return Target(name, endpoint, server.process.pid, server.tail, shown)
+
+
+_WHERE_FROM = "import appliance, palisade; print(appliance.__file__); print(palisade.__file__)"
+
+
+def _check_imports_from(source: Path, home: Path, environment: dict[str, str]) -> None:
+    """Refuse to measure an appliance whose packages would not come from `source`."""
+    result = subprocess.run(
+        [sys.executable, "-c", _WHERE_FROM],
+        capture_output=True,
+        text=True,
+        cwd=home,
+        env=environment,
+        timeout=120,
+        check=False,
+    )
+    found = result.stdout.split()
+    if result.returncode != 0 or not all(Path(f).is_relative_to(source) for f in found):
+        raise RuntimeError(
+            f"the appliance's packages do not import from {source}: {result.stdout}{result.stderr}"
+        )
+
+
+# --- the baseline: another commit's appliance, checked out beside the checkout ----------------
+
+
+def resolve_revision(revision: str) -> str:
+    """The full commit id `revision` names in this repository (ValueError when none)."""
+    result = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ValueError(f"{revision!r} is not a commit of {REPO}")
+    return result.stdout.strip()
+
+
+@contextlib.contextmanager
+def baseline_worktree(commit: str, where: Path) -> Iterator[Path]:
+    """A detached worktree of `commit` at `where`, removed (and pruned) afterwards."""
+    git = ["git", "-C", str(REPO), "worktree"]
+    added = subprocess.run(
+        [*git, "add", "--detach", str(where), commit],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if added.returncode != 0:
+        raise RuntimeError(f"git worktree add {commit} failed: {added.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(
+            [*git, "remove", "--force", str(where)], capture_output=True, timeout=300, check=False
+        )
+        subprocess.run([*git, "prune"], capture_output=True, timeout=300, check=False)
 
 
 def start_server(
@@ -748,6 +873,60 @@ def ratios(results: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, flo
     }
 
 
+def baseline_ratios(results: dict[str, Any], baseline: str) -> dict[str, dict[str, float | None]]:
+    """Per concurrency, the appliance's figures over the baseline's: aggregate tok/s (median
+    rounds, and the median of the ratios of rounds run side by side) and TTFT p50."""
+    found: dict[str, dict[str, float | None]] = {}
+    for streams, row in results.get("appliance", {}).items():
+        base = results.get(baseline, {}).get(streams)
+        if base is None:
+            continue
+        paired = [
+            ours / theirs
+            for ours, theirs in zip(
+                row["aggregate_tok_s_rounds"], base["aggregate_tok_s_rounds"], strict=False
+            )
+            if theirs > 0
+        ]
+        found[streams] = {
+            "aggregate_tok_s": _ratio(row["aggregate_tok_s"], base["aggregate_tok_s"]),
+            "aggregate_tok_s_paired_median": statistics.median(paired) if paired else None,
+            "ttft_p50_ms": _ratio(row["ttft_p50_ms"], base["ttft_p50_ms"]),
+        }
+    return found
+
+
+def judge_baseline(found: dict[str, dict[str, float | None]], baseline: str) -> list[Any]:
+    """No regression: tok/s at least BASELINE_RATIO of the baseline's, TTFT p50 at most its
+    inverse, at every concurrency measured."""
+    rows = []
+    for streams, ratio in found.items():
+        throughput, ttft = ratio["aggregate_tok_s"], ratio["ttft_p50_ms"]
+        rows.append(
+            _target(
+                f"appliance / {baseline} agg tok/s, {_streams(streams)}",
+                throughput,
+                "ratio",
+                f">= {BASELINE_RATIO:g}x",
+                _at_least(throughput, BASELINE_RATIO),
+            )
+        )
+        rows.append(
+            _target(
+                f"appliance / {baseline} TTFT p50, {_streams(streams)}",
+                ttft,
+                "ratio",
+                f"<= {1 / BASELINE_RATIO:.3f}x",
+                None if ttft is None else ttft <= 1 / BASELINE_RATIO,
+            )
+        )
+    return rows
+
+
+def _streams(count: str) -> str:
+    return f"{count} stream" if count == "1" else f"{count} streams"
+
+
 def _target(name: str, value: float | None, unit: str, goal: str, met: bool | None) -> Any:
     return {"name": name, "value": value, "unit": unit, "goal": goal, "met": met}
 
@@ -803,13 +982,19 @@ def judge(results: dict[str, Any], found: dict[str, float | None]) -> list[dict[
     ]
 
 
+def _deliberate(why: str) -> bool:
+    return why.startswith("--") or why == NOT_CHOSEN
+
+
 def warnings(
     results: dict[str, Any],
     raw: dict[str, Any] | None,
     contention: dict[str, dict[str, float] | None],
     skipped: dict[str, str],
 ) -> list[str]:
-    found = [f"{target} skipped: {why}" for target, why in skipped.items()]
+    # A target left out on purpose (--skip-…, --targets) is not a warning, one that failed is.
+    failed = {target: why for target, why in skipped.items() if not _deliberate(why)}
+    found = [f"{target} skipped: {why}" for target, why in failed.items()]
     for target, used in contention.items():
         if used is not None and max(used.values()) > BUSY_CORES:
             found.append(
@@ -849,44 +1034,73 @@ def _shown(row: dict[str, Any]) -> str:
     value, unit = row["value"], row["unit"]
     if value is None:
         return "n/a"
+    if unit == "ratio":
+        return f"{value:.3f}x"
     return f"{value:,.0f} ms" if unit == "ms" else f"{value:.2f}x"
 
 
-def print_table(summary: dict[str, Any], settings: Settings, found: list[str]) -> None:
+def print_table(
+    summary: dict[str, Any], settings: Settings, found: list[str], skipped: dict[str, str]
+) -> None:
     print(
         f"\nBatching benchmark: {summary['model']}, greedy, max_tokens {MAX_TOKENS}, "
         f"{THREADS} threads, {settings.rounds} rounds per concurrency (median aggregate; "
         "TTFT over all requests)"
     )
+    name = max([17, *(len(target) + 2 for target in summary["results"])])
     print(
-        f"  {'target':<17}{'streams':>8}{'agg tok/s':>11}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}"
-        f"{'tokens/stream':>15}{'errors':>8}"
+        f"  {'target':<{name}}{'streams':>8}{'agg tok/s':>11}{'TTFT p50 ms':>13}"
+        f"{'TTFT p99 ms':>13}{'tokens/stream':>15}{'errors':>8}"
     )
     raw = summary["raw"]
     if raw is not None:
         tokens = raw["completion_tokens"]
         print(
-            f"  {'raw (in-process)':<17}{1:>8}{_num(raw['aggregate_tok_s'], '.1f'):>11}"
+            f"  {'raw (in-process)':<{name}}{1:>8}{_num(raw['aggregate_tok_s'], '.1f'):>11}"
             f"{_num(raw['ttft_p50_ms'], ',.0f'):>13}{_num(raw['ttft_p99_ms'], ',.0f'):>13}"
             f"{_span(tokens):>15}{0:>8}"
         )
     for target, rows in summary["results"].items():
         for streams, row in rows.items():
             print(
-                f"  {target:<17}{streams:>8}{_num(row['aggregate_tok_s'], '.1f'):>11}"
+                f"  {target:<{name}}{streams:>8}{_num(row['aggregate_tok_s'], '.1f'):>11}"
                 f"{_num(row['ttft_p50_ms'], ',.0f'):>13}{_num(row['ttft_p99_ms'], ',.0f'):>13}"
                 f"{_span(row['completion_tokens']):>15}{row['errors']:>8}"
             )
     if raw is not None:
         print(f"  raw decode-only speed (after the first token): {raw['decode_tok_s']:.1f} tok/s")
-    print("\n  Targets (informational, never asserted)")
-    print(f"  {'':<40}{'value':>10}{'goal':>13}{'result':>8}")
-    for row in summary["targets"]:
-        print(f"  {row['name']:<40}{_shown(row):>10}{row['goal']:>13}{_verdict(row['met']):>8}")
+    if summary.get("baseline"):
+        print_baseline(summary["baseline"])
+    # Targets about what was not measured (a peer skipped, no raw) have no value to show.
+    shown_rows = [row for row in summary["targets"] if row["value"] is not None]
+    if shown_rows:
+        print("\n  Targets (informational, never asserted)")
+        width = max([40, *(len(row["name"]) + 2 for row in shown_rows)])
+        print(f"  {'':<{width}}{'value':>10}{'goal':>13}{'result':>8}")
+    for row in shown_rows:
+        shown, verdict = _shown(row), _verdict(row["met"])
+        print(f"  {row['name']:<{width}}{shown:>10}{row['goal']:>13}{verdict:>8}")
     for note in summary["notes"]:
         print(f"  NOTE: {note}")
+    left_out = [target for target, why in skipped.items() if _deliberate(why)]
+    if left_out:
+        print(f"  not measured (as asked): {', '.join(left_out)}")
     for warning in found:
         print(f"  WARNING: {warning}")
+
+
+def print_baseline(baseline: dict[str, Any]) -> None:
+    print(
+        f"\n  Against the baseline {baseline['target']} ({baseline['commit']}): "
+        "appliance / baseline, same rounds"
+    )
+    print(f"  {'streams':>9}{'agg tok/s':>11}{'paired rounds':>15}{'TTFT p50':>10}")
+    for streams, ratio in baseline["ratios"].items():
+        print(
+            f"  {streams:>9}{_num(ratio['aggregate_tok_s'], '.3f'):>11}"
+            f"{_num(ratio['aggregate_tok_s_paired_median'], '.3f'):>15}"
+            f"{_num(ratio['ttft_p50_ms'], '.3f'):>10}"
+        )
 
 
 def _span(tokens: dict[str, int]) -> str:
@@ -939,7 +1153,10 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or Settings()
     model = default_model_path()
     version: str = llama_cpp.__version__
-    chosen = ["raw", "appliance"]
+    commit = resolve_revision(settings.baseline) if settings.baseline else None
+    baseline = f"appliance@{commit[:7]}" if commit else None
+    chosen = ["raw"] if settings.raw else []
+    chosen += ["appliance"] + ([baseline] if baseline else [])
     chosen += ["llama-server"] if settings.llama_server else []
     chosen += list(LLAMACPP_SERVERS) if settings.llamacpp_server else []
     streams = ", ".join(str(c) for c in settings.streams)
@@ -948,7 +1165,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
         f"{settings.rounds} rounds, max_tokens {MAX_TOKENS}",
         flush=True,
     )
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = {} if settings.raw else {"raw": NOT_CHOSEN}
     binary, llama_server = _llama_server(settings, version, skipped)
     python, llamacpp_server = _llamacpp_server(settings, version, skipped)
     schedule = prompt_schedule(settings.streams, settings.rounds)
@@ -959,7 +1176,11 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
         contextlib.ExitStack() as stack,
     ):
         scratch = Path(scratch_dir)
-        targets = [start_appliance(stack, model, scratch)]
+        targets = [start_appliance(stack, "appliance", model, scratch)]
+        if commit is not None and baseline is not None:
+            source = stack.enter_context(baseline_worktree(commit, scratch / "baseline-source"))
+            targets.append(start_appliance(stack, baseline, model, scratch, source))
+        commands |= {target.name: target.command for target in targets}
         externals: list[tuple[str, list[str], int, str]] = []
         if binary is not None:
             port = _free_port()
@@ -982,8 +1203,9 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             except (RuntimeError, TimeoutError, OSError) as exc:
                 skipped[name] = f"{name} failed: {exc}"[:2000]
                 print(f"  {name} skipped: {skipped[name]}", flush=True)
-        raw = RawEngine(model)
-        stack.callback(raw.close)
+        raw = RawEngine(model) if settings.raw else None
+        if raw is not None:
+            stack.callback(raw.close)
         pids = [target.pid for target in targets]
         quiet = settle(settings, *pids)
         watch = CpuWatch(os.getpid(), *pids)
@@ -1005,20 +1227,28 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
                 "one per content delta"
             )
     found_ratios = ratios(results, raw_summary)
+    judged = judge(results, found_ratios)
+    against: dict[str, Any] | None = None
+    if baseline is not None:
+        versus = baseline_ratios(results, baseline)
+        against = {"revision": settings.baseline, "commit": commit, "target": baseline}
+        against["ratios"] = versus
+        judged += judge_baseline(versus, baseline)
     summary: dict[str, Any] = {
         "model": model.name,
         "targets_measured": ["raw", *results] if raw_summary else list(results),
         "raw": raw_summary,
         "results": results,
         "ratios": found_ratios,
-        "targets": judge(results, found_ratios),
+        "baseline": against,
+        "targets": judged,
         "contention": contention,
         "notes": notes,
     }
     found = warnings(results, raw_summary, contention, skipped)
     if not quiet:
         found.append(f"the run started while other processes used more than {QUIET_CORES:g} cores")
-    print_table(summary, settings, found)
+    print_table(summary, settings, found, skipped)
     report = {
         "benchmark": "batching",
         "machine": machine_info()
@@ -1031,6 +1261,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             "threads": THREADS,
             "streams": list(settings.streams),
             "rounds": settings.rounds,
+            "baseline": against and {k: v for k, v in against.items() if k != "ratios"},
             "timeout_s": settings.timeout_s,
             "quiet_wait_s": settings.quiet_wait_s,
             "warmup": f"1 then {max(settings.streams)} streams, max_tokens {WARMUP_TOKENS}",
