@@ -4,9 +4,16 @@ federation.PalisadeError
 └── ApplianceError
     ├── ModelFetchError                    the default model could not be fetched or verified
     ├── ModelLoadError                     a GGUF file is missing or llama.cpp refused it
+    │   └── ModelLoadFailedError           422 model_load_failed      (APIError) a runtime
+    │       │                              add/reload could not load; the old version serves
+    │       └── ModelDigestMismatchError   422 model_digest_mismatch  the file is not `sha256`
+    ├── ModelConflictError                 409 model_exists / last_model (APIError)
     ├── ModelNotFoundError                 404 model_not_found        (NotFoundError)
     ├── ContextLengthExceededError         400 context_length_exceeded (InvalidRequestError)
     ├── UnsupportedParameterError          400 unsupported_parameter  (InvalidRequestError)
+    ├── TensorInputError                   400 invalid_tensor, unknown_input, missing_input,
+    │                                      shape_mismatch, dtype_mismatch, unknown_output
+    │                                      (InvalidRequestError) bad predict inputs
     ├── QueueFullError                     503 queue_full             (ServiceUnavailableError)
     ├── ModelNotReadyError                 503 model_not_ready        (ServiceUnavailableError)
     ├── UpstreamUnavailableError           503 upstream_unavailable   (ServiceUnavailableError)
@@ -45,6 +52,38 @@ class ModelFetchError(ApplianceError):
 
 class ModelLoadError(ApplianceError):
     """A model file is missing or the engine could not load it."""
+
+
+class ModelLoadFailedError(ModelLoadError, APIError):
+    """A model (a runtime add or reload, or one at startup) could not be loaded; whatever
+    served before keeps serving."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    default_code = "model_load_failed"
+
+
+class ModelDigestMismatchError(ModelLoadFailedError):
+    """The model's file (or directory manifest) does not have the configured `sha256`."""
+
+    default_code = "model_digest_mismatch"
+
+    def __init__(self, model: str, path: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"The model `{model}` was not loaded: {path} has SHA-256 {actual}, but its config "
+            f"says sha256 = {expected}. The file is not the one configured (corrupted, or "
+            "replaced); fix the file or the `sha256` key.",
+            param="sha256",
+        )
+
+
+class ModelConflictError(ApplianceError, APIError):
+    """A model change that contradicts what is served (an id already added, the last model
+    removed)."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "model_conflict"
 
 
 class ModelNotFoundError(ApplianceError, NotFoundError):
@@ -125,3 +164,12 @@ class UpstreamTimeoutError(UpstreamError):
 
 class RouterRefusedError(ApplianceError):
     """The fleet's router answered a heartbeat with an error (wrong secret, bad message)."""
+
+
+class TensorInputError(ApplianceError, InvalidRequestError):
+    """A predict request's tensors do not fit the model's graph: an unknown or missing
+    input (`unknown_input`, `missing_input`), a shape or datatype the graph does not take
+    (`shape_mismatch`, `dtype_mismatch`), an unknown output (`unknown_output`), or data
+    that is not a tensor of its declared shape (`invalid_tensor`)."""
+
+    default_code = "invalid_tensor"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from appliance._private.engines.base import Prompt, SamplingParams
+from typing import Any
+
+import msgspec
+
+from appliance._private.engines.base import Capabilities, Prompt, RequestFeatures, SamplingParams
 from appliance._private.errors import ContextLengthExceededError, UnsupportedParameterError
 from federation import (
     ChatCompletionRequest,
@@ -14,11 +18,20 @@ from federation import (
     TextPart,
 )
 
+_MAX_CHOICES = 128
+_MAX_TOP_LOGPROBS = 20
 
-def check_sampling(request: SamplingFields) -> None:
-    if request.n != 1:
+
+def check_sampling(request: SamplingFields, capabilities: Capabilities, model: str) -> None:
+    if request.n < 1 or request.n > _MAX_CHOICES:
+        raise InvalidRequestError(
+            f"`n` is {request.n}; ask for 1 to {_MAX_CHOICES} choices.",
+            code="invalid_value",
+            param="n",
+        )
+    if request.n > 1 and not capabilities.n:
         raise UnsupportedParameterError(
-            "n", "this appliance returns one choice per request; send n separate requests."
+            "n", f"`{model}` returns one choice per request; send n separate requests."
         )
     if request.logit_bias:
         raise UnsupportedParameterError("logit_bias", "logit bias is not supported yet.")
@@ -30,23 +43,84 @@ def check_sampling(request: SamplingFields) -> None:
         )
 
 
-def check_chat(request: ChatCompletionRequest) -> None:
-    check_sampling(request)
+def check_generates(capabilities: Capabilities, model: str) -> None:
+    """Chat and completions need a model that generates text."""
+    if not capabilities.generates:
+        where = (
+            f"POST /api/v1/models/{model}/predict"
+            if capabilities.predict
+            else "another model (see GET /v1/models)"
+        )
+        raise UnsupportedParameterError("model", f"`{model}` does not generate text; use {where}.")
+
+
+def check_chat(request: ChatCompletionRequest, capabilities: Capabilities, model: str) -> None:
+    """Refuse what this model cannot serve (400 unsupported_parameter naming the model)."""
+    check_generates(capabilities, model)
+    check_sampling(request, capabilities, model)
     if request.logprobs or request.top_logprobs is not None:
-        raise UnsupportedParameterError("logprobs", "log probabilities are not returned yet.")
-    if request.tools or request.functions:
-        name = "tools" if request.tools else "functions"
-        raise UnsupportedParameterError(name, "tool and function calling are not supported.")
-    if request.tool_choice not in (None, "none") or request.function_call not in (None, "none"):
-        raise UnsupportedParameterError("tool_choice", "tool calling is not supported.")
+        _check_logprobs(request, capabilities, model)
+    _check_tools(request, capabilities, model)
     if request.response_format is not None and request.response_format.type != "text":
-        raise UnsupportedParameterError(
-            "response_format", "only {'type': 'text'} is supported; structured output is not."
+        if not capabilities.structured_output:
+            raise UnsupportedParameterError(
+                "response_format",
+                f"`{model}` does not do structured output; only {{'type': 'text'}} is supported.",
+            )
+        if (
+            request.response_format.type == "json_schema"
+            and not request.response_format.json_schema
+        ):
+            raise InvalidRequestError(
+                "`response_format` of type json_schema needs its `json_schema`.",
+                code="invalid_value",
+                param="response_format.json_schema",
+            )
+
+
+def _check_logprobs(request: ChatCompletionRequest, capabilities: Capabilities, model: str) -> None:
+    if not capabilities.logprobs:
+        raise UnsupportedParameterError("logprobs", f"`{model}` does not return log probabilities.")
+    top = request.top_logprobs
+    if top is not None and not 0 <= top <= _MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(
+            f"`top_logprobs` is {top}; it must be 0 to {_MAX_TOP_LOGPROBS}.",
+            code="invalid_value",
+            param="top_logprobs",
+        )
+    if top is not None and not request.logprobs:
+        raise InvalidRequestError(
+            "`top_logprobs` needs `logprobs` set to true.",
+            code="invalid_value",
+            param="top_logprobs",
         )
 
 
-def check_completion(request: CompletionRequest) -> None:
-    check_sampling(request)
+def _check_tools(request: ChatCompletionRequest, capabilities: Capabilities, model: str) -> None:
+    if request.functions or request.function_call not in (None, "none"):
+        name = "functions" if request.functions else "function_call"
+        raise UnsupportedParameterError(
+            name, "the deprecated function calling is not supported; use `tools`."
+        )
+    if capabilities.tools:
+        return
+    if request.tools:
+        raise UnsupportedParameterError("tools", f"`{model}` does not call tools.")
+    if request.tool_choice not in (None, "none"):
+        raise UnsupportedParameterError("tool_choice", f"`{model}` does not call tools.")
+    for index, message in enumerate(request.messages):
+        if message.role == "tool" or message.tool_calls:
+            raise UnsupportedParameterError(
+                f"messages[{index}]",
+                f"`{model}` does not call tools, so tool messages and tool calls cannot be "
+                "sent to it.",
+            )
+
+
+def check_completion(request: CompletionRequest, capabilities: Capabilities, model: str) -> None:
+    """Refuse what this model cannot serve (400 unsupported_parameter naming the model)."""
+    check_generates(capabilities, model)
+    check_sampling(request, capabilities, model)
     if request.echo:
         raise UnsupportedParameterError("echo", "echoing the prompt is not supported.")
     if request.suffix:
@@ -54,18 +128,82 @@ def check_completion(request: CompletionRequest) -> None:
     if request.best_of not in (None, 1):
         raise UnsupportedParameterError("best_of", "only best_of=1 is supported.")
     if request.logprobs is not None:
-        raise UnsupportedParameterError("logprobs", "log probabilities are not returned yet.")
+        if not capabilities.logprobs:
+            raise UnsupportedParameterError(
+                "logprobs", f"`{model}` does not return log probabilities."
+            )
+        if not 0 <= request.logprobs <= _MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"`logprobs` is {request.logprobs}; it must be 0 to {_MAX_TOP_LOGPROBS}.",
+                code="invalid_value",
+                param="logprobs",
+            )
 
 
-def check_embedding(request: EmbeddingRequest) -> None:
+def check_embedding(request: EmbeddingRequest, capabilities: Capabilities, model: str) -> None:
+    if not capabilities.embeddings:
+        raise InvalidRequestError(
+            f"Embeddings are disabled for `{model}` (embeddings = false in the appliance "
+            "config, or its engine serves none).",
+            code="embeddings_disabled",
+            param="model",
+        )
     if request.dimensions is not None:
         raise UnsupportedParameterError(
             "dimensions", "this model returns its native embedding size only."
         )
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template expects them: role and plain text content."""
+def chat_features(request: ChatCompletionRequest) -> RequestFeatures | None:
+    """What a chat request asks beyond sampling (None: nothing, the common case)."""
+    response_format = request.response_format
+    wanted = response_format is not None and response_format.type != "text"
+    if not (request.n != 1 or request.logprobs or request.tools or wanted):
+        return None
+    return RequestFeatures(
+        tools=request.tools,
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
+        response_format=msgspec.to_builtins(response_format) if wanted else None,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs,
+        n=request.n,
+    )
+
+
+def completion_features(request: CompletionRequest) -> RequestFeatures | None:
+    """What a completion request asks beyond sampling (None: nothing)."""
+    if request.n == 1 and request.logprobs is None:
+        return None
+    logprobs = request.logprobs is not None
+    return RequestFeatures(logprobs=logprobs, top_logprobs=request.logprobs, n=request.n)
+
+
+def chat_messages(messages: list[ChatMessage], capabilities: Capabilities) -> list[dict[str, Any]]:
+    """Messages for the engine: role and text content; with tools, also `tool_calls`,
+    `tool_call_id` and `name` (tool messages included)."""
+    if not capabilities.tools:
+        return template_messages(messages)
+    rendered = []
+    for index, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role}
+        if message.content is not None or not message.tool_calls:
+            entry["content"] = _text_of(message, index)
+        else:
+            entry["content"] = None
+        extras = {
+            "name": message.name,
+            "tool_calls": message.tool_calls,
+            "tool_call_id": message.tool_call_id,
+        }
+        entry |= {key: value for key, value in extras.items() if value is not None}
+        rendered.append(entry)
+    return rendered
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as a chat template without tools expects them: role and plain text."""
     rendered = []
     for index, message in enumerate(messages):
         if message.role == "tool" or message.tool_calls:
@@ -169,6 +307,7 @@ def sampling_params(
     prompt: Prompt,
     context_length: int,
     default: int | None = None,
+    features: RequestFeatures | None = None,
 ) -> SamplingParams:
     """Sampling settings for `requested` max tokens (the client's, or None for `default`).
 
@@ -212,6 +351,7 @@ def sampling_params(
         repetition_penalty=request.repetition_penalty,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        features=features,
     )
 
 

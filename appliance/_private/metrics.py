@@ -5,12 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from appliance._private.engines.base import EngineLoad
-from appliance._private.engines.llamacpp.batching import StepStats
+from appliance._private.engines.base import EngineLoad, StepStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -142,5 +141,32 @@ class ApplianceMetrics:
         self._queue_depth.labels(model).set_function(lambda: load().waiting)
         self._running.labels(model).set_function(lambda: load().running)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, engine_texts: Iterable[str] = ()) -> bytes:
+        """The registry's exposition, then the engines' own series (`merge_expositions`)."""
+        extra = merge_expositions(engine_texts)
+        return generate_latest(self.registry) + extra.encode()
+
+
+def merge_expositions(texts: Iterable[str]) -> str:
+    """Several engines' Prometheus text as one exposition: each metric family once, with
+    its HELP and TYPE lines, holding the samples of every engine (two vLLM models both
+    export `vllm:num_requests_running`; repeating its TYPE line would void the scrape).
+
+    A sample belongs to the family of the comment lines before it, as every exporter
+    writes them."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            if line.startswith(("# HELP ", "# TYPE ")):
+                family = line.split(maxsplit=3)[2]
+                comments, _ = families.setdefault(family, ([], []))
+                if not any(seen.startswith(line[:7]) for seen in comments):
+                    comments.append(line)
+            elif not line.startswith("#"):
+                families.setdefault(family, ([], []))[1].append(line)
+    return "".join(
+        "\n".join([*comments, *samples]) + "\n" for comments, samples in families.values()
+    )

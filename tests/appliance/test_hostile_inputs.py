@@ -395,9 +395,9 @@ def test_a_failed_decode_ends_only_the_sequence_it_belongs_to(
     failed = generations.pop("dog").finish
     assert failed is not None
     assert failed.reason == "error"
-    assert failed.error is not None
-    assert "llama_decode returned -1" in failed.error
-    assert failed.failure().code == "engine_error"
+    assert failed.failure is not None
+    assert "llama_decode returned -1" in failed.failure.message
+    assert failed.failure.code == "engine_error"
     assert alone["dog"].startswith(together["dog"])
     assert (together["dog"] != "") == (when == "generating")
     for subject, generation in generations.items():

@@ -16,15 +16,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from appliance._private.errors import (
-    UpstreamError,
-    UpstreamRejectedError,
-    UpstreamTimeoutError,
-    UpstreamUnavailableError,
-)
 from federation import APIError
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -117,7 +114,7 @@ class Prompt:
 
     size: int
     tokens: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | list[int] | None = None
 
     def __len__(self) -> int:
@@ -131,28 +128,19 @@ class Prompt:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
+    """How a generation ended. `failure` (reason "error") is the error the client gets, an
+    `APIError` chosen by the engine without knowing HTTP: an upstream's refusal keeps its
+    4xx, a broken upstream is a 502, a local engine's own failure `engine_failure(...)`."""
+
     reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    error: str | None = None
-    # For reason "error": the HTTP status and code to answer with (an upstream engine's
-    # failures map to 4xx/502/504; a local engine's stay 500 engine_error).
-    status: int = 500
-    code: str = "engine_error"
-    param: str | None = None
+    failure: APIError | None = None
 
-    def failure(self) -> APIError:
-        """The error a client sees for this end (reason "error" or "cancelled")."""
-        status, message = self.status, self.error or "no result"
-        if self.code == "upstream_unavailable":
-            return UpstreamUnavailableError(message)  # 503 with Retry-After
-        if status == 504:
-            return UpstreamTimeoutError(message, code=self.code)
-        if status == 502:
-            return UpstreamError(message, code=self.code)
-        if 400 <= status < 500:
-            return UpstreamRejectedError.for_status(status, message, self.code, self.param)
-        return APIError(f"The engine failed while generating: {message}.", code=self.code)
+
+def engine_failure(what: str) -> APIError:
+    """A local engine's own failure while generating (500 engine_error)."""
+    return APIError(f"The engine failed while generating: {what}.", code="engine_error")
 
 
 class Generation:
@@ -171,6 +159,7 @@ class Generation:
         "_on_done",
         "_pending",
         "_posted_tokens",
+        "_rich",
         "_waiter",
         "finish",
         "first_token_at",
@@ -194,7 +183,8 @@ class Generation:
         self.first_token_at: float | None = None
         self._loop = loop
         self._lock = threading.Lock()
-        self._pending: deque[str | Finish] = deque()
+        self._pending: deque[str | ChoiceDelta | Finish] = deque()
+        self._rich = False  # an emit_delta happened: readers get pieces, not joined text
         self._waiter: asyncio.Future[None] | None = None
         self._delivered = threading.Event()
         self._cancelled = False
@@ -220,6 +210,16 @@ class Generation:
             self.first_token_at = time.perf_counter()
         self._post(text, wakes, tokens)
 
+    def emit_delta(
+        self, delta: ChoiceDelta, wakes: WakeBatch | None = None, tokens: int | None = None
+    ) -> None:
+        """Queue rich output (another choice, tool-call fragments, log probabilities, a
+        per-choice finish reason); plain choice-0 text goes through `emit`."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self._rich = True
+        self._post(delta, wakes, tokens)
+
     def close(self, finish: Finish) -> None:
         """The end, exactly once: `on_done` runs on the loop, and the reader sees `finish`.
 
@@ -242,7 +242,10 @@ class Generation:
         self._delivered.wait(timeout)
 
     def _post(
-        self, event: str | Finish, wakes: WakeBatch | None = None, tokens: int | None = None
+        self,
+        event: str | ChoiceDelta | Finish,
+        wakes: WakeBatch | None = None,
+        tokens: int | None = None,
     ) -> None:
         with self._lock:
             self._pending.append(event)
@@ -272,18 +275,34 @@ class Generation:
         if self._on_cancel is not None:
             self._on_cancel(self)
 
-    async def stream(self) -> AsyncIterator[str]:
-        """Yield text until the engine finishes; leaving early cancels the generation."""
+    async def pieces(self) -> AsyncIterator[str | list[str | ChoiceDelta]]:
+        """Yield output until the engine finishes: choice-0 text joined into one string, or,
+        once the engine has emitted a `ChoiceDelta`, the list of what came (strings being
+        choice-0 text); leaving early cancels the generation."""
         try:
             while self.finish is None:
-                text = await self._take()
-                if text:
-                    yield text
+                piece = await self._take()
+                if piece:
+                    yield piece
                     self._delivered.set()
         finally:
             self._delivered.set()
             if self.finish is None:
                 self.cancel()
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Yield choice-0 text until the engine finishes; leaving early cancels it."""
+        async for piece in self.pieces():
+            if isinstance(piece, str):
+                yield piece
+                continue
+            text = "".join(
+                item if isinstance(item, str) else item.text
+                for item in piece
+                if isinstance(item, str) or item.index == 0
+            )
+            if text:
+                yield text
 
     async def wait_started(self) -> Finish | None:
         """Wait for the first text or the end, taking nothing; the `Finish` if it ended first.
@@ -301,7 +320,7 @@ class Generation:
                 waiter = self._waiter = self._loop.create_future()
             await waiter
 
-    async def _take(self) -> str:
+    async def _take(self) -> str | list[str | ChoiceDelta]:
         """Everything the engine has produced since the last call, waiting if none."""
         while True:
             with self._lock:
@@ -316,6 +335,8 @@ class Generation:
         if isinstance(last, Finish):
             self.finish = last
             events.pop()
+        if self._rich:
+            return [event for event in events if not isinstance(event, Finish)]
         return "".join(event for event in events if isinstance(event, str))
 
     async def text(self) -> str:
@@ -373,6 +394,20 @@ class EngineLoad:
     slots: int
 
 
+@dataclass(slots=True)
+class StepStats:
+    """What one decode step of a batching engine did (handed to `EngineContext.on_step`,
+    exported as Prometheus metrics)."""
+
+    sequences: int
+    prefill_tokens: int
+    decode_tokens: int
+    seconds: float
+    kv_cells_in_use: int
+    kv_cells_cached: int
+    reused_tokens: int = 0
+
+
 class Engine(Protocol):
     """What the HTTP layer needs from a model runtime."""
 
@@ -383,11 +418,8 @@ class Engine(Protocol):
     def context_length(self) -> int: ...
 
     @property
-    def early_errors(self) -> bool:
-        """True when a generation can fail before its first text with an error the client
-        should get as the HTTP status (an upstream's 400, 502, 504): the streaming handlers
-        then wait for the first event before committing the 200. False keeps time to first
-        token lowest: the 200 goes out while the prompt is still being read."""
+    def capabilities(self) -> Capabilities:
+        """What this engine (as configured) serves; request validation reads it."""
 
     def load(self) -> None:
         """Load weights (or check the upstream); blocking, called off the event loop before
@@ -396,8 +428,10 @@ class Engine(Protocol):
     def close(self) -> None:
         """Stop: called off the event loop (in a thread) at shutdown."""
 
-    async def prepare_chat(self, messages: list[dict[str, str]]) -> Prompt:
-        """The prompt for these messages (templated and tokenized by a local engine)."""
+    async def prepare_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+        """The prompt for these messages (templated and tokenized by a local engine): role
+        and text content, plus `tool_calls`, `tool_call_id` and `name` for an engine whose
+        capabilities include tools."""
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
         """The prompt for a completion's text or token ids. Token ids are checked first
@@ -425,6 +459,11 @@ class Engine(Protocol):
 
     def load_now(self) -> EngineLoad: ...
 
+    def metrics_text(self) -> str | None:
+        """The engine's own Prometheus series (text exposition, labelled `model="<id>"`),
+        such as a supervised server's; None when it has none. Called in a thread at each
+        scrape of the appliance's /metrics, so it may block briefly."""
+
 
 @dataclass(frozen=True, slots=True)
 class EngineContext:
@@ -435,3 +474,46 @@ class EngineContext:
     on_finish: Callable[[Generation, Finish], None]  # from the engine's thread, once each
     on_step: Callable[[Any], None] | None = None  # an engine's own step statistics
     environ: Mapping[str, str] | None = None  # None: os.environ (tests pass their own)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output of a predict engine's graph, as the predict API names it."""
+
+    name: str
+    datatype: str  # the wire's name of its element type: "FP32", "INT64", "BOOL", ...
+    shape: tuple[int | None, ...]  # None: a dynamic dimension (any size)
+    # The graph's names of its dynamic dimensions ("batch"), None where it has none.
+    dim_names: tuple[str | None, ...] = ()
+
+    def shape_text(self) -> str:
+        """The shape as messages show it: `[batch, 4]`, `?` for an unnamed dynamic one."""
+        names = self.dim_names or (None,) * len(self.shape)
+        dims = (
+            str(size) if size is not None else (name or "?")
+            for size, name in zip(self.shape, names, strict=True)
+        )
+        return f"[{', '.join(dims)}]"
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What an engine whose capabilities include `predict` serves besides `Engine`:
+    tensors in, tensors out (`POST /api/v1/models/{id}/predict`)."""
+
+    def signature(self) -> list[TensorSpec]:
+        """The graph's inputs (checked before `predict`: names, datatypes, shapes)."""
+
+    def output_signature(self) -> list[TensorSpec]:
+        """The graph's outputs (a request may ask for some of them by name)."""
+
+    @property
+    def max_elements(self) -> int:
+        """The most input elements (all inputs together) one request may carry."""
+
+    async def predict(
+        self, inputs: dict[str, NDArray[Any]], outputs: list[str] | None = None
+    ) -> dict[str, NDArray[Any]]:
+        """Run the graph on checked inputs; `outputs` (None: all) in the graph's order.
+        Raises `QueueFullError` when its queue is full, `TensorInputError` for values
+        the graph refuses (an index out of range), `APIError` when the runtime fails."""

@@ -6,6 +6,7 @@ An appliance config's `[[models]]` entries decode as a tagged union on `engine` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
 import msgspec
@@ -39,6 +40,11 @@ class ModelConfigBase(Struct, tag_field="engine", forbid_unknown_fields=True, kw
     def check(self, where: str, source: str) -> None:
         """Cross-key checks msgspec cannot express; raise `ConfigError` saying the fix."""
         del where, source
+
+    def preflight(self, environ: Mapping[str, str] | None = None) -> None:
+        """What must hold before the appliance binds its port (a secret in the
+        environment); raise `ModelLoadError` saying the fix. Loading is the engine's."""
+        del environ
 
     def requires_path(self, where: str, source: str, what: str) -> None:
         if self.path is None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import random
-import statistics
 import threading
 import time
 from collections import deque
@@ -43,10 +42,19 @@ from typing import Any
 
 import numpy as np
 
-from appliance._private.engines.base import EngineLoad, Finish, FinishReason, Generation, WakeBatch
+from appliance._private.engines.admission import AdmissionQueue
+from appliance._private.engines.base import (
+    EngineLoad,
+    Finish,
+    FinishReason,
+    Generation,
+    StepStats,
+    WakeBatch,
+    engine_failure,
+)
 from appliance._private.engines.llamacpp.config import KvCacheType
 from appliance._private.engines.llamacpp.textstream import StopMatcher, Utf8Stream
-from appliance._private.errors import ModelLoadError, ModelNotReadyError, QueueFullError
+from appliance._private.errors import ModelLoadError, ModelNotReadyError
 
 log = logging.getLogger("palisade.appliance.batching")
 
@@ -80,19 +88,6 @@ class BatchLimits:
         return self.kv_cache_tokens // self.max_sequences
 
 
-@dataclass(slots=True)
-class StepStats:
-    """What one decode step did (handed to the observer, e.g. Prometheus metrics)."""
-
-    sequences: int
-    prefill_tokens: int
-    decode_tokens: int
-    seconds: float
-    kv_cells_in_use: int
-    kv_cells_cached: int
-    reused_tokens: int = 0
-
-
 class _Sequence:
     __slots__ = (
         "generation",
@@ -104,6 +99,7 @@ class _Sequence:
         "prompt",
         "sampler",
         "slot",
+        "started",
         "stops",
         "utf8",
     )
@@ -120,6 +116,7 @@ class _Sequence:
         self.produced = 0
         self.next_token = -1
         self.logits_at = -1
+        self.started = 0.0  # the admission queue's clock when it took its slot
         self.utf8 = Utf8Stream()
         params = generation.params
         self.stops = StopMatcher(params.stop, include=params.include_stop_str_in_output)
@@ -189,7 +186,10 @@ class BatchScheduler:
         self._slots = [_Slot(seq_id) for seq_id in range(limits.max_sequences)]
         self._active: list[_Sequence] = []
         self._waiting: deque[Generation] = deque()
-        self._durations: deque[float] = deque(maxlen=64)
+        # Counted under `_cond`, like `_active` and `_waiting` themselves.
+        self._admission = AdmissionQueue(
+            name, limits.max_sequences, limits.max_queue, activity="decoding"
+        )
         self._reused = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -231,44 +231,31 @@ class BatchScheduler:
                     f"The model `{self._name}` is shutting down; retry on another node.",
                     retry_after=1,
                 )
-            busy = len(self._active) + len(self._waiting)
-            if busy >= self._limits.max_sequences + self._limits.max_queue:
-                raise QueueFullError(
-                    f"`{self._name}` is decoding {len(self._active)} sequences and "
-                    f"{len(self._waiting)} requests are waiting (the queue is full). Retry "
-                    "after the time in the Retry-After header.",
-                    retry_after=self._retry_after(len(self._waiting) + 1),
-                )
+            self._admission.admit()
             generation.on_cancel(self._withdraw)
             self._waiting.append(generation)
             self._cond.notify()
 
     def load(self) -> EngineLoad:
         with self._cond:
-            return EngineLoad(
-                running=len(self._active),
-                waiting=len(self._waiting),
-                slots=self._limits.max_sequences,
-            )
+            return self._admission.load()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             abandoned = list(self._waiting)
             self._waiting.clear()
+            for _ in abandoned:
+                self._admission.withdraw()
             for sequence in self._active:
                 sequence.generation.cancel()
             self._cond.notify_all()
         for generation in abandoned:
-            self._end(generation, Finish("error", 0, 0, error="the appliance is shutting down"))
+            shutdown = engine_failure("the appliance is shutting down")
+            self._end(generation, Finish("error", 0, 0, shutdown))
         self._thread.join(timeout=60)
         self._l.llama_batch_free(self._batch)
         self._l.llama_free(self._ctx)
-
-    def _retry_after(self, waiting: int) -> int:
-        typical = statistics.median(self._durations) if self._durations else 1.0
-        rounds = waiting / self._limits.max_sequences
-        return max(1, min(60, round(typical * max(1.0, rounds))))
 
     def _withdraw(self, generation: Generation) -> None:
         with self._cond:
@@ -276,6 +263,7 @@ class BatchScheduler:
                 self._waiting.remove(generation)
             except ValueError:
                 return  # already running: the worker notices before its next step
+            self._admission.withdraw()
         self._end(generation, Finish("cancelled", 0, 0))  # never started: nothing to bill
 
     def _end(self, generation: Generation, finish: Finish) -> None:
@@ -306,13 +294,19 @@ class BatchScheduler:
             while self._waiting and len(self._active) < self._limits.max_sequences:
                 generation = self._waiting.popleft()
                 if generation.cancelled:
+                    self._admission.withdraw()
                     withdrawn.append((generation, Finish("cancelled", 0, 0)))
                     continue
                 try:
-                    self._active.append(self._place(generation))
+                    sequence = self._place(generation)
                 except Exception as exc:
                     log.exception("could not start a sequence on model %s", self._name)
-                    withdrawn.append((generation, Finish("error", 0, 0, type(exc).__name__)))
+                    self._admission.withdraw()
+                    failed = Finish("error", 0, 0, engine_failure(type(exc).__name__))
+                    withdrawn.append((generation, failed))
+                    continue
+                sequence.started = self._admission.start()
+                self._active.append(sequence)
         for generation, finish in withdrawn:
             self._end(generation, finish)
         return True
@@ -592,15 +586,18 @@ class BatchScheduler:
         slot.cached = sequence.prompt[:kept] if reason != "error" else []
         if reason == "error":
             self._l.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        admission = self._admission
+        # Completed requests' running times set the typical duration behind Retry-After.
+        duration = admission.clock() - sequence.started if reason in ("stop", "length") else None
         with self._cond:
             slot.busy = False
+            admission.finish(duration)
         if sequence.sampler is not None:
             self._l.llama_sampler_free(sequence.sampler)
         # The prompt is billed in full once read (a reused prefix included, as OpenAI bills
         # cached prompt tokens); a request cancelled part-way is billed what it read.
-        finish = Finish(reason, sequence.prefilled, sequence.produced, error=error)
-        if generation.first_token_at is not None:
-            self._durations.append(time.perf_counter() - generation.submitted_at)
+        failure = engine_failure(error or "no result") if reason == "error" else None
+        finish = Finish(reason, sequence.prefilled, sequence.produced, failure)
         self._end(generation, finish)
 
     def _report(self, started: float, sequences: int, prefill: int, decode: int) -> None:

@@ -14,26 +14,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance._private import inference
+from appliance._private.engines.admission import AdmissionQueue
 from appliance._private.engines.base import (
+    Capabilities,
     EngineContext,
     EngineLoad,
     Finish,
     Generation,
     Prompt,
     SamplingParams,
+    StepStats,
 )
 from appliance._private.engines.llamacpp.batching import (
     BatchLimits,
     BatchScheduler,
     PoisonFn,
-    StepStats,
 )
 from appliance._private.engines.llamacpp.config import LlamaCppModel
+from appliance._private.engines.llamacpp.gpu import accelerator, check_gpu_offload, gpu_kwargs
 from appliance._private.errors import (
     ContextLengthExceededError,
     ModelLoadError,
     ModelNotReadyError,
-    QueueFullError,
 )
 from federation import InvalidRequestError
 
@@ -70,7 +72,14 @@ class LlamaCppEngine:
         self._textless: frozenset[int] = frozenset()
         self._scheduler: BatchScheduler | None = None
         self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._embeds_waiting = 0
+        self._embeds = AdmissionQueue(f"{config.id} (embeddings)", 1, config.max_queue)
+        # Only internal failures (500): commit the 200 at once, TTFT matters.
+        self._capabilities = Capabilities(
+            tokenizes_locally=True,
+            early_errors=False,
+            embeddings=config.embeddings,
+            accelerator=accelerator(config),
+        )
 
     @property
     def ready(self) -> bool:
@@ -81,8 +90,8 @@ class LlamaCppEngine:
         return self._config.context_length
 
     @property
-    def early_errors(self) -> bool:
-        return False  # only internal failures (500): commit the 200 at once, TTFT matters
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
 
     def load(self) -> None:
         if not self._path.is_file():
@@ -91,6 +100,9 @@ class LlamaCppEngine:
                 "`palisade models fetch-default` for the default model, or fix `path` "
                 "in the appliance config."
             )
+        import llama_cpp  # heavy: imported on load only
+
+        check_gpu_offload(self._config, llama_cpp)
         self._llm = self._open(embedding=False)
         self._formatter = self._chat_formatter()
         self._eog = self._end_of_generation_tokens()
@@ -130,7 +142,8 @@ class LlamaCppEngine:
         self._llm = self._embedder = None
 
     def _open(self, *, embedding: bool) -> Any:
-        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama  # heavy: imported on load only
+        import llama_cpp
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
 
         extra: dict[str, Any] = {"n_ctx": _TOKENIZER_CONTEXT}
         if embedding:
@@ -148,6 +161,7 @@ class LlamaCppEngine:
                 n_threads_batch=self._threads,
                 embedding=embedding,
                 verbose=False,
+                **gpu_kwargs(self._config, llama_cpp),
                 **extra,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -269,6 +283,9 @@ class LlamaCppEngine:
             return EngineLoad(running=0, waiting=0, slots=self._config.max_sequences)
         return self._scheduler.load()
 
+    def metrics_text(self) -> str | None:
+        return None  # everything it measures is in the appliance's own registry
+
     # --- embeddings -----------------------------------------------------------------------
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -294,17 +311,10 @@ class LlamaCppEngine:
                     f"{self._config.context_length}. Shorten or split the input.",
                     param="input",
                 )
-        if self._embeds_waiting > self._config.max_queue:
-            raise QueueFullError(
-                f"The embedding queue for `{self._config.id}` is full; retry shortly.",
-                retry_after=1,
-            )
-        self._embeds_waiting += 1
-        try:
+        self._embeds.admit()
+        async with self._embeds.slot():  # one at a time, on the embedding context's thread
             loop = asyncio.get_running_loop()
             vectors, total = await loop.run_in_executor(self._embed_pool, self._embed_sync, texts)
-        finally:
-            self._embeds_waiting -= 1
         return vectors, total
 
     def _embed_sync(self, texts: list[str]) -> tuple[list[list[float]], int]:

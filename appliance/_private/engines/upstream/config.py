@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Annotated
 
 from msgspec import Meta
 
 from appliance._private.engines.config import ModelConfigBase
+from appliance._private.errors import ModelLoadError
 from federation import ConfigError
 
 # The NAME of an environment variable (never the key itself: that stays out of config files).
@@ -30,3 +33,20 @@ class UpstreamModel(ModelConfigBase, tag="openai", forbid_unknown_fields=True, k
                 f'{source}: `{where}.upstream_url` is required when engine = "openai"; set '
                 'it to the upstream\'s base URL including /v1, e.g. "http://gpu-1:8000/v1".'
             )
+
+    def preflight(self, environ: Mapping[str, str] | None = None) -> None:
+        self.api_key(environ)
+
+    def api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The upstream API key from the environment variable named by `upstream_key_env`."""
+        name = self.upstream_key_env
+        if name is None:
+            return None
+        key = (os.environ if environ is None else environ).get(name, "")
+        if not key:
+            raise ModelLoadError(
+                f"`{self.id}` reads its upstream API key from the environment variable {name} "
+                "(upstream_key_env), but it is not set. Export it before starting the "
+                "appliance, or remove upstream_key_env if the upstream needs no key."
+            )
+        return key

@@ -15,13 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
-import contextlib
 import logging
-import os
-import statistics
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import httpx
@@ -29,20 +25,23 @@ import msgspec
 from msgspec import Struct
 
 from appliance._private import inference
+from appliance._private.engines.admission import AdmissionQueue
 from appliance._private.engines.base import (
+    Capabilities,
+    ChoiceDelta,
     EngineContext,
     EngineLoad,
     Finish,
     FinishReason,
     Generation,
     Prompt,
+    RequestFeatures,
     SamplingParams,
 )
 from appliance._private.engines.upstream.config import UpstreamModel
 from appliance._private.errors import (
     ModelLoadError,
     ModelNotReadyError,
-    QueueFullError,
     UnsupportedParameterError,
     UpstreamError,
     UpstreamRejectedError,
@@ -72,12 +71,15 @@ class _Usage(Struct):
 
 class _Delta(Struct):
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class _ChunkChoice(Struct):
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
+    index: int = 0
+    logprobs: dict[str, Any] | None = None
 
 
 class _ErrorBody(Struct):
@@ -125,21 +127,6 @@ _ENCODE = msgspec.json.encode
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def upstream_key(config: UpstreamModel, environ: Mapping[str, str] | None = None) -> str | None:
-    """The upstream API key from the environment variable named by `upstream_key_env`."""
-    name = config.upstream_key_env
-    if name is None:
-        return None
-    key = (os.environ if environ is None else environ).get(name, "")
-    if not key:
-        raise ModelLoadError(
-            f"`{config.id}` reads its upstream API key from the environment variable {name} "
-            "(upstream_key_env), but it is not set. Export it before starting the appliance, "
-            "or remove upstream_key_env if the upstream needs no key."
-        )
-    return key
-
-
 class OpenAIUpstreamEngine:
     """Forwards generations and embeddings to an OpenAI-compatible server."""
 
@@ -163,12 +150,14 @@ class OpenAIUpstreamEngine:
         self._secret: str | None = None
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots = asyncio.Semaphore(config.max_concurrency)
-        self._running = 0
-        self._waiting = 0
+        self._admission = AdmissionQueue(
+            config.id,
+            config.max_concurrency,
+            config.max_queue,
+            activity="in flight to the upstream",
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._closer: asyncio.Task[None] | None = None
-        self._durations: deque[float] = deque(maxlen=64)
         self._ready = False
 
     @property
@@ -180,8 +169,19 @@ class OpenAIUpstreamEngine:
         return self._config.context_length
 
     @property
-    def early_errors(self) -> bool:
-        return True  # the upstream's 4xx/5xx become the HTTP status
+    def capabilities(self) -> Capabilities:
+        # An OpenAI-compatible upstream decides what it serves: its 400 passes through.
+        # Its 4xx/5xx become the HTTP status (early errors).
+        return Capabilities(
+            tokenizes_locally=False,
+            early_errors=True,
+            embeddings=self._config.embeddings,
+            logprobs=True,
+            n=True,
+            tools=True,
+            structured_output=True,
+            accelerator=self._config.device_class,
+        )
 
     # --- lifecycle (load and close run in a worker thread, off the event loop) ----------
 
@@ -190,7 +190,7 @@ class OpenAIUpstreamEngine:
         while it refuses connections, e.g. when it starts together with the appliance)."""
         # httpx logs every request at INFO: far too much for a gateway forwarding thousands.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        self._secret = upstream_key(self._config, self._environ)
+        self._secret = self._config.api_key(self._environ)
         if self._secret is not None:
             self._headers = {"Authorization": f"Bearer {self._secret}"}
         url = f"{self._base}/models"
@@ -300,9 +300,8 @@ class OpenAIUpstreamEngine:
 
     # --- prompts: no tokenizer here, so sizes are upper bounds ------------------------------
 
-    async def prepare_chat(self, messages: list[dict[str, str]]) -> Prompt:
-        size = sum(len(message["content"].encode()) + _MESSAGE_OVERHEAD for message in messages)
-        return Prompt(size, messages=messages)
+    async def prepare_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+        return Prompt(sum(map(_message_size, messages)), messages=messages)
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
         if isinstance(source, str):
@@ -338,10 +337,9 @@ class OpenAIUpstreamEngine:
                 code="invalid_value",
                 param="prompt",
             )
-        self._check_queue()
         loop = asyncio.get_running_loop()
         generation = Generation(prompt, params, loop, on_done)
-        self._waiting += 1
+        self._admission.admit()
         task = loop.create_task(self._run(generation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -349,45 +347,17 @@ class OpenAIUpstreamEngine:
         return generation
 
     def load_now(self) -> EngineLoad:
-        return EngineLoad(
-            running=self._running, waiting=self._waiting, slots=self._config.max_concurrency
-        )
+        return self._admission.load()
 
-    def _check_queue(self) -> None:
-        slots, queue = self._config.max_concurrency, self._config.max_queue
-        busy = self._running + self._waiting
-        if busy >= slots + queue:
-            typical = statistics.median(self._durations) if self._durations else 1.0
-            raise QueueFullError(
-                f"The request queue for `{self._config.id}` is full ({slots} in flight to the "
-                f"upstream, {queue} waiting). Retry after the time in the Retry-After header.",
-                retry_after=max(1, min(60, round(typical * busy / slots))),
-            )
-
-    @contextlib.asynccontextmanager
-    async def _upstream_slot(self) -> AsyncIterator[None]:
-        """One of `max_concurrency` requests in flight to the upstream. The caller counted
-        itself waiting when it was admitted; it stops waiting here, also if cancelled."""
-        queued = True
-        try:
-            async with self._slots:
-                self._waiting -= 1
-                queued = False
-                self._running += 1
-                try:
-                    yield
-                finally:
-                    self._running -= 1
-        finally:
-            if queued:
-                self._waiting -= 1
+    def metrics_text(self) -> str | None:
+        return None  # everything it measures is in the appliance's own registry
 
     async def _run(self, generation: Generation) -> None:
         """One generation, start to end; always closes it and reports the finish."""
-        started = time.perf_counter()
         progress = _Progress(generation.prompt)
         try:
-            async with self._upstream_slot():
+            # One of max_concurrency in flight upstream; completed ones time Retry-After.
+            async with self._admission.slot():
                 await self._generate(generation, progress)
             finish = progress.finish()
         except asyncio.CancelledError:
@@ -400,8 +370,6 @@ class OpenAIUpstreamEngine:
             finish = progress.failed(
                 UpstreamError(f"The upstream engine's reply could not be read ({reason}).")
             )
-        if finish.reason in ("stop", "length"):  # typical durations, for Retry-After
-            self._durations.append(time.perf_counter() - started)
         generation.close(finish)
         self._on_finish(generation, finish)
 
@@ -414,6 +382,7 @@ class OpenAIUpstreamEngine:
         else:
             body["prompt"] = prompt.text
         body |= _sampling(generation.params)
+        body |= _features(generation.params.features, chat=prompt.messages is not None)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         client = self._session()
@@ -454,15 +423,35 @@ class OpenAIUpstreamEngine:
             if chunk.usage is not None:
                 progress.usage = chunk.usage
             for choice in chunk.choices or ():
-                text = choice.delta.content if choice.delta is not None else choice.text
-                if text:
-                    progress.produced += 1
-                    generation.emit(text, tokens=self._completion_tokens(progress, chunk))
-                if choice.finish_reason is not None:
-                    progress.reason = "length" if choice.finish_reason == "length" else "stop"
+                self._take_choice(generation, progress, chunk, choice)
         if progress.reason is None:
             self._malformed("the stream ended before a finish_reason or [DONE]")
         progress.done = True
+
+    def _take_choice(
+        self, generation: Generation, progress: _Progress, chunk: _Chunk, choice: _ChunkChoice
+    ) -> None:
+        """Choice-0 text goes out as plain text (the hot path); anything else (another
+        choice, tool-call fragments, log probabilities, a finish reason other than stop or
+        length) as a `ChoiceDelta`, in the upstream's own shapes."""
+        delta, reason = choice.delta, choice.finish_reason
+        text = (delta.content if delta is not None else choice.text) or ""
+        tool_calls = (delta.tool_calls if delta is not None else None) or None
+        if choice.index == 0 and reason is not None:
+            progress.reason = "length" if reason == "length" else "stop"
+        if choice.index == 0 and reason in (None, "stop", "length"):
+            reason = None  # the generation's own end says it
+            if tool_calls is None and choice.logprobs is None:
+                if text:
+                    progress.produced += 1
+                    generation.emit(text, tokens=self._completion_tokens(progress, chunk))
+                return
+        if text or tool_calls or choice.logprobs:
+            progress.produced += 1
+        elif reason is None:
+            return  # nothing in it (a role-only first chunk of another choice)
+        rich = ChoiceDelta(choice.index, text, tool_calls, choice.logprobs, reason)
+        generation.emit_delta(rich, tokens=self._completion_tokens(progress, chunk))
 
     @staticmethod
     def _completion_tokens(progress: _Progress, chunk: _Chunk) -> int:
@@ -485,11 +474,10 @@ class OpenAIUpstreamEngine:
                 f"The model `{self._config.id}` is not connected to its upstream yet.",
                 retry_after=1,
             )
-        self._check_queue()
+        self._admission.admit()
         body = {"model": self._model, "input": texts, "encoding_format": "float"}
         path = "/embeddings"
-        self._waiting += 1
-        async with self._upstream_slot():
+        async with self._admission.slot():
             try:
                 response = await self._session().post(
                     path, content=_ENCODE(body), headers=_JSON_HEADERS
@@ -634,15 +622,7 @@ class _Progress:
 
     def failed(self, exc: APIError) -> Finish:
         prompt_tokens, completion_tokens = self._counts() if self.produced else (0, 0)
-        return Finish(
-            "error",
-            prompt_tokens,
-            completion_tokens,
-            error=exc.message,
-            status=exc.status_code,
-            code=exc.code,
-            param=exc.param,
-        )
+        return Finish("error", prompt_tokens, completion_tokens, exc)
 
 
 def _sampling(params: SamplingParams) -> dict[str, Any]:
@@ -674,6 +654,38 @@ def _sampling(params: SamplingParams) -> dict[str, Any]:
         name: value for name, value in extensions.items() if value != getattr(defaults, name)
     }
     return fields
+
+
+def _features(features: RequestFeatures | None, *, chat: bool) -> dict[str, Any]:
+    """What the client asked for beyond sampling, as OpenAI request fields (only what it
+    set: an upstream decides what it serves, and its 400 names what it refuses)."""
+    if features is None:
+        return {}
+    fields: dict[str, Any] = {"n": features.n} if features.n != 1 else {}
+    if not chat:  # completions: `logprobs` is the number of alternatives
+        if features.logprobs:
+            fields["logprobs"] = features.top_logprobs or 0
+        return fields
+    if features.logprobs:
+        fields["logprobs"] = True
+    optional = {
+        "top_logprobs": features.top_logprobs,
+        "tools": features.tools,
+        "tool_choice": features.tool_choice,
+        "parallel_tool_calls": features.parallel_tool_calls,
+        "response_format": features.response_format,
+    }
+    return fields | {name: value for name, value in optional.items() if value is not None}
+
+
+def _message_size(message: dict[str, Any]) -> int:
+    """An upper bound on one message's tokens: its text bytes, its tool calls' JSON and
+    the template's overhead."""
+    content = message.get("content")
+    size = len(content.encode()) if isinstance(content, str) else 0
+    if message.get("tool_calls"):
+        size += len(_ENCODE(message["tool_calls"]))
+    return size + _MESSAGE_OVERHEAD
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
