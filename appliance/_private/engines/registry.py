@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 from appliance._private.engines.base import Engine, EngineContext
 from appliance._private.engines.config import ModelConfigBase
 from appliance._private.engines.llamacpp.config import LlamaCppModel
+from appliance._private.engines.onnx.config import OnnxModel
 from appliance._private.engines.scripted.config import ScriptedModel
 from appliance._private.engines.upstream.config import UpstreamModel
 
@@ -34,6 +35,7 @@ ENGINES: dict[str, EngineEntry] = {
         EngineEntry(LlamaCppModel, "llamacpp.engine:LlamaCppEngine"),
         EngineEntry(UpstreamModel, "upstream.engine:OpenAIUpstreamEngine"),
         EngineEntry(ScriptedModel, "scripted.engine:ScriptedEngine"),
+        EngineEntry(OnnxModel, "onnx.engine:OnnxEngine"),
     )
 }
 
