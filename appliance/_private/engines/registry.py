@@ -16,7 +16,9 @@ from appliance._private.engines.config import ModelConfigBase
 from appliance._private.engines.llamacpp.config import LlamaCppModel
 from appliance._private.engines.onnx.config import OnnxModel
 from appliance._private.engines.scripted.config import ScriptedModel
+from appliance._private.engines.tensorrt_llm.config import TensorRTLLMModel
 from appliance._private.engines.upstream.config import UpstreamModel
+from appliance._private.engines.vllm.config import VllmModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ ENGINES: dict[str, EngineEntry] = {
         EngineEntry(LlamaCppModel, "llamacpp.engine:LlamaCppEngine"),
         EngineEntry(UpstreamModel, "upstream.engine:OpenAIUpstreamEngine"),
         EngineEntry(ScriptedModel, "scripted.engine:ScriptedEngine"),
+        EngineEntry(VllmModel, "vllm.engine:VllmEngine"),
+        EngineEntry(TensorRTLLMModel, "tensorrt_llm.engine:TensorRTLLMEngine"),
         EngineEntry(OnnxModel, "onnx.engine:OnnxEngine"),
     )
 }

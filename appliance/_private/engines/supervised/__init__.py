@@ -1,0 +1,1 @@
+"""Engines the appliance runs as child processes and supervises (vLLM, TensorRT-LLM)."""

@@ -1,0 +1,1 @@
+"""`engine = "tensorrt_llm"`: the appliance runs and supervises `trtllm-serve`."""

@@ -1,0 +1,1 @@
+"""`engine = "vllm"`: the appliance runs and supervises `vllm serve`."""
