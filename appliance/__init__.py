@@ -1,6 +1,6 @@
 """The edge node's data plane: engines, scheduling, the OpenAI endpoints and metrics."""
 
-from appliance._private.app import ApplianceState, create_app
+from appliance._private.app import ApplianceState, Node, create_app
 from appliance._private.cli import appliance_cli, models_cli
 from appliance._private.config import (
     DEFAULT_MODEL_FILE,
@@ -11,11 +11,14 @@ from appliance._private.config import (
     palisade_home,
 )
 from appliance._private.engines.base import (
+    Capabilities,
+    ChoiceDelta,
     Engine,
     EngineLoad,
     Finish,
     Generation,
     Prompt,
+    RequestFeatures,
     SamplingParams,
 )
 from appliance._private.engines.config import ModelConfigBase
@@ -56,6 +59,8 @@ __all__ = [
     "ApplianceConfig",
     "ApplianceError",
     "ApplianceState",
+    "Capabilities",
+    "ChoiceDelta",
     "ContextLengthExceededError",
     "Engine",
     "EngineLoad",
@@ -71,9 +76,11 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "ModelNotReadyError",
+    "Node",
     "OpenAIUpstreamEngine",
     "Prompt",
     "QueueFullError",
+    "RequestFeatures",
     "RouterRefusedError",
     "SamplingParams",
     "UnsupportedParameterError",

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -109,6 +109,18 @@ def _words(value: object) -> int:
     return 0
 
 
+def _stopped_at(count: int, stop: object) -> int | None:
+    """How many tokens come before the first stop sequence in the text (whole tokens:
+    a stop starting inside a token drops that token); None when no stop occurs."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    text = _text(count)
+    found = [text.find(item) for item in stops if isinstance(item, str) and item in text]
+    if not found:
+        return None
+    cut = min(found)
+    return next(index for index in range(count + 1) if len(_text(index + 1)) > cut)
+
+
 def _vector(item: object) -> list[float]:
     seed = zlib.crc32(_ENCODE(item))
     return [((seed >> (index * 4)) & 0xFF) / 255.0 - 0.5 for index in range(_DIMENSIONS)]
@@ -134,6 +146,8 @@ class Standin:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/readyz", self.ready)
         app.router.add_get("/healthz", self.ready)
+        app.router.add_get("/health", self.ready)  # vLLM's and trtllm-serve's health check
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/stats", self.stats_view)
         app.router.add_post("/control", self.control)
         return app
@@ -201,12 +215,18 @@ class Standin:
         reason = "stop"
         if isinstance(limit, int) and limit < count:
             count, reason = limit, "length"
+        stopped = _stopped_at(count, body.get("stop"))
+        if stopped is not None:
+            count, reason = stopped, "stop"
         usage = {
             "prompt_tokens": _words(prompt),
             "completion_tokens": count,
             "total_tokens": _words(prompt) + count,
         }
         model = body.get("model", settings.model)
+        if _wants_rich(body):
+            answer = _RichAnswer(body, chat=chat, count=count, reason=reason)
+            return await self._rich(request, answer, chat=chat, model=model, usage=usage)
         if body.get("stream"):
             options = body.get("stream_options") or {}
             usage_wanted = bool(options.get("include_usage"))
@@ -314,6 +334,44 @@ class Standin:
         stats.streams_completed += 1
         return response
 
+    async def _rich(
+        self,
+        request: web.Request,
+        answer: _RichAnswer,
+        *,
+        chat: bool,
+        model: str,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        """n choices, tool calls, log probabilities or JSON output (`_RichAnswer`)."""
+        usage = usage | {
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": usage["prompt_tokens"] + answer.completion_tokens,
+        }
+        event: dict[str, Any] = {
+            "id": self._next_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        body = answer.body
+        if not body.get("stream"):
+            payload = event | {"choices": answer.whole(), "usage": usage}
+            return web.Response(body=_ENCODE(payload), content_type=_JSON)
+        event["object"] += ".chunk" if chat else ""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        self.stats.streams_started += 1
+        await response.prepare(request)
+        for choices in answer.chunks():
+            await response.write(b"data: " + _ENCODE(event | {"choices": choices}) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            tail = event | {"choices": [], "usage": usage}
+            await response.write(b"data: " + _ENCODE(tail) + b"\n\n")
+        await response.write(_DONE)
+        await response.write_eof()
+        self.stats.streams_completed += 1
+        return response
+
     # --- the rest of the API ------------------------------------------------------------
 
     async def embeddings(self, request: web.Request) -> web.Response:
@@ -355,6 +413,23 @@ class Standin:
         del request
         return web.Response(body=b'{"status": "ok"}', content_type=_JSON)
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        del request
+        return web.Response(text=self.metrics_text("vllm:"), content_type="text/plain")
+
+    def metrics_text(self, prefix: str) -> str:
+        """A few Prometheus series as an engine names them (`vllm:`, `trtllm_`)."""
+        label = f'{{model_name="{self.settings.model}"}}'
+        running, done = self.stats.in_flight, self.stats.streams_completed
+        return (
+            f"# HELP {prefix}num_requests_running Requests running now.\n"
+            f"# TYPE {prefix}num_requests_running gauge\n"
+            f"{prefix}num_requests_running{label} {running}\n"
+            f"# HELP {prefix}request_success_total Requests finished.\n"
+            f"# TYPE {prefix}request_success_total counter\n"
+            f"{prefix}request_success_total{label} {done}\n"
+        )
+
     async def stats_view(self, request: web.Request) -> web.Response:
         del request
         stats = self.stats
@@ -391,6 +466,139 @@ class Standin:
         return web.Response(body=_ENCODE(current), content_type=_JSON)
 
 
+# --- rich answers: n choices, tool calls, log probabilities, JSON output -----------------
+
+
+def _wants_rich(body: dict[str, Any]) -> bool:
+    form = (body.get("response_format") or {}).get("type", "text")
+    return bool(
+        body.get("n", 1) != 1
+        or body.get("tools")
+        or body.get("logprobs") not in (None, False)
+        or form != "text"
+    )
+
+
+class _RichAnswer:
+    """A deterministic rich answer. Choice i says " tok0 tok1 ..." (choice 0) or
+    " c{i}tok0 ..." (the others); with `tools` (and tool_choice not "none") every choice
+    calls the first tool with each of its parameters set to "standin", its arguments
+    streamed in two fragments; with `logprobs`, every piece has log probability -0.5 (and
+    `top_logprobs` alternatives); with `response_format` json_object or json_schema, the
+    text is a JSON object (the schema's properties filled by type), streamed in pieces."""
+
+    def __init__(self, body: dict[str, Any], *, chat: bool, count: int, reason: str) -> None:
+        self.body, self.chat, self.count, self.reason = body, chat, count, reason
+        self.n = max(1, int(body.get("n", 1)))
+        tools = body.get("tools") or []
+        self.tool = tools[0]["function"] if tools and body.get("tool_choice") != "none" else None
+        self.logprobs = body.get("logprobs") not in (None, False)
+        top = body.get("top_logprobs") if chat else body.get("logprobs")
+        self.top = int(top) if isinstance(top, int) and not isinstance(top, bool) else 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.count * self.n
+
+    def _pieces(self, index: int) -> list[str]:
+        form = self.body.get("response_format") or {}
+        if form.get("type") in ("json_object", "json_schema"):
+            text = _ENCODE(_json_answer(form)).decode()
+            return [text[start : start + 8] for start in range(0, len(text), 8)]
+        prefix = "" if index == 0 else f"c{index}"
+        return [f" {prefix}tok{step}" for step in range(self.count)]
+
+    def _logprobs(self, piece: str, offset: int) -> dict[str, Any]:
+        if self.chat:
+            alternatives = [{"token": f"alt{k}", "logprob": -1.0 - k} for k in range(self.top)]
+            entry = {"token": piece, "logprob": -0.5, "bytes": list(piece.encode())}
+            return {"content": [entry | {"top_logprobs": alternatives}]}
+        return {
+            "tokens": [piece],
+            "token_logprobs": [-0.5],
+            "top_logprobs": [{piece: -0.5}],
+            "text_offset": [offset],
+        }
+
+    def _calls(self) -> list[str]:
+        """The tool call's arguments, in two fragments."""
+        assert self.tool is not None
+        names = (self.tool.get("parameters") or {}).get("properties") or {}
+        arguments = _ENCODE(dict.fromkeys(names, "standin")).decode()
+        half = len(arguments) // 2
+        return [arguments[:half], arguments[half:]]
+
+    def chunks(self) -> Iterator[list[dict[str, Any]]]:
+        """The stream's choices, one chunk per step of every choice."""
+        for index in range(self.n):
+            if self.chat:
+                role: dict[str, Any] = {"role": "assistant", "content": ""}
+                yield [{"index": index, "delta": role, "finish_reason": None}]
+            if self.tool is not None and self.chat:
+                for step, fragment in enumerate(self._calls()):
+                    call: dict[str, Any] = {"index": 0, "function": {"arguments": fragment}}
+                    if step == 0:
+                        call |= {"id": f"call_{index}", "type": "function"}
+                        call["function"]["name"] = self.tool["name"]
+                    delta = {"tool_calls": [call]}
+                    yield [{"index": index, "delta": delta, "finish_reason": None}]
+                yield [{"index": index, "delta": {}, "finish_reason": "tool_calls"}]
+                continue
+            offset = 0
+            for piece in self._pieces(index):
+                choice: dict[str, Any] = {"index": index, "finish_reason": None}
+                choice |= {"delta": {"content": piece}} if self.chat else {"text": piece}
+                if self.logprobs:
+                    choice["logprobs"] = self._logprobs(piece, offset)
+                offset += len(piece)
+                yield [choice]
+            last: dict[str, Any] = {"index": index, "finish_reason": self.reason}
+            yield [last | {"delta": {}} if self.chat else last | {"text": ""}]
+
+    def whole(self) -> list[dict[str, Any]]:
+        """The non-streamed choices."""
+        choices = []
+        for index in range(self.n):
+            choice: dict[str, Any] = {"index": index, "finish_reason": self.reason}
+            if self.tool is not None and self.chat:
+                call = {
+                    "id": f"call_{index}",
+                    "type": "function",
+                    "function": {"name": self.tool["name"], "arguments": "".join(self._calls())},
+                }
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+                choices.append(choice | {"message": message, "finish_reason": "tool_calls"})
+                continue
+            pieces = self._pieces(index)
+            text = "".join(pieces)
+            choice |= (
+                {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            )
+            if self.logprobs:
+                merged: dict[str, Any] = {}
+                offset = 0
+                for piece in pieces:
+                    for key, value in self._logprobs(piece, offset).items():
+                        merged[key] = merged.get(key, []) + value
+                    offset += len(piece)
+                choice["logprobs"] = merged
+            choices.append(choice)
+        return choices
+
+
+def _json_answer(form: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object for `response_format`: the schema's properties filled by type."""
+    schema = (form.get("json_schema") or {}).get("schema") or {}
+    properties = schema.get("properties")
+    if not isinstance(properties, dict):
+        return {"answer": "standin"}
+    by_type: dict[Any, Any] = {"string": "standin", "integer": 1, "number": 0.5, "boolean": True}
+    return {
+        name: by_type.get(spec.get("type") if isinstance(spec, dict) else None)
+        for name, spec in properties.items()
+    }
+
+
 # --- running it -------------------------------------------------------------------------
 
 
@@ -416,15 +624,24 @@ class StandinTLS:
         return context
 
 
-async def serve(host: str, port: int, settings: Settings, tls: StandinTLS | None = None) -> None:
-    """Bind, print the listening line, serve until SIGTERM or SIGINT."""
+async def serve(
+    host: str,
+    port: int,
+    settings: Settings,
+    tls: StandinTLS | None = None,
+    extend: Callable[[Standin, web.Application], None] | None = None,
+) -> None:
+    """Bind, print the listening line, serve until SIGTERM or SIGINT. `extend` adds routes
+    (an engine stand-in's own endpoints)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    runner = web.AppRunner(
-        Standin(settings).app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
-    )
+    standin = Standin(settings)
+    app = standin.app()
+    if extend is not None:
+        extend(standin, app)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     context = tls.context() if tls is not None else None
     site = web.SockSite(runner, sock, backlog=2048, ssl_context=context)

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from appliance._private.engines.llamacpp.config import LlamaCppModel
 from appliance._private.engines.registry import ENGINES, ModelConfig
 from federation import (
     ConfigError,
@@ -87,7 +86,8 @@ def palisade_home() -> Path:
 
 
 def default_model_config() -> ModelConfig:
-    return LlamaCppModel(id=DEFAULT_MODEL_ID, path=f"models/{DEFAULT_MODEL_FILE}")
+    default = ENGINES[_DEFAULT_ENGINE].config
+    return default(id=DEFAULT_MODEL_ID, path=f"models/{DEFAULT_MODEL_FILE}")
 
 
 def load_appliance_config(

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections import deque
 from pathlib import Path
+from typing import Literal
 
+from appliance._private.digest import default_version
 from appliance._private.engines.base import Engine, EngineContext, Finish, Generation
 from appliance._private.engines.registry import ModelConfig, create_engine
 from appliance._private.metrics import ApplianceMetrics
 from federation import ModelCard, Performance
 
+# loading: beside the serving version, no traffic yet; serving: takes new requests;
+# draining: replaced or removed, finishing its in-flight requests; closed: unloaded.
+ModelState = Literal["loading", "serving", "draining", "closed"]
+
+# The capability flags a model card lists when true (`ModelCard.capabilities`).
+CAPABILITY_NAMES = ("embeddings", "logprobs", "n", "tools", "structured_output", "predict")
 _WINDOW = 256
 # Weight of the newest sample in the moving averages the router selects by.
 _EWMA_ALPHA = 0.3
@@ -22,7 +31,15 @@ class ServedModel:
         self, config: ModelConfig, home: Path, path: Path | None, metrics: ApplianceMetrics
     ) -> None:
         self.config = config
+        self.path = path
         self.created = int(time.time())
+        self.state: ModelState = "loading"
+        # What is served: the configured values until `verified` sets the file's digest
+        # (and the version it implies when none is configured).
+        self.version: str | None = config.version
+        self.sha256: str | None = config.sha256
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
         context = EngineContext(
             home=home,
             path=path,
@@ -35,18 +52,48 @@ class ServedModel:
         self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)
         self.ttft_ewma_ms: float | None = None
         self.tpot_ewma_ms: float | None = None
-        metrics.watch_load(config.id, self.engine.load_now)
 
     @property
     def id(self) -> str:
         return self.config.id
 
+    def verified(self, sha256: str | None) -> None:
+        """Record the digest checked at load; `version` defaults to its first 12 digits."""
+        self.sha256 = sha256
+        if self.version is None and sha256 is not None:
+            self.version = default_version(sha256)
+
+    def serving(self) -> None:
+        """Loaded and taking traffic: its queue and readiness are what metrics show."""
+        self.state = "serving"
+        self._metrics.watch_load(self.config.id, self.engine.load_now)
+        self._metrics.model_ready.labels(self.config.id).set(1)
+
+    def withdrawn(self) -> None:
+        """Removed: no longer served under its id."""
+        self._metrics.model_ready.labels(self.config.id).set(0)
+
+    def acquire(self) -> None:
+        """One more request in flight (on the event loop, right after the model lookup)."""
+        self.in_flight += 1
+
+    def release(self) -> None:
+        """That request is over, however it ended; exactly once per `acquire`."""
+        self.in_flight -= 1
+        if self.in_flight <= 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no request is in flight."""
+        while self.in_flight > 0:
+            self._idle = self._idle or asyncio.Event()
+            self._idle.clear()
+            await self._idle.wait()
+
     def _finished(self, generation: Generation, finish: Finish) -> None:
-        """Called once per generation, from whichever thread finished it."""
+        """Called once per generation, from whichever thread finished it: its latency, timed
+        here (the counters, settlement and audit row are the ledger's, on the loop)."""
         model, metrics = self.config.id, self._metrics
-        metrics.generations.labels(model, finish.reason).inc()
-        metrics.prompt_tokens.labels(model).inc(finish.prompt_tokens)
-        metrics.completion_tokens.labels(model).inc(finish.completion_tokens)
         first = generation.first_token_at
         if first is None:
             return
@@ -64,6 +111,7 @@ class ServedModel:
         return Performance(ttft_p50_ms=_median(self._ttft_ms), tpot_p50_ms=_median(self._tpot_ms))
 
     def card(self, region: str) -> ModelCard:
+        capabilities = self.engine.capabilities
         return ModelCard(
             id=self.config.id,
             created=self.created,
@@ -73,6 +121,11 @@ class ServedModel:
             region=region,
             device_class=self.config.device_class,
             context_length=self.config.context_length,
+            engine=self.config.engine,
+            accelerator=capabilities.accelerator,
+            version=self.version,
+            sha256=self.sha256,
+            capabilities=[name for name in CAPABILITY_NAMES if getattr(capabilities, name)],
         )
 
 

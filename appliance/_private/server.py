@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import signal
 import ssl
 import sys
+from collections.abc import Callable
 
 import msgspec
 
 from appliance._private.app import ApplianceState, create_app
 from appliance._private.config import ApplianceConfig
-from appliance._private.engines.upstream.config import UpstreamModel
-from appliance._private.engines.upstream.engine import upstream_key
+from appliance._private.engines.registry import ModelConfig
 from appliance._private.errors import ModelLoadError
+from appliance._private.model_overlay import ModelOverlay
 from compliance import Recorder
 from federation import (
     ConfigError,
     Listener,
     NodeCredentials,
+    PalisadeError,
     Tenancy,
     announce_lab_secret,
     bind_socket,
@@ -32,12 +36,10 @@ log = logging.getLogger("palisade.appliance")
 
 
 def check_models(config: ApplianceConfig) -> None:
-    """Fail before binding when a model file or an upstream key is missing, saying how to fix
-    it. (Whether an upstream answers is checked when the model loads.)"""
+    """Fail before binding when a model file or what its engine needs first (an upstream's
+    key) is missing, saying how to fix it. (Whether it loads is checked when it loads.)"""
     for model in config.models:
-        if isinstance(model, UpstreamModel):
-            upstream_key(model)
-            continue
+        model.preflight()
         path = config.model_path(model)
         if path is not None and not path.exists():
             raise ModelLoadError(
@@ -66,10 +68,15 @@ def serve(
     no_auth: bool = False,
     demo: bool = False,
     credentials: NodeCredentials | None = None,
+    reread: Callable[[], list[ModelConfig]] | None = None,
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code. `credentials`: the node's
     enrolled fleet credentials (see `fleet_settings`), served with and presented to the
-    router."""
+    router. The models are the config's with the model overlay applied; on SIGHUP they are
+    `reread()` (the config file again; default: the same models) with the overlay, and the
+    served models reconciled with them."""
+    overlay = ModelOverlay(config.home())
+    config = msgspec.structs.replace(config, models=overlay.apply(config.models))
     check_models(config)
     if no_auth:
         check_no_auth(config)
@@ -97,6 +104,10 @@ def serve(
         lab_secret=lab_secret,
     )
     _use_tls(state, tls, credentials)
+    first_models = config.models
+    app.on_startup.append(
+        _reconcile_on_sighup(state, lambda: overlay.apply(reread() if reread else first_models))
+    )
     server = make_server(app, config.server, [Listener(sock, tls)])
 
     def stop_on_fatal() -> None:
@@ -115,6 +126,42 @@ def serve(
     if state.load_error is not None:
         return 1
     return 0
+
+
+def _reconcile_on_sighup(
+    state: ApplianceState, models: Callable[[], list[ModelConfig]]
+) -> Callable[[], None]:
+    """A startup hook: on SIGHUP, serve `models()` (add, reload what changed, remove what
+    is gone), one SIGHUP after another. A config that does not read changes nothing."""
+    hangups: set[asyncio.Task[None]] = set()
+    lock = asyncio.Lock()
+
+    async def reconcile() -> None:
+        async with lock:
+            try:
+                wanted = models()
+            except PalisadeError as exc:
+                log.error("SIGHUP: config not re-read, nothing changed: %s", exc)  # noqa: TRY400
+                return
+            done = await state.models.reconcile(wanted)
+            log.info(
+                "SIGHUP: models added %s, reloaded %s, repriced %s, removed %s, failed %s",
+                done.added,
+                done.reloaded,
+                done.repriced,
+                done.removed,
+                sorted(done.failed),
+            )
+
+    def hangup() -> None:
+        task = asyncio.get_running_loop().create_task(reconcile())
+        hangups.add(task)
+        task.add_done_callback(hangups.discard)
+
+    def install() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
+
+    return install
 
 
 def fleet_settings(

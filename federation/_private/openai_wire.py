@@ -130,15 +130,17 @@ class Usage(Struct):
 
 
 class AssistantMessage(Struct):
-    content: str
+    content: str | None
     role: str = "assistant"
+    # Left out of the JSON unless the model called tools (then `content` is usually null).
+    tool_calls: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"content": [...]} when asked for
 
 
 class ChatCompletion(Struct):
@@ -154,13 +156,14 @@ class ChatCompletion(Struct):
 class ChatDelta(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # fragments: {"index", "id", "function"}
 
 
 class ChatChunkChoice(Struct):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(Struct):
@@ -176,7 +179,7 @@ class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"tokens", "token_logprobs", ...} when asked
 
 
 class Completion(Struct):

@@ -235,10 +235,17 @@ def test_models_list_carries_pricing_performance_and_placement(client: openai.Op
         "input_per_million": 0.5,
         "output_per_million": 1.5,
         "currency": "USD",
+        "per_request": 0.0,
     }
     assert card["region"] == "eu-west"
     assert card["device_class"] == "cpu"
     assert card["context_length"] == 2048
+    assert (card["engine"], card["accelerator"], card["version"]) == (
+        "llamacpp",
+        "cpu",
+        card["sha256"][:12],
+    )
+    assert card["capabilities"] == ["embeddings"]
     assert card["performance"]["ttft_p50_ms"] > 0
     assert card["performance"]["tpot_p50_ms"] > 0
     assert client.models.retrieve(MODEL).id == MODEL

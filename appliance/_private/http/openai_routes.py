@@ -1,0 +1,208 @@
+"""The OpenAI endpoints: chat completions, completions, embeddings and the model list.
+
+Routes know no engine by name: what a model serves is its engine's `Capabilities`, which
+`inference` checks requests against; admission and accounting go through the node's
+`Ledger`, rendering through `rendering`.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.di import NamedDependency, Provide
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
+
+from appliance._private import inference
+from appliance._private.engines.base import Generation, Prompt, SamplingParams
+from appliance._private.http import rendering
+from appliance._private.http.rendering import Reply
+from appliance._private.ledger import Ticket
+from appliance._private.node import Node
+from federation import (
+    PROMPT_TOKENS_HEADER,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    ModelList,
+    Principal,
+    decode_request,
+    read_body,
+)
+
+_CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
+_COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
+_EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)
+# The inference endpoints, as labels of the request counter.
+INFERENCE_PATHS = {
+    path: path for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+}
+
+
+def openai_routes(node: Node, principal: Provide) -> list[HTTPRouteHandler]:
+    """The OpenAI endpoints; `principal` resolves the caller (keys, assertions, or local)."""
+    return [
+        _chat_route(node, principal),
+        _completion_route(node, principal),
+        _embedding_route(node, principal),
+        *_model_routes(node, principal),
+    ]
+
+
+def _chat_route(node: Node, principal: Provide) -> HTTPRouteHandler:
+    @post("/v1/chat/completions", dependencies={"principal": principal}, status_code=200)
+    async def chat_completions(
+        request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+    ) -> Response[Any]:
+        body = decode_request(await read_body(request), _CHAT_DECODER)
+        served = node.model(body.model, principal)
+        with node.ledger.holding(principal, served, "chatcmpl") as ticket:
+            capabilities = served.engine.capabilities
+            inference.check_chat(body, capabilities, served.id)
+            messages = inference.chat_messages(body.messages, capabilities)
+            prompt = await served.engine.prepare_chat(messages)
+            params = inference.sampling_params(
+                body,
+                requested=body.max_completion_tokens or body.max_tokens,
+                prompt=prompt,
+                context_length=served.engine.context_length,
+                features=inference.chat_features(body),
+            )
+            generation, reply = _start_generation(node, ticket, prompt, params)
+        keep = node.ledger.content_keeper(principal, reply.id, body)
+        if body.stream:
+            if capabilities.early_errors:
+                await rendering.started(request, generation)
+            usage, continuous = rendering.usage_options(body)
+            events = rendering.chat_events(
+                generation, reply, include_usage=usage, continuous=continuous, keep=keep
+            )
+            return reply.stream(events)
+        answer = await rendering.collect(request, generation)
+        if keep is not None:
+            keep(answer.answer())
+        usage_, reason = rendering.outcome(generation)
+        choices = answer.chat_choices(reason)
+        return reply.json(ChatCompletion(reply.id, reply.created, served.id, choices, usage_))
+
+    return chat_completions
+
+
+def _completion_route(node: Node, principal: Provide) -> HTTPRouteHandler:
+    @post("/v1/completions", dependencies={"principal": principal}, status_code=200)
+    async def completions(
+        request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+    ) -> Response[Any]:
+        body = decode_request(await read_body(request), _COMPLETION_DECODER)
+        served = node.model(body.model, principal)
+        with node.ledger.holding(principal, served, "cmpl") as ticket:
+            capabilities = served.engine.capabilities
+            inference.check_completion(body, capabilities, served.id)
+            prompt = await served.engine.prepare_text(*inference.single_prompt(body))
+            params = inference.sampling_params(
+                body,
+                requested=body.max_tokens,
+                default=16,
+                prompt=prompt,
+                context_length=served.engine.context_length,
+                features=inference.completion_features(body),
+            )
+            generation, reply = _start_generation(node, ticket, prompt, params)
+        keep = node.ledger.content_keeper(principal, reply.id, body)
+        if body.stream:
+            if capabilities.early_errors:
+                await rendering.started(request, generation)
+            usage, continuous = rendering.usage_options(body)
+            events = rendering.completion_events(
+                generation, reply, include_usage=usage, continuous=continuous, keep=keep
+            )
+            return reply.stream(events)
+        answer = await rendering.collect(request, generation)
+        if keep is not None:
+            keep(answer.answer())
+        usage_, reason = rendering.outcome(generation)
+        choices = answer.completion_choices(reason)
+        return reply.json(Completion(reply.id, reply.created, served.id, choices, usage=usage_))
+
+    return completions
+
+
+def _start_generation(
+    node: Node, ticket: Ticket, prompt: Prompt, params: SamplingParams
+) -> tuple[Generation, Reply]:
+    """Admit (limits, budget) and submit; the ledger accounts for it when it ends, and a
+    stream that closes before its end (the client left) cancels it."""
+    node.ledger.admit(ticket, len(prompt) + params.max_tokens)
+    generation = node.ledger.generate(ticket, prompt, params)
+    headers = node.receipt(ticket.served) | {PROMPT_TOKENS_HEADER: str(len(prompt))}
+    reply = Reply(ticket.record_id, ticket.served.id, headers | ticket.headers)
+    reply.on_close = generation.cancel
+    return generation, reply
+
+
+def _embedding_route(node: Node, principal: Provide) -> HTTPRouteHandler:
+    @post("/v1/embeddings", dependencies={"principal": principal}, status_code=200)
+    async def embeddings(
+        request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+    ) -> Response[Any]:
+        body = decode_request(await read_body(request), _EMBEDDING_DECODER)
+        served = node.model(body.model, principal)
+        with node.ledger.holding(principal, served, "emb", kind="embedding") as ticket:
+            inference.check_embedding(body, served.engine.capabilities, served.id)
+            inputs = inference.text_or_tokens(body.input, "input")
+            texts = [
+                item if isinstance(item, str) else served.engine.detokenize(item, place)
+                for item, place in inputs
+            ]
+            # Byte-level tokenizers never make more tokens than bytes (+ BOS/EOS): a bound.
+            node.ledger.admit(ticket, sum(len(text.encode()) + 2 for text in texts))
+        tokens, status = 0, "error"
+        try:
+            vectors, tokens = await served.engine.embed(texts)
+            status = "ok"
+        finally:
+            node.ledger.finished(ticket, status, tokens, 0)
+        data = [
+            EmbeddingData(index, _encode_vector(vector, body.encoding_format))
+            for index, vector in enumerate(vectors)
+        ]
+        response = EmbeddingResponse(data, served.id, EmbeddingUsage(tokens, tokens))
+        return Reply(ticket.record_id, served.id, node.receipt(served) | ticket.headers).json(
+            response
+        )
+
+    return embeddings
+
+
+def _model_routes(node: Node, principal: Provide) -> list[HTTPRouteHandler]:
+    region = node.config.region
+
+    @get("/v1/models", dependencies={"principal": principal})
+    async def list_models(principal: NamedDependency[Principal]) -> Response[Any]:
+        del principal  # any authenticated caller may list models
+        cards = [served.card(region) for served in node.models.all()]
+        return rendering.json_response(ModelList(cards))
+
+    @get("/v1/models/{model_id:path}", dependencies={"principal": principal})
+    async def get_model(
+        model_id: FromPath[str], principal: NamedDependency[Principal]
+    ) -> Response[Any]:
+        del principal
+        return rendering.json_response(node.any_model(model_id.lstrip("/")).card(region))
+
+    return [list_models, get_model]
+
+
+def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(array.array("f", vector).tobytes()).decode("ascii")
