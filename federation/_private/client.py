@@ -131,13 +131,15 @@ def call_api(
     *,
     body: object = None,
     params: dict[str, str | None] | None = None,
+    timeout: float = TIMEOUT,
 ) -> Any:
-    """One API request; exits 1 with a one-line message on any failure."""
+    """One API request; exits 1 with a one-line message on any failure. `timeout`: for
+    requests that wait for work on the server (a model loading)."""
     headers = {"Authorization": f"Bearer {target.key}"} if target.key else {}
     query = {k: v for k, v in (params or {}).items() if v is not None}
     try:
         with httpx.Client(
-            base_url=target.url.rstrip("/"), timeout=TIMEOUT, verify=trusted_cas()
+            base_url=target.url.rstrip("/"), timeout=timeout, verify=trusted_cas()
         ) as client:
             response = client.request(method, path, json=body, params=query, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
