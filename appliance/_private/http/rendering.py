@@ -342,7 +342,37 @@ def _completion_chunk_choices(
     return choices
 
 
-async def chat_events(
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How one endpoint's stream chunks look: chat completions or completions."""
+
+    chunk: Callable[[Reply, list[Any], Usage | None], object]  # the chunk Struct
+    text: Callable[[str], Any]  # plain text of choice 0 as a chunk choice
+    pieces: Callable[[list[str | ChoiceDelta], set[int]], list[Any]]  # rich pieces
+    final: Callable[[int, str], Any]  # a choice's last chunk, with its finish reason
+    opening: Callable[[int], Any] | None = None  # the first chunk of each choice
+
+
+_CHAT = _Shape(
+    chunk=lambda reply, choices, usage: ChatCompletionChunk(
+        reply.id, reply.created, reply.model, choices, usage=usage
+    ),
+    text=lambda text: ChatChunkChoice(0, ChatDelta(content=text)),
+    pieces=_chat_chunk_choices,
+    final=lambda index, reason: ChatChunkChoice(index, ChatDelta(), reason),
+    opening=lambda index: ChatChunkChoice(index, ChatDelta(role="assistant", content="")),
+)
+_COMPLETION = _Shape(
+    chunk=lambda reply, choices, usage: Completion(
+        reply.id, reply.created, reply.model, choices, usage=usage
+    ),
+    text=lambda text: CompletionChoice(0, text),
+    pieces=_completion_chunk_choices,
+    final=lambda index, reason: CompletionChoice(index, "", reason),
+)
+
+
+def chat_events(
     generation: Generation,
     reply: Reply,
     *,
@@ -350,40 +380,10 @@ async def chat_events(
     continuous: bool = False,
     keep: Keep | None = None,
 ) -> AsyncIterator[bytes]:
-    def chunk(choice: ChatChunkChoice) -> bytes:
-        usage = _usage_so_far(generation) if continuous else None
-        return sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [choice], usage=usage))
-
-    choices = choice_count(generation)
-    for index in range(choices):
-        yield chunk(ChatChunkChoice(index, ChatDelta(role="assistant", content="")))
-    kept = Aggregate(choices) if keep is not None else None
-    ended: set[int] = set()
-    async for piece in generation.pieces():
-        if kept is not None:
-            kept.add(piece)
-        if isinstance(piece, str):
-            yield chunk(ChatChunkChoice(0, ChatDelta(content=piece)))
-            continue
-        for choice in _chat_chunk_choices(piece, ended):
-            yield chunk(choice)
-    if keep is not None and kept is not None:
-        keep(kept.answer())
-    if (frame := error_frame(generation)) is not None:
-        if include_usage and (spent := _spent(generation)) is not None:
-            yield sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [], usage=spent))
-        yield frame
-        return
-    usage, reason = outcome(generation)
-    for index in range(choices):
-        if index not in ended:
-            yield chunk(ChatChunkChoice(index, ChatDelta(), reason))
-    if include_usage:
-        yield sse(ChatCompletionChunk(reply.id, reply.created, reply.model, [], usage=usage))
-    yield DONE
+    return _events(_CHAT, generation, reply, include_usage, continuous, keep)
 
 
-async def completion_events(
+def completion_events(
     generation: Generation,
     reply: Reply,
     *,
@@ -391,32 +391,49 @@ async def completion_events(
     continuous: bool = False,
     keep: Keep | None = None,
 ) -> AsyncIterator[bytes]:
-    def chunk(choice: CompletionChoice) -> bytes:
+    return _events(_COMPLETION, generation, reply, include_usage, continuous, keep)
+
+
+async def _events(  # noqa: PLR0917 - the two public wrappers name them
+    shape: _Shape,
+    generation: Generation,
+    reply: Reply,
+    include_usage: bool,
+    continuous: bool,
+    keep: Keep | None,
+) -> AsyncIterator[bytes]:
+    """A generation as SSE chunks: text as it comes, rich pieces per choice, then each
+    choice's finish (or the error frame), the usage chunk if asked for, and [DONE]."""
+
+    def chunk(choice: object) -> bytes:
         usage = _usage_so_far(generation) if continuous else None
-        return sse(Completion(reply.id, reply.created, reply.model, [choice], usage=usage))
+        return sse(shape.chunk(reply, [choice], usage))
 
     choices = choice_count(generation)
+    if shape.opening is not None:
+        for index in range(choices):
+            yield chunk(shape.opening(index))
     kept = Aggregate(choices) if keep is not None else None
     ended: set[int] = set()
     async for piece in generation.pieces():
         if kept is not None:
             kept.add(piece)
         if isinstance(piece, str):
-            yield chunk(CompletionChoice(0, piece))
+            yield chunk(shape.text(piece))
             continue
-        for choice in _completion_chunk_choices(piece, ended):
+        for choice in shape.pieces(piece, ended):
             yield chunk(choice)
     if keep is not None and kept is not None:
         keep(kept.answer())
     if (frame := error_frame(generation)) is not None:
         if include_usage and (spent := _spent(generation)) is not None:
-            yield sse(Completion(reply.id, reply.created, reply.model, [], usage=spent))
+            yield sse(shape.chunk(reply, [], spent))
         yield frame
         return
     usage, reason = outcome(generation)
     for index in range(choices):
         if index not in ended:
-            yield chunk(CompletionChoice(index, "", reason))
+            yield chunk(shape.final(index, reason))
     if include_usage:
-        yield sse(Completion(reply.id, reply.created, reply.model, [], usage=usage))
+        yield sse(shape.chunk(reply, [], usage))
     yield DONE
