@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+import typer.main
 
+from appliance import ENGINES, ModelConfigBase, models_cli
 from tests.support import REPO
 
 PACKAGES = ["federation", "compliance", "appliance", "router", "provisioning", "images", "palisade"]
@@ -365,3 +367,49 @@ def test_only_the_admission_queue_answers_queue_full() -> None:
     ]
     assert _raises_queue_full(ast.parse(admission.read_text())), "the scan finds nothing"
     assert not elsewhere, "admit through engines.admission.AdmissionQueue:\n" + "\n".join(elsewhere)
+
+
+ENGINES_DOC = REPO / "docs" / "engines.md"
+COMMON_KEYS_HEADING = "## Keys every model has"
+
+
+def _doc_section(text: str, marker: str) -> str:
+    """The `## ` section of docs/engines.md whose heading contains `marker`."""
+    sections = re.split(r"^(?=## )", text, flags=re.MULTILINE)
+    found = [section for section in sections if marker in section.partition("\n")[0]]
+    assert len(found) == 1, f"docs/engines.md has {len(found)} sections headed {marker!r}"
+    return found[0]
+
+
+def _undocumented_keys(text: str) -> list[str]:
+    """Config keys of registered engines missing from their tables in docs/engines.md."""
+    common = set(ModelConfigBase.__struct_fields__)
+    missing = [
+        f"(every model) {key}"
+        for key in sorted(common)
+        if f"| `{key}` |" not in _doc_section(text, COMMON_KEYS_HEADING)
+    ]
+    for tag, entry in ENGINES.items():
+        section = _doc_section(text, f'`engine = "{tag}"`')
+        own = [key for key in entry.config.__struct_fields__ if key not in common]
+        missing += [f"{tag}: {key}" for key in own if f"| `{key}` |" not in section]
+    return missing
+
+
+def test_every_engine_config_key_is_in_the_engines_doc() -> None:
+    """Each engine's section of docs/engines.md has a table row for each of its config
+    keys (and the keys every model has, their own table): the tables follow the code."""
+    missing = _undocumented_keys(ENGINES_DOC.read_text())
+    assert not missing, f"add a table row to docs/engines.md for each of: {missing}"
+
+
+def test_the_engines_doc_check_finds_a_missing_key() -> None:
+    text = ENGINES_DOC.read_text().replace("| `upstream_timeout_s` |", "| upstream timeout |")
+    assert _undocumented_keys(text) == ["openai: upstream_timeout_s"]
+
+
+def test_every_models_command_is_in_the_engines_doc() -> None:
+    commands = sorted(typer.main.get_command(models_cli).commands)  # type: ignore[attr-defined]
+    text = ENGINES_DOC.read_text()
+    assert {"add", "pull", "reload", "remove", "status"} <= set(commands)
+    assert [c for c in commands if f"palisade models {c}" not in text] == []
