@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +47,7 @@ _MODEL_LABEL = re.compile(r"(^|,)\s*model=")
 _KEY_VARIABLE = "PALISADE_ENGINE_API_KEY"
 
 
-class SupervisedEngine:
+class SupervisedEngine(ABC):
     """The Engine protocol for a supervised child server; subclasses build its command."""
 
     # Where the child's Prometheus text is (None: it has none).
@@ -97,8 +98,9 @@ class SupervisedEngine:
         """The model name the child serves under (what requests to it name)."""
         return self._config.id
 
+    @abstractmethod
     def command(self, path: Path, port: int) -> list[str]:
-        raise NotImplementedError
+        """The child's command line, serving `path` on 127.0.0.1:`port`."""
 
     def engine_environment(self) -> dict[str, str]:
         """The engine's own defaults, under the config's `env`."""
