@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import string
 import sys
 from collections.abc import Callable, Iterator
@@ -337,6 +338,66 @@ env = { VLLM_CPU_KVCACHE_SPACE = "1" }
     ready_timeout=600.0,
 )
 
+
+def gpu_engine_unavailable(executable: str, variable: str, what: str) -> str | None:
+    """A GPU engine's lane runs where its executable, an NVIDIA GPU and the directory it
+    serves (named by `variable`) are all present."""
+    if shutil.which(executable) is None:
+        return f"`{executable}` is not on PATH (install it on a GPU machine)"
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA GPU here (`nvidia-smi` is not on PATH)"
+    folder = os.environ.get(variable)
+    if not folder or not Path(folder).is_dir():
+        return f"set {variable} to {what}"
+    return None
+
+
+# Real vLLM on a GPU (`vllm serve`), on the Hugging Face folder in PALISADE_VLLM_MODEL.
+VLLM_GPU = EngineCase(
+    "vllm-gpu",
+    "vllm",
+    """[[models]]
+id = "conformance"
+engine = "vllm"
+path = "$model"
+device_class = "gpu"
+max_concurrency = 1
+max_queue = 0
+extra_args = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+""",
+    frozenset({"logprobs", "n", "tools", "structured_output"}),
+    backing=lambda _: _values(model=os.environ.get("PALISADE_VLLM_MODEL", "")),
+    unavailable=lambda: gpu_engine_unavailable(
+        "vllm", "PALISADE_VLLM_MODEL", "a Hugging Face model folder"
+    ),
+    ready_timeout=900.0,
+)
+
+# Real TensorRT-LLM (`trtllm-serve`) on the prebuilt engine in PALISADE_TRTLLM_ENGINE,
+# with the tokenizer folder in PALISADE_TRTLLM_TOKENIZER.
+TRTLLM_GPU = EngineCase(
+    "tensorrt_llm-gpu",
+    "tensorrt_llm",
+    """[[models]]
+id = "conformance"
+engine = "tensorrt_llm"
+path = "$engine"
+tokenizer = "$tokenizer"
+max_concurrency = 1
+max_queue = 0
+""",
+    frozenset({"logprobs", "n", "tools", "structured_output"}),
+    backing=lambda _: _values(
+        engine=os.environ.get("PALISADE_TRTLLM_ENGINE", ""),
+        tokenizer=os.environ.get("PALISADE_TRTLLM_TOKENIZER", ""),
+    ),
+    unavailable=lambda: gpu_engine_unavailable(
+        "trtllm-serve", "PALISADE_TRTLLM_ENGINE", "a prebuilt TensorRT-LLM engine directory"
+    ),
+    ready_timeout=900.0,
+)
+
+
 # The cases `make test` runs (the optional ones skip with their reason when absent).
 CASES: list[EngineCase] = [
     SCRIPTED,
@@ -347,6 +408,8 @@ CASES: list[EngineCase] = [
     TRTLLM_STANDIN,
     ONNX_CUDA,
     VLLM_REAL,
+    VLLM_GPU,
+    TRTLLM_GPU,
 ]
 
 
