@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import base64
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -36,8 +35,6 @@ from federation import (
     EmbeddingUsage,
     ModelList,
     Principal,
-    SamplingFields,
-    Usage,
     decode_request,
     read_body,
 )
@@ -46,8 +43,6 @@ _CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
 _COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
 _EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)
 # The inference endpoints, as labels of the request counter.
-# A stream's events: `rendering.chat_events` or `rendering.completion_events`.
-Events = Callable[..., AsyncIterator[bytes]]
 INFERENCE_PATHS = {
     path: path for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 }
@@ -83,22 +78,7 @@ def _chat_route(node: Node, principal: Provide) -> HTTPRouteHandler:
                 features=inference.chat_features(body),
             )
             generation, reply = _start_generation(node, ticket, prompt, params)
-        keep = node.ledger.content_keeper(principal, reply.id, body)
-
-        def whole(answer: rendering.Aggregate, reason: str, usage: Usage) -> ChatCompletion:
-            choices = answer.chat_choices(reason)
-            return ChatCompletion(reply.id, reply.created, served.id, choices, usage)
-
-        return await _respond(
-            request,
-            body,
-            generation,
-            reply,
-            keep=keep,
-            early_errors=capabilities.early_errors,
-            stream=rendering.chat_events if body.stream else None,
-            whole=whole,
-        )
+        return await _respond(request, node, ticket, body, generation, reply)
 
     return chat_completions
 
@@ -123,51 +103,42 @@ def _completion_route(node: Node, principal: Provide) -> HTTPRouteHandler:
                 features=inference.completion_features(body),
             )
             generation, reply = _start_generation(node, ticket, prompt, params)
-        keep = node.ledger.content_keeper(principal, reply.id, body)
-
-        def whole(answer: rendering.Aggregate, reason: str, usage: Usage) -> Completion:
-            choices = answer.completion_choices(reason)
-            return Completion(reply.id, reply.created, served.id, choices, usage=usage)
-
-        return await _respond(
-            request,
-            body,
-            generation,
-            reply,
-            keep=keep,
-            early_errors=capabilities.early_errors,
-            stream=rendering.completion_events if body.stream else None,
-            whole=whole,
-        )
+        return await _respond(request, node, ticket, body, generation, reply)
 
     return completions
 
 
-async def _respond(
+async def _respond(  # noqa: PLR0917 - one generation's whole context
     request: Request[Any, Any, Any],
-    body: SamplingFields,
+    node: Node,
+    ticket: Ticket,
+    body: ChatCompletionRequest | CompletionRequest,
     generation: Generation,
     reply: Reply,
-    *,
-    keep: rendering.Keep | None,
-    early_errors: bool,
-    stream: Events | None,
-    whole: Callable[[rendering.Aggregate, str, Usage], object],
 ) -> Response[Any]:
-    """A generation's answer: `stream`'s SSE events (after its first event when a failure
-    before any text should be the HTTP status), or the collected answer made `whole`."""
-    if stream is not None:
-        if early_errors:
+    """A generation's answer: SSE events when streamed (committed after the first event
+    when a failure before any text should be the HTTP status), else the whole answer."""
+    chat = isinstance(body, ChatCompletionRequest)
+    keep = node.ledger.content_keeper(ticket.principal, reply.id, body)
+    if body.stream:
+        if ticket.served.engine.capabilities.early_errors:
             await rendering.started(request, generation)
         usage, continuous = rendering.usage_options(body)
+        events = rendering.chat_events if chat else rendering.completion_events
         return reply.stream(
-            stream(generation, reply, include_usage=usage, continuous=continuous, keep=keep)
+            events(generation, reply, include_usage=usage, continuous=continuous, keep=keep)
         )
     answer = await rendering.collect(request, generation)
     if keep is not None:
         keep(answer.answer())
-    usage_, reason = rendering.outcome(generation)
-    return reply.json(whole(answer, reason, usage_))
+    total, reason = rendering.outcome(generation)
+    model = ticket.served.id
+    if chat:
+        choices = answer.chat_choices(reason)
+        return reply.json(ChatCompletion(reply.id, reply.created, model, choices, total))
+    return reply.json(
+        Completion(reply.id, reply.created, model, answer.completion_choices(reason), usage=total)
+    )
 
 
 def _start_generation(
