@@ -176,7 +176,9 @@ def completion_features(request: CompletionRequest) -> RequestFeatures | None:
     if request.n == 1 and request.logprobs is None:
         return None
     logprobs = request.logprobs is not None
-    return RequestFeatures(logprobs=logprobs, top_logprobs=request.logprobs, n=request.n)
+    return RequestFeatures(
+        logprobs=logprobs, top_logprobs=request.logprobs, n=request.n, endpoint="completion"
+    )
 
 
 def chat_messages(messages: list[ChatMessage], capabilities: Capabilities) -> list[dict[str, Any]]:

@@ -45,6 +45,9 @@ class Capabilities:
     n: bool = False  # more than one choice per request
     tools: bool = False  # tools, tool_choice, tool messages
     structured_output: bool = False  # response_format json_object / json_schema
+    logit_bias: bool = False  # `logit_bias` (token id -> bias) is applied
+    echo: bool = False  # completions: `echo` (the prompt, with its logprobs if asked for)
+    several_prompts: bool = False  # completions: a list of prompts in one request
     predict: bool = False  # tensors in, tensors out (POST /api/v1/models/{id}/predict)
     # Where it runs, as reported in /v1/models, the heartbeat and X-Palisade-Device
     # details: "cpu", "cuda:0", an ONNX execution provider, "gpu-offload:32-layers".
@@ -63,6 +66,10 @@ class RequestFeatures:
     logprobs: bool = False
     top_logprobs: int | None = None  # chat: 0-20 alternatives; completions: `logprobs`
     n: int = 1
+    echo: bool = False  # completions: each choice starts with its prompt (and its logprobs)
+    # Which endpoint asked: the shape of `ChoiceDelta.logprobs` (chat's `{"content": [...]}`
+    # or completions' `tokens`/`token_logprobs`/`top_logprobs`/`text_offset`).
+    endpoint: Literal["chat", "completion"] = "chat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True  # False: control tokens are written as text
     include_stop_str_in_output: bool = False
+    # Token id -> bias added to its logit (-100 to 100; -100 bans it), for engines whose
+    # capabilities include `logit_bias` (ids checked against the vocabulary beforehand).
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # n, logprobs, tools, response_format: only for engines whose Capabilities say so.
     features: RequestFeatures | None = None
 
@@ -116,9 +126,17 @@ class Prompt:
     tokens: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     text: str | list[int] | None = None
+    # A completion's further prompts (engines whose capabilities include `several_prompts`):
+    # choice `p * n + i` is the i-th choice of prompt p, this one being prompt 0. `size` is
+    # this prompt's own; `total_size` counts them all.
+    more: tuple[Prompt, ...] = ()
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def total_size(self) -> int:
+        return self.size + sum(other.size for other in self.more)
 
     @property
     def counted(self) -> bool:
@@ -428,10 +446,14 @@ class Engine(Protocol):
     def close(self) -> None:
         """Stop: called off the event loop (in a thread) at shutdown."""
 
-    async def prepare_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+    async def prepare_chat(
+        self, messages: list[dict[str, Any]], features: RequestFeatures | None = None
+    ) -> Prompt:
         """The prompt for these messages (templated and tokenized by a local engine): role
         and text content, plus `tool_calls`, `tool_call_id` and `name` for an engine whose
-        capabilities include tools."""
+        capabilities include tools. `features` are the request's (its `tools` shape the
+        prompt of a local engine); a feature the engine cannot serve as asked (a JSON
+        schema outside what it enforces) is refused here, as a 400 naming it."""
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
         """The prompt for a completion's text or token ids. Token ids are checked first

@@ -69,13 +69,14 @@ def _chat_route(node: Node, principal: Provide) -> HTTPRouteHandler:
             capabilities = served.engine.capabilities
             inference.check_chat(body, capabilities, served.id)
             messages = inference.chat_messages(body.messages, capabilities)
-            prompt = await served.engine.prepare_chat(messages)
+            features = inference.chat_features(body)
+            prompt = await served.engine.prepare_chat(messages, features)
             params = inference.sampling_params(
                 body,
                 requested=body.max_completion_tokens or body.max_tokens,
                 prompt=prompt,
                 context_length=served.engine.context_length,
-                features=inference.chat_features(body),
+                features=features,
             )
             generation, reply = _start_generation(node, ticket, prompt, params)
         return await _respond(request, node, ticket, body, generation, reply)

@@ -22,6 +22,7 @@ from appliance._private.engines.base import (
     Finish,
     Generation,
     Prompt,
+    RequestFeatures,
     SamplingParams,
     StepStats,
 )
@@ -230,7 +231,10 @@ class LlamaCppEngine:
     def tokenize_text(self, text: str) -> list[int]:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
-    async def prepare_chat(self, messages: list[dict[str, str]]) -> Prompt:
+    async def prepare_chat(
+        self, messages: list[dict[str, Any]], features: RequestFeatures | None = None
+    ) -> Prompt:
+        del features  # tools and response_format: see the structured-output work
         size = sum(len(message["content"]) for message in messages)
         tokens = await _maybe_offload(self.tokenize_chat, messages, size)
         return Prompt(len(tokens), tokens=tokens)

@@ -26,6 +26,7 @@ from appliance._private.engines.base import (
     EngineLoad,
     Generation,
     Prompt,
+    RequestFeatures,
     SamplingParams,
     TensorSpec,
 )
@@ -263,8 +264,10 @@ class OnnxEngine:
             f"(POST /api/v1/models/{self._config.id}/predict), not text.",
         )
 
-    async def prepare_chat(self, messages: list[dict[str, Any]]) -> Prompt:
-        del messages
+    async def prepare_chat(
+        self, messages: list[dict[str, Any]], features: RequestFeatures | None = None
+    ) -> Prompt:
+        del messages, features
         self._no_text()
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:

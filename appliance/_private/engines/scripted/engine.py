@@ -86,7 +86,10 @@ class ScriptedEngine:
 
     # --- prompts: words are tokens ----------------------------------------------------------
 
-    async def prepare_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+    async def prepare_chat(
+        self, messages: list[dict[str, Any]], features: RequestFeatures | None = None
+    ) -> Prompt:
+        del features  # the script decides the answer
         return Prompt(max(1, script.words(messages)), messages=messages)
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:

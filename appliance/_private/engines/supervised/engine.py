@@ -28,6 +28,7 @@ from appliance._private.engines.base import (
     Finish,
     Generation,
     Prompt,
+    RequestFeatures,
     SamplingParams,
 )
 from appliance._private.engines.supervised.config import SupervisedModel
@@ -143,8 +144,10 @@ class SupervisedEngine(ABC):
         self._upstream.close()
         self.process.close()
 
-    async def prepare_chat(self, messages: list[dict[str, Any]]) -> Prompt:
-        return await self._upstream.prepare_chat(messages)
+    async def prepare_chat(
+        self, messages: list[dict[str, Any]], features: RequestFeatures | None = None
+    ) -> Prompt:
+        return await self._upstream.prepare_chat(messages, features)
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
         return await self._upstream.prepare_text(source, param)

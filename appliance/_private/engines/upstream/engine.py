@@ -300,7 +300,10 @@ class OpenAIUpstreamEngine:
 
     # --- prompts: no tokenizer here, so sizes are upper bounds ------------------------------
 
-    async def prepare_chat(self, messages: list[dict[str, Any]]) -> Prompt:
+    async def prepare_chat(
+        self, messages: list[dict[str, Any]], features: RequestFeatures | None = None
+    ) -> Prompt:
+        del features  # forwarded with the request (submit)
         return Prompt(sum(map(_message_size, messages)), messages=messages)
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
