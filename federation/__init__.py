@@ -200,6 +200,12 @@ from federation._private.private_files import (
     sync_directory,
     write_private,
 )
+from federation._private.request_record import (
+    FLEET_REQUEST_HEADER,
+    NOT_ROUTED,
+    RequestRecord,
+    fleet_request_id,
+)
 from federation._private.serving import ServerConfig, bind_socket, url_of
 from federation._private.store import (
     AuditSink,
@@ -223,6 +229,7 @@ __all__ = [
     "ENCODER",
     "FLEET_DECODER",
     "FLEET_POLICY_VIA",
+    "FLEET_REQUEST_HEADER",
     "FLEET_ROLES",
     "HEARTBEAT_DECODER",
     "IMAGE_REPORT_DECODER",
@@ -235,6 +242,7 @@ __all__ = [
     "MODEL_VERSION_HEADER",
     "NODE_FILE",
     "NODE_HEADER",
+    "NOT_ROUTED",
     "PROMPT_TOKENS_HEADER",
     "REGION_HEADER",
     "REPLY_DECODER",
@@ -341,6 +349,7 @@ __all__ = [
     "RateLimitError",
     "Recovered",
     "RenewRequest",
+    "RequestRecord",
     "RequestedOutput",
     "RolloutOutcome",
     "SamplingFields",
@@ -387,6 +396,7 @@ __all__ = [
     "file_sha256",
     "find_router",
     "fingerprint",
+    "fleet_request_id",
     "fleet_subject",
     "general_names",
     "host_problem",

@@ -22,7 +22,12 @@ from appliance._private.membership import Membership
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.node import VERSION, Node
 from appliance._private.policy_sync import PolicySync, policy_book_for, policy_offer_routes
-from compliance import Recorder, audit_routes
+from compliance import (
+    Recorder,
+    audit_routes,
+    vouched_content_routes,
+    vouched_export_routes,
+)
 from federation import (
     LOCAL_PRINCIPAL,
     ClientGoneError,
@@ -92,6 +97,10 @@ def create_app(
         admin = [*tenancy.routes(), *admin_routes(node, tenancy)]
         if recorder is not None:
             admin += audit_routes(tenancy, recorder, origin=config.node_id)
+            if node.membership is not None:
+                vouched = (recorder, node.authenticate)
+                admin += vouched_content_routes(*vouched, origin=config.node_id)
+                admin += vouched_export_routes(*vouched, origin=config.node_id)
     app = Litestar(
         route_handlers=[
             *openai_routes(node, Provide(authenticate or local_principal)),

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -24,7 +24,17 @@ from appliance._private.engines.base import Finish, Generation, Prompt, Sampling
 from appliance._private.metrics import ApplianceMetrics
 from appliance._private.served import ServedModel
 from compliance import Recorder
-from federation import INTERRUPTED, Admission, APIError, Principal, Tenancy
+from federation import (
+    FLEET_POLICY_VIA,
+    FLEET_REQUEST_HEADER,
+    INTERRUPTED,
+    Admission,
+    APIError,
+    Principal,
+    RequestRecord,
+    Tenancy,
+    fleet_request_id,
+)
 
 RequestKind = Literal["generation", "embedding", "prediction"]
 
@@ -37,6 +47,8 @@ class Ticket:
     served: ServedModel
     record_id: str  # the answer's id and its audit row's
     kind: RequestKind
+    # The router's id for this request, when a router sent it (`FLEET_REQUEST_HEADER`).
+    fleet_request: str | None = None
     admission: Admission | None = None
     admitted: bool = False
     ended: bool = False
@@ -77,13 +89,17 @@ class Ledger:
         served: ServedModel,
         prefix: str,
         kind: RequestKind = "generation",
+        *,
+        fleet_request: str | None = None,
     ) -> Iterator[Ticket]:
         """A ticket for a request to `served`, counted in flight on it from now (right after
         the model lookup, before any `await`, so that a model being replaced drains it). An
         admitted ticket is released by `finished`; one that never got admitted (refused by
-        validation or by the limits) when this block ends."""
+        validation or by the limits) when this block ends. `fleet_request` is the router's
+        id for the request (`fleet_request_of`), recorded in its audit row."""
         served.acquire()
-        ticket = Ticket(principal, served, f"{prefix}-{os.urandom(12).hex()}", kind)
+        record_id = f"{prefix}-{os.urandom(12).hex()}"
+        ticket = Ticket(principal, served, record_id, kind, fleet_request)
         try:
             yield ticket
         finally:
@@ -94,19 +110,14 @@ class Ledger:
         """Limits and budget for `estimate` (tokens; requests for a prediction), unless a
         router vouched for the caller (it enforces them); journals the `interrupted` row.
         From here the request ends in `finished`, exactly once."""
-        ticket.admission = self._admission(
-            ticket.principal, ticket.served, estimate, ticket.record_id
-        )
+        ticket.admission = self._admission(ticket, estimate)
         ticket.admitted = True
 
-    def _admission(
-        self, principal: Principal, served: ServedModel, estimate: int, record_id: str
-    ) -> Admission | None:
+    def _admission(self, ticket: Ticket, estimate: int) -> Admission | None:
+        principal, served, record_id = ticket.principal, ticket.served, ticket.record_id
         admission = None
         if self.edge is not None and is_fleet_principal(principal):
-            audit = self.row(
-                principal, served, estimate, 0, status=INTERRUPTED, record_id=record_id
-            )
+            audit = self.row(ticket, estimate, 0, status=INTERRUPTED).row()
             admission = self.edge.admit(
                 principal, estimate, request_id=record_id, model=served.id, audit=audit
             )
@@ -115,7 +126,7 @@ class Ledger:
             admission = gate.admit(principal, estimate, request_id=record_id, model=served.id)
         if self.recorder is not None:
             charged = admission.reserved if admission is not None else 0
-            row = self.row(principal, served, charged, 0, status=INTERRUPTED, record_id=record_id)
+            row = self.row(ticket, charged, 0, status=INTERRUPTED)
             self.recorder.begin(principal.logging_mode, row)
         return admission
 
@@ -163,14 +174,7 @@ class Ledger:
             if ticket.admission is not None:
                 self._settle(ticket, status, input_tokens, output_tokens)
             if self.recorder is not None:
-                row = self.row(
-                    principal,
-                    served,
-                    input_tokens,
-                    output_tokens,
-                    status=status,
-                    record_id=ticket.record_id,
-                )
+                row = self.row(ticket, input_tokens, output_tokens, status=status)
                 self.recorder.request(principal.logging_mode, row)
         finally:
             served.release()
@@ -187,7 +191,6 @@ class Ledger:
         assert admission is not None
         cost = served.config.pricing.cost(input_tokens, output_tokens)
         if self.edge is not None and is_fleet_principal(principal):
-            used = input_tokens, output_tokens
             self.edge.settle(
                 admission,
                 model=served.id,
@@ -195,7 +198,7 @@ class Ledger:
                 output_tokens=output_tokens,
                 status=status,
                 cost=cost,
-                audit=self.row(principal, served, *used, status=status, record_id=ticket.record_id),
+                audit=self.row(ticket, input_tokens, output_tokens, status=status).row(),
             )
             return
         assert self.tenancy is not None
@@ -209,44 +212,48 @@ class Ledger:
         )
 
     def row(
-        self,
-        principal: Principal,
-        served: ServedModel,
-        input_tokens: int,
-        output_tokens: int,
-        *,
-        status: str,
-        record_id: str,
-    ) -> dict[str, Any]:
+        self, ticket: Ticket, input_tokens: int, output_tokens: int, *, status: str
+    ) -> RequestRecord:
         """A request's audit row."""
-        return {
-            "id": record_id,
-            "org": principal.org,
-            "user": principal.user,
-            "key_id": principal.key_id,
-            "model": served.id,
-            "region": self.region,
-            "node": self.node,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "status": status,
-            **({"model_version": served.version} if served.version is not None else {}),
-            **({"via": principal.via} if principal.via is not None else {}),
-        }
+        principal, served = ticket.principal, ticket.served
+        return RequestRecord(
+            id=ticket.record_id,
+            org=principal.org,
+            user=principal.user,
+            key_id=principal.key_id,
+            model=served.id,
+            region=self.region,
+            node=self.node,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            status=status,
+            model_version=served.version,
+            via=principal.via,
+            fleet_request=ticket.fleet_request,
+        )
 
     def content_keeper(
-        self, principal: Principal, record_id: str, request: object
+        self, principal: Principal, record_id: str, request_body: bytes
     ) -> Callable[[object], None] | None:
-        """For orgs logging in `full`: a callback that seals the request and its answer."""
+        """For orgs logging in `full`: a callback that seals the request, as the client sent
+        it (its JSON, not our decoding of it), and its answer."""
         recorder = self.recorder
         if recorder is None or recorder.mode_for(principal.logging_mode) != "full":
             return None
 
         def keep(answer: object) -> None:
-            content = {"request": msgspec.to_builtins(request), "response": answer}
+            content = {"request": msgspec.json.decode(request_body), "response": answer}
             recorder.content(principal.logging_mode, record_id, principal.org, content)
 
         return keep
+
+
+def fleet_request_of(principal: Principal, headers: Mapping[str, str]) -> str | None:
+    """The router's id for a request it sent (`FLEET_REQUEST_HEADER`), taken only when a
+    router vouched for the caller: anyone else could send the header."""
+    if principal.via is None or principal.via == FLEET_POLICY_VIA:
+        return None
+    return fleet_request_id(headers.get(FLEET_REQUEST_HEADER))
 
 
 def status_of(finish: Finish) -> str:

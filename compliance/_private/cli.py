@@ -1,10 +1,11 @@
-"""`palisade audit verify|export|residency`.
+"""`palisade audit verify|export|residency|content`.
 
 `verify` is fully offline: it reads an export file and checks it with `verify_export`; no
 server, network or PALISADE_URL is involved. `export` and `residency` are thin clients of
 the /admin/v1/audit routes, configured like the management CLI: the server from `--url` /
 `PALISADE_URL`, the credential from `--key` / `PALISADE_API_KEY`, falling back to
-`$PALISADE_HOME/admin.key`. Failures print one `error: …` line to stderr and exit 1.
+`$PALISADE_HOME/admin.key`; so is `content`, which reads back one request's sealed content.
+Failures print one `error: …` line to stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import typer
 
 from compliance._private.export import Report, verify_export
+from compliance._private.fleet_evidence import is_fleet_set
 from compliance._private.log import canonical
 from federation import signature_valid
 from federation.client import (
@@ -226,7 +229,17 @@ def audit_verify(
         typer.Option(
             "--trusted-key",
             show_default=False,
-            help="The node's Ed25519 public key: 64 hex digits, or @FILE holding them.",
+            help="The node's Ed25519 public key: 64 hex digits, or @FILE holding them (for a "
+            "fleet evidence set: the router's).",
+        ),
+    ] = None,
+    node_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node-key",
+            show_default=False,
+            help="For a fleet evidence set: a node's key as NODE=KEY (64 hex digits or @FILE); "
+            "repeat for each node.",
         ),
     ] = None,
     as_json: JsonFlag = False,
@@ -235,10 +248,17 @@ def audit_verify(
 
     Checks the signed checkpoints, the hash chain and every root (full exports) or each
     entry's inclusion proof (filtered exports), the consistency between checkpoints, the
-    node's head checkpoint, and the manifest signature over the whole file.
+    node's head checkpoint, and the manifest signature over the whole file. A fleet evidence
+    set (`export --fleet`) is checked as one: each export alone, then the router's rows
+    against each node's, naming every difference.
     """
     trusted = _trusted_key(trusted_key)
     data = _read_export(file)
+    if is_fleet_set(data):
+        from compliance._private.fleet_cli import node_keys, verify_fleet  # noqa: PLC0415 - cycle
+
+        verify_fleet(file, data, trusted, node_keys(node_key or []), as_json=as_json)
+        return
     report = verify_export(data, trusted_key=trusted)
     if as_json:
         print_json(_verify_json(file, report, trusted is not None, data))
@@ -263,10 +283,28 @@ def audit_export(
     until: Annotated[
         str | None, typer.Option("--until", help="Until this ISO date or datetime (exclusive).")
     ] = None,
+    fleet: Annotated[
+        bool,
+        typer.Option(
+            "--fleet",
+            help="Through the router: its export of --org and the export of every node it sent "
+            "the org's requests to, in one evidence set.",
+        ),
+    ] = False,
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = None,
 ) -> None:
     """Download a signed export of the audit log to FILE, byte for byte."""
+    if fleet:
+        if org is None or since is not None or until is not None:
+            raise fail(
+                "--fleet collects one org's whole evidence: give --org, not --since/--until."
+            )
+        target = resolve_target(url, key)
+        from compliance._private.fleet_cli import export_fleet  # noqa: PLC0415 - cycle
+
+        export_fleet(target, org, _writable(out))
+        return
     params = {
         "org": org,
         "since": instant(since, "--since"),
@@ -385,3 +423,43 @@ def audit_residency(
         typer.echo("\n".join(lines))
     if out is not None:
         typer.echo(f"Wrote residency report {out} ({_size(len(data))}).", err=as_json)
+
+
+# --- content -------------------------------------------------------------------------------
+
+
+@audit_cli.command("content")
+def audit_content(
+    request_id: Annotated[str, typer.Argument(help="The request's id (its audit row's `id`).")],
+    *,
+    node: Annotated[
+        str | None,
+        typer.Option("--node", help="Through the fleet's router (--url), from this node."),
+    ] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Read back a request's sealed content (orgs logging in `full`) from the node that
+    served it, directly or (`--node`) through the router; the read is itself recorded in
+    that node's audit log."""
+    target = resolve_target(url, key)
+    path = f"/audit/content/{quote(request_id, safe='')}"
+    if node is not None:
+        path = f"/fleet/nodes/{quote(node, safe='')}{path}"
+    with _get(target, f"/admin/v1{path}", {}) as response:
+        data = response.read()
+    try:
+        answer = json.loads(data)
+        content = answer["content"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise fail(f"{target.url} answered with something that is not sealed content.") from None
+    if as_json:
+        print_json(answer)
+        return
+    typer.echo(
+        f"Request {_cell(answer.get('id'))} of org {_cell(answer.get('org'))}, sealed "
+        f"{_cell(answer.get('sealed_at'))} on node {_cell(answer.get('node'))} (this read is "
+        "recorded in its audit log):"
+    )
+    typer.echo(json.dumps(content, indent=2, ensure_ascii=False))

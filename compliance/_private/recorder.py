@@ -13,10 +13,13 @@ log does not hold are appended, so a SIGKILL loses no request's row and duplicat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,13 +27,20 @@ from typing import Any
 import msgspec
 
 from compliance._private.log import AuditLog, read_entries
-from compliance._private.vault import ContentVault, load_or_create_content_key
+from compliance._private.vault import (
+    Clock,
+    ContentVault,
+    Purged,
+    SealedContent,
+    load_or_create_content_key,
+)
 from federation import (
     INTERRUPTED,
     AuditEvent,
     Journal,
     LoggingMode,
     NodeIdentity,
+    RequestRecord,
     boot_id,
     effective_mode,
     journal_epoch,
@@ -39,6 +49,8 @@ from federation import (
 
 log = logging.getLogger("palisade.compliance")
 _ROTATE_BYTES = 4 * 1024 * 1024
+_PURGE_EVERY_S = 60.0
+_PURGE_EVENT_IDS = 1000  # request ids per `content_purged` event
 
 
 class _Header(msgspec.Struct, tag="h", tag_field="t"):
@@ -63,7 +75,13 @@ class Recorder:
     """The node's audit log, its content vault, and the tenancy store's audit sink."""
 
     def __init__(
-        self, home: Path, *, origin: str, floor: LoggingMode = "full", retention_days: int = 30
+        self,
+        home: Path,
+        *,
+        origin: str,
+        floor: LoggingMode = "full",
+        retention_days: int = 30,
+        clock: Clock = lambda: datetime.now(UTC),
     ) -> None:
         self.home = home
         self.origin = origin
@@ -76,18 +94,29 @@ class Recorder:
             home / "content.db",
             load_or_create_content_key(home),
             retention=timedelta(days=retention_days),
+            clock=clock,
         )
+        self._purging: set[str] = set()  # on their way out: their purge is being recorded
+        self._purge_lock = threading.Lock()
+        self._closing = threading.Event()
         self._journal = Journal(home / "audit.journal")
         self._open: dict[str, bytes] = {}  # begun, not ended
         self._unacked: dict[str, bytes] = {}  # ended, not yet durable in the log
         self.recovered = self._recover()
+        self.purge_content()
+        self._purger = threading.Thread(
+            target=self._purge_periodically, name="palisade-content-purge", daemon=True
+        )
+        self._purger.start()
 
     @property
     def db(self) -> Path:
         return self.log.path
 
     def close(self) -> None:
-        self.log.close()
+        self._closing.set()
+        self._purger.join()
+        self.log.close()  # after the purger: every purge it recorded is deleted too
         self.vault.close()
         if not self._open and not self._unacked:
             self._new_epoch([])  # every row is in the log: nothing to recover next time
@@ -98,14 +127,7 @@ class Recorder:
     async def record(
         self, event: str, actor: str, org: str | None, payload: dict[str, Any]
     ) -> None:
-        entry = {
-            "kind": "management",
-            "event": event,
-            "actor": actor,
-            "org": org,
-            "payload": payload,
-        }
-        await self.log.append_async(entry)
+        await self.log.append_async(_management(event, actor, org, payload))
 
     async def events(self, org: str | None) -> list[AuditEvent]:
         found = []
@@ -129,22 +151,22 @@ class Recorder:
     def mode_for(self, org_mode: str) -> str:
         return effective_mode(org_mode, self.floor)
 
-    def begin(self, org_mode: str, entry: dict[str, Any]) -> None:
+    def begin(self, org_mode: str, record: RequestRecord) -> None:
         """Journal the row an admitted request leaves if this process dies before it ends
         (its `status` is `interrupted`); `request` with the same `id` ends it."""
         if self.mode_for(org_mode) == "zero":
             return
-        line = _ENCODE(_Begun(entry))
+        line = _ENCODE(_Begun(record.row()))
         self._journal_line(line)
-        self._open[entry["id"]] = line
+        self._open[record.id] = line
 
-    def request(self, org_mode: str, entry: dict[str, Any]) -> None:
+    def request(self, org_mode: str, record: RequestRecord) -> None:
         """Queue one request's metadata row (not awaited: the response never waits). It is
         journaled, so it may linger in the log's writer and share a commit with the rows
         that follow it (`AuditLog.submit`)."""
         if self.mode_for(org_mode) == "zero":
             return
-        row_id = entry["id"]
+        row_id, entry = record.id, record.row()
         line = _ENCODE(_Ended(entry))
         self._journal_line(line)
         self._open.pop(row_id, None)
@@ -202,6 +224,51 @@ class Recorder:
         if self.mode_for(org_mode) != "full":
             return
         self.vault.seal(record_id, org, json.dumps(content, ensure_ascii=False).encode())
+
+    def purge_content(self) -> Purged:
+        """Delete sealed content past its retention (at start, then every minute). Each
+        org's purge is first a management event in the log; its records are deleted once
+        that event is durable, so no purge goes unrecorded, and none is recorded twice."""
+        with self._purge_lock:
+            purged = self.vault.expired(skip=self._purging)
+            for ids in purged.ids_by_org.values():
+                self._purging.update(ids)
+        for org, ids in purged.ids_by_org.items():
+            for start in range(0, len(ids), _PURGE_EVENT_IDS):  # bounded entries
+                batch = ids[start : start + _PURGE_EVENT_IDS]
+                payload = {"request_ids": batch, "sealed_before": purged.before}
+                done = self.log.submit(_management("content_purged", "system", org, payload))
+                done.add_done_callback(partial(self._purge_recorded, batch, purged.before))
+        return purged
+
+    def _purge_periodically(self) -> None:
+        while not self._closing.wait(_PURGE_EVERY_S):
+            try:
+                self.purge_content()
+            except Exception:  # the next round retries; serving goes on
+                log.exception("sealed content past its retention could not be purged")
+
+    def _purge_recorded(self, ids: list[str], before: str, done: Future[int]) -> None:
+        """On the log's writer thread: the purge is on record, so the content goes."""
+        if done.exception() is None:
+            self.vault.delete(ids, before=before)
+        with self._purge_lock:
+            self._purging.difference_update(ids)
+
+    async def read_content(
+        self, record_id: str, actor: str, *, visible: Callable[[str], bool]
+    ) -> SealedContent | None:
+        """A request's sealed content, if its org is `visible` to the reader; the read is
+        in the log before the content is returned."""
+        found = await asyncio.to_thread(self.vault.read, record_id)
+        if found is None or not visible(found.org):
+            return None
+        await self.record("content_read", actor, found.org, {"request_id": record_id})
+        return found
+
+
+def _management(event: str, actor: str, org: str | None, payload: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "management", "event": event, "actor": actor, "org": org, "payload": payload}
 
 
 def _journaled(lines: list[bytes]) -> tuple[int, dict[str, dict[str, Any]]]:

@@ -198,7 +198,8 @@ def _budget(tenancy: Tenancy, org: str) -> wire.Budget:
 def _scope_org(caller: Caller, requested: str | None, action: Action) -> str | None:
     """The org a read is scoped to: the requested one if allowed, else the caller's own."""
     org = requested if requested is not None else caller.user.org
-    if org is None and caller.user.role == "system_admin":
+    if org is None:  # a fleet-wide user naming no org: every org, if its role reaches them
+        require_everywhere(caller.user.role, action)
         return None
     require(caller.user.role, action, actor_org=caller.user.org, target_org=org)
     return org
@@ -246,8 +247,12 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
     async def invite(
         request: Request[Any, Any, Any], caller: NamedDependency[Caller]
     ) -> Response[Any]:
+        role(caller, Action.MANAGE_USERS, None)  # 403 before the body tells which org
         spec = decode_request(await request.body(), _INVITE)
-        role(caller, Action.MANAGE_USERS, spec.org)
+        if spec.org is None:  # a fleet-wide role: only a role that manages every org's users
+            require_everywhere(caller.user.role, Action.MANAGE_USERS)
+        else:
+            role(caller, Action.MANAGE_USERS, spec.org)
         return _json(await tenancy.store.create_invite(spec, caller.user.id), 201)
 
     @post("/admin/v1/invites/accept")
@@ -389,7 +394,7 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
 
 def _usage_scope(caller: Caller, org: str | None, *, all_orgs: bool) -> str | None:
     """One org's usage, or (`all=true`, or a system admin naming no org) every org's."""
-    if all_orgs or (org is None and caller.user.role == "system_admin"):
+    if all_orgs or (org is None and caller.user.org is None):
         require_everywhere(caller.user.role, Action.VIEW_SYSTEM_USAGE)
         return None
     return _scope_org(caller, org, Action.VIEW_ORG_USAGE)

@@ -6,7 +6,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from msgspec import Meta, Struct, field
 
-from federation._private.vocabulary import LoggingMode, OrgRole
+from federation._private.vocabulary import InvitedRole, LoggingMode
 
 OrgName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Region = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
@@ -26,15 +26,17 @@ class OrgCreate(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class InviteCreate(Struct, forbid_unknown_fields=True, kw_only=True):
+    """An org role names its `org`; the fleet-wide `auditor` names none."""
+
     email: Email
-    org: OrgName
-    role: OrgRole
+    role: InvitedRole
+    org: OrgName | None = None
 
 
 class Invite(Struct, kw_only=True):
     token: str
     email: str
-    org: str
+    org: str | None
     role: str
     expires_at: str
 

@@ -30,7 +30,7 @@ from federation._private.client import (
     resolve_target,
     table,
 )
-from federation._private.vocabulary import LoggingMode, OrgRole
+from federation._private.vocabulary import InvitedRole, LoggingMode
 
 org_cli = typer.Typer(help="Manage organizations (tenants).", no_args_is_help=True)
 user_cli = typer.Typer(help="Invite, list and remove users.", no_args_is_help=True)
@@ -128,20 +128,25 @@ def org_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonFlag = 
 def user_invite(
     email: Annotated[str, typer.Argument(help="The invitee's email address.")],
     *,
-    org: Annotated[str, typer.Option("--org", help="Organization to join.")],
-    role: Annotated[OrgRole, typer.Option("--role", help="Role in the organization.")],
+    role: Annotated[InvitedRole, typer.Option("--role", help="Role in the organization.")],
+    org: Annotated[
+        str | None,
+        typer.Option("--org", help="Organization to join (none for the fleet-wide auditor)."),
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Invite EMAIL to an organization; prints the one-time invitation token."""
-    body = {"email": email, "org": org, "role": role}
+    """Invite EMAIL to an organization (or as the fleet-wide `auditor`, with no --org);
+    prints the one-time invitation token."""
+    body = {"email": email, "role": role, **({"org": org} if org is not None else {})}
     invite = call_api(resolve_target(url, key), "POST", "/admin/v1/invites", body=body)
     if as_json:
         print_json(invite)
         return
+    where = invite["org"] or "every organization"
     typer.echo(
-        f"Invited {invite['email']} to {invite['org']} as {invite['role']} "
+        f"Invited {invite['email']} to {where} as {invite['role']} "
         f"(expires {invite['expires_at']})."
     )
     typer.echo(f"Invitation token (shown once): {invite['token']}")

@@ -1,20 +1,26 @@
 """Role-based access control: the one matrix every management action is checked against.
 
-| action                        | system_admin | org_admin | org_user |
-|-------------------------------|--------------|-----------|----------|
-| view system-wide usage        | yes          | no        | no       |
-| manage models                 | yes          | no        | no       |
-| create/manage organizations   | yes          | no        | no       |
-| view org usage                | any org      | own       | own      |
-| invite/remove users           | any org      | own       | no       |
-| set org budgets               | any org      | own       | no       |
-| create API key                | no           | own       | own      |
-| view/revoke own keys          | no           | yes       | yes      |
-| view/revoke all org keys      | any org      | own       | no       |
-| view org audit log            | any org      | own       | no       |
-| call the inference API        | no           | yes       | yes      |
-| view the fleet                | yes          | no        | no       |
-| enroll/revoke fleet nodes     | yes          | no        | no       |
+| action                        | system_admin | auditor | org_admin | org_user | org_auditor |
+|-------------------------------|--------------|---------|-----------|----------|-------------|
+| view system-wide usage        | yes          | yes     | no        | no       | no          |
+| manage models                 | yes          | no      | no        | no       | no          |
+| create/manage organizations   | yes          | no      | no        | no       | no          |
+| view org usage                | any org      | any org | own       | own      | own         |
+| invite/remove users           | any org      | no      | own       | no       | no          |
+| set org budgets               | any org      | no      | own       | no       | no          |
+| create API key                | no           | no      | own       | own      | no          |
+| view/revoke own keys          | no           | no      | yes       | yes      | no          |
+| view/revoke all org keys      | any org      | no      | own       | no       | no          |
+| view org audit log            | any org      | any org | own       | no       | own         |
+| read sealed request content   | no           | any org | no        | no       | own         |
+| call the inference API        | no           | no      | yes       | yes      | no          |
+| view the fleet                | yes          | no      | no        | no       | no          |
+| enroll/revoke fleet nodes     | yes          | no      | no        | no       | no          |
+
+"view org audit log" covers the signed export, its verification and residency reports. The
+auditors change nothing: each gets its one API key by accepting its invitation, and an
+administrator revokes it. Only they read sealed content (separation of duties: the people
+who run the service do not read what its users sent), and every read is itself audited.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class Action(Enum):
     MANAGE_OWN_KEYS = "view/revoke own keys"
     MANAGE_ORG_KEYS = "view/revoke all org keys"
     VIEW_AUDIT = "view org audit log"
+    READ_CONTENT = "read sealed request content"
     CALL_INFERENCE = "call the inference API"
     VIEW_FLEET = "view the fleet"
     MANAGE_FLEET = "enroll/revoke fleet nodes"
@@ -72,6 +79,17 @@ _MATRIX: dict[str, dict[Action, str]] = {
         Action.CREATE_KEY: _OWN,
         Action.MANAGE_OWN_KEYS: _OWN,
         Action.CALL_INFERENCE: _OWN,
+    },
+    "auditor": {
+        Action.VIEW_SYSTEM_USAGE: _ANY,
+        Action.VIEW_ORG_USAGE: _ANY,
+        Action.VIEW_AUDIT: _ANY,
+        Action.READ_CONTENT: _ANY,
+    },
+    "org_auditor": {
+        Action.VIEW_ORG_USAGE: _OWN,
+        Action.VIEW_AUDIT: _OWN,
+        Action.READ_CONTENT: _OWN,
     },
 }
 

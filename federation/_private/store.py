@@ -41,6 +41,7 @@ from federation._private.errors import (
     PalisadeError,
 )
 from federation._private.private_files import private_database
+from federation._private.vocabulary import ORG_ROLES
 
 Clock = Callable[[], datetime]
 INVITE_TTL = timedelta(days=7)
@@ -507,13 +508,15 @@ class TenancyStore:
         return user
 
     async def create_invite(self, spec: InviteCreate, actor: str) -> Invite:
-        self.org(spec.org)
+        _check_invited_org(spec)
+        if spec.org is not None:
+            self.org(spec.org)
         token, token_hash = keylib.new_token()
         now = self.clock()
         expires = iso(now + INVITE_TTL)
         await self._db.execute(
             "INSERT INTO invites VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-            (token_hash, spec.email, spec.org, spec.role, actor, iso(now), expires),
+            (token_hash, spec.email, spec.org or "", spec.role, actor, iso(now), expires),
         )
         await self._audit("user_invited", actor, spec.org, {"email": spec.email, "role": spec.role})
         await self._db.commit()
@@ -534,14 +537,14 @@ class TenancyStore:
                 "organization admin for a new invitation.",
                 code="invalid_invite",
             )
-        email, org, role = row[0], row[1], row[2]
-        self.org(org)
+        email, role = row[0], row[2]
+        org = row[1] or None  # none: the fleet-wide auditor
+        key_limits = self.org(org).key_limits if org is not None else KeyLimits()
         user = await self._insert_user(email, role, org)
         await self._db.execute(
             "UPDATE invites SET accepted_at = ? WHERE token_hash = ?",
             (iso(self.clock()), token_hash),
         )
-        key_limits = self.org(org).key_limits
         key_text, record = await self._insert_key(user, key_name, None, None, key_limits)
         await self._audit(
             "user_joined", user.id, org, {"email": email, "role": role, "key_id": record.id}
@@ -901,6 +904,15 @@ class TenancyStore:
             cost=round(sum(r.cost for r in data), 6),
         )
         return UsageReport(by=by, rows=data, total=total)
+
+
+def _check_invited_org(spec: InviteCreate) -> None:
+    """An org role is granted in one org; the fleet-wide auditor in none."""
+    if (spec.role in ORG_ROLES) == (spec.org is None):
+        needs = "names the organization to join" if spec.org is None else "names no organization"
+        raise InvalidRequestError(
+            f"An invitation as `{spec.role}` {needs}.", code="invalid_value", param="org"
+        )
 
 
 def _invalid_key() -> AuthenticationError:

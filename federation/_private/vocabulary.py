@@ -18,10 +18,17 @@ DEFAULT_DEVICE_PREFERENCE: Final[tuple[DeviceClass, ...]] = ("rdu", "gpu", "cpu"
 LoggingMode = Literal["full", "metadata", "zero"]
 LOGGING_MODES: Final[tuple[LoggingMode, ...]] = get_args(LoggingMode)
 
-# Who a user is in the RBAC matrix (`policy.py`); an invitation grants one of the org roles.
-OrgRole = Literal["org_admin", "org_user"]
-UserRole = Literal["system_admin", OrgRole]
+# Who a user is in the RBAC matrix (`policy.py`). Org roles act in one org; the system
+# roles in every org. The auditors (`org_auditor` for one org, `auditor` for every org) read
+# usage, audit evidence and sealed content and change nothing. An invitation grants an org
+# role, or (from a system admin, naming no org) the fleet-wide `auditor`.
+OrgRole = Literal["org_admin", "org_user", "org_auditor"]
+FleetAuditor = Literal["auditor"]
+SystemRole = Literal["system_admin", FleetAuditor]
+UserRole = Literal[SystemRole, OrgRole]
+InvitedRole = Literal[OrgRole, FleetAuditor]
 USER_ROLES: Final[tuple[UserRole, ...]] = get_args(UserRole)
+ORG_ROLES: Final[tuple[OrgRole, ...]] = get_args(OrgRole)
 
 # Who holds a fleet certificate (and announces itself by zeroconf).
 FleetRole = Literal["node", "router"]

@@ -23,6 +23,7 @@ from federation import (
     ENCODER,
     HEARTBEAT_DECODER,
     INTERRUPTED,
+    NOT_ROUTED,
     SIGNATURE_HEADER,
     Action,
     Advertisement,
@@ -42,6 +43,7 @@ from federation import (
     Performance,
     PermissionDeniedError,
     Principal,
+    RequestRecord,
     ServiceUnavailableError,
     Tenancy,
     announce_admin_key,
@@ -61,7 +63,8 @@ from router._private.ca import FleetCA
 from router._private.config import RouterConfig
 from router._private.edge_routes import edge_routes
 from router._private.errors import RegionHeaderError
-from router._private.fleet import Fleet
+from router._private.evidence_routes import evidence_routes
+from router._private.fleet import Fleet, Node
 from router._private.leases import EdgeLeases
 from router._private.metrics import RouterMetrics
 from router._private.policy_publisher import PolicyPublisher
@@ -100,9 +103,34 @@ class _Routed(msgspec.Struct):
     stream_options: _StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    n: Any = 1  # read only to size the reservation: the node refuses a bad one
+    prompt: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b""))
+
+    def choices(self) -> int:
+        """How many answers the request may generate: n for each of a completion's
+        prompts (a value the node will refuse counts as 1)."""
+        n = self.n if type(self.n) is int and 1 <= self.n <= _MAX_CHOICES else 1
+        return n * _prompt_count(self.prompt)
 
 
 _ROUTED = msgspec.json.Decoder(_Routed)
+_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+_MAX_CHOICES = 128  # the node's bound on n
+
+
+def _prompt_count(prompt: msgspec.Raw) -> int:
+    """A completion's prompts: a list of texts or of token lists is several; a text or a
+    list of token ids (which starts with a number) is one."""
+    head = bytes(memoryview(prompt)[:64]).lstrip()
+    if not head.startswith(b"["):
+        return 1
+    first = head[1:].lstrip()[:1]
+    if not first or first in b"-0123456789]":
+        return 1
+    try:
+        return max(1, len(_ITEMS.decode(prompt)))
+    except msgspec.DecodeError:
+        return 1  # the node answers the 400
 
 
 class RouterState:
@@ -281,6 +309,7 @@ def create_router_app(
             *_ops_routes(state),
             *tenancy.routes(),
             *audit_routes(tenancy, recorder, origin=config.router_id),
+            *evidence_routes(state),
         ],
         exception_handlers={
             **error_handlers("router", log),
@@ -414,7 +443,7 @@ def _call(
     elif limit is None:
         limit = _context_length(state, routed.model)
     # Byte-level tokenizers never make more tokens than bytes: a true worst case to reserve.
-    estimate = len(body) + max(limit, 0)
+    estimate = len(body) + max(limit, 0) * routed.choices()
     request_id = f"route-{os.urandom(12).hex()}"
     admission = state.tenancy.gate.admit(
         principal, estimate, request_id=request_id, model=routed.model
@@ -437,19 +466,19 @@ def _begin(state: RouterState, principal: Principal, model: str, call: str, rese
     """Journal the audit row the call leaves if the router dies before it settles."""
     state.recorder.begin(
         principal.logging_mode,
-        {
-            "id": call,
-            "org": principal.org,
-            "user": principal.user,
-            "key_id": principal.key_id,
-            "model": model,
-            "region": None,
-            "node": None,
-            "input_tokens": reserved,
-            "output_tokens": 0,
-            "status": INTERRUPTED,
-            "tried": [],
-        },
+        RequestRecord(
+            id=call,
+            org=principal.org,
+            user=principal.user,
+            key_id=principal.key_id,
+            model=model,
+            region=NOT_ROUTED,
+            node=NOT_ROUTED,
+            input_tokens=reserved,
+            output_tokens=0,
+            status=INTERRUPTED,
+            tried=[],
+        ),
     )
 
 
@@ -482,7 +511,17 @@ def _card(state: RouterState, model: str, regions: frozenset[str]) -> ModelCard 
         region=chosen.region,
         device_class=served.device_class,
         context_length=served.context_length,
+        capabilities=_shared_capabilities(model, candidates),
     )
+
+
+def _shared_capabilities(model: str, candidates: list[Node]) -> list[str]:
+    """What every node that may serve `model` serves (the nodes not down; all of them when
+    every one is): a request may go to any of them, or fail over to another."""
+    nodes = [node for node in candidates if not node.down] or candidates
+    lists = [node.models[model].capabilities for node in nodes]
+    shared = set(lists[0]).intersection(*lists[1:])
+    return [name for name in lists[0] if name in shared]
 
 
 def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:

@@ -46,6 +46,7 @@ from federation import (
     PeerIdentity,
     PermissionDeniedError,
     Recovered,
+    RequestRecord,
     ServiceUnavailableError,
     TenancyStore,
     UsageRecord,
@@ -263,7 +264,36 @@ class EdgeLeases:
             return
         org = self._store.orgs.get(row.org)
         mode = org.logging_mode if org is not None else "metadata"
-        audit = row.audit | {"id": row.id, "org": row.org, "node": node.node_id}
-        if node.region is not None:
-            audit["region"] = node.region
-        self._recorder.request(mode, audit | {"edge": True})
+        record = _edge_record(node, row)
+        if record is not None:
+            self._recorder.request(mode, record)
+
+
+def _edge_record(node: PeerIdentity, row: EdgeRow) -> RequestRecord | None:
+    """The router's audit row for a request a node admitted itself: what the router counted
+    (the usage record), where the node's certificate says it ran, and what only the node's
+    own audit row knows (the model version, who vouched). None without a usage record (a
+    `zero`-logging org's row is counters only)."""
+    usage, audit = row.record, row.audit or {}
+    if usage is None:
+        return None
+
+    def text(name: str) -> str | None:
+        value = audit.get(name)
+        return value if isinstance(value, str) else None
+
+    return RequestRecord(
+        id=row.id,
+        org=row.org,
+        user=usage.user_id,
+        key_id=usage.key_id,
+        model=usage.model,
+        region=node.region or usage.region,
+        node=node.node_id,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        status=row.status,
+        model_version=text("model_version"),
+        via=text("via"),
+        edge=True,
+    )

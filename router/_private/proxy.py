@@ -38,6 +38,8 @@ from compliance import Recorder
 from federation import (
     ASSERTION_HEADER,
     ENCODER,
+    FLEET_REQUEST_HEADER,
+    NOT_ROUTED,
     PROMPT_TOKENS_HEADER,
     Admission,
     APIError,
@@ -48,6 +50,7 @@ from federation import (
     Gate,
     InvalidRequestError,
     Principal,
+    RequestRecord,
     decode_request,
     node_dns_name,
     receipt_headers,
@@ -361,6 +364,7 @@ class Forwarder:
         headers = {
             "Content-Type": "application/json",
             ASSERTION_HEADER: self._signer.assertion(call.principal, node.id),
+            FLEET_REQUEST_HEADER: call.id,
         }
         node.in_flight += 1
         handed_off = False
@@ -548,6 +552,8 @@ class Forwarder:
         call.settled = True
         prompt = usage.prompt_tokens if usage is not None else 0
         completion = usage.completion_tokens if usage is not None else 0
+        region = node.region if node is not None else NOT_ROUTED
+        node_id = node.id if node is not None else NOT_ROUTED
         if self.gate is not None and call.admission is not None:
             served = node.models.get(call.model) if node is not None else None
             answered = int(usage is not None)  # a per-request price is due once a node answered
@@ -561,27 +567,25 @@ class Forwarder:
                 output_tokens=completion,
                 status=status,
                 cost=cost,
-                region=node.region if node is not None else "-",
-                node=node.id if node is not None else "-",
+                region=region,
+                node=node_id,
             )
         if self._recorder is not None:
             principal = call.principal
-            self._recorder.request(
-                principal.logging_mode,
-                {
-                    "id": call.id,
-                    "org": principal.org,
-                    "user": principal.user,
-                    "key_id": principal.key_id,
-                    "model": call.model,
-                    "region": node.region if node is not None else None,
-                    "node": node.id if node is not None else None,
-                    "input_tokens": prompt,
-                    "output_tokens": completion,
-                    "status": status,
-                    "tried": list(call.tried),
-                },
+            record = RequestRecord(
+                id=call.id,
+                org=principal.org,
+                user=principal.user,
+                key_id=principal.key_id,
+                model=call.model,
+                region=region,
+                node=node_id,
+                input_tokens=prompt,
+                output_tokens=completion,
+                status=status,
+                tried=list(call.tried),
             )
+            self._recorder.request(principal.logging_mode, record)
 
 
 def tls_name(node: Node) -> str | None:

@@ -26,6 +26,7 @@ from federation import (
     LeaseBook,
     Principal,
     RateLimitError,
+    RequestRecord,
     ServiceUnavailableError,
     TenancyStore,
     UsageRecord,
@@ -245,14 +246,25 @@ def test_after_a_reboot_the_org_is_charged_up_to_its_lease_never_past_its_budget
 
 def test_the_recorder_appends_each_lost_row_once(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path, origin="n1")
-    row = {"org": ORG, "user": "u", "model": "m", "input_tokens": 9, "output_tokens": 0}
-    recorder.begin("metadata", {**row, "id": "done", "status": INTERRUPTED})
-    recorder.begin("metadata", {**row, "id": "open", "status": INTERRUPTED})
-    recorder.request("metadata", {**row, "id": "done", "status": "ok"})
-    recorder.begin("zero", {**row, "id": "unlogged", "status": INTERRUPTED})
+    row = RequestRecord(
+        id="done",
+        org=ORG,
+        user="u",
+        key_id=None,
+        model="m",
+        region="eu",
+        node="n1",
+        input_tokens=9,
+        output_tokens=0,
+        status=INTERRUPTED,
+    )
+    recorder.begin("metadata", row)
+    recorder.begin("metadata", msgspec.structs.replace(row, id="open"))
+    recorder.request("metadata", msgspec.structs.replace(row, status="ok"))
+    recorder.begin("zero", msgspec.structs.replace(row, id="unlogged"))
     recorder.log.close()  # the process dies: the journal is not reset
     journal = tmp_path / "audit.journal"
-    lost = {**row, "id": "queued", "status": "ok"}  # ended, its row still in the queue
+    lost = {**row.row(), "id": "queued", "status": "ok"}  # ended, its row still in the queue
     with journal.open("ab") as out:
         out.write(msgspec.json.encode({"t": "e", "row": lost}) + b"\n")
 

@@ -66,7 +66,7 @@ def predict_routes(node: Node, principal: Provide) -> list[HTTPRouteHandler]:
             wanted = requested_outputs(body, predictor.output_signature(), model=served.id)
             node.ledger.admit(ticket, PREDICTION_ESTIMATE)
             outputs = await _run(node.ledger, ticket, predictor, inputs, wanted)
-        keep = node.ledger.content_keeper(principal, ticket.record_id, body)
+        keep = node.ledger.content_keeper(principal, ticket.record_id, await read_body(request))
         if keep is not None:
             keep(msgspec.to_builtins(outputs))
         headers = node.receipt(served) | ticket.headers
