@@ -34,7 +34,7 @@ from compliance._private.merkle import (
     shared_proofs,
     verify_consistency,
 )
-from federation import NodeIdentity, signature_valid
+from federation import NOT_ROUTED, NodeIdentity, signature_valid
 
 FORMAT = "palisade-audit-export/1"
 _DECODE = msgspec.json.Decoder().decode
@@ -130,6 +130,69 @@ def _hex(hashes: list[bytes]) -> list[str]:
 
 
 # --- verification ------------------------------------------------------------------------------
+#
+# Exports are verified at 100,000 entries a second or more: the file is decoded once into typed
+# structs (msgspec skips what the verifier does not read), each entry body is decoded only for
+# its `index` and `prev` and checked as it is read, and the structs are kept out of the garbage
+# collector's sight (gc=False: they hold no references that could form a cycle).
+
+
+class _Signed(msgspec.Struct, frozen=True, gc=False):
+    """A signed checkpoint as an export carries it."""
+
+    body: str
+    signature: str
+
+
+class _Consistency(msgspec.Struct, frozen=True, gc=False):
+    older: int = msgspec.field(name="from")
+    newer: int = msgspec.field(name="to")
+    proof: tuple[str, ...] = ()
+
+
+class _Item(msgspec.Struct, frozen=True, gc=False):
+    entry: str
+    proof: tuple[str, ...] | None = None  # tuples, not lists: the collector soon drops them
+
+
+class _Document(msgspec.Struct, frozen=True, gc=False):
+    format: str
+    origin: str
+    public_key: str
+    tree_size: int
+    full: bool = False
+    checkpoints: list[_Signed] = msgspec.field(default_factory=list)
+    consistency: list[_Consistency] = msgspec.field(default_factory=list)
+    entries: list[_Item] = msgspec.field(default_factory=list)
+    head: _Signed | None = None
+
+
+class _Manifest(msgspec.Struct, frozen=True, gc=False):
+    sha256: str
+    signature: str
+
+
+class _File(msgspec.Struct, frozen=True, gc=False):
+    export: _Document
+    manifest: _Manifest
+
+
+class _CheckpointFields(msgspec.Struct, frozen=True, gc=False):
+    origin: str
+    size: int
+    root: str
+
+
+class _Position(msgspec.Struct, frozen=True, gc=False):
+    """What the verifier reads of an entry: its place in the log and the hash it chains to."""
+
+    index: int
+    prev: str | None = None
+
+
+_DECODE_FILE = msgspec.json.Decoder(_File).decode
+_DECODE_CHECKPOINT = msgspec.json.Decoder(_CheckpointFields).decode
+_DECODE_POSITION = msgspec.json.Decoder(_Position).decode
 
 
 @dataclass
@@ -163,32 +226,40 @@ def verify_export(data: bytes, *, trusted_key: bytes | None = None) -> Report:
     return report
 
 
+@dataclass(frozen=True, slots=True)
+class _Tree:
+    """A checkpoint whose signature verified: the log had `size` entries with Merkle `root`."""
+
+    size: int
+    root: bytes
+
+
 def _verify(data: bytes, trusted_key: bytes | None, report: Report) -> None:
-    document, manifest = _parse(data)
+    parsed = _parse(data)
     signed_bytes = _signed_bytes(data)
+    document = parsed.export
     key = _public_key(document, trusted_key, report)
-    checkpoints = _checked_checkpoints(document, key, report)
-    entries = _entries(document)
-    report.entries = len(entries)
-    tree_size = checkpoints[-1].size if checkpoints else 0
-    if document.get("tree_size") != tree_size:
+    trees = _checked_checkpoints(document, key, report)
+    report.entries = len(document.entries)
+    tree_size = trees[-1].size if trees else 0
+    if document.tree_size != tree_size:
         raise _ExportError(
-            f"tree_size says {document.get('tree_size')} but the last checkpoint is {tree_size}"
+            f"tree_size says {document.tree_size} but the last checkpoint is {tree_size}"
         )
-    if document.get("full"):
-        _check_full(entries, checkpoints)
+    if document.full:
+        report.signed_entries = _check_full(document.entries, trees)
     else:
-        _check_inclusions(entries, tree_size, checkpoints[-1].root if checkpoints else b"")
-    _check_consistency(document, checkpoints)
-    _check_head(document, checkpoints, key)
-    report.signed_entries = sum(1 for entry in entries if entry[0] < tree_size)
+        root = trees[-1].root if trees else b""
+        report.signed_entries = _check_inclusions(document.entries, tree_size, root)
+    _check_consistency(document, trees)
+    _check_head(document, trees, key)
     report.unsigned_tail = report.entries - report.signed_entries
     if report.unsigned_tail:
         report.notes.append(
             f"{report.unsigned_tail} entries after the last checkpoint (size {tree_size}) are an "
             "unsigned tail: they are chained but no signature covers them yet"
         )
-    _check_manifest(signed_bytes, manifest, key)
+    _check_manifest(signed_bytes, parsed.manifest, key)
 
 
 def _signed_bytes(data: bytes) -> bytes:
@@ -199,26 +270,45 @@ def _signed_bytes(data: bytes) -> bytes:
     return data[len(_PREFIX) : end]
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+def _parse(data: bytes) -> _File:
+    try:
+        parsed = _DECODE_FILE(data)
+    except msgspec.ValidationError as wrong:
+        raise _ExportError(_shape_problem(data, wrong)) from None
+    except msgspec.DecodeError as exc:
+        raise _ExportError(_truncated(exc)) from None
+    if parsed.export.format != FORMAT:
+        raise _ExportError(_unknown_format(parsed.export.format))
+    return parsed
+
+
+def _shape_problem(data: bytes, wrong: msgspec.ValidationError) -> str:
+    """Why JSON that is not shaped like an export was refused, the most basic reason first."""
     try:
         parsed = _DECODE(data)
     except msgspec.DecodeError as exc:
-        raise _ExportError(
-            f"the file is not a complete export: truncated or corrupted ({exc})"
-        ) from None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("export"), dict):
-        raise _ExportError("the file is not a Palisade audit export (no `export` object)")
-    document, manifest = parsed["export"], parsed.get("manifest")
+        return _truncated(exc)
+    document = parsed.get("export") if isinstance(parsed, dict) else None
+    if not isinstance(document, dict):
+        return "the file is not a Palisade audit export (no `export` object)"
     if document.get("format") != FORMAT:
-        raise _ExportError(f"unknown export format {document.get('format')!r}; expected {FORMAT}")
-    if not isinstance(manifest, dict):
-        raise _ExportError("the export has no manifest")
-    return document, manifest
+        return _unknown_format(document.get("format"))
+    if not isinstance(parsed.get("manifest"), dict):
+        return "the export has no manifest"
+    return f"the export is malformed: {wrong}"
 
 
-def _public_key(document: dict[str, Any], trusted: bytes | None, report: Report) -> bytes:
+def _truncated(exc: msgspec.DecodeError) -> str:
+    return f"the file is not a complete export: truncated or corrupted ({exc})"
+
+
+def _unknown_format(found: object) -> str:
+    return f"unknown export format {found!r}; expected {FORMAT}"
+
+
+def _public_key(document: _Document, trusted: bytes | None, report: Report) -> bytes:
     try:
-        key = bytes.fromhex(str(document.get("public_key", "")))
+        key = bytes.fromhex(document.public_key)
     except ValueError:
         raise _ExportError("the export's public_key is not hex") from None
     report.public_key = key.hex()
@@ -232,101 +322,120 @@ def _public_key(document: dict[str, Any], trusted: bytes | None, report: Report)
     return key
 
 
-def _checked_checkpoints(document: dict[str, Any], key: bytes, report: Report) -> list[Checkpoint]:
-    checkpoints: list[Checkpoint] = []
-    for number, item in enumerate(document.get("checkpoints") or []):
-        try:
-            checkpoint = Checkpoint(str(item["body"]).encode(), bytes.fromhex(item["signature"]))
-            size, origin = checkpoint.size, checkpoint.fields.get("origin")
-        except (KeyError, ValueError, TypeError):
-            raise _ExportError(f"checkpoint #{number} is malformed") from None
-        if not signature_valid(key, checkpoint.signature, checkpoint.body):
+def _read_checkpoint(item: _Signed, what: str) -> tuple[_Tree, str, bytes, bytes]:
+    """A checkpoint in the file, not yet verified: its tree, origin, body and signature."""
+    try:
+        body = item.body.encode()
+        fields = _DECODE_CHECKPOINT(body)
+        tree = _Tree(fields.size, bytes.fromhex(fields.root))
+        return tree, fields.origin, body, bytes.fromhex(item.signature)
+    except (ValueError, msgspec.DecodeError):
+        raise _ExportError(f"{what} is malformed") from None
+
+
+def _checked_checkpoints(document: _Document, key: bytes, report: Report) -> list[_Tree]:
+    trees: list[_Tree] = []
+    for number, item in enumerate(document.checkpoints):
+        what = f"checkpoint #{number}"
+        tree, origin, body, signature = _read_checkpoint(item, what)
+        if not signature_valid(key, signature, body):
             raise _ExportError(
-                f"checkpoint #{number} (size {size}): its signature does not verify: the "
+                f"{what} (size {tree.size}): its signature does not verify: the "
                 "checkpoint was edited or signed by another key"
             )
-        if origin != document.get("origin"):
-            raise _ExportError(f"checkpoint #{number} (size {size}) is for origin {origin!r}")
-        if checkpoints and size <= checkpoints[-1].size:
-            raise _ExportError(f"checkpoint #{number} (size {size}) does not grow the log")
-        checkpoints.append(checkpoint)
-    report.checkpoints = len(checkpoints)
-    return checkpoints
+        if origin != document.origin:
+            raise _ExportError(f"{what} (size {tree.size}) is for origin {origin!r}")
+        if trees and tree.size <= trees[-1].size:
+            raise _ExportError(f"{what} (size {tree.size}) does not grow the log")
+        trees.append(tree)
+    report.checkpoints = len(trees)
+    return trees
 
 
-Entry = tuple[int, bytes, list[str] | None, dict[str, Any]]
+def _read(item: _Item, position: int) -> tuple[bytes, _Position]:
+    """An entry's body, and the fields of it the verifier reads."""
+    try:
+        body = item.entry.encode()
+        return body, _DECODE_POSITION(body)
+    except (ValueError, msgspec.DecodeError):
+        raise _ExportError(f"entry at position {position} in the file is malformed") from None
 
 
-def _entries(document: dict[str, Any]) -> list[Entry]:
-    entries: list[Entry] = []
-    for position, item in enumerate(document.get("entries") or []):
-        try:
-            body = str(item["entry"]).encode()
-            fields = _DECODE(body)
-            index = int(fields["index"])
-        except (KeyError, ValueError, TypeError, msgspec.DecodeError):
-            raise _ExportError(f"entry at position {position} in the file is malformed") from None
-        entries.append((index, body, item.get("proof"), fields))
-    return entries
+def _check_full(items: list[_Item], trees: list[_Tree]) -> int:
+    """Every entry present, in order, chained; every checkpoint's root recomputed.
 
-
-def _check_full(entries: list[Entry], checkpoints: list[Checkpoint]) -> None:
-    """Every entry present, in order, chained; every checkpoint's root recomputed."""
-    tree, prev = CompactRange(), GENESIS
-    due = iter([(checkpoint.size, checkpoint.root) for checkpoint in checkpoints])
+    Returns how many entries the checkpoints sign.
+    """
+    tree, prev = CompactRange(), GENESIS.hex()
+    due = iter(trees)
     pending = next(due, None)
-    for position, (index, body, _, fields) in enumerate(entries):
-        if index != position:
+    for position, item in enumerate(items):
+        body, fields = _read(item, position)
+        if fields.index != position:
             raise _ExportError(
-                f"entry {position} is missing or out of place: found index {index} there "
+                f"entry {position} is missing or out of place: found index {fields.index} there "
                 "(an entry was deleted, inserted or reordered)"
             )
-        if fields.get("prev") != prev.hex():
+        if fields.prev != prev:
             raise _ExportError(
-                f"entry {index} does not chain to entry {index - 1}: entry {index} or the one "
-                "before it was changed, swapped or forged"
+                f"entry {position} does not chain to entry {position - 1}: entry {position} or "
+                "the one before it was changed, swapped or forged"
             )
-        prev = leaf_hash(body)
-        tree.append(prev)
-        while pending is not None and pending[0] == tree.size:
-            if tree.root() != pending[1]:
+        leaf = leaf_hash(body)
+        prev = leaf.hex()
+        tree.append(leaf)
+        while pending is not None and pending.size == position + 1:
+            if tree.root() != pending.root:
                 raise _ExportError(
-                    f"checkpoint size {pending[0]}: the entries do not produce its signed root "
-                    f"(an entry at or before {pending[0] - 1} was changed and re-chained)"
+                    f"checkpoint size {pending.size}: the entries do not produce its signed "
+                    f"root (an entry at or before {pending.size - 1} was changed and re-chained)"
                 )
             pending = next(due, None)
     if pending is not None:
         raise _ExportError(
-            f"checkpoint size {pending[0]} covers more entries than the export holds "
-            f"({len(entries)}): entries were removed from the end"
+            f"checkpoint size {pending.size} covers more entries than the export holds "
+            f"({len(items)}): entries were removed from the end"
         )
+    return min(len(items), trees[-1].size if trees else 0)
 
 
-def _check_inclusions(entries: list[Entry], tree_size: int, root: bytes) -> None:
-    verifier = InclusionVerifier(tree_size, root)
-    for index, body, proof, _ in entries:
+def _check_inclusions(items: list[_Item], tree_size: int, root: bytes) -> int:
+    """Every entry the last checkpoint covers proven in its tree; returns how many it covers."""
+    verify = InclusionVerifier(tree_size, root).verify
+    signed = 0
+    for position, item in enumerate(items):
+        body, fields = _read(item, position)
+        index = fields.index
         if index >= tree_size:
             continue
-        if not verifier.verify(leaf_hash(body), index, _hashes(proof, index)):
+        proof = _hashes(item.proof)
+        if proof is None:
+            raise _ExportError(f"entry {index}: its inclusion proof is malformed")
+        if not verify(leaf_hash(body), index, proof):
             raise _ExportError(
                 f"entry {index}: not included in the signed tree of size {tree_size}: it was "
                 "changed, moved or forged"
             )
+        signed += 1
+    return signed
 
 
-def _hashes(proof: list[str] | None, index: int) -> list[bytes]:
+def _hashes(proof: tuple[str, ...] | None) -> list[bytes] | None:
+    """A proof's hashes (none for a missing proof), or None if one of them is not hex."""
     try:
-        return [bytes.fromhex(item) for item in proof or []]
-    except (ValueError, TypeError):
-        raise _ExportError(f"entry {index}: its inclusion proof is malformed") from None
+        return list(map(bytes.fromhex, proof or ()))
+    except ValueError:
+        return None
 
 
-def _check_consistency(document: dict[str, Any], checkpoints: list[Checkpoint]) -> None:
-    proofs = {
-        (p.get("from"), p.get("to")): p.get("proof") for p in document.get("consistency") or []
-    }
-    for older, newer in itertools.pairwise(checkpoints):
-        proof = _hashes(proofs.get((older.size, newer.size)), newer.size)
+def _check_consistency(document: _Document, trees: list[_Tree]) -> None:
+    proofs = {(p.older, p.newer): p.proof for p in document.consistency}
+    for older, newer in itertools.pairwise(trees):
+        proof = _hashes(proofs.get((older.size, newer.size)))
+        if proof is None:
+            raise _ExportError(
+                f"the consistency proof from checkpoint {older.size} to {newer.size} is malformed"
+            )
         if not verify_consistency(older.size, newer.size, older.root, newer.root, proof):
             raise _ExportError(
                 f"checkpoints {older.size} and {newer.size} are not consistent: the log was "
@@ -334,17 +443,15 @@ def _check_consistency(document: dict[str, Any], checkpoints: list[Checkpoint]) 
             )
 
 
-def _check_head(document: dict[str, Any], checkpoints: list[Checkpoint], key: bytes) -> None:
+def _check_head(document: _Document, trees: list[_Tree], key: bytes) -> None:
     """The node's latest checkpoint must be the export's last one: else the DB is older."""
-    head = document.get("head")
-    if head is None:
+    if document.head is None:
         return
-    latest = Checkpoint(
-        str(head.get("body", "")).encode(), bytes.fromhex(head.get("signature", ""))
-    )
-    if not signature_valid(key, latest.signature, latest.body):
-        raise _ExportError("the node's head checkpoint does not verify: it was edited")
-    last = checkpoints[-1] if checkpoints else None
+    what = "the node's head checkpoint"
+    latest, _, body, signature = _read_checkpoint(document.head, what)
+    if not signature_valid(key, signature, body):
+        raise _ExportError(f"{what} does not verify: it was edited")
+    last = trees[-1] if trees else None
     if (
         last is None
         or latest.size > last.size
@@ -358,13 +465,13 @@ def _check_head(document: dict[str, Any], checkpoints: list[Checkpoint], key: by
         )
 
 
-def _check_manifest(body: bytes, manifest: dict[str, Any], key: bytes) -> None:
-    if manifest.get("sha256") != hashlib.sha256(body).hexdigest():
+def _check_manifest(body: bytes, manifest: _Manifest, key: bytes) -> None:
+    if manifest.sha256 != hashlib.sha256(body).hexdigest():
         raise _ExportError(
             "the manifest's SHA-256 does not match: the file was modified after export"
         )
     try:
-        signature = bytes.fromhex(str(manifest.get("signature", "")))
+        signature = bytes.fromhex(manifest.signature)
     except ValueError:
         signature = b""
     if not signature_valid(key, signature, body):
@@ -387,7 +494,9 @@ def build_residency(
         entry = json.loads(body)
         if entry.get("kind") != "request" or not scope.selects(entry):
             continue
-        region, node = str(entry.get("region")), str(entry.get("node"))
+        # Rows written before refused requests had an explicit region have none.
+        region = str(entry.get("region") or NOT_ROUTED)
+        node = str(entry.get("node") or NOT_ROUTED)
         regions[region] = regions.get(region, 0) + 1
         nodes[(node, region)] = nodes.get((node, region), 0) + 1
     document = {

@@ -343,8 +343,12 @@ def inclusion_proofs(indices: Iterable[int], leaves: Sequence[bytes]) -> list[li
 # --- verification ------------------------------------------------------------------------------
 
 
+_BYTES = (bytes, bytearray)
+_LEVEL_BITS = 7  # a node key is position << _LEVEL_BITS | level: levels stay below 2**7
+
+
 def _is_hash(value: object) -> bool:
-    return isinstance(value, bytes | bytearray) and len(value) == HASH_SIZE
+    return isinstance(value, _BYTES) and len(value) == HASH_SIZE
 
 
 def _all_hashes(values: Iterable[object]) -> bool:
@@ -431,7 +435,8 @@ class InclusionVerifier:
     def __init__(self, size: int, root_hash: bytes) -> None:
         self.size = size
         self.root = root_hash
-        self._proven: dict[tuple[int, int], bytes] = {}
+        self._root_is_hash = _is_hash(root_hash)
+        self._proven: dict[int, bytes] = {}  # node key -> hash, for nodes on a proven path
 
     def verify(self, leaf: bytes, index: int, proof: Sequence[bytes]) -> bool:
         """Whether `leaf` is at `index` in the signed tree.
@@ -440,31 +445,38 @@ class InclusionVerifier:
         elements are wrong but its lower part already reached a proven node: the leaf is
         then proven included all the same.
         """
-        if not (_is_hash(leaf) and _is_hash(self.root)) or not 0 <= index < self.size:
+        if not (self._root_is_hash and _is_hash(leaf)) or not 0 <= index < self.size:
             return False
+        # The hot loop of org-export verification: hashing is inlined, a node is keyed by one
+        # int rather than a (level, position) tuple, and the nodes it computes are recorded as
+        # it goes (every one is new: the walk stops at the first known node) and withdrawn if
+        # the proof fails.
+        proven, sha256, prefix = self._proven, _sha256, _NODE_PREFIX
         fn, sn, level, node = index, self.size - 1, 0, leaf
-        path: list[tuple[tuple[int, int], bytes]] = []
+        steps = 0
         for sibling in proof:  # each element is checked only if the walk reaches it
-            if sn == 0 or not _is_hash(sibling):
-                return False
+            if sn == 0 or not isinstance(sibling, _BYTES) or len(sibling) != HASH_SIZE:
+                return self._withdraw(index, steps)
             if fn & 1 or fn == sn:
-                node = node_hash(sibling, node)
+                node = sha256(prefix + sibling + node).digest()
                 while fn and not fn & 1:
                     fn, sn, level = fn >> 1, sn >> 1, level + 1
             else:
-                node = node_hash(node, sibling)
+                node = sha256(prefix + node + sibling).digest()
             fn, sn, level = fn >> 1, sn >> 1, level + 1
-            known = self._proven.get((level, fn))
+            key = fn << _LEVEL_BITS | level
+            known = proven.get(key)
             if known is not None:
-                if known != node:
-                    return False
-                self._proven.update(path)
-                return True
-            path.append(((level, fn), node))
-        if sn != 0 or node != self.root:
-            return False
-        self._proven.update(path)
-        return True
+                return known == node or self._withdraw(index, steps)
+            proven[key] = node
+            steps += 1
+        return (sn == 0 and node == self.root) or self._withdraw(index, steps)
+
+    def _withdraw(self, index: int, steps: int) -> bool:
+        """Forget the first `steps` nodes a failed walk from `index` recorded; returns False."""
+        for level, position in inclusion_path(index, self.size, steps):
+            del self._proven[position << _LEVEL_BITS | level]
+        return False
 
 
 def verify_consistency(

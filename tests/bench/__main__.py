@@ -161,7 +161,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--baseline",
         metavar="REV",
         help="also measure the appliance of git revision REV (a worktree, removed afterwards) "
-        "in the same rounds, and report the ratios current / baseline",
+        "in the same rounds, and report the ratios current / baseline; for the audit "
+        "benchmark, verify its exports with REV's code beside this checkout's",
     )
     group.add_argument(
         "--targets",
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats = args.repeats if args.repeats is not None else ENGINE_REPEATS
             engine.run(repeats=repeats, warmups=args.warmups, out_dir=args.out)
         elif name == "audit":
-            audit.run(out_dir=args.out)
+            audit.run(out_dir=args.out, baseline=args.baseline)
         elif name == "router":
             router.run(out_dir=args.out, settings=router_settings(args))
         elif name == "batching":

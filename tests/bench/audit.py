@@ -14,6 +14,12 @@ adds index, prev and time). Three ways of appending:
 
 Verification runs `verify_export` (with the trusted key) on a full export of 100,000 entries
 (100 checkpoints) and on one org's export (half the entries, each with an inclusion proof).
+The figure is wall time; the CPU time of the same runs is reported beside it, since it hardly
+moves when other processes share the machine.
+
+With `--baseline REV` the same two export files are also verified by the `compliance` package
+of commit REV (a worktree, removed afterwards) and by this checkout's, each in fresh processes,
+in interleaved rounds, and the report gives the medians side by side and their ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import os
 import platform
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,7 +43,9 @@ from typing import Any
 
 from compliance import AuditLog, Scope, build_export, canonical, verify_export
 from federation import NodeIdentity
+from tests.bench.batching import baseline_worktree, resolve_revision
 from tests.bench.engine import BUSY_CORES, CpuWatch
+from tests.support import REPO
 
 ORIGIN = "edge-eu-1"
 CHECKPOINT_EVERY = 1000
@@ -47,6 +57,7 @@ VERIFY_REPEATS = 3  # median of this many verifications per export
 ORGS = 2  # entries alternate between orgs, so one org's export holds half of them
 APPEND_TARGET = 5_000.0  # durable entries/s under concurrent traffic
 VERIFY_TARGET = 100_000.0  # verified entries/s
+BASELINE_ROUNDS = 5  # with --baseline: interleaved rounds, VERIFY_REPEATS runs per side in each
 
 
 def request_entry(n: int) -> dict[str, Any]:
@@ -206,11 +217,12 @@ def verification(db: Path, node: NodeIdentity, scope: Scope) -> dict[str, Any]:
     began = time.perf_counter()
     data = build_export(db, node, origin=ORIGIN, scope=scope)
     built = time.perf_counter() - began
-    times = []
+    times, cpu_times = [], []
     for _ in range(VERIFY_REPEATS):
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         report = verify_export(data, trusted_key=node.public_key)
         times.append(time.perf_counter() - began)
+        cpu_times.append(time.process_time() - cpu_began)
         if not report.ok:
             raise RuntimeError(f"the benchmark's own export does not verify: {report.problem}")
     seconds = statistics.median(times)
@@ -223,7 +235,97 @@ def verification(db: Path, node: NodeIdentity, scope: Scope) -> dict[str, Any]:
         "verify_seconds": seconds,
         "verify_seconds_all": times,
         "entries_per_s": report.entries / seconds,
+        "cpu_seconds": statistics.median(cpu_times),
+        "cpu_entries_per_s": report.entries / statistics.median(cpu_times),
     }
+
+
+# --- before/after: the same files verified by another commit ----------------------------------
+
+# Runs in a fresh interpreter whose `compliance` is the checkout being measured.
+_TIMER = """
+import json, sys, time
+from pathlib import Path
+import compliance
+key, repeats, runs = bytes.fromhex(sys.argv[1]), int(sys.argv[2]), {}
+for name in sys.argv[3:]:
+    data, times = Path(name).read_bytes(), []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = compliance.verify_export(data, trusted_key=key)
+        times.append([time.perf_counter() - wall, time.process_time() - cpu])
+        if not report.ok:
+            raise SystemExit(f"{name}: {report.problem}")
+    runs[name] = times
+print(json.dumps({"module": compliance.__file__, "runs": runs}))
+"""
+
+
+def time_checkout(source: Path, files: list[Path], key: bytes) -> dict[str, list[list[float]]]:
+    """[wall, cpu] seconds of each verification of each file by `source`'s `compliance`."""
+    result = subprocess.run(
+        [sys.executable, "-c", _TIMER, key.hex(), str(VERIFY_REPEATS), *map(str, files)],
+        cwd=source,
+        env=os.environ | {"PYTHONPATH": str(source)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"verifying with {source} failed: {result.stderr.strip()}")
+    answer = json.loads(result.stdout)
+    if not Path(answer["module"]).resolve().is_relative_to(source.resolve()):
+        raise RuntimeError(f"{source} verified with another checkout's code: {answer['module']}")
+    runs: dict[str, list[list[float]]] = answer["runs"]
+    return runs
+
+
+def side_by_side(
+    files: dict[str, Path], entries: dict[str, int], key: bytes, baseline: Path
+) -> dict[str, Any]:
+    """Medians of this checkout's and `baseline`'s verification of each file, and the ratios."""
+    sources = {"current": REPO, "baseline": baseline}
+    runs: dict[str, dict[str, list[list[float]]]] = {side: {} for side in sources}
+    for number in range(BASELINE_ROUNDS):
+        order = list(sources) if number % 2 == 0 else list(reversed(sources))
+        for side in order:
+            for name, times in time_checkout(sources[side], list(files.values()), key).items():
+                runs[side].setdefault(name, []).extend(times)
+    found: dict[str, Any] = {}
+    for scope, file in files.items():
+        sides = {}
+        for side in sources:
+            times = runs[side][str(file)]
+            wall = statistics.median(t[0] for t in times)
+            cpu = statistics.median(t[1] for t in times)
+            sides[side] = {
+                "runs": len(times),
+                "verify_seconds": wall,
+                "cpu_seconds": cpu,
+                "entries_per_s": entries[scope] / wall,
+                "cpu_entries_per_s": entries[scope] / cpu,
+            }
+        found[scope] = sides | {
+            "ratio": sides["baseline"]["verify_seconds"] / sides["current"]["verify_seconds"],
+            "cpu_ratio": sides["baseline"]["cpu_seconds"] / sides["current"]["cpu_seconds"],
+        }
+    return found
+
+
+def compare_with(
+    revision: str, db: Path, node: NodeIdentity, scratch: Path, entries: dict[str, int]
+) -> dict[str, Any]:
+    """Verify the benchmark's two exports with commit `revision` and with this checkout."""
+    commit = resolve_revision(revision)
+    files = {}
+    for scope in (Scope(), Scope(org="org-0")):
+        name = "full" if scope.full else f"org {scope.org}"
+        files[name] = scratch / f"export-{name.replace(' ', '-')}.json"
+        files[name].write_bytes(build_export(db, node, origin=ORIGIN, scope=scope))
+    with baseline_worktree(commit, scratch / "baseline-source") as source:
+        found = side_by_side(files, entries, node.public_key, source)
+    return {"revision": revision, "commit": commit, "rounds": BASELINE_ROUNDS, "scopes": found}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -261,6 +363,7 @@ def summarize(
     appends: dict[str, dict[str, Any]],
     verifies: dict[str, dict[str, Any]],
     contention: dict[str, float] | None,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     append_rate = appends["concurrent_submit"]["entries_per_s"]
     verify_rate = min(v["entries_per_s"] for v in verifies.values())
@@ -274,6 +377,7 @@ def summarize(
             "verify_met": verify_rate >= VERIFY_TARGET,
         },
         "contention": contention,
+        "baseline": baseline,
     }
 
 
@@ -313,12 +417,16 @@ def print_table(summary: dict[str, Any], found: list[str]) -> None:
         "latency is the backlog)"
     )
     print("\nAudit benchmark: verify_export with the trusted key (median of 3)")
-    print(f"  {'':<26}{'entries':>9}{'MiB':>8}{'build s':>9}{'verify s':>10}{'entries/s':>12}")
+    print(
+        f"  {'':<26}{'entries':>9}{'MiB':>8}{'build s':>9}{'verify s':>10}{'entries/s':>12}"
+        f"{'CPU s':>8}{'/CPU s':>10}"
+    )
     for row in summary["verify"].values():
         print(
             f"  {'export, ' + row['scope']:<26}{row['entries']:>9}"
             f"{row['export_bytes'] / 2**20:>8.1f}{row['build_seconds']:>9.2f}"
             f"{row['verify_seconds']:>10.2f}{row['entries_per_s']:>12,.0f}"
+            f"{row['cpu_seconds']:>8.2f}{row['cpu_entries_per_s']:>10,.0f}"
         )
     targets = summary["targets"]
     print(
@@ -329,8 +437,30 @@ def print_table(summary: dict[str, Any], found: list[str]) -> None:
         f"  target >= {VERIFY_TARGET:,.0f} verified entries/s (both exports): "
         f"{_met(targets['verify_met'])}"
     )
+    if summary["baseline"] is not None:
+        print_baseline(summary["baseline"])
     for warning in found:
         print(f"  WARNING: {warning}")
+
+
+def print_baseline(baseline: dict[str, Any]) -> None:
+    print(
+        f"\n  Against {baseline['revision']} ({baseline['commit'][:7]}): the same files, fresh "
+        f"processes, {baseline['rounds']} interleaved rounds of {VERIFY_REPEATS} per side"
+    )
+    print(f"  {'':<20}{'side':<10}{'verify s':>10}{'entries/s':>12}{'CPU s':>8}{'/CPU s':>10}")
+    for scope, row in baseline["scopes"].items():
+        for side in ("baseline", "current"):
+            figures = row[side]
+            print(
+                f"  {'export, ' + scope:<20}{side:<10}{figures['verify_seconds']:>10.3f}"
+                f"{figures['entries_per_s']:>12,.0f}{figures['cpu_seconds']:>8.3f}"
+                f"{figures['cpu_entries_per_s']:>10,.0f}"
+            )
+        print(
+            f"  {'':<20}{'current / baseline entries/s':<38}{row['ratio']:.2f}x"
+            f" (CPU {row['cpu_ratio']:.2f}x)"
+        )
 
 
 def _met(met: bool) -> str:
@@ -344,8 +474,11 @@ def write_json(report: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-def run(*, out_dir: Path) -> dict[str, Any]:
-    """Run the benchmark, print the table, write `out_dir`/audit.json; returns the summary."""
+def run(*, out_dir: Path, baseline: str | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table, write `out_dir`/audit.json; returns the summary.
+
+    With `baseline` (a git revision), also compare verification with that commit's.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     size = len(canonical(request_entry(CONCURRENT_ENTRIES)))
     print(f"Audit benchmark: request entries of about {size} bytes, on {out_dir}")
@@ -371,7 +504,11 @@ def run(*, out_dir: Path) -> dict[str, Any]:
         for row in verifies.values():
             print(f"  verify {row['scope']}: {row['entries_per_s']:,.0f} entries/s")
         contention = watch.report()
-    summary = summarize(appends, verifies, contention)
+        compared = None
+        if baseline is not None:
+            entries = {row["scope"]: row["entries"] for row in verifies.values()}
+            compared = compare_with(baseline, home / "verify.db", node, home, entries)
+    summary = summarize(appends, verifies, contention, compared)
     found = warnings(summary, machine["filesystem"])
     print_table(summary, found)
     report = {
