@@ -476,7 +476,24 @@ def _wants_rich(body: dict[str, Any]) -> bool:
         or body.get("tools")
         or body.get("logprobs") not in (None, False)
         or form != "text"
+        or body.get("echo")
+        or len(_prompts(body)) > 1
     )
+
+
+def _prompts(body: dict[str, Any]) -> list[str]:
+    """A completion's prompts as text (token ids joined by spaces): several when `prompt`
+    is a list of texts or of token lists."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return [_prompt_text(item) for item in prompt]
+    return [_prompt_text(prompt)] if prompt is not None else []
+
+
+def _prompt_text(prompt: object) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(map(str, prompt)) if isinstance(prompt, list) else ""
 
 
 class _RichAnswer:
@@ -485,11 +502,16 @@ class _RichAnswer:
     calls the first tool with each of its parameters set to "standin", its arguments
     streamed in two fragments; with `logprobs`, every piece has log probability -0.5 (and
     `top_logprobs` alternatives); with `response_format` json_object or json_schema, the
-    text is a JSON object (the schema's properties filled by type), streamed in pieces."""
+    text is a JSON object (the schema's properties filled by type), streamed in pieces.
+    A completion with several prompts has n choices for each (choice p * n + i is the i-th
+    of prompt p); with `echo`, each choice starts with its prompt (whose first token has
+    no log probability)."""
 
     def __init__(self, body: dict[str, Any], *, chat: bool, count: int, reason: str) -> None:
         self.body, self.chat, self.count, self.reason = body, chat, count, reason
-        self.n = max(1, int(body.get("n", 1)))
+        self.prompts = [""] if chat else _prompts(body) or [""]
+        self.n = max(1, int(body.get("n", 1))) * len(self.prompts)
+        self.per_prompt = self.n // len(self.prompts)
         tools = body.get("tools") or []
         self.tool = tools[0]["function"] if tools and body.get("tool_choice") != "none" else None
         self.logprobs = body.get("logprobs") not in (None, False)
@@ -499,6 +521,17 @@ class _RichAnswer:
     @property
     def completion_tokens(self) -> int:
         return self.count * self.n
+
+    def _echo(self, index: int) -> str:
+        return self.prompts[index // self.per_prompt] if self.body.get("echo") else ""
+
+    def _echo_logprobs(self, echo: str) -> dict[str, Any]:
+        return {
+            "tokens": [echo],
+            "token_logprobs": [None],
+            "top_logprobs": [None],
+            "text_offset": [0],
+        }
 
     def _pieces(self, index: int) -> list[str]:
         form = self.body.get("response_format") or {}
@@ -545,6 +578,12 @@ class _RichAnswer:
                 yield [{"index": index, "delta": {}, "finish_reason": "tool_calls"}]
                 continue
             offset = 0
+            if echo := self._echo(index):
+                first: dict[str, Any] = {"index": index, "text": echo, "finish_reason": None}
+                if self.logprobs:
+                    first["logprobs"] = self._echo_logprobs(echo)
+                yield [first]
+                offset = len(echo)
             for piece in self._pieces(index):
                 choice: dict[str, Any] = {"index": index, "finish_reason": None}
                 choice |= {"delta": {"content": piece}} if self.chat else {"text": piece}
@@ -570,13 +609,14 @@ class _RichAnswer:
                 choices.append(choice | {"message": message, "finish_reason": "tool_calls"})
                 continue
             pieces = self._pieces(index)
-            text = "".join(pieces)
+            echo = self._echo(index)
+            text = echo + "".join(pieces)
             choice |= (
                 {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
             )
             if self.logprobs:
-                merged: dict[str, Any] = {}
-                offset = 0
+                merged: dict[str, Any] = self._echo_logprobs(echo) if echo else {}
+                offset = len(echo)
                 for piece in pieces:
                     for key, value in self._logprobs(piece, offset).items():
                         merged[key] = merged.get(key, []) + value

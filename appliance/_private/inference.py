@@ -18,8 +18,12 @@ from federation import (
     TextPart,
 )
 
-_MAX_CHOICES = 128
+_MAX_CHOICES = 128  # n, times the prompts of a completion
 _MAX_TOP_LOGPROBS = 20
+_MAX_BIAS = 100.0  # |logit_bias| values; -100 bans a token, +100 all but forces it
+_MAX_BIASED_TOKENS = 1024
+_MAX_ID_DIGITS = 12  # a longer key cannot be a token id (and int() of it would be costly)
+_SHOWN_KEY = 32  # characters of a bad logit_bias key an error repeats
 
 
 def check_sampling(request: SamplingFields, capabilities: Capabilities, model: str) -> None:
@@ -33,8 +37,8 @@ def check_sampling(request: SamplingFields, capabilities: Capabilities, model: s
         raise UnsupportedParameterError(
             "n", f"`{model}` returns one choice per request; send n separate requests."
         )
-    if request.logit_bias:
-        raise UnsupportedParameterError("logit_bias", "logit bias is not supported yet.")
+    if request.logit_bias and not capabilities.logit_bias:
+        raise UnsupportedParameterError("logit_bias", f"`{model}` does not apply logit bias.")
     if request.stream_options is not None and not request.stream:
         raise InvalidRequestError(
             "`stream_options` is only allowed when `stream` is true.",
@@ -121,8 +125,8 @@ def check_completion(request: CompletionRequest, capabilities: Capabilities, mod
     """Refuse what this model cannot serve (400 unsupported_parameter naming the model)."""
     check_generates(capabilities, model)
     check_sampling(request, capabilities, model)
-    if request.echo:
-        raise UnsupportedParameterError("echo", "echoing the prompt is not supported.")
+    if request.echo and not capabilities.echo:
+        raise UnsupportedParameterError("echo", f"`{model}` does not echo the prompt.")
     if request.suffix:
         raise UnsupportedParameterError("suffix", "insertion (suffix) is not supported.")
     if request.best_of not in (None, 1):
@@ -173,11 +177,14 @@ def chat_features(request: ChatCompletionRequest) -> RequestFeatures | None:
 
 def completion_features(request: CompletionRequest) -> RequestFeatures | None:
     """What a completion request asks beyond sampling (None: nothing)."""
-    if request.n == 1 and request.logprobs is None:
+    if request.n == 1 and request.logprobs is None and not request.echo:
         return None
-    logprobs = request.logprobs is not None
     return RequestFeatures(
-        logprobs=logprobs, top_logprobs=request.logprobs, n=request.n, endpoint="completion"
+        logprobs=request.logprobs is not None,
+        top_logprobs=request.logprobs,
+        n=request.n,
+        echo=request.echo,
+        endpoint="completion",
     )
 
 
@@ -234,14 +241,26 @@ def _text_of(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def single_prompt(request: CompletionRequest) -> tuple[str | list[int], str]:
-    """The one prompt of a completion request (text or token ids), and where it is."""
+def completion_prompts(
+    request: CompletionRequest, capabilities: Capabilities, model: str
+) -> list[tuple[str | list[int], str]]:
+    """A completion's prompts (texts or token-id lists), each with its place in the request;
+    several only for a model that serves them, and at most `_MAX_CHOICES` choices in all."""
     prompts = text_or_tokens(request.prompt, "prompt")
-    if len(prompts) > 1:
+    if len(prompts) == 1:
+        return prompts
+    if not capabilities.several_prompts:
         raise UnsupportedParameterError(
-            "prompt", "batched prompts are not supported; send one request per prompt."
+            "prompt", f"`{model}` takes one prompt per request; send one request per prompt."
         )
-    return prompts[0]
+    if len(prompts) * request.n > _MAX_CHOICES:
+        raise InvalidRequestError(
+            f"{len(prompts)} prompts with n = {request.n} make {len(prompts) * request.n} "
+            f"choices; at most {_MAX_CHOICES} fit in one request. Split the prompts.",
+            code="invalid_value",
+            param="prompt",
+        )
+    return prompts
 
 
 def text_or_tokens(
@@ -296,6 +315,59 @@ def check_token_ids(tokens: list[int], param: str, vocabulary: int | None) -> No
     )
 
 
+def logit_bias(
+    bias: dict[str, float] | None, vocabulary: int | None
+) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs in id order: keys must be token ids (decimal
+    strings) in this model's vocabulary when it is known (`vocabulary`), values -100 to 100.
+    A bad entry is a 400 naming it (`logit_bias.<key>`)."""
+    if not bias:
+        return ()
+    if len(bias) > _MAX_BIASED_TOKENS:
+        raise InvalidRequestError(
+            f"`logit_bias` has {len(bias)} entries; at most {_MAX_BIASED_TOKENS} are allowed.",
+            code="invalid_value",
+            param="logit_bias",
+        )
+    pairs: dict[int, float] = {}
+    for key, value in bias.items():
+        token = _biased_token(key, vocabulary)
+        if token in pairs:
+            raise InvalidRequestError(
+                f"`logit_bias` names token {token} twice (as {key!r} and another key).",
+                code="invalid_value",
+                param=f"logit_bias.{token}",
+            )
+        if not -_MAX_BIAS <= value <= _MAX_BIAS:
+            raise InvalidRequestError(
+                f"`logit_bias.{key}` is {value}; a bias must be -100 to 100.",
+                code="invalid_value",
+                param=f"logit_bias.{key}",
+            )
+        pairs[token] = float(value)
+    return tuple(sorted(pairs.items()))
+
+
+def _biased_token(key: str, vocabulary: int | None) -> int:
+    shown = key[:_SHOWN_KEY]
+    if not (key.isascii() and key.isdigit() and len(key) <= _MAX_ID_DIGITS):
+        raise InvalidRequestError(
+            f"`logit_bias` key {shown!r} is not a token id; keys are token ids written as "
+            'strings, such as "15339".',
+            code="invalid_value",
+            param=f"logit_bias.{shown}",
+        )
+    token = int(key)
+    if vocabulary is not None and token >= vocabulary:
+        raise InvalidRequestError(
+            f"`logit_bias` key {key} is outside this model's vocabulary of {vocabulary} tokens "
+            f"(ids 0 to {vocabulary - 1}).",
+            code="invalid_value",
+            param=f"logit_bias.{key}",
+        )
+    return token
+
+
 def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -310,23 +382,28 @@ def sampling_params(
     context_length: int,
     default: int | None = None,
     features: RequestFeatures | None = None,
+    vocabulary: int | None = None,
 ) -> SamplingParams:
     """Sampling settings for `requested` max tokens (the client's, or None for `default`).
 
-    A prompt this model tokenized is checked against the context window here. An upstream
-    engine's prompt is not: the upstream enforces its own window (its 400 passes through),
-    `max_tokens` is forwarded only when the client gave one, and otherwise it is the
-    declared `context_length`, an upper bound used for admission.
+    A prompt this model tokenized is checked against the context window here, each of a
+    completion's prompts on its own. An upstream engine's prompt is not: the upstream
+    enforces its own window (its 400 passes through), `max_tokens` is forwarded only when
+    the client gave one, and otherwise it is the declared `context_length`, an upper bound
+    used for admission. `vocabulary` (a local engine's) bounds the ids of `logit_bias`.
     """
-    if prompt.size == 0:
+    prompts = (prompt, *prompt.more)
+    if any(each.size == 0 for each in prompts):
         raise InvalidRequestError(
             "The prompt is empty after tokenization; send some text.",
             code="invalid_value",
             param="prompt",
         )
     if prompt.counted:
-        max_tokens = completion_budget(
-            requested if requested is not None else default, prompt.size, context_length
+        wanted = requested if requested is not None else default
+        max_tokens = min(
+            _prompt_budget(wanted, each, index, len(prompts), context_length)
+            for index, each in enumerate(prompts)
         )
     else:
         max_tokens = requested if requested is not None else context_length
@@ -353,8 +430,30 @@ def sampling_params(
         repetition_penalty=request.repetition_penalty,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        logit_bias=logit_bias(request.logit_bias, vocabulary),
         features=features,
     )
+
+
+def _prompt_budget(
+    requested: int | None, prompt: Prompt, index: int, prompts: int, context_length: int
+) -> int:
+    """`completion_budget` of one of a request's `prompts`, naming it when there are more."""
+    try:
+        return completion_budget(requested, prompt.size, context_length)
+    except ContextLengthExceededError as exc:
+        if prompts == 1:
+            raise
+        raise ContextLengthExceededError(
+            f"prompt[{index}]: {exc.message}", param=f"prompt[{index}]"
+        ) from exc
+
+
+def admission_tokens(prompt: Prompt, params: SamplingParams) -> int:
+    """The most tokens a generation may read and write: every prompt once, and
+    `max_tokens` for each of its choices (n for each prompt)."""
+    n = params.features.n if params.features is not None else 1
+    return prompt.total_size + params.max_tokens * n * (1 + len(prompt.more))
 
 
 def completion_budget(requested: int | None, prompt_tokens: int, context_length: int) -> int:

@@ -278,6 +278,7 @@ class Node:
             accelerator=served.engine.capabilities.accelerator,
             version=served.version,
             sha256=served.sha256,
+            capabilities=served.capability_names(),
         )
 
     def receipt(self, served: ServedModel) -> dict[str, str]:

@@ -20,7 +20,17 @@ from federation import ModelCard, Performance
 ModelState = Literal["loading", "serving", "draining", "closed"]
 
 # The capability flags a model card lists when true (`ModelCard.capabilities`).
-CAPABILITY_NAMES = ("embeddings", "logprobs", "n", "tools", "structured_output", "predict")
+CAPABILITY_NAMES = (
+    "embeddings",
+    "logprobs",
+    "n",
+    "tools",
+    "structured_output",
+    "logit_bias",
+    "echo",
+    "several_prompts",
+    "predict",
+)
 _WINDOW = 256
 # Weight of the newest sample in the moving averages the router selects by.
 _EWMA_ALPHA = 0.3
@@ -125,8 +135,13 @@ class ServedModel:
             accelerator=capabilities.accelerator,
             version=self.version,
             sha256=self.sha256,
-            capabilities=[name for name in CAPABILITY_NAMES if getattr(capabilities, name)],
+            capabilities=self.capability_names(),
         )
+
+    def capability_names(self) -> list[str]:
+        """The capability flags that are true, as model cards and heartbeats list them."""
+        capabilities = self.engine.capabilities
+        return [name for name in CAPABILITY_NAMES if getattr(capabilities, name)]
 
 
 def _ewma(average: float | None, sample: float) -> float:

@@ -40,6 +40,9 @@ class NodeModel(Struct, kw_only=True):
     accelerator: str | None = None
     version: str | None = None
     sha256: str | None = None
+    # What it serves beyond plain generation (`ModelCard.capabilities`): the router's
+    # model card lists what every node serving the model serves.
+    capabilities: list[str] = msgspec.field(default_factory=list)
 
 
 class Heartbeat(Struct, kw_only=True):

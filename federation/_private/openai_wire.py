@@ -243,7 +243,9 @@ class ModelCard(Struct):
     version: str | None = None
     sha256: str | None = None
     # What the model serves beyond plain generation: "embeddings", "logprobs", "n",
-    # "tools", "structured_output", "predict" (tensors in, tensors out).
+    # "tools", "structured_output", "logit_bias", "echo", "several_prompts" (completions),
+    # "predict" (tensors in, tensors out). Through the router: what every node that
+    # serves it (and is not down) serves.
     capabilities: list[str] = msgspec.field(default_factory=list)
 
 

@@ -95,18 +95,13 @@ def test_schema_violations_name_the_field(
     assert words in str(error["message"])
 
 
+# What llama.cpp serves (n, tools, logprobs, logit_bias, response_format, echo, several
+# prompts) is refused by a model without it: tests/appliance/test_openai_features.py and
+# the conformance suite's scripted-bare case check those.
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [
-        ("/v1/chat/completions", {"n": 2}, "n"),
-        (
-            "/v1/chat/completions",
-            {"tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tools",
-        ),
-        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-        ("/v1/chat/completions", {"logit_bias": {"50": 10}}, "logit_bias"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
         (
             "/v1/chat/completions",
             {
@@ -116,8 +111,8 @@ def test_schema_violations_name_the_field(
             },
             "messages[0].content[0]",
         ),
-        ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
-        ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
+        ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
         ("/v1/embeddings", {"input": "a", "dimensions": 8}, "dimensions"),
     ],
 )

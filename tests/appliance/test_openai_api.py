@@ -245,7 +245,16 @@ def test_models_list_carries_pricing_performance_and_placement(client: openai.Op
         "cpu",
         card["sha256"][:12],
     )
-    assert card["capabilities"] == ["embeddings"]
+    assert card["capabilities"] == [
+        "embeddings",
+        "logprobs",
+        "n",
+        "tools",
+        "structured_output",
+        "logit_bias",
+        "echo",
+        "several_prompts",
+    ]
     assert card["performance"]["ttft_p50_ms"] > 0
     assert card["performance"]["tpot_p50_ms"] > 0
     assert client.models.retrieve(MODEL).id == MODEL

@@ -115,6 +115,17 @@ def _llamacpp_capabilities() -> Capabilities:
     return LlamaCppEngine(config, context).capabilities
 
 
+# A model with its own tokenizer that serves plain generation only.
+PLAIN = Capabilities(tokenizes_locally=True, early_errors=False)
+
+
+def test_llamacpp_declares_every_generation_capability() -> None:
+    capabilities = _llamacpp_capabilities()
+    generation = ("logprobs", "n", "tools", "structured_output", "logit_bias", "echo")
+    assert all(getattr(capabilities, name) for name in (*generation, "several_prompts"))
+    assert (capabilities.predict, capabilities.tokenizes_locally) == (False, True)
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -130,32 +141,37 @@ def _llamacpp_capabilities() -> Capabilities:
         ),
     ],
 )
-def test_llamacpp_refuses_what_it_cannot_serve_naming_the_model(
+def test_a_model_refuses_what_it_cannot_serve_naming_the_model(
     fields: dict[str, Any], param: str
 ) -> None:
     body = {"model": "local-llama", "messages": HELLO} | fields
     request = msgspec.convert(body, ChatCompletionRequest)
     with pytest.raises(UnsupportedParameterError) as refused:
-        inference.check_chat(request, _llamacpp_capabilities(), "local-llama")
+        inference.check_chat(request, PLAIN, "local-llama")
     assert refused.value.status_code == 400
     assert refused.value.code == "unsupported_parameter"
     assert refused.value.param == param
     assert "`local-llama`" in refused.value.message or param == "messages[0]"
 
 
-def test_llamacpp_refuses_completion_logprobs_and_n_and_takes_plain_requests() -> None:
-    capabilities = _llamacpp_capabilities()
-    for fields, param in (({"logprobs": 1}, "logprobs"), ({"n": 3}, "n")):
+def test_a_model_refuses_completion_features_it_lacks_and_takes_plain_requests() -> None:
+    completion_features = (
+        ({"logprobs": 1}, "logprobs"),
+        ({"n": 3}, "n"),
+        ({"echo": True}, "echo"),
+        ({"logit_bias": {"5": 1}}, "logit_bias"),
+    )
+    for fields, param in completion_features:
         body = {"model": "local-llama", "prompt": "hi"} | fields
         request = msgspec.convert(body, CompletionRequest)
         with pytest.raises(UnsupportedParameterError, match="`local-llama`") as refused:
-            inference.check_completion(request, capabilities, "local-llama")
+            inference.check_completion(request, PLAIN, "local-llama")
         assert refused.value.param == param
     plain = msgspec.convert(
         {"model": "local-llama", "messages": HELLO, "response_format": {"type": "text"}},
         ChatCompletionRequest,
     )
-    inference.check_chat(plain, capabilities, "local-llama")
+    inference.check_chat(plain, PLAIN, "local-llama")
     assert inference.chat_features(plain) is None
 
 

@@ -519,6 +519,17 @@ class TensorSpec:
 
 
 @runtime_checkable
+class Vocabulary(Protocol):
+    """What an engine with its own tokenizer tells the HTTP layer besides `Engine`: how
+    many token ids it has, so ids in a request (`logit_bias` keys) are checked before they
+    reach the engine."""
+
+    @property
+    def vocabulary_size(self) -> int:
+        """The number of token ids (valid ids are 0 to this minus one); 0 before `load`."""
+
+
+@runtime_checkable
 class Predictor(Protocol):
     """What an engine whose capabilities include `predict` serves besides `Engine`:
     tensors in, tensors out (`POST /api/v1/models/{id}/predict`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import base64
+import dataclasses
 from typing import Any
 
 import msgspec
@@ -18,10 +19,16 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 
 from appliance._private import inference
-from appliance._private.engines.base import Generation, Prompt, SamplingParams
+from appliance._private.engines.base import (
+    Engine,
+    Generation,
+    Prompt,
+    SamplingParams,
+    Vocabulary,
+)
 from appliance._private.http import rendering
 from appliance._private.http.rendering import Reply
-from appliance._private.ledger import Ticket
+from appliance._private.ledger import Ticket, fleet_request_of
 from appliance._private.node import Node
 from federation import (
     PROMPT_TOKENS_HEADER,
@@ -65,7 +72,12 @@ def _chat_route(node: Node, principal: Provide) -> HTTPRouteHandler:
     ) -> Response[Any]:
         body = decode_request(await read_body(request), _CHAT_DECODER)
         served = node.model(body.model, principal)
-        with node.ledger.holding(principal, served, "chatcmpl") as ticket:
+        with node.ledger.holding(
+            principal,
+            served,
+            "chatcmpl",
+            fleet_request=fleet_request_of(principal, request.headers),
+        ) as ticket:
             capabilities = served.engine.capabilities
             inference.check_chat(body, capabilities, served.id)
             messages = inference.chat_messages(body.messages, capabilities)
@@ -77,6 +89,7 @@ def _chat_route(node: Node, principal: Provide) -> HTTPRouteHandler:
                 prompt=prompt,
                 context_length=served.engine.context_length,
                 features=features,
+                vocabulary=_vocabulary(served.engine, body),
             )
             generation, reply = _start_generation(node, ticket, prompt, params)
         return await _respond(request, node, ticket, body, generation, reply)
@@ -91,10 +104,12 @@ def _completion_route(node: Node, principal: Provide) -> HTTPRouteHandler:
     ) -> Response[Any]:
         body = decode_request(await read_body(request), _COMPLETION_DECODER)
         served = node.model(body.model, principal)
-        with node.ledger.holding(principal, served, "cmpl") as ticket:
+        with node.ledger.holding(
+            principal, served, "cmpl", fleet_request=fleet_request_of(principal, request.headers)
+        ) as ticket:
             capabilities = served.engine.capabilities
             inference.check_completion(body, capabilities, served.id)
-            prompt = await served.engine.prepare_text(*inference.single_prompt(body))
+            prompt = await _completion_prompt(served.engine, body, served.id)
             params = inference.sampling_params(
                 body,
                 requested=body.max_tokens,
@@ -102,11 +117,29 @@ def _completion_route(node: Node, principal: Provide) -> HTTPRouteHandler:
                 prompt=prompt,
                 context_length=served.engine.context_length,
                 features=inference.completion_features(body),
+                vocabulary=_vocabulary(served.engine, body),
             )
             generation, reply = _start_generation(node, ticket, prompt, params)
         return await _respond(request, node, ticket, body, generation, reply)
 
     return completions
+
+
+async def _completion_prompt(engine: Engine, body: CompletionRequest, model: str) -> Prompt:
+    """The first prompt, carrying the others (`Prompt.more`) when there are several."""
+    sources = inference.completion_prompts(body, engine.capabilities, model)
+    prompts = [await engine.prepare_text(source, place) for source, place in sources]
+    if len(prompts) == 1:
+        return prompts[0]
+    return dataclasses.replace(prompts[0], more=tuple(prompts[1:]))
+
+
+def _vocabulary(engine: Engine, body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many token ids the engine has (it tokenizes locally and says), when the request
+    names token ids in `logit_bias`."""
+    if not body.logit_bias or not isinstance(engine, Vocabulary):
+        return None
+    return engine.vocabulary_size
 
 
 async def _respond(  # noqa: PLR0917 - one generation's whole context
@@ -120,7 +153,8 @@ async def _respond(  # noqa: PLR0917 - one generation's whole context
     """A generation's answer: SSE events when streamed (committed after the first event
     when a failure before any text should be the HTTP status), else the whole answer."""
     chat = isinstance(body, ChatCompletionRequest)
-    keep = node.ledger.content_keeper(ticket.principal, reply.id, body)
+    # The body as sent (Litestar keeps it after the first read): what `full` mode seals.
+    keep = node.ledger.content_keeper(ticket.principal, reply.id, await read_body(request))
     if body.stream:
         if ticket.served.engine.capabilities.early_errors:
             await rendering.started(request, generation)
@@ -147,9 +181,9 @@ def _start_generation(
 ) -> tuple[Generation, Reply]:
     """Admit (limits, budget) and submit; the ledger accounts for it when it ends, and a
     stream that closes before its end (the client left) cancels it."""
-    node.ledger.admit(ticket, len(prompt) + params.max_tokens)
+    node.ledger.admit(ticket, inference.admission_tokens(prompt, params))
     generation = node.ledger.generate(ticket, prompt, params)
-    headers = node.receipt(ticket.served) | {PROMPT_TOKENS_HEADER: str(len(prompt))}
+    headers = node.receipt(ticket.served) | {PROMPT_TOKENS_HEADER: str(prompt.total_size)}
     reply = Reply(ticket.record_id, ticket.served.id, headers | ticket.headers)
     reply.on_close = generation.cancel
     return generation, reply
@@ -162,7 +196,13 @@ def _embedding_route(node: Node, principal: Provide) -> HTTPRouteHandler:
     ) -> Response[Any]:
         body = decode_request(await read_body(request), _EMBEDDING_DECODER)
         served = node.model(body.model, principal)
-        with node.ledger.holding(principal, served, "emb", kind="embedding") as ticket:
+        with node.ledger.holding(
+            principal,
+            served,
+            "emb",
+            kind="embedding",
+            fleet_request=fleet_request_of(principal, request.headers),
+        ) as ticket:
             inference.check_embedding(body, served.engine.capabilities, served.id)
             inputs = inference.text_or_tokens(body.input, "input")
             texts = [

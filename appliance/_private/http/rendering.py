@@ -198,8 +198,10 @@ def _merge_logprobs(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str
 
 
 def choice_count(generation: Generation) -> int:
+    """n choices for each prompt (a completion may have several)."""
     features = generation.params.features
-    return features.n if features is not None else 1
+    n = features.n if features is not None else 1
+    return n * (1 + len(generation.prompt.more))
 
 
 async def collect(request: Request[Any, Any, Any], generation: Generation) -> Aggregate:
@@ -306,7 +308,7 @@ def _usage_so_far(generation: Generation) -> Usage:
     finish = generation.finish
     if finish is not None and finish.reason in ("stop", "length"):
         return outcome(generation)[0]
-    prompt, completion = generation.prompt.size, generation.tokens_read
+    prompt, completion = generation.prompt.total_size, generation.tokens_read
     return Usage(prompt, completion, prompt + completion)
 
 

@@ -18,7 +18,7 @@ class ScriptedModel(ModelConfigBase, tag="scripted", forbid_unknown_fields=True,
     token and `token_ms` between tokens; `slots` run at once. `fail_after_tokens` ends
     every generation with an error (`fail_code`, 500) after that many tokens (0: before
     any text). The capability switches turn on deterministic n choices, log probabilities,
-    tool calls and JSON output."""
+    tool calls, JSON output, and for completions echo and several prompts."""
 
     replies: list[str] = msgspec.field(default_factory=list)
     ttft_ms: Annotated[float, Meta(ge=0, le=600_000)] = 0.0
@@ -31,3 +31,5 @@ class ScriptedModel(ModelConfigBase, tag="scripted", forbid_unknown_fields=True,
     n: bool = False
     tools: bool = False
     structured_output: bool = False
+    echo: bool = False
+    several_prompts: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -57,6 +58,8 @@ class ScriptedEngine:
             n=config.n,
             tools=config.tools,
             structured_output=config.structured_output,
+            echo=config.echo,
+            several_prompts=config.several_prompts,
         )
 
     @property
@@ -147,17 +150,24 @@ class ScriptedEngine:
         self._on_finish(generation, finish)
 
     def _choices(self, generation: Generation, turn: int) -> list[script.ChoiceScript]:
-        prompt, params = generation.prompt, generation.params
+        """n choices for each prompt: choice `p * n + i` is the i-th of prompt p."""
+        params = generation.params
         features = params.features or RequestFeatures()
         choices = []
-        for index in range(features.n):
+        prompts = (generation.prompt, *generation.prompt.more)
+        for index in range(features.n * len(prompts)):
+            prompt = prompts[index // features.n]
             reply = self._reply(prompt, turn + index)
             call = None
             if not _answers_a_tool(prompt):
                 call_id = f"call_{self._config.id}_{turn}_{index}"
                 call = script.tool_call(features, call_id, params.max_tokens)
             text = script.json_reply(features.response_format, reply) or reply
-            choices.append(call or script.text_choice(text, params))
+            choice = call or script.text_choice(text, params)
+            if features.echo:
+                echo = script.echo_of(None, prompt.text)
+                choice = dataclasses.replace(choice, echo=echo)
+            choices.append(choice)
         return choices
 
     def _reply(self, prompt: Prompt, turn: int) -> str:
@@ -201,7 +211,10 @@ class _Player:
 
     async def play(self) -> None:
         await asyncio.sleep(self._config.ttft_ms / 1000)
-        self._offsets = [0] * len(self.choices)
+        self._offsets = [len(choice.echo) for choice in self.choices]
+        for index, choice in enumerate(self.choices):
+            if choice.echo:
+                self._echo(index, choice.echo)
         longest = max((len(choice.pieces) for choice in self.choices), default=0)
         for step in range(longest):
             if step:
@@ -226,6 +239,18 @@ class _Player:
                 f"fails after {limit} tokens (fail_after_tokens).",
                 code=self._config.fail_code,
             )
+
+    def _echo(self, index: int, echo: str) -> None:
+        """The prompt a choice starts with (with its log probabilities if asked for)."""
+        if self._plain:
+            self._generation.emit(echo, tokens=self.produced)
+            return
+        features = self._generation.params.features
+        logprobs = None
+        if features is not None and features.logprobs:
+            logprobs = script.echo_logprobs(echo, features.top_logprobs or 0)
+        delta = ChoiceDelta(index, text=echo, logprobs=logprobs)
+        self._generation.emit_delta(delta, tokens=self.produced)
 
     def _emit(self, index: int, choice: script.ChoiceScript, step: int) -> None:
         piece = choice.pieces[step]
@@ -252,7 +277,7 @@ class _Player:
         return script.logprobs_of(piece, step, self._offsets[index], top, chat=self._chat)
 
     def finish(self, reason: str | None = None, failure: APIError | None = None) -> Finish:
-        prompt = self._generation.prompt.size
+        prompt = self._generation.prompt.total_size
         if reason == "cancelled":
             return Finish("cancelled", prompt, self.produced)
         if failure is not None:

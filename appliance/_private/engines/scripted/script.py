@@ -20,11 +20,13 @@ _EXAMPLE_TEXT = "scripted"
 @dataclass(frozen=True, slots=True)
 class ChoiceScript:
     """One choice: its tokens in order and how it ends. For a tool call, `call` is the
-    (id, function name) and the tokens are pieces of the arguments' JSON."""
+    (id, function name) and the tokens are pieces of the arguments' JSON. `echo` is the
+    prompt it starts with (a completion's `echo`), not counted as generated tokens."""
 
     pieces: list[str]
     end: ChoiceEnd
     call: tuple[str, str] | None = None
+    echo: str = ""
 
 
 def tokens_of(text: str) -> list[str]:
@@ -181,6 +183,26 @@ def logprobs_of(piece: str, position: int, offset: int, top: int, *, chat: bool)
     entry: dict[str, Any] = _entry(piece, chosen)
     entry["top_logprobs"] = [_entry(token, value) for token, value in alternatives[:top]]
     return {"content": [entry]}
+
+
+def echo_logprobs(echo: str, top: int) -> dict[str, Any]:
+    """The completions `logprobs` of an echoed prompt: the first token has none (nothing
+    comes before it), the others are deterministic, as for generated tokens."""
+    tokens = tokens_of(echo)
+    values: list[float | None] = [None] + [-0.25] * (len(tokens) - 1)
+    offsets = [0]
+    for token in tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    alternatives = [
+        None if value is None else {token: value} | {f" alt{k}": value - k for k in range(1, top)}
+        for token, value in zip(tokens, values, strict=True)
+    ]
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": alternatives if top else None,
+        "text_offset": offsets,
+    }
 
 
 def _entry(token: str, logprob: float) -> dict[str, Any]:

@@ -180,6 +180,9 @@ class OpenAIUpstreamEngine:
             n=True,
             tools=True,
             structured_output=True,
+            logit_bias=True,
+            echo=True,
+            several_prompts=True,
             accelerator=self._config.device_class,
         )
 
@@ -383,7 +386,7 @@ class OpenAIUpstreamEngine:
             path = "/chat/completions"
             body["messages"] = prompt.messages
         else:
-            body["prompt"] = prompt.text
+            body["prompt"] = _prompt_field(prompt)
         body |= _sampling(generation.params)
         body |= _features(generation.params.features, chat=prompt.messages is not None)
         body["stream"] = True
@@ -617,7 +620,7 @@ class _Progress:
         if not self.sent:
             return 0, 0  # never reached the upstream: nothing to bill
         # No usage from the upstream: its prompt size is bounded by ours; count the chunks.
-        return self.prompt.size, self.produced
+        return self.prompt.total_size, self.produced
 
     def finish(self, reason: FinishReason | None = None) -> Finish:
         prompt_tokens, completion_tokens = self._counts()
@@ -641,6 +644,8 @@ def _sampling(params: SamplingParams) -> dict[str, Any]:
         fields["frequency_penalty"] = params.frequency_penalty
     if params.stop:
         fields["stop"] = list(params.stop)
+    if params.logit_bias:
+        fields["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
     # vLLM's extensions go only when asked for: an upstream that does not know them
     # refuses them, and its 400 names the parameter.
     extensions = {
@@ -668,6 +673,8 @@ def _features(features: RequestFeatures | None, *, chat: bool) -> dict[str, Any]
     if not chat:  # completions: `logprobs` is the number of alternatives
         if features.logprobs:
             fields["logprobs"] = features.top_logprobs or 0
+        if features.echo:
+            fields["echo"] = True
         return fields
     if features.logprobs:
         fields["logprobs"] = True
@@ -679,6 +686,17 @@ def _features(features: RequestFeatures | None, *, chat: bool) -> dict[str, Any]
         "response_format": features.response_format,
     }
     return fields | {name: value for name, value in optional.items() if value is not None}
+
+
+def _prompt_field(prompt: Prompt) -> str | list[int] | list[str] | list[list[int]]:
+    """A completion's `prompt`: its text or token ids, or the list of them all when it
+    has several (choice `p * n + i` of the answer is then the i-th of prompt p)."""
+    if not prompt.more:
+        return prompt.text or ""
+    texts = [each.text for each in (prompt, *prompt.more) if isinstance(each.text, str)]
+    if len(texts) == 1 + len(prompt.more):
+        return texts
+    return [each.text for each in (prompt, *prompt.more) if isinstance(each.text, list)]
 
 
 def _message_size(message: dict[str, Any]) -> int:
