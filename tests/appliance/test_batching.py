@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from appliance._private.engines.base import (
+    EngineContext,
+    RequestFeatures,
+    SamplingParams,
+    StepStats,
+)
+from appliance._private.engines.llamacpp.config import LlamaCppModel
+from appliance._private.engines.llamacpp.engine import LlamaCppEngine
 from tests.conftest import MODEL
-from tests.support import Appliance, model_toml, run_appliance, run_palisade, wait_for
+from tests.support import (
+    Appliance,
+    default_model_path,
+    model_toml,
+    run_appliance,
+    run_palisade,
+    wait_for,
+)
 
 SUBJECTS = [
     "cat", "dog", "robot", "ship", "king", "tree", "river", "star",
@@ -231,3 +250,58 @@ def test_a_request_sharing_a_running_sequences_prompt_copies_its_stream(tmp_path
         assert reused - reused_before >= 100
         stream.close()
         assert complete(client, ask("penguin", SYSTEM)) == copied  # the same text from a slot
+
+
+# --- grammar-constrained sequences share the batch --------------------------------------
+
+FABLE = {
+    "type": "object",
+    "properties": {
+        "hero": {"type": "string", "maxLength": 12},
+        "moral": {"type": "string", "maxLength": 30},
+    },
+    "required": ["hero", "moral"],
+    "additionalProperties": False,
+}
+
+
+def _fable_request(subject: str, constrained: bool) -> tuple[list[dict[str, Any]], SamplingParams]:
+    if not constrained:
+        return [dict(message) for message in ask(subject)], SamplingParams(40, temperature=0.0)
+    schema = {"name": "fable", "schema": FABLE, "strict": True}
+    features = RequestFeatures(response_format={"type": "json_schema", "json_schema": schema})
+    messages = [{"role": "user", "content": f"Write a fable about a {subject} as JSON."}]
+    return messages, SamplingParams(60, temperature=0.0, features=features)
+
+
+async def _texts(engine: LlamaCppEngine, *, together: bool) -> list[str]:
+    requests = [_fable_request(subject, index % 2 == 1) for index, subject in enumerate(SUBJECTS)]
+
+    async def one(messages: list[dict[str, Any]], params: SamplingParams) -> str:
+        prompt = await engine.prepare_chat(messages, params.features)
+        return await engine.submit(prompt, params).text()
+
+    if together:
+        return list(await asyncio.gather(*(one(*request) for request in requests)))
+    return [await one(*request) for request in requests]
+
+
+def test_sixteen_requests_half_with_grammars_each_produce_exactly_their_text_alone() -> None:
+    path = default_model_path()
+    config = LlamaCppModel(id=MODEL, path=str(path), context_length=256, max_sequences=16,
+                           threads=1)  # fmt: skip
+    steps: list[StepStats] = []
+    context = EngineContext(path.parent, path, on_finish=lambda *_: None, on_step=steps.append)
+    engine = LlamaCppEngine(config, context)
+    engine.load()
+    try:
+        alone = asyncio.run(_texts(engine, together=False))
+        before = len(steps)
+        together = asyncio.run(_texts(engine, together=True))
+    finally:
+        engine.close()
+    assert together == alone
+    for text in alone[1::2]:  # the constrained half: JSON that validates
+        jsonschema.validate(json.loads(text), FABLE)
+    assert len(set(alone)) == len(SUBJECTS)
+    assert max(step.sequences for step in steps[before:]) > 8  # decoded together

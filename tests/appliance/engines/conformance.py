@@ -6,8 +6,9 @@ An `EngineCase` is a name, the `[[models]]` TOML of one model called `MODEL` (wi
 upstream's URL, a graph file), the `engine` tag and capability flags the model must report,
 and what makes the case unavailable on this machine (its skip reason). Every case's model
 runs one request at a time with no queue (`max_sequences`/`max_concurrency`/`slots` = 1,
-`max_queue` = 0), so one open stream fills it for the queue-full check; every other check
-sends one request at a time and caps `max_tokens`, so slow tokens cost little.
+`max_queue` = 0; llama.cpp two sequences, for n = 2 and two prompts), so as many open
+streams as it has slots fill it for the queue-full check; every other check sends one
+request at a time and caps `max_tokens`, so slow tokens cost little.
 
 Adding an engine adds one `EngineCase` to `CASES`. The checks (`CHECKS`) are plain functions
 of a `Served` case; `serve(case, home)` starts its appliance, so another lane (the real vLLM
@@ -96,6 +97,8 @@ class EngineCase:
     unavailable: Callable[[], str | None] = available  # why it cannot run here, or None
     generates: bool = True  # chat completions and completions
     ready_timeout: float = 60.0
+    slots: int = 1  # requests it runs at once (its queue holds none)
+    tokenizes: bool = False  # the appliance tokenizes (so it knows the vocabulary)
 
     def __post_init__(self) -> None:
         unknown = self.capabilities - set(CAPABILITY_NAMES)
@@ -140,6 +143,12 @@ def serve(case: EngineCase, home: Path) -> Iterator[Served]:
 
 # --- the cases ------------------------------------------------------------------------------
 
+# Every generation capability: what llama.cpp enforces itself and what an engine
+# forwarding to an OpenAI-compatible server passes on (the server decides).
+ALL_GENERATION = frozenset(
+    {"logprobs", "n", "tools", "structured_output", "logit_bias", "echo", "several_prompts"}
+)
+
 SCRIPTED = EngineCase(
     "scripted",
     "scripted",
@@ -155,8 +164,12 @@ logprobs = true
 n = true
 tools = true
 structured_output = true
+echo = true
+several_prompts = true
 """,
-    frozenset({"embeddings", "logprobs", "n", "tools", "structured_output"}),
+    frozenset(
+        {"embeddings", "logprobs", "n", "tools", "structured_output", "echo", "several_prompts"}
+    ),
 )
 
 SCRIPTED_BARE = EngineCase(
@@ -179,12 +192,14 @@ LLAMACPP = EngineCase(
 id = "conformance"
 path = "$gguf"
 context_length = 2048
-max_sequences = 1
+max_sequences = 2
 max_queue = 0
 """,
-    frozenset({"embeddings"}),
+    frozenset({"embeddings", *ALL_GENERATION}),
     backing=lambda _: _values(gguf=str(default_model_path())),
     unavailable=lambda: _missing(default_model_path, "run `make model`"),
+    slots=2,
+    tokenizes=True,
 )
 
 
@@ -206,7 +221,7 @@ upstream_url = "$upstream"
 max_concurrency = 1
 max_queue = 0
 """,
-    frozenset({"embeddings", "logprobs", "n", "tools", "structured_output"}),
+    frozenset({"embeddings", *ALL_GENERATION}),
     backing=standin_upstream,
 )
 
@@ -235,7 +250,7 @@ max_concurrency = 1
 max_queue = 0
 env = {{ PALISADE_STANDIN_TOKENS = "{LONG_TOKENS}", PALISADE_STANDIN_TOKEN_MS = "20" }}
 {keys}""",
-        frozenset({"logprobs", "n", "tools", "structured_output"}),
+        ALL_GENERATION,
         backing=engine_directories,
     )
 
@@ -329,7 +344,7 @@ max_concurrency = 1
 max_queue = 0
 env = { VLLM_CPU_KVCACHE_SPACE = "1" }
 """,
-    frozenset({"logprobs", "n", "tools", "structured_output"}),
+    ALL_GENERATION,
     backing=lambda _: _values(
         model=str(vllm_home() / "models" / "smollm2-135m-instruct-hf"),
         python=str(vllm_home() / "vllm-venv" / "bin" / "python"),
@@ -365,7 +380,7 @@ max_concurrency = 1
 max_queue = 0
 extra_args = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 """,
-    frozenset({"logprobs", "n", "tools", "structured_output"}),
+    ALL_GENERATION,
     backing=lambda _: _values(model=os.environ.get("PALISADE_VLLM_MODEL", "")),
     unavailable=lambda: gpu_engine_unavailable(
         "vllm", "PALISADE_VLLM_MODEL", "a Hugging Face model folder"
@@ -386,7 +401,7 @@ tokenizer = "$tokenizer"
 max_concurrency = 1
 max_queue = 0
 """,
-    frozenset({"logprobs", "n", "tools", "structured_output"}),
+    ALL_GENERATION,
     backing=lambda _: _values(
         engine=os.environ.get("PALISADE_TRTLLM_ENGINE", ""),
         tokenizer=os.environ.get("PALISADE_TRTLLM_TOKENIZER", ""),
@@ -573,17 +588,15 @@ def check_client_leaves_mid_stream(served: Served) -> None:
 
 def check_queue_full_is_503_with_retry_after(served: Served) -> None:
     needs_generation(served)
-    stream = long_stream(served)  # the model's only slot, and no queue
-    try:
-        assert first_text(stream)
+    with contextlib.ExitStack() as streams:
+        for _ in range(served.case.slots):  # every slot taken, and no queue
+            assert first_text(streams.enter_context(long_stream(served)))
         with pytest.raises(openai.APIStatusError) as refused:
             chat(served, max_tokens=4)
         response = refused.value.response
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "queue_full"
         assert int(response.headers["retry-after"]) >= 1
-    finally:
-        stream.close()
     wait_idle(served)
 
 
@@ -613,7 +626,8 @@ def check_tools(served: Served) -> None:
     if "tools" not in served.case.capabilities:
         assert_unsupported(lambda: chat(served, tools=[WEATHER]))
         return
-    reply = chat(served, tools=[WEATHER], max_tokens=64)
+    # "required": a small model may well answer in text when it may choose ("auto").
+    reply = chat(served, tools=[WEATHER], tool_choice="required", max_tokens=64)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", reply
     calls = choice.message.tool_calls or []
@@ -625,7 +639,8 @@ def check_streamed_tool_call(served: Served) -> None:
     if "tools" not in served.case.capabilities:
         pytest.skip(f"{served.case.name} serves no tools")
     name, arguments, reasons = "", "", []
-    for chunk in chat(served, tools=[WEATHER], max_tokens=64, stream=True):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for chunk in chat(served, tools=[WEATHER], tool_choice=named, max_tokens=64, stream=True):
         for choice in chunk.choices:
             for call in choice.delta.tool_calls or ():
                 name += (call.function.name or "") if call.function else ""
@@ -644,6 +659,52 @@ def check_structured_output(served: Served) -> None:
     reply = chat(served, response_format=ANSWER_SCHEMA, max_tokens=64)
     answer = json.loads(reply.choices[0].message.content or "")
     assert isinstance(answer["answer"], str)
+
+
+def complete(served: Served, **fields: Any) -> Any:
+    fields.setdefault("max_tokens", 4)
+    return served.client.completions.create(
+        model=MODEL, prompt=fields.pop("prompt", "Once upon a time"), **fields
+    )
+
+
+def check_logit_bias(served: Served) -> None:
+    needs_generation(served)
+    if "logit_bias" not in served.case.capabilities:
+        assert_unsupported(lambda: chat(served, logit_bias={"1": 5}))
+        return
+    reply = chat(served, logit_bias={"1": 0}, max_tokens=4)  # a bias that changes nothing
+    assert reply.choices[0].message.content, reply
+    error = refusal(lambda: chat(served, logit_bias={"1": 101}))
+    assert (error["code"], error["param"]) == ("invalid_value", "logit_bias.1"), error
+    if served.case.tokenizes:  # else the server behind checks its own vocabulary
+        outside = refusal(lambda: chat(served, logit_bias={"1000000000": 1}))
+        assert outside["param"] == "logit_bias.1000000000", outside
+        assert "outside this model's vocabulary" in outside["message"]
+
+
+def check_echo(served: Served) -> None:
+    needs_generation(served)
+    if "echo" not in served.case.capabilities:
+        assert_unsupported(lambda: complete(served, echo=True))
+        return
+    reply = complete(served, echo=True)
+    assert reply.choices[0].text.startswith("Once upon a time"), reply
+    assert reply.usage is not None
+    assert 0 < reply.usage.completion_tokens <= 4  # the echo is not generated
+
+
+def check_several_prompts(served: Served) -> None:
+    needs_generation(served)
+    prompts = ["Once upon a time", "The sea was"]
+    if "several_prompts" not in served.case.capabilities:
+        assert_unsupported(lambda: complete(served, prompt=prompts))
+        return
+    reply = complete(served, prompt=prompts)
+    assert sorted(choice.index for choice in reply.choices) == [0, 1]
+    assert all(choice.text for choice in reply.choices), reply
+    assert reply.usage is not None
+    assert 0 < reply.usage.completion_tokens <= 8
 
 
 def check_embeddings(served: Served) -> None:
@@ -689,6 +750,9 @@ CHECKS: list[Callable[[Served], None]] = [
     check_tools,
     check_streamed_tool_call,
     check_structured_output,
+    check_logit_bias,
+    check_echo,
+    check_several_prompts,
     check_embeddings,
     check_predict,
 ]

@@ -6,8 +6,9 @@ up to a per-step token budget, so a long prompt never stalls the streams already
 New requests join at the next step; finished and cancelled ones leave at once.
 
 A decode that llama.cpp refuses is undone (the step's KV cells removed) and its sequences
-are decoded again one at a time: only a sequence that fails alone ends with an error, and
-the others go on with exactly the text they would have produced.
+are decoded again one at a time: only a sequence that fails alone ends with an error (and
+the other choices of its request with it), and the others go on with exactly the text they
+would have produced.
 
 Each sequence has its own KV stream (`kv_unified = false`), and by default the keys are
 stored in 8 bits (`cache_type_k = "q8_0"`, values f16). Then llama.cpp's CPU attention has
@@ -27,6 +28,16 @@ A slot keeps the KV of its last prompt after the request ends. A new request who
 shares a prefix with what another stream holds (a free slot's cached prompt, or a running
 sequence's prompt: the same system prompt, say) copies that stream into its slot and
 starts after the shared prefix.
+
+A request may hold several sequences: `n` choices of each of its prompts (a completion may
+have several). A prompt's first choice reads it; the others wait, then copy its KV stream
+(`llama_memory_seq_cp`) and sample from the same logits, so a prompt is read once however
+many choices it has. A request starts when it has a slot for every sequence it holds.
+
+Beyond plain sampling (see sampling.py): a structured-output grammar per sequence (a
+llama.cpp grammar sampler), logit bias, log probabilities of each token and, for `echo`
+with log probabilities, of every prompt token (its logits are kept for every position, so
+such a prompt is read whole rather than reused from another stream).
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,13 +59,20 @@ from appliance._private.engines.base import (
     Finish,
     FinishReason,
     Generation,
+    Prompt,
+    RequestFeatures,
+    SamplingParams,
     StepStats,
     WakeBatch,
     engine_failure,
 )
 from appliance._private.engines.llamacpp.config import KvCacheType
-from appliance._private.engines.llamacpp.textstream import StopMatcher, Utf8Stream
+from appliance._private.engines.llamacpp.output import ChoiceOutput
+from appliance._private.engines.llamacpp.sampling import Row, Scored, TokenPicker, scored
 from appliance._private.errors import ModelLoadError, ModelNotReadyError
+
+if TYPE_CHECKING:
+    from appliance._private.engines.structured import OutputPlan
 
 log = logging.getLogger("palisade.appliance.batching")
 
@@ -88,38 +106,83 @@ class BatchLimits:
         return self.kv_cache_tokens // self.max_sequences
 
 
+class _Request:
+    """One generation's sequences (n choices of each of its prompts) and how they ended."""
+
+    __slots__ = ("failure", "generation", "open", "produced", "reason", "sequences", "started")
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self.sequences: list[_Sequence] = []
+        self.open = 0  # sequences still running
+        self.produced = 0  # completion tokens of every choice
+        self.reason: FinishReason = "stop"  # choice 0's, unless one failed or was cancelled
+        self.failure: str | None = None
+        self.started = 0.0  # the admission queue's clock when its sequences took slots
+
+    def ended(self, sequence: _Sequence, reason: FinishReason, error: str | None) -> None:
+        self.open -= 1
+        if reason == "error":
+            self.reason, self.failure = "error", self.failure or error
+        elif reason == "cancelled" and self.reason != "error":
+            self.reason = "cancelled"
+        elif sequence.index == 0 and self.reason not in ("error", "cancelled"):
+            self.reason = reason
+
+    def finish(self) -> Finish:
+        # Every prompt token once, in full once read (a reused prefix included, as OpenAI
+        # bills cached prompt tokens; choices copy their prompt's stream), and every
+        # choice's completion tokens; a request cancelled part-way is billed what it read.
+        read = sum(sequence.prefilled for sequence in self.sequences if sequence.leads)
+        failure = engine_failure(self.failure or "no result") if self.reason == "error" else None
+        return Finish(self.reason, read, self.produced, failure)
+
+
 class _Sequence:
     __slots__ = (
+        "echo",
+        "followers",
         "generation",
+        "grammar",
+        "index",
+        "leader",
+        "leads",
         "logits_at",
         "next_token",
+        "output",
         "pos",
         "prefilled",
         "produced",
         "prompt",
+        "prompt_scores",
+        "request",
+        "rows",
         "sampler",
         "slot",
-        "started",
-        "stops",
-        "utf8",
     )
 
-    def __init__(self, generation: Generation, slot: _Slot, sampler: Any) -> None:
-        tokens = generation.prompt.tokens
-        assert tokens is not None, "llama.cpp decodes token ids: use prepare_chat/prepare_text"
-        self.generation = generation
-        self.prompt = tokens
+    def __init__(self, request: _Request, index: int, prompt: list[int], slot: _Slot) -> None:
+        self.request = request
+        self.generation = request.generation
+        self.index = index  # the choice: `p * n + i` for the i-th choice of prompt p
+        self.prompt = prompt
         self.slot = slot
-        self.sampler = sampler
+        self.sampler: Any = None  # a llama.cpp sampler chain; None: greedy, done here
+        self.grammar: Any = None  # a llama.cpp grammar sampler, for structured output
+        self.output: ChoiceOutput | None = None
         self.prefilled = 0
         self.pos = 0
         self.produced = 0
         self.next_token = -1
         self.logits_at = -1
-        self.started = 0.0  # the admission queue's clock when it took its slot
-        self.utf8 = Utf8Stream()
-        params = generation.params
-        self.stops = StopMatcher(params.stop, include=params.include_stop_str_in_output)
+        self.leads = True  # reads its prompt (False: copies its leader's stream)
+        self.leader: _Sequence | None = None  # set while waiting for the leader's prompt
+        self.followers: list[_Sequence] = []  # choices waiting for this one's prompt
+        self.echo = False  # the prompt is still to be written first
+        # Echo with log probabilities: each prompt token's (the first has none), and the
+        # batch rows of this step whose logits score the prompt (position, row).
+        self.prompt_scores: list[Scored | None] | None = None
+        self.rows: list[tuple[int, int]] = []
 
     @property
     def decoding(self) -> bool:
@@ -179,6 +242,8 @@ class BatchScheduler:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_vocab = int(llm.n_vocab())
         self._eog_ids = np.fromiter(sorted(eog), dtype=np.intp)
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._picker = TokenPicker(llama_cpp, vocab, self._n_vocab)
         self._pieces: dict[int, bytes] = {}
         self._special_pieces: dict[int, bytes] = {}
         self._wakes = WakeBatch()
@@ -186,6 +251,7 @@ class BatchScheduler:
         self._slots = [_Slot(seq_id) for seq_id in range(limits.max_sequences)]
         self._active: list[_Sequence] = []
         self._waiting: deque[Generation] = deque()
+        self._plans: dict[Generation, OutputPlan] = {}  # structured output, by request
         # Counted under `_cond`, like `_active` and `_waiting` themselves.
         self._admission = AdmissionQueue(
             name, limits.max_sequences, limits.max_queue, activity="decoding"
@@ -224,7 +290,8 @@ class BatchScheduler:
 
     # --- the event loop's side ----------------------------------------------------------
 
-    def submit(self, generation: Generation) -> None:
+    def submit(self, generation: Generation, plan: OutputPlan | None = None) -> None:
+        """Queue `generation` (at most `max_sequences` choices in all, see `choices`)."""
         with self._cond:
             if self._closed:
                 raise ModelNotReadyError(
@@ -233,6 +300,8 @@ class BatchScheduler:
                 )
             self._admission.admit()
             generation.on_cancel(self._withdraw)
+            if plan is not None:
+                self._plans[generation] = plan
             self._waiting.append(generation)
             self._cond.notify()
 
@@ -245,6 +314,7 @@ class BatchScheduler:
             self._closed = True
             abandoned = list(self._waiting)
             self._waiting.clear()
+            self._plans.clear()
             for _ in abandoned:
                 self._admission.withdraw()
             for sequence in self._active:
@@ -263,6 +333,7 @@ class BatchScheduler:
                 self._waiting.remove(generation)
             except ValueError:
                 return  # already running: the worker notices before its next step
+            self._plans.pop(generation, None)
             self._admission.withdraw()
         self._end(generation, Finish("cancelled", 0, 0))  # never started: nothing to bill
 
@@ -279,7 +350,8 @@ class BatchScheduler:
             except Exception as exc:
                 log.exception("decode step failed on model %s", self._name)
                 for sequence in list(self._active):
-                    self._leave(sequence, "error", error=type(exc).__name__)
+                    if sequence in self._active:  # a sibling's failure may have ended it
+                        self._leave(sequence, "error", error=type(exc).__name__)
 
     def _admit(self) -> bool:
         """Move waiting requests into free slots; block while there is nothing to do."""
@@ -291,45 +363,112 @@ class BatchScheduler:
             if self._closed and not self._active:
                 self._wakes.flush()
                 return False
-            while self._waiting and len(self._active) < self._limits.max_sequences:
+            while self._waiting and self._fits(self._waiting[0]):
                 generation = self._waiting.popleft()
+                plan = self._plans.pop(generation, None)
                 if generation.cancelled:
                     self._admission.withdraw()
                     withdrawn.append((generation, Finish("cancelled", 0, 0)))
                     continue
                 try:
-                    sequence = self._place(generation)
+                    request = self._place(generation, plan)
                 except Exception as exc:
                     log.exception("could not start a sequence on model %s", self._name)
                     self._admission.withdraw()
                     failed = Finish("error", 0, 0, engine_failure(type(exc).__name__))
                     withdrawn.append((generation, failed))
                     continue
-                sequence.started = self._admission.start()
-                self._active.append(sequence)
+                request.started = self._admission.start()
+                self._active.extend(request.sequences)
         for generation, finish in withdrawn:
             self._end(generation, finish)
         return True
 
-    def _place(self, generation: Generation) -> _Sequence:
-        prompt = generation.prompt.tokens or []
-        if not prompt:
-            raise ValueError("an empty prompt has nothing to continue from")
-        sampler = self._sampler(generation)
+    def _fits(self, generation: Generation) -> bool:
+        """Whether every sequence of `generation` has a free slot now."""
+        return choices(generation) <= self._limits.max_sequences - len(self._active)
+
+    def _place(self, generation: Generation, plan: OutputPlan | None) -> _Request:
+        """Slots and samplers for every choice of every prompt of `generation`."""
+        request = _Request(generation)
+        prompts = [generation.prompt, *generation.prompt.more]
+        features = generation.params.features or RequestFeatures()
+        rich = plan is not None or len(prompts) * features.n > 1 or _rich(features)
+        try:
+            for number, prompt in enumerate(prompts):
+                leader = self._lead(request, _tokens(prompt), number * features.n, features.echo)
+                for index in range(number * features.n + 1, (number + 1) * features.n):
+                    self._follow(request, leader, index)
+            for sequence in request.sequences:
+                self._equip(sequence, plan, rich=rich)
+        except Exception:
+            for sequence in request.sequences:
+                self._release(sequence, keep=0)
+            raise
+        request.open = len(request.sequences)
+        return request
+
+    def _free_slot(self) -> _Slot:
         # The lowest free id keeps running sequences on consecutive ids: one forward pass.
-        slot = min((s for s in self._slots if not s.busy), key=lambda s: s.seq_id)
-        reuse = self._reusable(slot.cached, prompt)
-        source, shared = self._copy_source(prompt, slot)
+        return min((s for s in self._slots if not s.busy), key=lambda s: s.seq_id)
+
+    def _lead(self, request: _Request, prompt: list[int], index: int, echo: bool) -> _Sequence:
+        """The sequence that reads `prompt`, starting after what a stream already holds
+        (unless every prompt position must be scored)."""
+        slot = self._free_slot()
+        features = request.generation.params.features
+        scoring = echo and features is not None and features.logprobs
+        reuse = 0 if scoring else self._reusable(slot.cached, prompt)
+        source, shared = (-1, 0) if scoring else self._copy_source(prompt, slot)
         if shared - reuse >= _MIN_COPY_TOKENS:
             self._l.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             self._l.llama_memory_seq_cp(self._memory, source, slot.seq_id, -1, -1)
             reuse = shared
         self._l.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1)
         slot.busy, slot.cached = True, []
-        sequence = _Sequence(generation, slot, sampler)
+        sequence = _Sequence(request, index, prompt, slot)
         sequence.prefilled = sequence.pos = reuse
+        sequence.echo = echo
+        sequence.prompt_scores = [None] if scoring else None
         self._reused += reuse
+        request.sequences.append(sequence)
         return sequence
+
+    def _follow(self, request: _Request, leader: _Sequence, index: int) -> None:
+        """Another choice of `leader`'s prompt: it waits for the leader to read it."""
+        slot = self._free_slot()
+        slot.busy, slot.cached = True, []
+        sequence = _Sequence(request, index, leader.prompt, slot)
+        sequence.leads, sequence.leader, sequence.echo = False, leader, leader.echo
+        leader.followers.append(sequence)
+        request.sequences.append(sequence)
+
+    def _equip(self, sequence: _Sequence, plan: OutputPlan | None, *, rich: bool) -> None:
+        """The sequence's samplers (chain, grammar) and its output."""
+        generation = sequence.generation
+        sequence.sampler = self._sampler(generation.params, sequence.prompt, sequence.index)
+        if plan is not None and plan.grammar is not None:
+            sequence.grammar = self._picker.grammar(plan.grammar)
+        reader = plan.reader(sequence.index) if plan is not None else None
+        sequence.output = ChoiceOutput(
+            generation, sequence.index, rich=rich, reader=reader, name=self._named
+        )
+
+    def _named(self, token: int) -> bytes:
+        return self._piece(token, special=True)
+
+    def _release(self, sequence: _Sequence, keep: int) -> None:
+        """Free the sequence's samplers and slot; the slot keeps `keep` prompt tokens of KV
+        for prefix reuse."""
+        slot = sequence.slot
+        self._l.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
+        slot.cached = sequence.prompt[:keep]
+        for sampler in (sequence.sampler, sequence.grammar):
+            if sampler is not None:
+                self._l.llama_sampler_free(sampler)
+        sequence.sampler = sequence.grammar = None
+        with self._cond:
+            slot.busy = False
 
     @staticmethod
     def _reusable(cached: list[int], prompt: list[int]) -> int:
@@ -353,15 +492,18 @@ class BatchScheduler:
             best = max(best, (other.slot.seq_id, shared), key=_second)
         return best
 
-    def _sampler(self, generation: Generation) -> Any:
-        """A llama.cpp sampler chain; None for plain greedy, which `_sample` does itself."""
-        lib, params = self._l, generation.params
+    def _sampler(self, params: SamplingParams, prompt: list[int], index: int) -> Any:
+        """A llama.cpp sampler chain; None for plain greedy, which `_sample` does itself.
+        Choice `index` seeds its own draws (seed + index), so choices differ."""
+        lib = self._l
         penalised = bool(
             params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1
         )
-        if params.temperature <= 0.0 and not penalised:
+        if params.temperature <= 0.0 and not penalised and not params.logit_bias:
             return None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params.logit_bias:
+            lib.llama_sampler_chain_add(chain, self._picker.logit_bias(params.logit_bias))
         if penalised:
             lib.llama_sampler_chain_add(
                 chain,
@@ -374,7 +516,7 @@ class BatchScheduler:
                 ),
             )
             # As llama.cpp's server does, the prompt counts as text so far.
-            for token in (generation.prompt.tokens or [])[-_PENALTY_WINDOW:]:
+            for token in prompt[-_PENALTY_WINDOW:]:
                 lib.llama_sampler_accept(chain, token)
         if params.temperature <= 0.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
@@ -386,7 +528,7 @@ class BatchScheduler:
         if params.min_p > 0.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(params.temperature))
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        seed = params.seed + index if params.seed is not None else random.getrandbits(32)
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
@@ -418,9 +560,16 @@ class BatchScheduler:
         if status != 0:
             self._isolate(planned, chunks, status)
         else:
-            for sequence in with_logits:
-                self._sample_or_fail(sequence)
+            self._decoded(planned, with_logits)
         self._report(started, decode_tokens + len(chunks), prefill_tokens, decode_tokens)
+
+    def _decoded(self, planned: list[_Planned], with_logits: list[_Sequence]) -> None:
+        """After a step's decode: score prompts (echo), then sample who has logits."""
+        for sequence, _, _ in planned:
+            self._score_prompt(sequence)
+        for sequence in with_logits:
+            if sequence in self._active:  # a sibling's failure may have ended it
+                self._sample_or_fail(sequence)
 
     def _add_step(self, sequence: _Sequence, prompt_end: int) -> bool:
         """Put this step's tokens of `sequence` in the batch (its next token, or its prompt
@@ -432,12 +581,15 @@ class BatchScheduler:
             sequence.pos += 1
             return True
         sampled = False
+        scoring = sequence.prompt_scores is not None
         for position in range(sequence.prefilled, prompt_end):
             last = position == len(sequence.prompt) - 1
             token = self._n_vocab if poisoned else sequence.prompt[position]
-            index = self._add(token, position, sequence, last)
+            index = self._add(token, position, sequence, last or scoring)
             if last:
                 sequence.logits_at, sampled = index, True
+            elif scoring:
+                sequence.rows.append((position, index))
         sequence.prefilled = sequence.pos = prompt_end
         return sampled
 
@@ -456,6 +608,8 @@ class BatchScheduler:
         for sequence, pos, prefilled in planned:
             self._rewind(sequence, pos, prefilled)
         for sequence, pos, prefilled in planned:
+            if sequence not in self._active:
+                continue  # a sibling's failure ended it
             self._batch.n_tokens = 0
             sampled = self._add_step(sequence, chunks.get(sequence, 0))
             alone = self._l.llama_decode(self._ctx, self._batch)
@@ -468,7 +622,9 @@ class BatchScheduler:
                 )
                 reason = f"llama.cpp could not decode this request (llama_decode returned {alone})"
                 self._leave(sequence, "error", error=reason)
-            elif sampled:
+                continue
+            self._score_prompt(sequence)
+            if sampled:
                 self._sample_or_fail(sequence)
 
     def _rewind(self, sequence: _Sequence, pos: int, prefilled: int) -> None:
@@ -476,15 +632,45 @@ class BatchScheduler:
         micro-batches it finished), its position and prompt progress restored."""
         self._l.llama_memory_seq_rm(self._memory, sequence.slot.seq_id, pos, -1)
         sequence.pos, sequence.prefilled = pos, prefilled
+        sequence.rows.clear()
 
     def _sample_or_fail(self, sequence: _Sequence) -> None:
-        """Sample `sequence`; a failure while doing so ends that sequence only."""
+        """Sample `sequence` (and the choices waiting for its prompt, the first time); a
+        failure while doing so ends that request only."""
+        followers, sequence.followers = sequence.followers, []
         try:
+            for follower in followers:
+                self._copy_prompt(sequence, follower)
             self._sample(sequence)
         except Exception as exc:
             log.exception("sampling failed on model %s", self._name)
             if sequence in self._active:
                 self._leave(sequence, "error", error=type(exc).__name__)
+        for follower in followers:
+            if follower in self._active:
+                self._sample_or_fail(follower)
+
+    def _copy_prompt(self, leader: _Sequence, follower: _Sequence) -> None:
+        """`follower` takes the prompt `leader` has just read: its KV stream, its logits
+        for the first token and, with echo, its prompt's log probabilities."""
+        lib, target = self._l, follower.slot.seq_id
+        lib.llama_memory_seq_rm(self._memory, target, -1, -1)
+        lib.llama_memory_seq_cp(self._memory, leader.slot.seq_id, target, -1, -1)
+        follower.prefilled = follower.pos = leader.prefilled
+        follower.logits_at = leader.logits_at
+        follower.prompt_scores = leader.prompt_scores
+        follower.leader = None
+        self._reused += leader.prefilled
+
+    def _score_prompt(self, sequence: _Sequence) -> None:
+        """The log probabilities of the prompt tokens this step's logits predict (echo)."""
+        scores, prompt = sequence.prompt_scores, sequence.prompt
+        if scores is None or not sequence.rows:
+            return
+        top = _top_logprobs(sequence.generation.params.features)
+        for position, row in sequence.rows:
+            scores.append(scored(self._row(row), prompt[position + 1], top))
+        sequence.rows.clear()
 
     def _prompt_chunks(self) -> dict[_Sequence, int]:
         """Where each prefilling sequence's prompt reading ends this step, first come first.
@@ -495,8 +681,8 @@ class BatchScheduler:
         budget = self._limits.step_tokens - sum(s.decoding for s in self._active)
         chunks: dict[_Sequence, int] = {}
         for sequence in self._active:
-            if sequence.decoding:
-                continue
+            if sequence.decoding or sequence.leader is not None:
+                continue  # generating, or waiting to copy its leader's prompt
             take = min(len(sequence.prompt) - sequence.prefilled, self._limits.prefill_chunk)
             if chunks:
                 take = min(take, budget)
@@ -519,26 +705,31 @@ class BatchScheduler:
 
     def _sample(self, sequence: _Sequence) -> None:
         generation, params = sequence.generation, sequence.generation.params
+        request = sequence.request
+        if sequence.echo:
+            self._echo(sequence)
         early = sequence.produced < params.min_tokens
-        if early:
-            self._forbid_eog(sequence.logits_at)
-        if sequence.sampler is None:
-            token = self._greedy(sequence.logits_at)
-        else:
-            token = self._l.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logits_at)
+        token = self._pick(sequence, early)
+        if token is None:  # the grammar allows nothing more (and no end either)
+            self._leave(sequence, "stop")
+            return
         if token in self._eog and not params.ignore_eos:
             self._leave(sequence, "stop")
             return
+        score = self._score(sequence, token)
+        if sequence.grammar is not None:
+            self._l.llama_sampler_accept(sequence.grammar, token)
         sequence.produced += 1
-        text = sequence.utf8.feed(self._piece(token, special=not params.skip_special_tokens))
-        # As vLLM does, stop sequences apply only once min_tokens have been generated.
-        text, stopped = (text, False) if early else sequence.stops.feed(text)
-        if text:
-            first = generation.first_token_at is None
-            generation.emit(text, self._wakes, sequence.produced)
-            if first and len(self._active) == 1:
-                self._wakes.flush()
-                generation.wait_delivered(_FIRST_DELIVERY_WAIT)
+        request.produced += 1
+        piece = self._piece(token, special=not params.skip_special_tokens)
+        first = generation.first_token_at is None
+        assert sequence.output is not None
+        emitted, stopped = sequence.output.token(
+            piece, score, early=early, wakes=self._wakes, tokens=request.produced
+        )
+        if emitted and first and len(self._active) == 1:
+            self._wakes.flush()
+            generation.wait_delivered(_FIRST_DELIVERY_WAIT)
         if stopped:
             self._leave(sequence, "stop", flush=False)
         elif sequence.produced >= params.max_tokens:
@@ -546,15 +737,44 @@ class BatchScheduler:
         else:
             sequence.next_token = token  # decoded at `pos` in the next step
 
-    def _forbid_eog(self, index: int) -> None:
-        """Make end-of-generation tokens impossible at `index` (before min_tokens)."""
-        logits = self._l.llama_get_logits_ith(self._ctx, index)
-        np.ctypeslib.as_array(logits, shape=(self._n_vocab,))[self._eog_ids] = -np.inf
+    def _pick(self, sequence: _Sequence, early: bool) -> int | None:
+        """The next token from this step's logits: the hot path (greedy here, or the
+        sampler chain on the context's logits) unless a grammar constrains it or end of
+        generation is not allowed yet (`early`, before min_tokens). None: nothing allowed."""
+        if sequence.grammar is None and not early:
+            if sequence.sampler is None:
+                return int(self._row(sequence.logits_at).argmax())
+            token: int = self._l.llama_sampler_sample(
+                sequence.sampler, self._ctx, sequence.logits_at
+            )
+            return token
+        row = self._row(sequence.logits_at)
+        if early:  # a copy: the raw logits stay for log probabilities and sibling choices
+            row = row.copy()
+            row[self._eog_ids] = -np.inf
+        picked = self._picker.pick(row, sequence.sampler, sequence.grammar)
+        if picked is not None and sequence.sampler is not None:
+            self._l.llama_sampler_accept(sequence.sampler, picked)
+        return picked
 
-    def _greedy(self, index: int) -> int:
-        """The first highest logit, as llama.cpp's greedy sampler picks, without its copy."""
+    def _score(self, sequence: _Sequence, token: int) -> Scored | None:
+        features = sequence.generation.params.features
+        if features is None or not features.logprobs:
+            return None
+        return scored(self._row(sequence.logits_at), token, _top_logprobs(features))
+
+    def _echo(self, sequence: _Sequence) -> None:
+        """The prompt, before the first generated token (completions' `echo`)."""
+        sequence.echo = False
+        pieces = [self._piece(token, special=True) for token in sequence.prompt]
+        assert sequence.output is not None
+        sequence.output.echo(pieces, sequence.prompt_scores, sequence.request.produced)
+
+    def _row(self, index: int) -> Row:
+        """The logits of batch row `index` (a view of llama.cpp's own buffer)."""
         logits = self._l.llama_get_logits_ith(self._ctx, index)
-        return int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+        row: Row = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        return row
 
     def _piece(self, token: int, *, special: bool = False) -> bytes:
         """The token's bytes; control tokens are empty unless `special` writes them out."""
@@ -572,33 +792,27 @@ class BatchScheduler:
         flush: bool = True,
         error: str | None = None,
     ) -> None:
-        """The sequence ends now: its slot keeps only the prompt's KV, for prefix reuse."""
-        generation = sequence.generation
-        if flush and reason in ("stop", "length"):
-            tail, _ = sequence.stops.feed(sequence.utf8.flush())
-            tail += sequence.stops.flush()
-            if tail:
-                generation.emit(tail, tokens=sequence.produced)
+        """The sequence ends now: its slot keeps only the prompt's KV, for prefix reuse.
+        The request ends with its last sequence; a failure ends all of them."""
+        request = sequence.request
+        if reason in ("stop", "length") and sequence.output is not None:
+            sequence.output.end(reason, flush=flush, tokens=request.produced)
         self._active.remove(sequence)
-        slot = sequence.slot
-        kept = sequence.prefilled
-        self._l.llama_memory_seq_rm(self._memory, slot.seq_id, kept, -1)
-        slot.cached = sequence.prompt[:kept] if reason != "error" else []
+        self._release(sequence, keep=sequence.prefilled if reason != "error" else 0)
+        request.ended(sequence, reason, error)
         if reason == "error":
-            self._l.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            for sibling in request.sequences:
+                if sibling in self._active:
+                    self._leave(sibling, "error", error=error)
+        if request.open:
+            return
         admission = self._admission
         # Completed requests' running times set the typical duration behind Retry-After.
-        duration = admission.clock() - sequence.started if reason in ("stop", "length") else None
+        ok = request.reason in ("stop", "length")
+        duration = admission.clock() - request.started if ok else None
         with self._cond:
-            slot.busy = False
             admission.finish(duration)
-        if sequence.sampler is not None:
-            self._l.llama_sampler_free(sequence.sampler)
-        # The prompt is billed in full once read (a reused prefix included, as OpenAI bills
-        # cached prompt tokens); a request cancelled part-way is billed what it read.
-        failure = engine_failure(error or "no result") if reason == "error" else None
-        finish = Finish(reason, sequence.prefilled, sequence.produced, failure)
-        self._end(generation, finish)
+        self._end(sequence.generation, request.finish())
 
     def _report(self, started: float, sequences: int, prefill: int, decode: int) -> None:
         if self._observer is None:
@@ -617,3 +831,24 @@ class BatchScheduler:
                 reused_tokens=reused,
             )
         )
+
+
+def choices(generation: Generation) -> int:
+    """How many sequences `generation` needs: `n` for each of its prompts."""
+    features = generation.params.features
+    return (features.n if features is not None else 1) * (1 + len(generation.prompt.more))
+
+
+def _tokens(prompt: Prompt) -> list[int]:
+    if not prompt.tokens:
+        raise ValueError("an empty prompt has nothing to continue from")
+    return prompt.tokens
+
+
+def _rich(features: RequestFeatures) -> bool:
+    """Output beyond plain text: log probabilities, or the prompt echoed first."""
+    return features.logprobs or features.echo
+
+
+def _top_logprobs(features: RequestFeatures | None) -> int:
+    return (features.top_logprobs or 0) if features is not None else 0

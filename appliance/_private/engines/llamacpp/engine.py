@@ -2,6 +2,11 @@
 
 llama-cpp-python's ctypes calls release the GIL, so decoding on the worker thread leaves
 the event loop free. The chat template comes from the GGUF's `tokenizer.chat_template`.
+
+Tools and structured output: the request's tools shape the prompt (through the template
+when it takes `tools`, else the generic format, see `structured.prompt_messages`), and its
+output plan (a grammar and a reader per choice) is checked before admission, so a schema
+outside the supported subset is a 400, never a failed generation.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance._private import inference
+from appliance._private.engines import structured
 from appliance._private.engines.admission import AdmissionQueue
 from appliance._private.engines.base import (
     Capabilities,
@@ -68,6 +74,7 @@ class LlamaCppEngine:
         self._llm: Any = None
         self._embedder: Any = None
         self._formatter: Any = None
+        self._template_tools = False  # the chat template renders `tools` itself
         self._eog: frozenset[int] = frozenset()
         self._vocabulary = 0
         self._textless: frozenset[int] = frozenset()
@@ -79,6 +86,13 @@ class LlamaCppEngine:
             tokenizes_locally=True,
             early_errors=False,
             embeddings=config.embeddings,
+            logprobs=True,
+            n=True,
+            tools=True,
+            structured_output=True,
+            logit_bias=True,
+            echo=True,
+            several_prompts=True,
             accelerator=accelerator(config),
         )
 
@@ -93,6 +107,11 @@ class LlamaCppEngine:
     @property
     def capabilities(self) -> Capabilities:
         return self._capabilities
+
+    @property
+    def vocabulary_size(self) -> int:
+        """Token ids are 0 to this minus one (`base.Vocabulary`: logit_bias keys)."""
+        return self._vocabulary
 
     def load(self) -> None:
         if not self._path.is_file():
@@ -181,6 +200,7 @@ class LlamaCppEngine:
                 "completions cannot be formatted. Use a model converted with its template."
             )
         eos, bos = self._llm.token_eos(), self._llm.token_bos()
+        self._template_tools = _takes_tools(template)
         return Jinja2ChatFormatter(
             template=template,
             eos_token=self._token_text(eos),
@@ -210,11 +230,14 @@ class LlamaCppEngine:
 
     # --- tokenization (event loop thread; llama.cpp's tokenizer only reads the vocab) ---
 
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], extra: dict[str, Any] | None = None
+    ) -> list[int]:
+        """The templated messages' tokens; `extra` are further template variables (tools)."""
         import jinja2
 
         try:
-            rendered = self._formatter(messages=messages)
+            rendered = self._formatter(messages=messages, **(extra or {}))
         except (ValueError, jinja2.TemplateError) as exc:
             raise InvalidRequestError(
                 f"The model's chat template rejected these messages: {exc}",
@@ -234,9 +257,16 @@ class LlamaCppEngine:
     async def prepare_chat(
         self, messages: list[dict[str, Any]], features: RequestFeatures | None = None
     ) -> Prompt:
-        del features  # tools and response_format: see the structured-output work
-        size = sum(len(message["content"]) for message in messages)
-        tokens = await _maybe_offload(self.tokenize_chat, messages, size)
+        self._check_choices(features, 1)
+        extra: dict[str, Any] = {}
+        if features is not None or any(_about_tools(message) for message in messages):
+            # A schema or tool definition it cannot enforce is a 400 here, before admission.
+            structured.plan_output(features, template_tools=self._template_tools)
+            messages, extra = structured.prompt_messages(
+                messages, features, template_tools=self._template_tools
+            )
+        size = sum(len(str(message.get("content") or "")) for message in messages)
+        tokens = await _maybe_offload(lambda chat: self.tokenize_chat(chat, extra), messages, size)
         return Prompt(len(tokens), tokens=tokens)
 
     async def prepare_text(self, source: str | list[int], param: str = "prompt") -> Prompt:
@@ -278,9 +308,28 @@ class LlamaCppEngine:
             raise ModelNotReadyError(
                 f"The model `{self._config.id}` is still loading; retry shortly.", retry_after=1
             )
+        features = params.features
+        self._check_choices(features, 1 + len(prompt.more))
+        plan = None
+        if features is not None and features.endpoint == "chat":
+            plan = structured.plan_output(features, template_tools=self._template_tools)
         generation = Generation(prompt, params, asyncio.get_running_loop(), on_done)
-        self._scheduler.submit(generation)
+        self._scheduler.submit(generation, plan)
         return generation
+
+    def _check_choices(self, features: RequestFeatures | None, prompts: int) -> None:
+        """Every choice of a request decodes at once: at most `max_sequences` in all."""
+        n = features.n if features is not None else 1
+        limit = self._config.max_sequences
+        if n * prompts <= limit:
+            return
+        what = f"`n` = {n}" if prompts == 1 else f"`n` = {n} for each of {prompts} prompts"
+        raise InvalidRequestError(
+            f"{what} asks for {n * prompts} choices; `{self._config.id}` decodes at most "
+            f"{limit} sequences at once (max_sequences), so ask for at most {limit}.",
+            code="invalid_value",
+            param="n" if n > 1 else "prompt",
+        )
 
     def load_now(self) -> EngineLoad:
         if self._scheduler is None:
@@ -324,6 +373,23 @@ class LlamaCppEngine:
     def _embed_sync(self, texts: list[str]) -> tuple[list[list[float]], int]:
         vectors, total = self._embedder.embed(texts, normalize=True, return_count=True)
         return [list(map(float, vector)) for vector in vectors], int(total)
+
+
+def _takes_tools(template: str) -> bool:
+    """Whether a Jinja chat template reads a `tools` variable (renders tool definitions)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return "tools" in meta.find_undeclared_variables(
+            jinja2.Environment(autoescape=True).parse(template)
+        )
+    except jinja2.TemplateError:
+        return False
+
+
+def _about_tools(message: dict[str, Any]) -> bool:
+    return message.get("role") == "tool" or bool(message.get("tool_calls"))
 
 
 async def _maybe_offload(function: Callable[[T], list[int]], argument: T, size: int) -> list[int]:
