@@ -1,8 +1,9 @@
 """The batching benchmark still runs end to end (figures are not judged here).
 
 It sits here rather than in tests/bench/, which pytest skips (`--ignore=tests/bench`).
-Only the raw and appliance targets, at 1 and 2 streams for one round, so it never builds
-llama-server nor installs llama-cpp-python's server and takes a few seconds.
+Only the raw, appliance and constrained-mix targets, at 1 and 2 streams for one round, so
+it never builds llama-server nor installs llama-cpp-python's server and takes a few
+seconds.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ def test_batching_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
         start_new_session=True,
     ) as process:
         try:
-            output, _ = process.communicate(timeout=55)
+            output, _ = process.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGTERM)
             output, _ = process.communicate(timeout=20)
-            pytest.fail("the batching benchmark took over 55 s:\n" + output)
+            pytest.fail("the batching benchmark took over 90 s:\n" + output)
     assert process.returncode == 0, output
     assert "Batching benchmark" in output
     assert "appliance 1 stream decode / raw in-process decode" in output
@@ -55,7 +56,11 @@ def test_batching_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     }
     assert report["setup"]["order"].startswith("interleaved")
     summary = report["summary"]
-    assert summary["targets_measured"] == ["raw", "appliance"]
+    assert summary["targets_measured"] == ["raw", "appliance", batching.GRAMMAR_TARGET]
+    # The constrained mix: at 2 streams one of them sampled under a JSON-schema grammar.
+    assert set(summary["grammar_vs_free"]) == {"1", "2"}
+    assert summary["grammar_vs_free"]["2"] > 0
+    assert summary["results"][batching.GRAMMAR_TARGET]["2"]["errors"] == 0
     raw = summary["raw"]
     assert raw["aggregate_tok_s"] > 0
     assert raw["decode_tok_s"] > 0
@@ -86,6 +91,7 @@ def test_baseline_options_choose_the_targets_and_ratios_compare_the_same_rounds(
     settings = batching_settings(parse_args(args))
     assert (settings.baseline, settings.raw, settings.llama_server) == ("HEAD", False, False)
     assert not settings.llamacpp_server
+    assert not settings.grammar
     assert batching.resolve_revision("HEAD") == batching.resolve_revision("HEAD^{commit}")
     with pytest.raises(ValueError, match="not a commit"):
         batching.resolve_revision("no-such-revision")

@@ -48,7 +48,7 @@ def _streams(text: str) -> tuple[int, ...]:
 
 
 # What `--targets` may name for the batching benchmark (the appliance is always measured).
-BATCHING_TARGETS = ("raw", "appliance", "baseline", "llama-server", "llamacpp-server")
+BATCHING_TARGETS = ("raw", "appliance", "grammar", "baseline", "llama-server", "llamacpp-server")
 
 
 def _targets(text: str) -> frozenset[str]:
@@ -263,6 +263,7 @@ def batching_settings(args: argparse.Namespace) -> batching.Settings:
         llama_server="llama-server" in chosen and not args.skip_llama_server,
         llamacpp_server="llamacpp-server" in chosen and not args.skip_llamacpp_server,
         baseline=args.baseline,
+        grammar="grammar" in chosen,
         quiet_wait_s=args.quiet_wait,
     )
 

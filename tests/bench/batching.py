@@ -16,6 +16,11 @@ and greedy decoding (temperature 0, repeat penalty 1):
   our own llama_cpp build);
 - llamacpp-server-threads: the same with `--n_threads N --n_threads_batch N`, N = cores,
   as every other target runs;
+- appliance+grammar: the same appliance, every other stream of each round constrained by a
+  JSON schema (`response_format`, {"story": string of at least 300 characters, so the
+  constrained streams run to max_tokens as the free ones do); the report adds the ratio
+  of its aggregate tok/s to the all-free appliance's, per concurrency: the throughput cost
+  of grammar-constrained sequences sharing the batch;
 - appliance@REV (with `--baseline REV`): the appliance of another commit, checked out with
   `git worktree add --detach` into the scratch folder (removed afterwards) and served by the
   same Python with `PYTHONPATH` pointing at it, so its packages shadow the checkout's; the
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -91,6 +97,23 @@ BENCH_DIR = REPO / "var" / "bench"
 SRC_DIR = BENCH_DIR / "src"
 LLAMA_SERVER_DIR = BENCH_DIR / "llama-server"
 LLAMACPP_SERVER_VENV = BENCH_DIR / "llamacpp-server-venv"
+
+# The constrained mix: every other stream answers as JSON of this schema.
+GRAMMAR_TARGET = "appliance+grammar"
+STORY_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "story",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            # At least ~75 tokens of story: constrained streams run to max_tokens too.
+            "properties": {"story": {"type": "string", "minLength": 300}},
+            "required": ["story"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 # The appliance's batching scheduler reads these ModelConfig keys.
 BATCHING_KEYS: dict[str, object] = {"max_sequences": MAX_SEQUENCES}
@@ -144,6 +167,7 @@ class Settings:
     llamacpp_server: bool = True
     # A git revision whose appliance is measured beside the checkout's (None: not measured).
     baseline: str | None = None
+    grammar: bool = True  # the constrained mix (GRAMMAR_TARGET) beside the all-free appliance
     timeout_s: float = TIMEOUT_S
     quiet_wait_s: float = 20.0
 
@@ -191,18 +215,25 @@ class Endpoint:
     url: str
     model: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # Fields for every other stream of a round (the constrained mix); None: none.
+    odd_extra: dict[str, Any] | None = None
+    # Before every prompt: a target sharing another's server reads other prompts, so
+    # neither finds the other's prompts in the server's prefix cache.
+    lead: str = ""
 
-    def body(self, prompt: str, max_tokens: int = MAX_TOKENS) -> bytes:
+    def body(self, prompt: str, max_tokens: int = MAX_TOKENS, index: int = 0) -> bytes:
+        odd = self.odd_extra if self.odd_extra is not None and index % 2 else {}
         return json.dumps(
             {
                 "model": self.model,
-                "messages": [{"role": "user", "content": prompt}],
+                "messages": [{"role": "user", "content": self.lead + prompt}],
                 "stream": True,
                 "stream_options": {"include_usage": True},
                 "temperature": 0,
                 "max_tokens": max_tokens,
             }
             | self.extra
+            | odd
         ).encode()
 
 
@@ -274,7 +305,10 @@ async def run_round(
     """All `prompts` at once; the round lasts from the first send to the last stream's end."""
     began = time.perf_counter()
     outcomes = await asyncio.gather(
-        *(stream_chat(session, endpoint, endpoint.body(p, max_tokens)) for p in prompts),
+        *(
+            stream_chat(session, endpoint, endpoint.body(prompt, max_tokens, index))
+            for index, prompt in enumerate(prompts)
+        ),
         return_exceptions=True,
     )
     streams = [outcome for outcome in outcomes if isinstance(outcome, Stream)]
@@ -873,6 +907,23 @@ def ratios(results: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, flo
     }
 
 
+def constrained(appliance: Target) -> Target:
+    """The same appliance, every other stream of a round constrained by a JSON schema."""
+    endpoint = dataclasses.replace(
+        appliance.endpoint, odd_extra={"response_format": STORY_FORMAT}, lead="Please. "
+    )
+    return dataclasses.replace(appliance, name=GRAMMAR_TARGET, endpoint=endpoint)
+
+
+def grammar_ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """Per concurrency, the constrained mix's aggregate tok/s over the all-free appliance's."""
+    free = results.get("appliance", {})
+    return {
+        streams: _ratio(row["aggregate_tok_s"], free.get(streams, {}).get("aggregate_tok_s"))
+        for streams, row in results.get(GRAMMAR_TARGET, {}).items()
+    }
+
+
 def baseline_ratios(results: dict[str, Any], baseline: str) -> dict[str, dict[str, float | None]]:
     """Per concurrency, the appliance's figures over the baseline's: aggregate tok/s (median
     rounds, and the median of the ratios of rounds run side by side) and TTFT p50."""
@@ -1156,7 +1207,8 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     commit = resolve_revision(settings.baseline) if settings.baseline else None
     baseline = f"appliance@{commit[:7]}" if commit else None
     chosen = ["raw"] if settings.raw else []
-    chosen += ["appliance"] + ([baseline] if baseline else [])
+    chosen += ["appliance"] + ([GRAMMAR_TARGET] if settings.grammar else [])
+    chosen += [baseline] if baseline else []
     chosen += ["llama-server"] if settings.llama_server else []
     chosen += list(LLAMACPP_SERVERS) if settings.llamacpp_server else []
     streams = ", ".join(str(c) for c in settings.streams)
@@ -1177,6 +1229,8 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     ):
         scratch = Path(scratch_dir)
         targets = [start_appliance(stack, "appliance", model, scratch)]
+        if settings.grammar:
+            targets.append(constrained(targets[0]))
         if commit is not None and baseline is not None:
             source = stack.enter_context(baseline_worktree(commit, scratch / "baseline-source"))
             targets.append(start_appliance(stack, baseline, model, scratch, source))
@@ -1228,6 +1282,13 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             )
     found_ratios = ratios(results, raw_summary)
     judged = judge(results, found_ratios)
+    grammar = grammar_ratios(results)
+    judged += [
+        _target(
+            f"{GRAMMAR_TARGET} / appliance agg tok/s, {_streams(s)}", r, "ratio", "(shown)", None
+        )
+        for s, r in grammar.items()
+    ]
     against: dict[str, Any] | None = None
     if baseline is not None:
         versus = baseline_ratios(results, baseline)
@@ -1241,6 +1302,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
         "results": results,
         "ratios": found_ratios,
         "baseline": against,
+        "grammar_vs_free": grammar,
         "targets": judged,
         "contention": contention,
         "notes": notes,
