@@ -16,11 +16,12 @@ and greedy decoding (temperature 0, repeat penalty 1):
   our own llama_cpp build);
 - llamacpp-server-threads: the same with `--n_threads N --n_threads_batch N`, N = cores,
   as every other target runs;
-- appliance+grammar: the same appliance, every other stream of each round constrained by a
-  JSON schema (`response_format`, {"story": string of at least 300 characters, so the
-  constrained streams run to max_tokens as the free ones do); the report adds the ratio
-  of its aggregate tok/s to the all-free appliance's, per concurrency: the throughput cost
-  of grammar-constrained sequences sharing the batch;
+- appliance+grammar: an appliance of its own (the same code and config: sharing the free
+  one's server would evict the prompts it caches), every other stream of each round
+  constrained by a JSON schema (`response_format`, {"story": string of at least 300
+  characters, so the constrained streams run to max_tokens as the free ones do); the report
+  adds the ratio of its aggregate tok/s to the all-free appliance's, per concurrency: the
+  throughput cost of grammar-constrained sequences sharing the batch;
 - appliance@REV (with `--baseline REV`): the appliance of another commit, checked out with
   `git worktree add --detach` into the scratch folder (removed afterwards) and served by the
   same Python with `PYTHONPATH` pointing at it, so its packages shadow the checkout's; the
@@ -217,16 +218,13 @@ class Endpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     # Fields for every other stream of a round (the constrained mix); None: none.
     odd_extra: dict[str, Any] | None = None
-    # Before every prompt: a target sharing another's server reads other prompts, so
-    # neither finds the other's prompts in the server's prefix cache.
-    lead: str = ""
 
     def body(self, prompt: str, max_tokens: int = MAX_TOKENS, index: int = 0) -> bytes:
         odd = self.odd_extra if self.odd_extra is not None and index % 2 else {}
         return json.dumps(
             {
                 "model": self.model,
-                "messages": [{"role": "user", "content": self.lead + prompt}],
+                "messages": [{"role": "user", "content": prompt}],
                 "stream": True,
                 "stream_options": {"include_usage": True},
                 "temperature": 0,
@@ -908,10 +906,8 @@ def ratios(results: dict[str, Any], raw: dict[str, Any] | None) -> dict[str, flo
 
 
 def constrained(appliance: Target) -> Target:
-    """The same appliance, every other stream of a round constrained by a JSON schema."""
-    endpoint = dataclasses.replace(
-        appliance.endpoint, odd_extra={"response_format": STORY_FORMAT}, lead="Please. "
-    )
+    """`appliance` with every other stream of a round constrained by a JSON schema."""
+    endpoint = dataclasses.replace(appliance.endpoint, odd_extra={"response_format": STORY_FORMAT})
     return dataclasses.replace(appliance, name=GRAMMAR_TARGET, endpoint=endpoint)
 
 
@@ -1229,8 +1225,8 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
     ):
         scratch = Path(scratch_dir)
         targets = [start_appliance(stack, "appliance", model, scratch)]
-        if settings.grammar:
-            targets.append(constrained(targets[0]))
+        if settings.grammar:  # its own server: a shared one would evict the free one's cache
+            targets.append(constrained(start_appliance(stack, GRAMMAR_TARGET, model, scratch)))
         if commit is not None and baseline is not None:
             source = stack.enter_context(baseline_worktree(commit, scratch / "baseline-source"))
             targets.append(start_appliance(stack, baseline, model, scratch, source))
