@@ -90,15 +90,16 @@ class Ledger:
         prefix: str,
         kind: RequestKind = "generation",
         *,
-        fleet_request: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Iterator[Ticket]:
         """A ticket for a request to `served`, counted in flight on it from now (right after
         the model lookup, before any `await`, so that a model being replaced drains it). An
         admitted ticket is released by `finished`; one that never got admitted (refused by
-        validation or by the limits) when this block ends. `fleet_request` is the router's
-        id for the request (`fleet_request_of`), recorded in its audit row."""
+        validation or by the limits) when this block ends. From the request's `headers`, the
+        router's id for it (`fleet_request_of`) goes into its audit row."""
         served.acquire()
         record_id = f"{prefix}-{os.urandom(12).hex()}"
+        fleet_request = fleet_request_of(principal, headers) if headers is not None else None
         ticket = Ticket(principal, served, record_id, kind, fleet_request)
         try:
             yield ticket

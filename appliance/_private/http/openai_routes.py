@@ -28,7 +28,7 @@ from appliance._private.engines.base import (
 )
 from appliance._private.http import rendering
 from appliance._private.http.rendering import Reply
-from appliance._private.ledger import Ticket, fleet_request_of
+from appliance._private.ledger import Ticket
 from appliance._private.node import Node
 from federation import (
     PROMPT_TOKENS_HEADER,
@@ -72,12 +72,7 @@ def _chat_route(node: Node, principal: Provide) -> HTTPRouteHandler:
     ) -> Response[Any]:
         body = decode_request(await read_body(request), _CHAT_DECODER)
         served = node.model(body.model, principal)
-        with node.ledger.holding(
-            principal,
-            served,
-            "chatcmpl",
-            fleet_request=fleet_request_of(principal, request.headers),
-        ) as ticket:
+        with node.ledger.holding(principal, served, "chatcmpl", headers=request.headers) as ticket:
             capabilities = served.engine.capabilities
             inference.check_chat(body, capabilities, served.id)
             messages = inference.chat_messages(body.messages, capabilities)
@@ -104,9 +99,7 @@ def _completion_route(node: Node, principal: Provide) -> HTTPRouteHandler:
     ) -> Response[Any]:
         body = decode_request(await read_body(request), _COMPLETION_DECODER)
         served = node.model(body.model, principal)
-        with node.ledger.holding(
-            principal, served, "cmpl", fleet_request=fleet_request_of(principal, request.headers)
-        ) as ticket:
+        with node.ledger.holding(principal, served, "cmpl", headers=request.headers) as ticket:
             capabilities = served.engine.capabilities
             inference.check_completion(body, capabilities, served.id)
             prompt = await _completion_prompt(served.engine, body, served.id)
@@ -197,11 +190,7 @@ def _embedding_route(node: Node, principal: Provide) -> HTTPRouteHandler:
         body = decode_request(await read_body(request), _EMBEDDING_DECODER)
         served = node.model(body.model, principal)
         with node.ledger.holding(
-            principal,
-            served,
-            "emb",
-            kind="embedding",
-            fleet_request=fleet_request_of(principal, request.headers),
+            principal, served, "emb", kind="embedding", headers=request.headers
         ) as ticket:
             inference.check_embedding(body, served.engine.capabilities, served.id)
             inputs = inference.text_or_tokens(body.input, "input")
