@@ -21,27 +21,15 @@ from openai.types.chat import (
     ChatCompletionMessageFunctionToolCall,
     ChatCompletionMessageParam,
     ChatCompletionNamedToolChoiceParam,
-    ChatCompletionToolParam,
 )
 from openai.types.shared_params import ResponseFormatJSONSchema
 
 from federation import NodeModel
 from router._private.app import _shared_capabilities
 from router._private.fleet import Node
+from tests.appliance.engines.conformance import WEATHER
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, running_fleet, upstream_toml
 
-WEATHER: ChatCompletionToolParam = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "weather in Oslo?"}]
 SCHEMA: ResponseFormatJSONSchema = {
     "type": "json_schema",
