@@ -151,9 +151,11 @@ from federation._private.openai_wire import (
     ModelList,
     Performance,
     Pricing,
+    PromptTokensDetails,
     SamplingFields,
     TextPart,
     Usage,
+    cached_count,
 )
 from federation._private.pki import (
     PeerIdentity,
@@ -346,6 +348,7 @@ __all__ = [
     "PredictResponse",
     "Pricing",
     "Principal",
+    "PromptTokensDetails",
     "RateLimitError",
     "Recovered",
     "RenewRequest",
@@ -376,6 +379,7 @@ __all__ = [
     "bind_socket",
     "boot_id",
     "budget_cli",
+    "cached_count",
     "cancel_and_wait",
     "client_context",
     "client_gone_response",

@@ -12,8 +12,9 @@ Each completion is `--tokens` tokens (" tok0", " tok1", ...), capped by the requ
 `max_tokens`; `prompt_tokens` is the number of whitespace-separated words in the prompt.
 `GET /stats` counts what happened (for tests to assert on) and `POST /control` changes
 latency, length or the key, or injects OpenAI-shaped errors, at runtime (the fields of
-`Settings`). With zero delays nothing ever sleeps: this is the fast upstream of the router
-overhead benchmark.
+`Settings`; `cached_tokens` makes usage report that many prompt tokens, at most all of
+them, as `prompt_tokens_details.cached_tokens`, as vLLM and OpenAI do). With zero delays
+nothing ever sleeps: this is the fast upstream of the router overhead benchmark.
 """
 
 from __future__ import annotations
@@ -52,7 +53,16 @@ _JSON = "application/json"
 _DONE = b"data: [DONE]\n\n"
 _DIMENSIONS = 8
 _CONTROLS = frozenset(
-    {"ttft_ms", "token_ms", "tokens", "fail_status", "fail_code", "fail_after_tokens", "api_key"}
+    {
+        "ttft_ms",
+        "token_ms",
+        "tokens",
+        "fail_status",
+        "fail_code",
+        "fail_after_tokens",
+        "api_key",
+        "cached_tokens",
+    }
 )
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -76,6 +86,8 @@ class Settings:
     fail_code: str | None = None
     # After this many tokens of a stream, end it with an OpenAI error event.
     fail_after_tokens: int | None = None
+    # Prompt tokens reported as served from a prompt cache (None: no prompt_tokens_details).
+    cached_tokens: int | None = None
 
 
 @dataclass
@@ -218,11 +230,14 @@ class Standin:
         stopped = _stopped_at(count, body.get("stop"))
         if stopped is not None:
             count, reason = stopped, "stop"
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": _words(prompt),
             "completion_tokens": count,
             "total_tokens": _words(prompt) + count,
         }
+        if settings.cached_tokens is not None:
+            cached = min(settings.cached_tokens, usage["prompt_tokens"])
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
         model = body.get("model", settings.model)
         if _wants_rich(body):
             answer = _RichAnswer(body, chat=chat, count=count, reason=reason)
@@ -272,7 +287,7 @@ class Standin:
         model: str,
         count: int,
         reason: str,
-        usage: dict[str, int] | None,
+        usage: dict[str, Any] | None,
     ) -> web.StreamResponse:
         settings = self.settings
         stats = self.stats
@@ -341,7 +356,7 @@ class Standin:
         *,
         chat: bool,
         model: str,
-        usage: dict[str, int],
+        usage: dict[str, Any],
     ) -> web.StreamResponse:
         """n choices, tool calls, log probabilities or JSON output (`_RichAnswer`)."""
         usage = usage | {
@@ -461,6 +476,7 @@ class Standin:
             "fail_status": settings.fail_status,
             "fail_code": settings.fail_code,
             "fail_after_tokens": settings.fail_after_tokens,
+            "cached_tokens": settings.cached_tokens,
             "api_key_required": settings.api_key is not None,
         }
         return web.Response(body=_ENCODE(current), content_type=_JSON)

@@ -329,6 +329,7 @@ class EdgeGate:
         status: str,
         cost: float,
         audit: dict[str, Any] | None,
+        cached_tokens: int = 0,
     ) -> None:
         if admission.settled:
             return
@@ -347,7 +348,9 @@ class EdgeGate:
         )
         if row.record is not None:
             latency_ms = round((self._monotonic() - admission.started) * 1000, 3)
-            row.record = msgspec.structs.replace(row.record, latency_ms=latency_ms, cost=cost)
+            row.record = msgspec.structs.replace(
+                row.record, latency_ms=latency_ms, cost=cost, cached_tokens=cached_tokens
+            )
         self.ledger.settle(row)
         self._buckets_for(principal.key_id).refund(admission.reserved - used)
         self._wakeup.set()

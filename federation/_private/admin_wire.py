@@ -117,6 +117,8 @@ class UsageRow(Struct, kw_only=True):
     input_tokens: int
     output_tokens: int
     cost: float
+    # Of the input tokens, those served from a prompt cache.
+    cached_tokens: int = 0
 
 
 class UsageReport(Struct, kw_only=True):
@@ -140,6 +142,9 @@ class UsageRecord(Struct, kw_only=True):
     cost: float
     # The admitted request's id: also its audit row's and its `x-request-id` header's.
     request_id: str | None = None
+    # Of the input tokens, those served from a prompt cache (they cost the model's
+    # cached-input price, when it has one).
+    cached_tokens: int = 0
 
 
 class AuditEvent(Struct, kw_only=True):

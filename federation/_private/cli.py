@@ -368,13 +368,15 @@ def _usage_cells(row: dict[str, Any]) -> list[str]:
         row["group"],
         str(row["requests"]),
         str(row["input_tokens"]),
+        str(row.get("cached_tokens", 0)),  # a server from before prompt caching has none
         str(row["output_tokens"]),
         f"{row['cost']:.6f}",
     ]
 
 
 def _usage_text(report: dict[str, Any], fmt: ReportFormat) -> str:
-    headers = ["group", "requests", "input_tokens", "output_tokens", "cost"]
+    # `cached_tokens`: the part of `input_tokens` served from a prompt cache.
+    headers = ["group", "requests", "input_tokens", "cached_tokens", "output_tokens", "cost"]
     rows = [_usage_cells(r) for r in [*report["rows"], report["total"]]]
     if fmt is ReportFormat.table:
         return table(headers, rows)
@@ -397,7 +399,8 @@ def usage_report(
     key: KeyOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ) -> None:
-    """Requests, tokens and cost, grouped, with a total row."""
+    """Requests, tokens (`cached_tokens`: input tokens served from a prompt cache) and
+    cost, grouped, with a total row."""
     params = {
         "by": by,
         "org": org,

@@ -296,11 +296,14 @@ class Gate:
         cost: float,
         region: str | None = None,
         node: str | None = None,
+        cached_tokens: int = 0,
     ) -> None:
         """Release the reservation, charge the real count and queue one usage record.
 
         `region` and `node` name where the request ran when that is not this server (the
-        router meters requests its appliances served).
+        router meters requests its appliances served). `cached_tokens` of the input tokens
+        came from a prompt cache: recorded (and priced by `cost`), counted like any other
+        token by limits and budgets.
         """
         if admission.settled:
             return
@@ -334,6 +337,7 @@ class Gate:
                 status=status,
                 cost=cost,
                 request_id=admission.id or None,
+                cached_tokens=cached_tokens,
             )
             self._pending.append(record)
         self._journal_settlement(admission, actual, record)

@@ -123,10 +123,25 @@ class EmbeddingRequest(Struct, forbid_unknown_fields=True, kw_only=True):
 # --- responses ------------------------------------------------------------------------
 
 
+class PromptTokensDetails(Struct):
+    # Prompt tokens served from a prompt cache instead of being computed again.
+    cached_tokens: int
+
+
+def cached_count(details: object, prompt_tokens: int) -> int:
+    """The cached prompt tokens in another server's `usage.prompt_tokens_details` (as
+    decoded JSON, unchecked): 0 to `prompt_tokens`, and 0 when it says nothing usable."""
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if not isinstance(cached, int) or isinstance(cached, bool):
+        return 0
+    return min(max(cached, 0), prompt_tokens)
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType = msgspec.UNSET
 
 
 class AssistantMessage(Struct):
@@ -210,16 +225,30 @@ class EmbeddingResponse(Struct):
 
 
 class Pricing(Struct, forbid_unknown_fields=True):
-    """Price per million tokens (and per request, for models without tokens), in `currency`."""
+    """Price per million tokens (and per request, for models without tokens), in `currency`.
+    Prompt tokens served from a prompt cache cost `cached_input_per_million` (None: the
+    input price)."""
 
     input_per_million: Annotated[float, Meta(ge=0.0)] = 0.0
     output_per_million: Annotated[float, Meta(ge=0.0)] = 0.0
     currency: str = "USD"
     per_request: Annotated[float, Meta(ge=0.0)] = 0.0
+    cached_input_per_million: Annotated[float, Meta(ge=0.0)] | None = None
 
-    def cost(self, input_tokens: int, output_tokens: int, requests: int = 1) -> float:
-        """What one answer costs, rounded to 1e-9 of the currency."""
-        tokens = input_tokens * self.input_per_million + output_tokens * self.output_per_million
+    def cost(
+        self, input_tokens: int, output_tokens: int, requests: int = 1, cached: int = 0
+    ) -> float:
+        """What one answer costs, rounded to 1e-9 of the currency: `cached` of its
+        `input_tokens` (at most all of them) at the cached-input price."""
+        cached = min(max(cached, 0), input_tokens)
+        cached_price = self.cached_input_per_million
+        if cached_price is None:
+            cached_price = self.input_per_million
+        tokens = (
+            (input_tokens - cached) * self.input_per_million
+            + cached * cached_price
+            + output_tokens * self.output_per_million
+        )
         return round(tokens / 1e6 + requests * self.per_request, 9)
 
 

@@ -256,6 +256,7 @@ class EdgeLeases:
                 status=row.status,
                 cost=row.record.cost,
                 request_id=row.id,
+                cached_tokens=min(max(row.record.cached_tokens, 0), row.record.input_tokens),
             )
         return Recovered(record, row.org, row.month, row.tokens, row.status)
 

@@ -296,6 +296,39 @@ def test_a_crash_offline_loses_nothing_admitted_and_counts_nothing_twice(tmp_pat
     run(body)
 
 
+def test_cached_tokens_of_a_fleet_key_reach_the_router_across_a_crash(tmp_path: Path) -> None:
+    """A fleet key's prompt-cache hits are in the row the node journals (so a crash keeps
+    them) and in the router's usage record once it reports."""
+
+    async def body() -> None:
+        clock = Clock()
+        router = await open_router(tmp_path / "router", clock)
+        link = Link(router.leases)
+        edge = open_edge(tmp_path / "edge", link, clock)
+        await edge.prepare(FLEET_KEY, 100)
+        await lose_router(edge, link)
+        edge.settle(
+            admit(edge, 100, "hit"),
+            model="m",
+            input_tokens=80,
+            output_tokens=5,
+            cached_tokens=64,
+            status="ok",
+            cost=0.0,
+            audit={"id": "hit", "org": ORG, "status": "ok"},
+        )
+        crash(edge)
+        edge = open_edge(tmp_path / "edge", link, clock)
+        link.up = True
+        await edge.sync()
+        [record] = await router.store.usage_records(ORG)
+        assert (record.request_id, record.input_tokens, record.cached_tokens) == ("hit", 80, 64)
+        edge.ledger.stop()
+        await router.close()
+
+    run(body)
+
+
 def test_rows_the_router_counted_before_the_node_heard_back_are_not_counted_again(
     tmp_path: Path,
 ) -> None:

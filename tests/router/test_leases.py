@@ -235,6 +235,27 @@ def test_a_new_month_starts_without_last_months_shares(tmp_path: Path) -> None:
     run(body)
 
 
+def test_a_rows_cached_tokens_are_recorded_at_most_its_input(tmp_path: Path) -> None:
+    """A node's prompt-cache hits reach the router's books; a count larger than the row's
+    input (a faulty node) is recorded as all of its input, never more."""
+
+    async def body() -> None:
+        books = await open_books(tmp_path, Clock())
+        store, _, leases = books
+        await leases.grant(node("n1"), ORG, 400)
+        cached, inflated = row("c1", 100), row("c2", 10)
+        assert cached.record is not None
+        assert inflated.record is not None
+        cached.record = msgspec.structs.replace(cached.record, cached_tokens=60)
+        inflated.record = msgspec.structs.replace(inflated.record, cached_tokens=500)
+        await leases.report(node("n1"), [cached, inflated, row("c3", 5)])
+        records = {r.request_id: r.cached_tokens for r in await store.usage_records(ORG)}
+        assert records == {"c1": 60, "c2": 10, "c3": 0}
+        await close_books(books)
+
+    run(body)
+
+
 def test_a_row_whose_record_does_not_add_up_is_refused_and_nothing_counts(tmp_path: Path) -> None:
     async def body() -> None:
         books = await open_books(tmp_path, Clock())

@@ -24,11 +24,13 @@ from openai.types.chat import (
 )
 from openai.types.shared_params import ResponseFormatJSONSchema
 
-from federation import NodeModel
+from federation import NodeModel, Pricing
 from router._private.app import _shared_capabilities
 from router._private.fleet import Node
 from tests.appliance.engines.conformance import WEATHER
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, running_fleet, upstream_toml
+from tests.federation.tenants import admin_of
+from tests.support import wait_for
 
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "weather in Oslo?"}]
 SCHEMA: ResponseFormatJSONSchema = {
@@ -40,6 +42,8 @@ SCHEMA: ResponseFormatJSONSchema = {
     },
 }
 TIGHT_BUDGET = 700  # one answer of 400 tokens fits, two do not
+PRICING = Pricing(input_per_million=2.0, output_per_million=4.0, cached_input_per_million=0.5)
+PRICED = {f"pricing.{name}": getattr(PRICING, name) for name in PRICING.__struct_fields__}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root: Path = tmp_path_factory.mktemp("passthrough")
     with running_fleet(root) as running:
         upstream = running.standin("upstream", tokens=3)
-        running.start_member("eu-1", "eu-west", upstream_toml(upstream, "gpu"))
+        running.start_member("eu-1", "eu-west", upstream_toml(upstream, "gpu", **PRICED))
         running.wait_joined("eu-1")
         yield running
 
@@ -261,3 +265,48 @@ def test_one_prompt_of_token_ids_is_one_answer(fleet: Fleet, tight: str) -> None
     )
     assert answered.status_code == 200, answered.text
     assert len(answered.json()["choices"]) == 1
+
+
+def test_cached_tokens_pass_through_and_are_metered_once(fleet: Fleet) -> None:
+    """The upstream's cached prompt tokens reach the client through the appliance and the
+    router, and the router's one usage record charges them at the cached price."""
+    fleet.admin.create_org("cachy", ["eu-west"])
+    key = fleet.admin.member("cachy", "org_admin", "owner@cachy.test").key
+    standin = fleet.standins["upstream"]
+    standin.control(cached_tokens=2)
+    try:
+        with openai.OpenAI(base_url=fleet.router.v1, api_key=key, max_retries=0) as cachy:
+            whole = cachy.chat.completions.create(model=UPSTREAM_MODEL, messages=ASK, max_tokens=3)
+            chunks = list(
+                cachy.chat.completions.create(
+                    model=UPSTREAM_MODEL,
+                    messages=ASK,
+                    max_tokens=3,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+    finally:
+        standin.control(cached_tokens=None)
+    usages = [whole.usage, chunks[-1].usage]
+    for usage in usages:
+        assert usage is not None
+        assert usage.prompt_tokens == 3  # the stand-in counts the words of ASK
+        assert usage.prompt_tokens_details is not None
+        assert usage.prompt_tokens_details.cached_tokens == 2
+
+    def books() -> list[dict[str, Any]] | None:
+        reply = fleet.admin.ok("GET", "/admin/v1/usage/records", org="cachy")
+        data: list[dict[str, Any]] = reply["data"]
+        return data if len(data) >= len(usages) else None
+
+    records = wait_for(books, timeout=15)
+    assert len(records) == len(usages)  # one record per request: metered once
+    for record in records:
+        assert (record["input_tokens"], record["cached_tokens"]) == (3, 2)
+        cost = PRICING.cost(3, record["output_tokens"], cached=2)
+        assert record["cost"] == pytest.approx(cost)
+        assert record["cost"] < PRICING.cost(3, record["output_tokens"])
+    # The appliance served the router's requests: it keeps no usage record of its own.
+    node_books = admin_of(fleet.members["eu-1"]).ok("GET", "/admin/v1/usage/records", all="true")
+    assert [r for r in node_books["data"] if r["org"] == "cachy"] == []

@@ -110,6 +110,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # n, logprobs, tools, response_format: only for engines whose Capabilities say so.
     features: RequestFeatures | None = None
+    # Whose prompt cache this request may read and fill: the caller's org ("" when it has
+    # none). An engine with a prompt cache shares cached prefixes only within one scope
+    # (another org's cached prompt would show through timing); other engines ignore it.
+    cache_scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,9 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int
     failure: APIError | None = None
+    # Prompt tokens served from a prompt cache instead of being computed (part of
+    # `prompt_tokens`): reported as `usage.prompt_tokens_details.cached_tokens`.
+    cached_tokens: int = 0
 
 
 def engine_failure(what: str) -> APIError:
@@ -424,6 +431,15 @@ class StepStats:
     kv_cells_in_use: int
     kv_cells_cached: int
     reused_tokens: int = 0
+    # The prompt cache (both tiers: KV kept in slots and the host pool). Counts since the
+    # previous step: lookups (one per prompt read), prompt tokens served from the cache,
+    # prompt tokens looked up, host-pool blocks evicted; gauges: the pool's bytes, its budget.
+    cache_lookups: int = 0
+    cache_hit_tokens: int = 0
+    cache_query_tokens: int = 0
+    cache_evicted_blocks: int = 0
+    cache_bytes: int = 0
+    cache_capacity_bytes: int = 0
 
 
 class Engine(Protocol):

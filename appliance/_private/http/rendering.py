@@ -32,6 +32,7 @@ from federation import (
     CompletionChoice,
     ErrorDetail,
     ErrorResponse,
+    PromptTokensDetails,
     SamplingFields,
     Usage,
 )
@@ -265,22 +266,22 @@ def outcome(generation: Generation) -> tuple[Usage, str]:
     finish = generation.finish
     if finish is None or finish.reason in ("error", "cancelled"):
         raise failure_of(finish)
-    usage = Usage(
-        finish.prompt_tokens,
-        finish.completion_tokens,
-        finish.prompt_tokens + finish.completion_tokens,
-    )
-    return usage, finish.reason
+    return usage_of(finish), finish.reason
+
+
+def usage_of(finish: Finish) -> Usage:
+    """A finished generation's usage, with the prompt tokens served from a cache (0 when
+    none were, as OpenAI reports them)."""
+    prompt, completion = finish.prompt_tokens, finish.completion_tokens
+    details = PromptTokensDetails(min(finish.cached_tokens, prompt))
+    return Usage(prompt, completion, prompt + completion, details)
 
 
 def _spent(generation: Generation) -> Usage | None:
     """What a generation that failed part-way used (sent before its error event, so that
     whoever meters the stream, such as the router, bills it exactly)."""
     finish = generation.finish
-    if finish is None:
-        return None
-    total = finish.prompt_tokens + finish.completion_tokens
-    return Usage(finish.prompt_tokens, finish.completion_tokens, total)
+    return usage_of(finish) if finish is not None else None
 
 
 def error_frame(generation: Generation) -> bytes | None:

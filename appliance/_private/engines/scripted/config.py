@@ -18,7 +18,9 @@ class ScriptedModel(ModelConfigBase, tag="scripted", forbid_unknown_fields=True,
     token and `token_ms` between tokens; `slots` run at once. `fail_after_tokens` ends
     every generation with an error (`fail_code`, 500) after that many tokens (0: before
     any text). The capability switches turn on deterministic n choices, log probabilities,
-    tool calls, JSON output, and for completions echo and several prompts."""
+    tool calls, JSON output, and for completions echo and several prompts.
+    `cached_tokens` is how many prompt tokens every answer reports as served from a
+    prompt cache (at most the whole prompt), as an engine with a prompt cache does."""
 
     replies: list[str] = msgspec.field(default_factory=list)
     ttft_ms: Annotated[float, Meta(ge=0, le=600_000)] = 0.0
@@ -33,3 +35,4 @@ class ScriptedModel(ModelConfigBase, tag="scripted", forbid_unknown_fields=True,
     structured_output: bool = False
     echo: bool = False
     several_prompts: bool = False
+    cached_tokens: Annotated[int, Meta(ge=0)] = 0

@@ -27,6 +27,7 @@ from appliance._private.engines.base import (
     EngineContext,
     EngineLoad,
     Finish,
+    FinishReason,
     Generation,
     Prompt,
     RequestFeatures,
@@ -278,12 +279,14 @@ class _Player:
 
     def finish(self, reason: str | None = None, failure: APIError | None = None) -> Finish:
         prompt = self._generation.prompt.total_size
+        cached = min(self._config.cached_tokens, prompt)
         if reason == "cancelled":
-            return Finish("cancelled", prompt, self.produced)
+            return Finish("cancelled", prompt, self.produced, cached_tokens=cached)
         if failure is not None:
-            return Finish("error", prompt, self.produced, failure)
+            return Finish("error", prompt, self.produced, failure, cached)
         first = self.choices[0].end if self.choices else "stop"
-        return Finish("length" if first == "length" else "stop", prompt, self.produced)
+        ended: FinishReason = "length" if first == "length" else "stop"
+        return Finish(ended, prompt, self.produced, cached_tokens=cached)
 
 
 def _answers_a_tool(prompt: Prompt) -> bool:
