@@ -1,8 +1,10 @@
 """Forwarding a request to a node: selection, retries the request cannot have caused, and
 relaying.
 
-The hot path uses aiohttp's client (measured several times faster than httpx's default
-transport as a proxy client on this class of machine; see docs/architecture.md). A request
+The hot path uses `NodeClient` (`node_client.py`), a lean HTTP/1.1 client over the event
+loop: aiohttp's client, several times faster than httpx's default transport, still cost
+about 150 µs of CPU a request more (see docs/architecture.md); aiohttp stays for probes and
+evidence exports. A request
 is sent on to the next candidate in the same residency set, at most `max_retries` times,
 only when the failure cannot be the request's doing: the node refused the connection or
 did not accept it in time (the request never reached it), answered 503 (alive, busy), or
@@ -51,6 +53,7 @@ from federation import (
     InvalidRequestError,
     Principal,
     RequestRecord,
+    cached_count,
     decode_request,
     node_dns_name,
     receipt_headers,
@@ -59,6 +62,12 @@ from router._private.config import RouterConfig
 from router._private.errors import BackendCrashedError, BackendUnavailableError, NoBackendError
 from router._private.fleet import Fleet, Node
 from router._private.metrics import RouterMetrics
+from router._private.node_client import (
+    NodeClient,
+    NodeClientError,
+    NodeResponse,
+    NodeUnreachedError,
+)
 
 if TYPE_CHECKING:
     from litestar import Litestar, Request
@@ -89,6 +98,12 @@ class _Usage(msgspec.Struct):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_tokens_details: Any = None  # read leniently (`cached_count`)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the node served from its prompt cache (at most the prompt)."""
+        return cached_count(self.prompt_tokens_details, self.prompt_tokens)
 
 
 class _UsageCarrier(msgspec.Struct):
@@ -154,7 +169,7 @@ class _Relayed:
 
     node: Node
     call: Call
-    reply: aiohttp.ClientResponse
+    reply: NodeResponse
     prompt_tokens: int
     produced: int = 0  # events relayed with text (see `_text_events`)
     usage: _Usage | None = None
@@ -275,6 +290,7 @@ class Forwarder:
         # https node is reached with it and must present the certificate of its node id.
         self.tls = tls
         self._session: aiohttp.ClientSession | None = None
+        self._client: NodeClient | None = None
         # `attempts` children by (node, outcome): `labels()` costs more than the increment.
         self._attempts: dict[tuple[str, str], Counter] = {}
 
@@ -284,8 +300,21 @@ class Forwarder:
             raise RuntimeError("Forwarder.start() has not run")
         return self._session
 
+    @property
+    def client(self) -> NodeClient:
+        if self._client is None:
+            raise RuntimeError("Forwarder.start() has not run")
+        return self._client
+
     async def start(self) -> None:
         proxy = self._config.proxy
+        self._client = NodeClient(
+            tls=self.tls,
+            connect_timeout_s=proxy.connect_timeout_s,
+            read_timeout_s=proxy.read_timeout_s,
+            keepalive_s=_KEEPALIVE_S,
+            limit=proxy.max_connections,
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=proxy.max_connections,
@@ -303,6 +332,9 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -371,9 +403,11 @@ class Forwarder:
         try:
             reply = await self._guarded(
                 node,
-                self.session.post(
-                    node.url + call.endpoint,
-                    data=payload,
+                self.client.request(
+                    "POST",
+                    node.url,
+                    call.endpoint,
+                    body=payload,
                     headers=headers,
                     server_hostname=tls_name(node),
                 ),
@@ -389,7 +423,7 @@ class Forwarder:
                     media_type="text/event-stream",
                     headers=self._receipt(node, call) | _SSE_HEADERS,
                 )
-            data = await self._guarded(node, reply.read())
+            data = await self._body(node, reply)
         except _NodeFailedError as exc:
             self._fleet.failed(node)
             self._attempted(node, "failed")
@@ -424,10 +458,16 @@ class Forwarder:
             data, status_code=reply.status, media_type=media_type, headers=headers
         )
 
-    async def _refused(self, node: Node, reply: aiohttp.ClientResponse) -> _Refusal:
-        data = await self._guarded(node, reply.read())
+    async def _refused(self, node: Node, reply: NodeResponse) -> _Refusal:
+        data = await self._body(node, reply)
         self._attempted(node, "overloaded")
         return _Refusal(node, reply.status, data, reply.headers.get("Retry-After"))
+
+    async def _body(self, node: Node, reply: NodeResponse) -> bytes:
+        """The whole body; a step of its own (a task) only when part of it is still due."""
+        if reply.complete:  # it came with the head, as a small answer does: nothing to wait for
+            return await reply.read()
+        return await self._guarded(node, reply.read())
 
     async def _guarded(self, node: Node, awaitable: Awaitable[T]) -> T:
         """Await a step of talking to `node`; if the node is declared down meanwhile, give up."""
@@ -442,12 +482,12 @@ class Forwarder:
                     "it stopped answering and was declared down", "silent"
                 ) from None
             raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (NodeClientError, TimeoutError) as exc:
             raise classify(exc, self._config.proxy.read_timeout_s) from exc
         finally:
             node.waiting.discard(step)
 
-    def _open_relay(self, node: Node, call: Call, reply: aiohttp.ClientResponse) -> _Relayed:
+    def _open_relay(self, node: Node, call: Call, reply: NodeResponse) -> _Relayed:
         """The node's stream now belongs to the client's response: it settles the call."""
         call.relayed = True
         relay = _Relayed(node, call, reply, _count(reply.headers.get(PROMPT_TOKENS_HEADER)))
@@ -463,7 +503,7 @@ class Forwarder:
         try:
             pending = b""
             finished = failed = False
-            async for data in relay.reply.content.iter_any():
+            async for data in relay.reply.iter_any():
                 pending += data
                 end = pending.rfind(b"\n\n")
                 if end < 0:
@@ -483,7 +523,7 @@ class Forwarder:
             relay.status = "error" if failed else "ok"  # "error": the node's own error event
             self._fleet.succeeded(node)
             self._attempted(node, "ok")
-        except (_NodeFailedError, aiohttp.ClientError, TimeoutError) as exc:
+        except (_NodeFailedError, NodeClientError, TimeoutError) as exc:
             relay.status = "backend_failed"
             self._fleet.failed(node)
             self._attempted(node, "failed")
@@ -552,6 +592,7 @@ class Forwarder:
         call.settled = True
         prompt = usage.prompt_tokens if usage is not None else 0
         completion = usage.completion_tokens if usage is not None else 0
+        cached = usage.cached_tokens if usage is not None else 0
         region = node.region if node is not None else NOT_ROUTED
         node_id = node.id if node is not None else NOT_ROUTED
         if self.gate is not None and call.admission is not None:
@@ -559,7 +600,7 @@ class Forwarder:
             answered = int(usage is not None)  # a per-request price is due once a node answered
             cost = 0.0
             if served is not None:
-                cost = served.pricing.cost(prompt, completion, answered)
+                cost = served.pricing.cost(prompt, completion, answered, cached)
             self.gate.settle(
                 call.admission,
                 model=call.model,
@@ -569,6 +610,7 @@ class Forwarder:
                 cost=cost,
                 region=region,
                 node=node_id,
+                cached_tokens=cached,
             )
         if self._recorder is not None:
             principal = call.principal
@@ -594,10 +636,10 @@ def tls_name(node: Node) -> str | None:
     return node_dns_name(node.id) if node.url.startswith("https:") else None
 
 
-def classify(exc: aiohttp.ClientError | TimeoutError, read_timeout_s: float) -> _NodeFailedError:
+def classify(exc: NodeClientError | TimeoutError, read_timeout_s: float) -> _NodeFailedError:
     """What a transport failure says about the request: only a connection that was never
     made proves the node did not get it."""
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, NodeUnreachedError):
         return _NodeFailedError("the connection could not be made", "unreached")
     if isinstance(exc, TimeoutError):
         return _NodeFailedError(f"it sent nothing for {read_timeout_s:g} s")

@@ -1,6 +1,6 @@
-"""Which node failures the router may replay on another node, with aiohttp's real errors from
-real loopback sockets (no processes): only a connection that was never made proves that the
-node did not get the request."""
+"""Which node failures the router may replay on another node, with the router's node client's
+real errors from real loopback sockets (no processes): only a connection that was never made
+proves that the node did not get the request."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import aiohttp
 import pytest
 
 from federation import APIError
 from router import BackendCrashedError
+from router._private.node_client import NodeClient, NodeClientError
 from router._private.proxy import FailureKind, classify, may_replay
 
 READ_TIMEOUT_S = 0.3
@@ -38,7 +38,7 @@ async def node(handler: Handler) -> AsyncIterator[str]:
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.close()
         for task in connections:
@@ -77,15 +77,31 @@ async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     writer.close()
 
 
-async def failure_of(url: str) -> FailureKind:
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=1, sock_read=READ_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        try:
-            async with session.post(url, data=b"{}") as reply:
-                await reply.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return classify(exc, READ_TIMEOUT_S).kind
+def client(connect_timeout_s: float = 1.0) -> NodeClient:
+    return NodeClient(
+        tls=None,
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=READ_TIMEOUT_S,
+        keepalive_s=4.0,
+        limit=8,
+    )
+
+
+async def failure(url: str, connect_timeout_s: float = 1.0) -> NodeClientError | TimeoutError:
+    """How a request to `url` (`http://host:port`) fails."""
+    nodes = client(connect_timeout_s)
+    try:
+        reply = await nodes.request("POST", url, "/v1/chat/completions", body=b"{}", headers={})
+        await reply.read()
+    except (NodeClientError, TimeoutError) as exc:
+        return exc
+    finally:
+        await nodes.close()
     raise AssertionError("the request did not fail")
+
+
+async def failure_of(url: str) -> FailureKind:
+    return classify(await failure(url), READ_TIMEOUT_S).kind
 
 
 def test_a_refused_connection_never_reached_the_node() -> None:
@@ -93,12 +109,26 @@ def test_a_refused_connection_never_reached_the_node() -> None:
     holder.bind(("127.0.0.1", 0))
     port = holder.getsockname()[1]
     holder.close()  # nothing listens there now
-    kind = asyncio.run(failure_of(f"http://127.0.0.1:{port}/v1/chat/completions"))
+    kind = asyncio.run(failure_of(f"http://127.0.0.1:{port}"))
     assert kind == "unreached"
 
 
 def test_a_connect_timeout_never_reached_the_node() -> None:
-    error = aiohttp.ConnectionTimeoutError("Connection timeout to host http://10.0.0.1:1")
+    """A listener whose backlog is full leaves a new connection unanswered: the connect
+    times out (on a host that refuses instead, the answer is the same: never reached)."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = [socket.socket() for _ in range(4)]
+        for held in waiting:  # non-blocking: the ones past the backlog stay unanswered
+            held.setblocking(False)
+            held.connect_ex(("127.0.0.1", port))
+        try:
+            error = asyncio.run(failure(f"http://127.0.0.1:{port}", connect_timeout_s=0.2))
+        finally:
+            for held in waiting:
+                held.close()
     assert classify(error, READ_TIMEOUT_S).kind == "unreached"
 
 
@@ -118,13 +148,9 @@ def test_a_node_failing_after_it_read_the_request_may_have_been_killed_by_it(
 def test_the_reason_shown_to_the_client_names_no_address() -> None:
     async def scenario() -> str:
         async with node(never_answers) as url:
-            timeout = aiohttp.ClientTimeout(sock_read=READ_TIMEOUT_S)
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                try:
-                    await session.post(url, data=b"{}")
-                except TimeoutError as exc:
-                    return str(classify(exc, READ_TIMEOUT_S))
-        raise AssertionError("no timeout")
+            error = await failure(url)
+            assert isinstance(error, TimeoutError)
+            return str(classify(error, READ_TIMEOUT_S))
 
     reason = asyncio.run(scenario())
     assert reason == "it sent nothing for 0.3 s"
