@@ -10,6 +10,7 @@ from typing import Any
 from litestar import Litestar, Request
 from litestar.di import Provide
 from litestar.handlers import HTTPRouteHandler
+from prometheus_client import Counter
 
 from appliance._private.config import ApplianceConfig
 from appliance._private.edge import EdgeGate, HttpRouterLink
@@ -126,7 +127,12 @@ def create_app(
 def _counter(metrics: ApplianceMetrics) -> Callable[[str, int], None]:
     """Inference requests by endpoint and final status (499: the client left first)."""
 
+    children: dict[tuple[str, int], Counter] = {}  # `labels()` costs more than `inc()`
+
     def count(endpoint: str, status: int) -> None:
-        metrics.requests.labels(endpoint, str(status)).inc()
+        child = children.get((endpoint, status))
+        if child is None:
+            child = children[endpoint, status] = metrics.requests.labels(endpoint, str(status))
+        child.inc()
 
     return count

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
+from prometheus_client import Counter
 
 from appliance._private.edge import EdgeGate, is_fleet_principal
 from appliance._private.engines.base import Finish, Generation, Prompt, SamplingParams
@@ -79,6 +80,7 @@ class Ledger:
         # The offline edge (fleet keys admitted and metered by this node); set by the
         # composition root once the node has enrolled.
         self.edge: EdgeGate | None = None
+        self._counters: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
 
     # --- admission -----------------------------------------------------------------------
 
@@ -144,6 +146,7 @@ class Ledger:
                 finish.prompt_tokens,
                 finish.completion_tokens,
                 reason=finish.reason,
+                cached_tokens=finish.cached_tokens,
             )
 
         try:
@@ -162,10 +165,12 @@ class Ledger:
         output_tokens: int,
         *,
         reason: str | None = None,
+        cached_tokens: int = 0,
     ) -> None:
         """The request is over: count it, settle its admission and write its audit row.
-        `reason` is a generation's finish reason (None: no generation ran). A second call
-        for the same ticket does nothing."""
+        `reason` is a generation's finish reason (None: no generation ran); `cached_tokens`
+        of the input tokens came from a prompt cache (they cost the cached-input price). A
+        second call for the same ticket does nothing."""
         if ticket.ended:
             return
         ticket.ended = True
@@ -173,7 +178,7 @@ class Ledger:
         try:
             self._count(served.id, input_tokens, output_tokens, reason)
             if ticket.admission is not None:
-                self._settle(ticket, status, input_tokens, output_tokens)
+                self._settle(ticket, status, input_tokens, output_tokens, cached_tokens)
             if self.recorder is not None:
                 row = self.row(ticket, input_tokens, output_tokens, status=status)
                 self.recorder.request(principal.logging_mode, row)
@@ -183,20 +188,31 @@ class Ledger:
     def _count(self, model: str, input_tokens: int, output_tokens: int, reason: str | None) -> None:
         metrics = self.metrics
         if reason is not None:
-            metrics.generations.labels(model, reason).inc()
-        metrics.prompt_tokens.labels(model).inc(input_tokens)
-        metrics.completion_tokens.labels(model).inc(output_tokens)
+            self._counter(metrics.generations, model, reason).inc()
+        self._counter(metrics.prompt_tokens, model).inc(input_tokens)
+        self._counter(metrics.completion_tokens, model).inc(output_tokens)
 
-    def _settle(self, ticket: Ticket, status: str, input_tokens: int, output_tokens: int) -> None:
+    def _counter(self, metric: Counter, *labels: str) -> Counter:
+        """`metric.labels(*labels)`, looked up once: `labels()` costs more than `inc()`."""
+        key = (metric, labels)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = metric.labels(*labels)
+        return child
+
+    def _settle(
+        self, ticket: Ticket, status: str, input_tokens: int, output_tokens: int, cached_tokens: int
+    ) -> None:
         principal, served, admission = ticket.principal, ticket.served, ticket.admission
         assert admission is not None
-        cost = served.config.pricing.cost(input_tokens, output_tokens)
+        cost = served.config.pricing.cost(input_tokens, output_tokens, cached=cached_tokens)
         if self.edge is not None and is_fleet_principal(principal):
             self.edge.settle(
                 admission,
                 model=served.id,
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
+                cached_tokens=cached_tokens,
                 status=status,
                 cost=cost,
                 audit=self.row(ticket, input_tokens, output_tokens, status=status).row(),
@@ -208,6 +224,7 @@ class Ledger:
             model=served.id,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            cached_tokens=cached_tokens,
             status=status,
             cost=cost,
         )

@@ -9,6 +9,8 @@ from collections import deque
 from pathlib import Path
 from typing import Literal
 
+from prometheus_client import Histogram
+
 from appliance._private.digest import default_version
 from appliance._private.engines.base import Engine, EngineContext, Finish, Generation
 from appliance._private.engines.registry import ModelConfig, create_engine
@@ -58,6 +60,7 @@ class ServedModel:
         )
         self.engine: Engine = create_engine(config, context)
         self._metrics = metrics
+        self._latency: tuple[Histogram, Histogram] | None = None
         self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)
         self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)
         self.ttft_ewma_ms: float | None = None
@@ -103,19 +106,27 @@ class ServedModel:
     def _finished(self, generation: Generation, finish: Finish) -> None:
         """Called once per generation, from whichever thread finished it: its latency, timed
         here (the counters, settlement and audit row are the ledger's, on the loop)."""
-        model, metrics = self.config.id, self._metrics
         first = generation.first_token_at
         if first is None:
             return
+        ttft_seconds, tpot_seconds = self._latency_metrics()
         ttft = first - generation.submitted_at
-        metrics.ttft.labels(model).observe(ttft)
+        ttft_seconds.observe(ttft)
         self._ttft_ms.append(ttft * 1000)
         self.ttft_ewma_ms = _ewma(self.ttft_ewma_ms, ttft * 1000)
         if finish.completion_tokens > 1:
             tpot = (time.perf_counter() - first) / (finish.completion_tokens - 1)
-            metrics.tpot.labels(model).observe(tpot)
+            tpot_seconds.observe(tpot)
             self._tpot_ms.append(tpot * 1000)
             self.tpot_ewma_ms = _ewma(self.tpot_ewma_ms, tpot * 1000)
+
+    def _latency_metrics(self) -> tuple[Histogram, Histogram]:
+        """This model's TTFT and TPOT histograms, looked up once (`labels()` costs more than
+        `observe()`), at the first generation (so a model never served shows none)."""
+        if self._latency is None:
+            model, metrics = self.config.id, self._metrics
+            self._latency = metrics.ttft.labels(model), metrics.tpot.labels(model)
+        return self._latency
 
     def performance(self) -> Performance:
         return Performance(ttft_p50_ms=_median(self._ttft_ms), tpot_p50_ms=_median(self._tpot_ms))

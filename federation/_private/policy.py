@@ -124,9 +124,19 @@ def require(role: str, action: Action, *, actor_org: str | None, target_org: str
 _STRICTNESS: dict[str, int] = {mode: rank for rank, mode in enumerate(LOGGING_MODES)}
 
 
+def _stricter(org_mode: str, floor: str) -> str:
+    return max(org_mode, floor, key=lambda mode: _STRICTNESS.get(mode, 1))
+
+
+# Every pair of known modes, worked out once: each request asks several times.
+_EFFECTIVE: dict[tuple[str, str], str] = {
+    (org, floor): _stricter(org, floor) for org in LOGGING_MODES for floor in LOGGING_MODES
+}
+
+
 def effective_mode(org_mode: str, floor: str) -> str:
     """The stricter of an org's logging mode and the node's floor (full < metadata < zero)."""
-    return max(org_mode, floor, key=lambda mode: _STRICTNESS.get(mode, 1))
+    return _EFFECTIVE.get((org_mode, floor)) or _stricter(org_mode, floor)
 
 
 # --- key limits: a key may only narrow the limits it was made under -----------------------

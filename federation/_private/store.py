@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY, at TEXT NOT NULL, org TEXT NOT NULL, user_id TEXT NOT NULL,
     key_id TEXT, model TEXT NOT NULL, region TEXT NOT NULL, node TEXT NOT NULL,
     input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, latency_ms REAL NOT NULL,
-    status TEXT NOT NULL, cost REAL NOT NULL, request_id TEXT);
+    status TEXT NOT NULL, cost REAL NOT NULL, request_id TEXT,
+    cached_tokens INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS usage_org_at ON usage (org, at);
 CREATE TABLE IF NOT EXISTS journal_marks (
     name TEXT PRIMARY KEY, epoch TEXT NOT NULL, settled_through INTEGER NOT NULL);
@@ -193,7 +194,11 @@ def iso(moment: datetime) -> str:
 
 
 def month_of(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m")
+    """`YYYY-MM` in UTC (formatted by hand: `strftime` costs several times more, and every
+    admission asks)."""
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return f"{moment.year}-{moment.month:02d}"
 
 
 def _now() -> datetime:
@@ -228,6 +233,7 @@ class TenancyStore:
             await db.execute("PRAGMA synchronous=FULL")
             await db.executescript(_SCHEMA)
             await _add_request_ids(db)
+            await _add_cached_tokens(db)
             await db.commit()
         except sqlite3.Error as exc:
             raise StoreError(f"Cannot open the policy database {path}: {exc}.") from exc
@@ -679,15 +685,17 @@ class TenancyStore:
             or not keylib.secret_matches(parsed.secret, record.secret_hash)
         ):
             raise _invalid_key()
-        now = iso(self.clock())
+        # The clock is read only for a key that expires (most do not; every request asks).
         if record.revoked_at is not None or (
-            record.expires_at is not None and record.expires_at <= now
+            record.expires_at is not None and record.expires_at <= iso(self.clock())
         ):
             raise _invalid_key()
         user = self.users.get(record.user_id)
         if user is None or user.removed_at is not None:
             raise _invalid_key()
-        org = self.orgs.get(record.org) or OrgRecord("", frozenset(), None, "metadata", now)
+        org = self.orgs.get(record.org)
+        if org is None:
+            org = OrgRecord("", frozenset(), None, "metadata", iso(self.clock()))
         return Caller(record, user, org)
 
     # --- usage and budgets --------------------------------------------------------------------
@@ -837,7 +845,7 @@ class TenancyStore:
     async def usage_records(self, org: str | None) -> list[UsageRecord]:
         query = (
             "SELECT at, org, user_id, key_id, model, region, node, input_tokens, "
-            "output_tokens, latency_ms, status, cost, request_id FROM usage"
+            "output_tokens, latency_ms, status, cost, request_id, cached_tokens FROM usage"
         )
         args: tuple[Any, ...] = ()
         if org is not None:
@@ -859,6 +867,7 @@ class TenancyStore:
                     status=r[10],
                     cost=r[11],
                     request_id=r[12],
+                    cached_tokens=r[13],
                 )
                 async for r in rows
             ]
@@ -882,7 +891,8 @@ class TenancyStore:
                 args.append(value)
         # `group` comes from the fixed map above and `where` from fixed clauses.
         query = (
-            f"SELECT {group}, count(*), sum(input_tokens), sum(output_tokens), sum(cost) "  # noqa: S608
+            f"SELECT {group}, count(*), sum(input_tokens), sum(output_tokens), sum(cost), "  # noqa: S608
+            "sum(cached_tokens) "
             f"FROM usage WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
         )
         async with self._db.execute(query, args) as rows:
@@ -893,6 +903,7 @@ class TenancyStore:
                     input_tokens=r[2],
                     output_tokens=r[3],
                     cost=round(r[4], 6),
+                    cached_tokens=r[5],
                 )
                 async for r in rows
             ]
@@ -902,6 +913,7 @@ class TenancyStore:
             input_tokens=sum(r.input_tokens for r in data),
             output_tokens=sum(r.output_tokens for r in data),
             cost=round(sum(r.cost for r in data), 6),
+            cached_tokens=sum(r.cached_tokens for r in data),
         )
         return UsageReport(by=by, rows=data, total=total)
 
@@ -961,8 +973,8 @@ def key_view(record: KeyRecord) -> KeyInfo:
 
 _INSERT_USAGE_ONCE = (
     "INSERT OR IGNORE INTO usage (at, org, user_id, key_id, model, region, node, input_tokens, "
-    "output_tokens, latency_ms, status, cost, request_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "output_tokens, latency_ms, status, cost, request_id, cached_tokens) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -981,6 +993,7 @@ def _usage_row(r: UsageRecord) -> tuple[Any, ...]:
         r.status,
         r.cost,
         r.request_id,
+        r.cached_tokens,
     )
 
 
@@ -994,3 +1007,12 @@ async def _add_request_ids(db: aiosqlite.Connection) -> None:
         "CREATE UNIQUE INDEX IF NOT EXISTS usage_request ON usage (request_id) "
         "WHERE request_id IS NOT NULL"
     )
+
+
+async def _add_cached_tokens(db: aiosqlite.Connection) -> None:
+    """Usage rows count the input tokens served from a prompt cache (databases made before
+    they did gain the column; their rows count none)."""
+    async with db.execute("PRAGMA table_info(usage)") as rows:
+        columns = {row[1] async for row in rows}
+    if "cached_tokens" not in columns:
+        await db.execute("ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0")

@@ -4,10 +4,12 @@
 (SambaNova Cloud, vLLM, llama-server, TensorRT-LLM's OpenAI frontend). It has no tokenizer:
 prompts are the messages or text themselves (see `Prompt`), usage comes from the upstream,
 and the upstream enforces its own context window. Generations run as asyncio tasks on the
-event loop over one shared keep-alive `httpx.AsyncClient`; at most `max_concurrency`
-requests are in flight upstream, `max_queue` more wait, and beyond that `submit` answers
-`QueueFullError`. The upstream API key is read from the environment variable named by
-`upstream_key_env` and goes nowhere but the `Authorization` header.
+event loop over one shared keep-alive `aiohttp.ClientSession` (as a proxy client on this
+class of machine it costs about a tenth of the CPU per request of httpx's default
+transport: see docs/architecture.md); at most `max_concurrency` requests are in flight
+upstream, `max_queue` more wait, and beyond that `submit` answers `QueueFullError`. The
+upstream API key is read from the environment variable named by `upstream_key_env` and goes
+nowhere but the `Authorization` header.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import asyncio
 import base64
 import concurrent.futures
 import logging
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
+import aiohttp
 import httpx
 import msgspec
 from msgspec import Struct
+from yarl import URL
 
 from appliance._private import inference
 from appliance._private.engines.admission import AdmissionQueue
@@ -48,7 +53,7 @@ from appliance._private.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from federation import APIError, InvalidRequestError
+from federation import APIError, InvalidRequestError, cached_count
 
 log = logging.getLogger("palisade.appliance.upstream")
 
@@ -59,6 +64,9 @@ _LOAD_RETRY_SECONDS = 3.0
 _MAX_ERROR_TEXT = 500
 _CONNECT_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 10.0
+# Idle upstream connections are dropped before common servers' own keep-alive timeouts
+# (uvicorn's, which vLLM uses, is 5 s), so a request is never sent on one being closed.
+_KEEPALIVE_S = 4.0
 
 
 # --- the upstream's wire format: only what is read; unknown fields are ignored ------------
@@ -67,6 +75,13 @@ _CLOSE_TIMEOUT = 10.0
 class _Usage(Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # vLLM and OpenAI report the prompt tokens served from their prefix cache here. Read
+    # leniently: an odd value there must not fail an answer (it counts as none).
+    prompt_tokens_details: Any = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return cached_count(self.prompt_tokens_details, self.prompt_tokens)
 
 
 class _Delta(Struct):
@@ -148,7 +163,9 @@ class OpenAIUpstreamEngine:
         self._model = config.upstream_model or config.id
         self._headers: dict[str, str] = {}
         self._secret: str | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+        self._tls: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission = AdmissionQueue(
             config.id,
@@ -196,10 +213,15 @@ class OpenAIUpstreamEngine:
         self._secret = self._config.api_key(self._environ)
         if self._secret is not None:
             self._headers = {"Authorization": f"Bearer {self._secret}"}
+        # The CAs that check an https upstream (certifi's bundle, or SSL_CERT_FILE /
+        # SSL_CERT_DIR): the same for this check as for the requests; read here, off the loop.
+        self._tls = httpx.create_ssl_context()
         url = f"{self._base}/models"
         deadline = time.monotonic() + _LOAD_RETRY_SECONDS
         delay = 0.1
-        with httpx.Client(headers=self._headers, timeout=self._timeout()) as client:
+        with httpx.Client(
+            headers=self._headers, timeout=self._timeout(), verify=self._tls
+        ) as client:
             while True:
                 try:
                     response: httpx.Response | None = client.get(url)
@@ -281,25 +303,44 @@ class OpenAIUpstreamEngine:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     def _timeout(self) -> httpx.Timeout:
         seconds = self._config.upstream_timeout_s
         return httpx.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT))
 
-    def _session(self) -> httpx.AsyncClient:
+    def _session(self) -> aiohttp.ClientSession:
         """The shared keep-alive client, made on the event loop at first use."""
         if self._client is None:
-            slots = self._config.max_concurrency
-            self._client = httpx.AsyncClient(
-                base_url=self._base,
+            seconds = self._config.upstream_timeout_s
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._config.max_concurrency,
+                    limit_per_host=0,
+                    keepalive_timeout=_KEEPALIVE_S,
+                    ssl=self._tls or True,
+                ),
                 headers=self._headers,
-                timeout=self._timeout(),
-                limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+                # As httpx's were: connecting within min(timeout, 10 s), the pool and each
+                # read (the wait for the next bytes, not the whole answer) within timeout.
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=seconds,
+                    sock_connect=min(seconds, _CONNECT_TIMEOUT),
+                    sock_read=seconds,
+                ),
+                skip_auto_headers=("User-Agent",),
             )
             self._loop = asyncio.get_running_loop()
         return self._client
+
+    def _url(self, path: str) -> URL:
+        """The upstream URL of `path` (parsed once)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self._base + path)
+        return url
 
     # --- prompts: no tokenizer here, so sizes are upper bounds ------------------------------
 
@@ -391,36 +432,36 @@ class OpenAIUpstreamEngine:
         body |= _features(generation.params.features, chat=prompt.messages is not None)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        client = self._session()
+        session = self._session()
         try:
-            async with client.stream(
-                "POST", path, content=_ENCODE(body), headers=_JSON_HEADERS
+            async with session.post(
+                self._url(path), data=_ENCODE(body), headers=_JSON_HEADERS
             ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    self._reject(path, response)
+                if response.status != 200:
+                    self._reject(path, response.status, await response.read())
                 progress.sent = True
                 await self._read_stream(generation, progress, response)
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self._transport_failure(path, exc)
 
     async def _read_stream(
-        self, generation: Generation, progress: _Progress, response: httpx.Response
+        self, generation: Generation, progress: _Progress, response: aiohttp.ClientResponse
     ) -> None:
-        kind = response.headers.get("content-type", "")
+        kind = response.headers.get("Content-Type", "")
         if not kind.startswith("text/event-stream"):
             self._malformed(f"it answered {kind or 'no content type'} instead of an event stream")
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in _lines(response.content):
+            if not line.startswith(b"data:"):
                 continue  # blank lines, comments (": keep-alive") and event names
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 progress.done = True
                 return
             try:
                 chunk = _CHUNK.decode(data)
             except msgspec.DecodeError:
-                self._malformed(f"a stream event is not OpenAI JSON: {data[:100]!r}")
+                text = data[:100].decode("utf-8", "replace")
+                self._malformed(f"a stream event is not OpenAI JSON: {text!r}")
             if chunk.error is not None:
                 message = self._scrub(chunk.error.message or "no message")
                 raise UpstreamError(
@@ -485,15 +526,16 @@ class OpenAIUpstreamEngine:
         path = "/embeddings"
         async with self._admission.slot():
             try:
-                response = await self._session().post(
-                    path, content=_ENCODE(body), headers=_JSON_HEADERS
-                )
-            except httpx.HTTPError as exc:
+                async with self._session().post(
+                    self._url(path), data=_ENCODE(body), headers=_JSON_HEADERS
+                ) as response:
+                    status, raw = response.status, await response.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 self._transport_failure(path, exc)
-        if response.status_code != 200:
-            self._reject(path, response)
+        if status != 200:
+            self._reject(path, status, raw)
         try:
-            reply = _EMBEDDING_REPLY.decode(response.content)
+            reply = _EMBEDDING_REPLY.decode(raw)
         except msgspec.DecodeError:
             self._malformed("the embeddings reply is not an OpenAI embedding list")
         if len(reply.data) != len(texts):
@@ -504,10 +546,10 @@ class OpenAIUpstreamEngine:
 
     # --- failures: say what failed and how to fix it; never the key -----------------------
 
-    def _reject(self, path: str, response: httpx.Response) -> NoReturn:
-        """An HTTP error from the upstream, as the error the client should see."""
-        status = response.status_code
-        message, code, param = self._error_detail(response.content)
+    def _reject(self, path: str, status: int, raw: bytes) -> NoReturn:
+        """An HTTP error from the upstream (its status and body), as the error the client
+        should see."""
+        message, code, param = self._error_detail(raw)
         if status in (401, 403):
             log.warning(
                 "upstream %s%s refused the appliance's API key (HTTP %s) for model %s; check "
@@ -549,22 +591,23 @@ class OpenAIUpstreamEngine:
             "another node."
         )
 
-    def _transport_failure(self, path: str, exc: httpx.HTTPError) -> NoReturn:
+    def _transport_failure(self, path: str, exc: aiohttp.ClientError | TimeoutError) -> NoReturn:
         reason = self._scrub(str(exc)) or type(exc).__name__
         log.warning("upstream %s%s: %s: %s", self._base, path, type(exc).__name__, reason)
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        # aiohttp's connect timeout is also a TimeoutError: test it first.
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             raise UpstreamUnavailableError(
                 f"The upstream engine is unreachable ({type(exc).__name__}: {reason}). Retry "
                 "on another node; the appliance's operator must check that the upstream is "
                 "running."
             ) from exc
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, TimeoutError):
             raise UpstreamTimeoutError(
                 f"The upstream engine did not answer within {self._config.upstream_timeout_s:g}s"
                 f" ({type(exc).__name__}). Retry, or retry on another node; the operator can "
                 "raise upstream_timeout_s."
             ) from exc
-        if isinstance(exc, httpx.TransportError):
+        if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
             raise UpstreamError(
                 f"The upstream engine failed while handling the request ({type(exc).__name__}:"
                 f" {reason})."
@@ -624,7 +667,9 @@ class _Progress:
 
     def finish(self, reason: FinishReason | None = None) -> Finish:
         prompt_tokens, completion_tokens = self._counts()
-        return Finish(reason or self.reason or "stop", prompt_tokens, completion_tokens)
+        cached = self.usage.cached_tokens if self.usage is not None else 0
+        ended = reason or self.reason or "stop"
+        return Finish(ended, prompt_tokens, completion_tokens, cached_tokens=cached)
 
     def failed(self, exc: APIError) -> Finish:
         prompt_tokens, completion_tokens = self._counts() if self.produced else (0, 0)
@@ -707,6 +752,29 @@ def _message_size(message: dict[str, Any]) -> int:
     if message.get("tool_calls"):
         size += len(_ENCODE(message["tool_calls"]))
     return size + _MESSAGE_OVERHEAD
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The lines of a body as they arrive, without their ends and however long they are
+    (aiohttp's own line iterator refuses lines over 128 KiB: an echo with log
+    probabilities of a long prompt is one such event)."""
+    partial: list[bytes] = []
+    async for received in content.iter_any():
+        if b"\n" not in received:
+            partial.append(received)
+            continue
+        data = received
+        if partial:
+            partial.append(received)
+            data = b"".join(partial)
+            partial.clear()
+        *lines, rest = data.split(b"\n")
+        for line in lines:
+            yield line
+        if rest:
+            partial.append(rest)
+    if partial:
+        yield b"".join(partial)
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
