@@ -383,6 +383,7 @@ def sampling_params(
     default: int | None = None,
     features: RequestFeatures | None = None,
     vocabulary: int | None = None,
+    cache_scope: str = "",
 ) -> SamplingParams:
     """Sampling settings for `requested` max tokens (the client's, or None for `default`).
 
@@ -391,6 +392,7 @@ def sampling_params(
     enforces its own window (its 400 passes through), `max_tokens` is forwarded only when
     the client gave one, and otherwise it is the declared `context_length`, an upper bound
     used for admission. `vocabulary` (a local engine's) bounds the ids of `logit_bias`.
+    `cache_scope` is the caller's org: whose cached prompt prefixes the request may reuse.
     """
     prompts = (prompt, *prompt.more)
     if any(each.size == 0 for each in prompts):
@@ -432,6 +434,7 @@ def sampling_params(
         include_stop_str_in_output=request.include_stop_str_in_output,
         logit_bias=logit_bias(request.logit_bias, vocabulary),
         features=features,
+        cache_scope=cache_scope,
     )
 
 

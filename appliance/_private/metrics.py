@@ -98,6 +98,42 @@ class ApplianceMetrics:
             ["model", "state"],
             registry=r,
         )
+        self._cache_lookups = Counter(
+            "palisade_prefix_cache_lookups",
+            "Prompts looked up in the prompt cache (slots and host pool), one per prompt read",
+            ["model"],
+            registry=r,
+        )
+        self._cache_hit_tokens = Counter(
+            "palisade_prefix_cache_hit_tokens",
+            "Prompt tokens served from the prompt cache (hit rate: over query tokens)",
+            ["model"],
+            registry=r,
+        )
+        self._cache_query_tokens = Counter(
+            "palisade_prefix_cache_query_tokens",
+            "Prompt tokens looked up in the prompt cache",
+            ["model"],
+            registry=r,
+        )
+        self._cache_evicted = Counter(
+            "palisade_prefix_cache_evicted_blocks",
+            "Host-pool blocks dropped (least recently used) to stay within its budget",
+            ["model"],
+            registry=r,
+        )
+        self._cache_bytes = Gauge(
+            "palisade_prefix_cache_bytes",
+            "Bytes of KV held by the prompt cache's host pool",
+            ["model"],
+            registry=r,
+        )
+        self._cache_capacity = Gauge(
+            "palisade_prefix_cache_capacity_bytes",
+            "The prompt cache host pool's budget (prefix_cache_mib)",
+            ["model"],
+            registry=r,
+        )
         self._rates = Gauge(
             "palisade_tokens_per_second",
             f"Prefill and decode throughput over the last {_RATE_WINDOW_S:.0f} s of steps",
@@ -116,6 +152,7 @@ class ApplianceMetrics:
             self.prefix_reused.labels(model).inc(step.reused_tokens)
         self._kv_cells.labels(model, "in_use").set(step.kv_cells_in_use)
         self._kv_cells.labels(model, "cached").set(step.kv_cells_cached)
+        self._observe_cache(model, step)
         now = time.monotonic()
         with self._steps_lock:
             if model not in self._steps:
@@ -126,6 +163,14 @@ class ApplianceMetrics:
             window.append((now, step.prefill_tokens, step.decode_tokens))
             while window and window[0][0] < now - _RATE_WINDOW_S:
                 window.popleft()
+
+    def _observe_cache(self, model: str, step: StepStats) -> None:
+        self._cache_lookups.labels(model).inc(step.cache_lookups)
+        self._cache_hit_tokens.labels(model).inc(step.cache_hit_tokens)
+        self._cache_query_tokens.labels(model).inc(step.cache_query_tokens)
+        self._cache_evicted.labels(model).inc(step.cache_evicted_blocks)
+        self._cache_bytes.labels(model).set(step.cache_bytes)
+        self._cache_capacity.labels(model).set(step.cache_capacity_bytes)
 
     def _rate(self, model: str, column: int) -> float:
         with self._steps_lock:

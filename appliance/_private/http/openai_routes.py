@@ -85,6 +85,7 @@ def _chat_route(node: Node, principal: Provide) -> HTTPRouteHandler:
                 context_length=served.engine.context_length,
                 features=features,
                 vocabulary=_vocabulary(served.engine, body),
+                cache_scope=principal.org,
             )
             generation, reply = _start_generation(node, ticket, prompt, params)
         return await _respond(request, node, ticket, body, generation, reply)
@@ -111,6 +112,7 @@ def _completion_route(node: Node, principal: Provide) -> HTTPRouteHandler:
                 context_length=served.engine.context_length,
                 features=inference.completion_features(body),
                 vocabulary=_vocabulary(served.engine, body),
+                cache_scope=principal.org,
             )
             generation, reply = _start_generation(node, ticket, prompt, params)
         return await _respond(request, node, ticket, body, generation, reply)

@@ -24,10 +24,39 @@ Batches list their tokens in sequence-id order and a new request takes the lowes
 slot: llama.cpp splits a multi-stream batch into one forward pass per run of consecutive
 sequence ids, so the same tokens in a shuffled order cost up to twice as much.
 
-A slot keeps the KV of its last prompt after the request ends. A new request whose prompt
-shares a prefix with what another stream holds (a free slot's cached prompt, or a running
-sequence's prompt: the same system prompt, say) copies that stream into its slot and
-starts after the shared prefix.
+The prompt cache has two tiers, and a request reuses the longest prefix of its prompt
+that either holds for its cache scope (its org, unless the appliance shares one cache:
+another org's cached prompt would show through the time to first token):
+
+- Resident: a slot keeps the KV of everything its last sequence decoded, prompt and
+  generated tokens (the last token sampled is never decoded), and the scope it ran in. A
+  new request takes the lowest free slot and starts after what that slot holds, or copies
+  another stream of its scope holding more (a free slot's, or a running sequence's prompt
+  read so far: the same system prompt, say; `llama_memory_seq_cp`, a whole-stream copy).
+  So a conversation's next turn starts after its previous prompt and answer.
+- Host pool (`prefix_cache.py`, `kv_state.py`): when a sequence ends (not on an error),
+  the whole blocks of its stream that the pool lacks are copied to host RAM (one
+  `llama_state_seq_get_data_ext`, cut per token), in a radix tree over token blocks per
+  scope within a byte budget, least recently used leaves dropped first. A request whose
+  prompt the pool holds further than any stream (by `_MIN_COPY_TOKENS`) has those rows
+  put into its emptied slot (`llama_state_seq_set_data_ext`), a hit ending mid-block
+  included. So the cache outlives the slots: more conversations than slots keep their
+  history.
+
+A request whose prompt shares at least `prefill_chunk` more tokens with a running
+sequence's prompt still being read (a wave of conversations starting with one new system
+prompt) does not read them too: it waits for that sequence to have read them, then copies
+its stream (`_await_prefix`, `_join_prefixes`).
+
+In every case the request then reads only the rest of its prompt (at least its last token,
+for the logits), and `Finish.cached_tokens` counts what it did not read. llama.cpp copies
+a stream's tensors only at the next decode, so a stream copied from or into since then is
+neither saved nor restored into (`_settled`).
+
+Prompts are read oldest first for one chunk per step, then fewest unread tokens first
+(`_prompt_chunks`), and a rest of at most two chunks is read in one step (`_chunk`): a
+conversation's next turn, mostly cached, gets its first token a step or two sooner and
+without waiting behind other requests' long cold prompts.
 
 A request may hold several sequences: `n` choices of each of its prompts (a completion may
 have several). A prompt's first choice reads it; the others wait, then copy its KV stream
@@ -48,7 +77,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,8 +95,14 @@ from appliance._private.engines.base import (
     WakeBatch,
     engine_failure,
 )
-from appliance._private.engines.llamacpp.config import KvCacheType
+from appliance._private.engines.llamacpp import kv_state
+from appliance._private.engines.llamacpp.config import F16_MAX_PREFILL_CHUNK, KvCacheType
 from appliance._private.engines.llamacpp.output import ChoiceOutput
+from appliance._private.engines.llamacpp.prefix_cache import (
+    CachedPrefix,
+    PrefixCache,
+    PrefixCacheStats,
+)
 from appliance._private.engines.llamacpp.sampling import Row, Scored, TokenPicker, scored
 from appliance._private.errors import ModelLoadError, ModelNotReadyError
 
@@ -100,19 +135,41 @@ class BatchLimits:
     cache_type_v: KvCacheType
     max_queue: int
     threads: int
+    prefix_cache_bytes: int = 0  # the host pool's budget (0: slots only)
+    prefix_cache_block: int = 16  # tokens per host-pool block
+    shared_cache: bool = False  # every request in one cache scope (else one per org)
 
     @property
     def cells_per_sequence(self) -> int:
         return self.kv_cache_tokens // self.max_sequences
 
+    @property
+    def max_chunk(self) -> int:
+        """The most prompt tokens of one sequence a step may read."""
+        if self.cache_type_k == self.cache_type_v == "f16":
+            return max(self.prefill_chunk, F16_MAX_PREFILL_CHUNK)
+        return 2 * self.prefill_chunk
+
 
 class _Request:
     """One generation's sequences (n choices of each of its prompts) and how they ended."""
 
-    __slots__ = ("failure", "generation", "open", "produced", "reason", "sequences", "started")
+    __slots__ = (
+        "cached",
+        "failure",
+        "generation",
+        "open",
+        "produced",
+        "reason",
+        "scope",
+        "sequences",
+        "started",
+    )
 
-    def __init__(self, generation: Generation) -> None:
+    def __init__(self, generation: Generation, scope: str) -> None:
         self.generation = generation
+        self.scope = scope  # whose cached prefixes it may reuse and fill
+        self.cached = 0  # prompt tokens its leading sequences took from a cache
         self.sequences: list[_Sequence] = []
         self.open = 0  # sequences still running
         self.produced = 0  # completion tokens of every choice
@@ -135,13 +192,15 @@ class _Request:
         # choice's completion tokens; a request cancelled part-way is billed what it read.
         read = sum(sequence.prefilled for sequence in self.sequences if sequence.leads)
         failure = engine_failure(self.failure or "no result") if self.reason == "error" else None
-        return Finish(self.reason, read, self.produced, failure)
+        return Finish(self.reason, read, self.produced, failure, cached_tokens=self.cached)
 
 
 class _Sequence:
     __slots__ = (
+        "awaits",
         "echo",
         "followers",
+        "generated",
         "generation",
         "grammar",
         "index",
@@ -173,11 +232,15 @@ class _Sequence:
         self.prefilled = 0
         self.pos = 0
         self.produced = 0
+        self.generated: list[int] = []  # sampled tokens; each is decoded at the next step
         self.next_token = -1
         self.logits_at = -1
         self.leads = True  # reads its prompt (False: copies its leader's stream)
         self.leader: _Sequence | None = None  # set while waiting for the leader's prompt
         self.followers: list[_Sequence] = []  # choices waiting for this one's prompt
+        # Another request's sequence reading the same prompt prefix, and how far: this one
+        # waits to copy it rather than read it too (see `_await_prefix`).
+        self.awaits: tuple[_Sequence, int] | None = None
         self.echo = False  # the prompt is still to be written first
         # Echo with log probabilities: each prompt token's (the first has none), and the
         # batch rows of this step whose logits score the prompt (position, row).
@@ -188,9 +251,20 @@ class _Sequence:
     def decoding(self) -> bool:
         return self.prefilled == len(self.prompt)
 
+    def stream(self) -> list[int]:
+        """The tokens whose KV its stream holds: the prompt read so far, then the generated
+        tokens decoded (the last one sampled never is)."""
+        if not self.generated:
+            return self.prompt[: self.pos]
+        return (self.prompt + self.generated)[: self.pos]
+
 
 def _seq_id(sequence: _Sequence) -> int:
     return sequence.slot.seq_id
+
+
+def _unread(sequence: _Sequence) -> int:
+    return len(sequence.prompt) - sequence.prefilled
 
 
 def _second(pair: tuple[int, int]) -> int:
@@ -202,12 +276,73 @@ _Planned = tuple[_Sequence, int, int]
 
 
 @dataclass(slots=True)
+class _CacheCounts:
+    """Prompt-cache lookups since the last report: one per prompt a sequence reads."""
+
+    lookups: int = 0
+    hit_tokens: int = 0
+    query_tokens: int = 0
+
+
+def common_prefix(left: list[int], right: list[int]) -> int:
+    """How many leading tokens `left` and `right` share."""
+    n = min(len(left), len(right))
+    if n == 0 or left[0] != right[0]:
+        return 0
+    if left[:n] == right[:n]:
+        return n
+    differ = np.flatnonzero(np.asarray(left[:n]) != np.asarray(right[:n]))
+    return int(differ[0])
+
+
+@dataclass(slots=True)
 class _Slot:
-    """One KV stream (llama.cpp sequence id) and the prompt whose KV it still holds."""
+    """One KV stream (llama.cpp sequence id), the tokens whose KV it still holds, and the
+    cache scope of the request that put them there."""
 
     seq_id: int
     cached: list[int] = field(default_factory=list)
     busy: bool = False
+    scope: str = ""
+
+
+class _HostPool:
+    """The host-RAM tier of the prompt cache: the KV rows of finished sequences' streams,
+    by blocks of tokens (`PrefixCache`), saved when a sequence ends and restored into a
+    slot's emptied stream when a request's prompt starts with them."""
+
+    def __init__(self, lib: Any, ctx: Any, layout: kv_state.KvLayout, limits: BatchLimits) -> None:
+        self._lib, self._ctx, self._layout = lib, ctx, layout
+        self._cache = PrefixCache(limits.prefix_cache_block, limits.prefix_cache_bytes)
+
+    @property
+    def stats(self) -> PrefixCacheStats:
+        return self._cache.stats
+
+    def longest(self, scope: str, prompt: list[int], limit: int) -> CachedPrefix:
+        """The longest cached prefix of `prompt` in `scope`, at most `limit` tokens."""
+        found = self._cache.longest(scope, prompt)
+        return found if found.tokens <= limit else replace(found, tokens=limit)
+
+    def restore(self, prefix: CachedPrefix, seq_id: int) -> bool:
+        """Replace sequence `seq_id`'s stream by `prefix`; False (the stream then empty) when
+        llama.cpp refuses it."""
+        state = self._layout.assemble([block.payload for block in prefix.blocks], prefix.tokens)
+        try:
+            kv_state.write_state(self._lib, self._ctx, seq_id, state)
+        except kv_state.KvStateError:
+            log.exception("could not restore a cached prompt into sequence %d", seq_id)
+            return False
+        return True
+
+    def save(self, scope: str, tokens: list[int], seq_id: int) -> None:
+        """Add the whole blocks of `tokens` (what sequence `seq_id`'s stream holds) that the
+        pool lacks, reading the stream once."""
+        missing = self._cache.missing(scope, tokens)
+        if not missing:
+            return
+        rows = self._layout.view(kv_state.read_state(self._lib, self._ctx, seq_id))
+        self._cache.insert(scope, tokens, missing.start, rows.take)
 
 
 class BatchScheduler:
@@ -257,6 +392,11 @@ class BatchScheduler:
             name, limits.max_sequences, limits.max_queue, activity="decoding"
         )
         self._reused = 0
+        self._counts = _CacheCounts()  # since the last step's report
+        self._evicted_reported = 0
+        self._pool = self._host_pool()
+        # Streams copied from or into since the last decode (see `_copy_stream`).
+        self._copying: set[int] = set()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=f"engine-{name}", daemon=True)
@@ -264,7 +404,22 @@ class BatchScheduler:
 
     @property
     def _batch_capacity(self) -> int:
-        return self._limits.step_tokens + self._limits.prefill_chunk + self._limits.max_sequences
+        # The decode tokens, the first prompt's chunk, and the others' within step_tokens.
+        return self._limits.step_tokens + self._limits.max_chunk + self._limits.max_sequences
+
+    def _host_pool(self) -> _HostPool | None:
+        """The host-RAM cache tier, when it has a budget; the model's KV layout is checked
+        first (`ModelLoadError` when it cannot be cut per token)."""
+        if self._limits.prefix_cache_bytes <= 0:
+            return None
+        token = max(int(self._llm.token_bos()), 0)
+        try:
+            layout = kv_state.probe_layout(self._l, self._ctx, 0, token, self._name)
+        except Exception:
+            self._l.llama_batch_free(self._batch)
+            self._l.llama_free(self._ctx)
+            raise
+        return _HostPool(self._l, self._ctx, layout, self._limits)
 
     def _context(self) -> Any:
         lib, limits = self._l, self._limits
@@ -390,7 +545,8 @@ class BatchScheduler:
 
     def _place(self, generation: Generation, plan: OutputPlan | None) -> _Request:
         """Slots and samplers for every choice of every prompt of `generation`."""
-        request = _Request(generation)
+        scope = "" if self._limits.shared_cache else generation.params.cache_scope
+        request = _Request(generation, scope)
         prompts = [generation.prompt, *generation.prompt.more]
         features = generation.params.features or RequestFeatures()
         rich = plan is not None or len(prompts) * features.n > 1 or _rich(features)
@@ -403,7 +559,7 @@ class BatchScheduler:
                 self._equip(sequence, plan, rich=rich)
         except Exception:
             for sequence in request.sequences:
-                self._release(sequence, keep=0)
+                self._release(sequence, keep=False)
             raise
         request.open = len(request.sequences)
         return request
@@ -413,31 +569,88 @@ class BatchScheduler:
         return min((s for s in self._slots if not s.busy), key=lambda s: s.seq_id)
 
     def _lead(self, request: _Request, prompt: list[int], index: int, echo: bool) -> _Sequence:
-        """The sequence that reads `prompt`, starting after what a stream already holds
-        (unless every prompt position must be scored)."""
+        """The sequence that reads `prompt`, starting after the longest prefix of it that
+        the cache holds for its scope (unless every prompt position must be scored)."""
         slot = self._free_slot()
         features = request.generation.params.features
         scoring = echo and features is not None and features.logprobs
-        reuse = 0 if scoring else self._reusable(slot.cached, prompt)
-        source, shared = (-1, 0) if scoring else self._copy_source(prompt, slot)
-        if shared - reuse >= _MIN_COPY_TOKENS:
-            self._l.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            self._l.llama_memory_seq_cp(self._memory, source, slot.seq_id, -1, -1)
-            reuse = shared
+        reuse = 0 if scoring else self._fill(slot, prompt, request.scope)
         self._l.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1)
-        slot.busy, slot.cached = True, []
+        slot.busy, slot.cached, slot.scope = True, [], request.scope
         sequence = _Sequence(request, index, prompt, slot)
         sequence.prefilled = sequence.pos = reuse
         sequence.echo = echo
         sequence.prompt_scores = [None] if scoring else None
+        if not scoring:
+            sequence.awaits = self._await_prefix(sequence)
         self._reused += reuse
+        request.cached += reuse
+        self._counts.lookups += 1
+        self._counts.hit_tokens += reuse
+        self._counts.query_tokens += len(prompt)
         request.sequences.append(sequence)
         return sequence
+
+    def _await_prefix(self, sequence: _Sequence) -> tuple[_Sequence, int] | None:
+        """A running sequence of the same scope, still reading a prompt that shares at
+        least `prefill_chunk` tokens more with `sequence`'s than it has already: reading
+        them at once too would double the work (a wave of requests with one new system
+        prompt), so `sequence` waits for it to read them, then copies its stream."""
+        scope, prompt = sequence.request.scope, sequence.prompt
+        best: tuple[_Sequence, int] | None = None
+        for other in self._active:
+            if other.decoding or other.awaits is not None or other.request.scope != scope:
+                continue
+            shared = self._reusable(other.prompt, prompt)
+            if shared - sequence.prefilled >= self._limits.prefill_chunk and (
+                best is None or shared > best[1]
+            ):
+                best = (other, shared)
+        return best
+
+    def _join_prefixes(self) -> None:
+        """Sequences whose awaited sequence has read the shared prefix copy its stream
+        (and start after it); those whose awaited one left read their prompt themselves."""
+        for sequence in self._active:
+            if sequence.awaits is None:
+                continue
+            other, shared = sequence.awaits
+            if other in self._active and other.prefilled < shared:
+                continue
+            sequence.awaits = None
+            if other in self._active and shared > sequence.prefilled:
+                self._copy_stream(other.slot.seq_id, sequence.slot.seq_id)
+                self._l.llama_memory_seq_rm(self._memory, sequence.slot.seq_id, shared, -1)
+                gained = shared - sequence.prefilled
+                sequence.prefilled = sequence.pos = shared
+                sequence.request.cached += gained
+                self._counts.hit_tokens += gained
+                self._reused += gained
+
+    def _fill(self, slot: _Slot, prompt: list[int], scope: str) -> int:
+        """Put the longest cached prefix of `prompt` (in `scope`) into `slot`'s stream: what
+        the slot holds already, a copy of another stream, or blocks from the host pool,
+        whichever serves the most tokens, copies and restores only when they serve at least
+        `_MIN_COPY_TOKENS` more. Returns how many tokens the stream now serves."""
+        own = self._reusable(slot.cached, prompt) if slot.scope == scope else 0
+        source, shared = self._copy_source(prompt, slot, scope)
+        pool = self._pool
+        if pool is not None:
+            pooled = pool.longest(scope, prompt, len(prompt) - 1)
+            gain = pooled.tokens - max(own, shared)
+            if gain >= _MIN_COPY_TOKENS and self._settled(slot.seq_id):
+                if pool.restore(pooled, slot.seq_id):
+                    return pooled.tokens
+                own = 0  # a refused restore leaves the stream empty
+        if shared - own >= _MIN_COPY_TOKENS:
+            self._copy_stream(source, slot.seq_id)
+            return shared
+        return own
 
     def _follow(self, request: _Request, leader: _Sequence, index: int) -> None:
         """Another choice of `leader`'s prompt: it waits for the leader to read it."""
         slot = self._free_slot()
-        slot.busy, slot.cached = True, []
+        slot.busy, slot.cached, slot.scope = True, [], request.scope
         sequence = _Sequence(request, index, leader.prompt, slot)
         sequence.leads, sequence.leader, sequence.echo = False, leader, leader.echo
         leader.followers.append(sequence)
@@ -457,12 +670,13 @@ class BatchScheduler:
     def _named(self, token: int) -> bytes:
         return self._piece(token, special=True)
 
-    def _release(self, sequence: _Sequence, keep: int) -> None:
-        """Free the sequence's samplers and slot; the slot keeps `keep` prompt tokens of KV
-        for prefix reuse."""
+    def _release(self, sequence: _Sequence, keep: bool) -> None:
+        """Free the sequence's samplers and slot; the slot keeps the KV of what the
+        sequence decoded (prompt and generated tokens) for prefix reuse, unless not `keep`."""
         slot = sequence.slot
-        self._l.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
-        slot.cached = sequence.prompt[:keep]
+        kept = sequence.stream() if keep else []
+        self._l.llama_memory_seq_rm(self._memory, slot.seq_id, len(kept), -1)
+        slot.cached = kept
         for sampler in (sequence.sampler, sequence.grammar):
             if sampler is not None:
                 self._l.llama_sampler_free(sampler)
@@ -473,23 +687,21 @@ class BatchScheduler:
     @staticmethod
     def _reusable(cached: list[int], prompt: list[int]) -> int:
         """How much of `prompt` a stream holding `cached` serves: never all of it."""
-        common = 0
-        for have, want in zip(cached, prompt, strict=False):
-            if have != want:
-                break
-            common += 1
-        return min(common, len(prompt) - 1)  # the last prompt token is decoded for logits
+        # the last prompt token is decoded for logits
+        return min(common_prefix(cached, prompt), len(prompt) - 1)
 
-    def _copy_source(self, prompt: list[int], target: _Slot) -> tuple[int, int]:
-        """The stream sharing the longest prefix with `prompt`, other than `target`'s own:
-        another free slot's cached prompt or a running sequence's prompt read so far."""
+    def _copy_source(self, prompt: list[int], target: _Slot, scope: str) -> tuple[int, int]:
+        """The stream of `scope` sharing the longest prefix with `prompt`, other than
+        `target`'s own: another free slot's cached tokens or a running sequence's prompt
+        read so far."""
         best = (-1, 0)
         for slot in self._slots:
-            if slot is not target and not slot.busy:
+            if slot is not target and not slot.busy and slot.scope == scope:
                 best = max(best, (slot.seq_id, self._reusable(slot.cached, prompt)), key=_second)
         for other in self._active:
-            shared = self._reusable(other.prompt[: other.prefilled], prompt)
-            best = max(best, (other.slot.seq_id, shared), key=_second)
+            if other.request.scope == scope:
+                shared = self._reusable(other.prompt[: other.prefilled], prompt)
+                best = max(best, (other.slot.seq_id, shared), key=_second)
         return best
 
     def _sampler(self, params: SamplingParams, prompt: list[int], index: int) -> Any:
@@ -539,6 +751,7 @@ class BatchScheduler:
                 self._leave(sequence, "cancelled")
         if not self._active:
             return
+        self._join_prefixes()
         chunks = self._prompt_chunks()
         self._batch.n_tokens = 0
         planned: list[_Planned] = []
@@ -556,12 +769,18 @@ class BatchScheduler:
             if self._add_step(sequence, chunks.get(sequence, 0)):
                 with_logits.append(sequence)
         self._wakes.flush()  # readers run while the decode holds no interpreter lock
-        status = self._l.llama_decode(self._ctx, self._batch)
+        status = self._decode()
         if status != 0:
             self._isolate(planned, chunks, status)
         else:
             self._decoded(planned, with_logits)
         self._report(started, decode_tokens + len(chunks), prefill_tokens, decode_tokens)
+
+    def _decode(self) -> int:
+        status: int = self._l.llama_decode(self._ctx, self._batch)
+        if status == 0:
+            self._copying.clear()  # a decode first carries out the pending stream copies
+        return status
 
     def _decoded(self, planned: list[_Planned], with_logits: list[_Sequence]) -> None:
         """After a step's decode: score prompts (echo), then sample who has logits."""
@@ -612,7 +831,7 @@ class BatchScheduler:
                 continue  # a sibling's failure ended it
             self._batch.n_tokens = 0
             sampled = self._add_step(sequence, chunks.get(sequence, 0))
-            alone = self._l.llama_decode(self._ctx, self._batch)
+            alone = self._decode()
             if alone != 0:
                 self._rewind(sequence, pos, prefilled)
                 log.warning(
@@ -653,14 +872,25 @@ class BatchScheduler:
     def _copy_prompt(self, leader: _Sequence, follower: _Sequence) -> None:
         """`follower` takes the prompt `leader` has just read: its KV stream, its logits
         for the first token and, with echo, its prompt's log probabilities."""
-        lib, target = self._l, follower.slot.seq_id
-        lib.llama_memory_seq_rm(self._memory, target, -1, -1)
-        lib.llama_memory_seq_cp(self._memory, leader.slot.seq_id, target, -1, -1)
+        self._copy_stream(leader.slot.seq_id, follower.slot.seq_id)
         follower.prefilled = follower.pos = leader.prefilled
         follower.logits_at = leader.logits_at
         follower.prompt_scores = leader.prompt_scores
         follower.leader = None
         self._reused += leader.prefilled
+
+    def _copy_stream(self, source: int, target: int) -> None:
+        """`target`'s stream becomes a copy of `source`'s. llama.cpp copies the tensors
+        only at the next decode, so until then neither stream is read (saved) nor
+        overwritten (restored) behind its back: see `_settled`."""
+        self._l.llama_memory_seq_rm(self._memory, target, -1, -1)
+        self._l.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        self._copying.update((source, target))
+
+    def _settled(self, seq_id: int) -> bool:
+        """Whether the stream's tensors are what its cells say (no copy from or into it
+        is waiting for the next decode)."""
+        return seq_id not in self._copying
 
     def _score_prompt(self, sequence: _Sequence) -> None:
         """The log probabilities of the prompt tokens this step's logits predict (echo)."""
@@ -673,17 +903,22 @@ class BatchScheduler:
         sequence.rows.clear()
 
     def _prompt_chunks(self) -> dict[_Sequence, int]:
-        """Where each prefilling sequence's prompt reading ends this step, first come first.
+        """Where each prefilling sequence's prompt reading ends this step.
 
         Generating sequences get their token first; prompts share what is left of
-        `step_tokens`, at most `prefill_chunk` tokens each; the first always gets its chunk.
+        `step_tokens`, at most `prefill_chunk` tokens each. The oldest prompt always gets
+        its chunk, so every prompt is read in turn; the others go fewest unread tokens
+        first, so a request whose prompt was mostly cached (a conversation's next turn)
+        gets its first token without waiting behind other requests' long cold prompts.
         """
         budget = self._limits.step_tokens - sum(s.decoding for s in self._active)
+        # Not generating, nor waiting to copy another's prompt; in admission order.
+        reading = [
+            s for s in self._active if not s.decoding and s.leader is None and s.awaits is None
+        ]
         chunks: dict[_Sequence, int] = {}
-        for sequence in self._active:
-            if sequence.decoding or sequence.leader is not None:
-                continue  # generating, or waiting to copy its leader's prompt
-            take = min(len(sequence.prompt) - sequence.prefilled, self._limits.prefill_chunk)
+        for sequence in reading[:1] + sorted(reading[1:], key=_unread):
+            take = self._chunk(_unread(sequence))
             if chunks:
                 take = min(take, budget)
             if take <= 0:
@@ -691,6 +926,16 @@ class BatchScheduler:
             chunks[sequence] = sequence.prefilled + take
             budget -= take
         return chunks
+
+    def _chunk(self, unread: int) -> int:
+        """How much of a prompt with `unread` tokens left to read one step reads: at most
+        `prefill_chunk`, but all of a short rest (the end of a mostly cached prompt) at
+        once, saving a step before its first token, within what keeps the arithmetic
+        independent of chunking (with f16 keys and values, under 64 tokens)."""
+        limit = self._limits.prefill_chunk
+        if unread <= 2 * limit:
+            limit = min(unread, self._limits.max_chunk)
+        return min(unread, limit)
 
     def _add(self, token: int, position: int, sequence: _Sequence, logits: bool) -> int:
         batch = self._batch
@@ -736,6 +981,7 @@ class BatchScheduler:
             self._leave(sequence, "length")
         else:
             sequence.next_token = token  # decoded at `pos` in the next step
+            sequence.generated.append(token)
 
     def _pick(self, sequence: _Sequence, early: bool) -> int | None:
         """The next token from this step's logits: the hot path (greedy here, or the
@@ -792,13 +1038,16 @@ class BatchScheduler:
         flush: bool = True,
         error: str | None = None,
     ) -> None:
-        """The sequence ends now: its slot keeps only the prompt's KV, for prefix reuse.
-        The request ends with its last sequence; a failure ends all of them."""
+        """The sequence ends now: what it decoded stays in its slot and is saved to the
+        host pool, for prefix reuse (not after a failure). The request ends with its last
+        sequence; a failure ends all of them."""
         request = sequence.request
         if reason in ("stop", "length") and sequence.output is not None:
             sequence.output.end(reason, flush=flush, tokens=request.produced)
         self._active.remove(sequence)
-        self._release(sequence, keep=sequence.prefilled if reason != "error" else 0)
+        if reason != "error" and self._pool is not None and self._settled(sequence.slot.seq_id):
+            self._save(sequence)
+        self._release(sequence, keep=reason != "error")
         request.ended(sequence, reason, error)
         if reason == "error":
             for sibling in request.sequences:
@@ -814,12 +1063,24 @@ class BatchScheduler:
             admission.finish(duration)
         self._end(sequence.generation, request.finish())
 
+    def _save(self, sequence: _Sequence) -> None:
+        """Copy the blocks of the sequence's stream that the host pool lacks into it; a
+        failure costs only the cache entry."""
+        assert self._pool is not None
+        try:
+            self._pool.save(sequence.request.scope, sequence.stream(), sequence.slot.seq_id)
+        except Exception:
+            log.exception("could not save a prompt to the prefix cache of model %s", self._name)
+
     def _report(self, started: float, sequences: int, prefill: int, decode: int) -> None:
         if self._observer is None:
             return
         in_use = sum(s.pos for s in self._active)
         cached = sum(len(slot.cached) for slot in self._slots if not slot.busy)
         reused, self._reused = self._reused, 0
+        counts, self._counts = self._counts, _CacheCounts()
+        pool = self._pool.stats if self._pool is not None else None
+        evicted = pool.evicted_blocks if pool is not None else 0
         self._observer(
             StepStats(
                 sequences=sequences,
@@ -829,8 +1090,15 @@ class BatchScheduler:
                 kv_cells_in_use=in_use,
                 kv_cells_cached=cached,
                 reused_tokens=reused,
+                cache_lookups=counts.lookups,
+                cache_hit_tokens=counts.hit_tokens,
+                cache_query_tokens=counts.query_tokens,
+                cache_evicted_blocks=evicted - self._evicted_reported,
+                cache_bytes=pool.bytes if pool is not None else 0,
+                cache_capacity_bytes=pool.capacity_bytes if pool is not None else 0,
             )
         )
+        self._evicted_reported = evicted
 
 
 def choices(generation: Generation) -> int:

@@ -11,6 +11,10 @@ from federation import ConfigError
 
 KvCacheType = Literal["q8_0", "f16"]
 SplitMode = Literal["none", "layer", "row"]
+# Who shares cached prompt prefixes: each org its own (a shared cache would let one tenant
+# time another's prompts), or the whole appliance (opt-in).
+CacheSharing = Literal["org", "appliance"]
+MIB = 1 << 20
 # With f16 keys and values llama.cpp's CPU attention changes kernels at 64 queries of a stream.
 F16_MAX_PREFILL_CHUNK = 63
 
@@ -19,7 +23,10 @@ class LlamaCppModel(ModelConfigBase, tag="llamacpp", forbid_unknown_fields=True,
     """A GGUF at `path`, continuously batched (`max_sequences` decoded together in one
     llama.cpp batch, sharing `kv_cache_tokens` KV cells, default context_length each, with
     keys and values of `cache_type_k`/`cache_type_v`; `step_tokens` per step and at most
-    `prefill_chunk` prompt tokens of one sequence per step)."""
+    `prefill_chunk` prompt tokens of one sequence per step, but a rest of up to two chunks
+    at once). Finished sequences' KV is kept
+    for prompt-prefix reuse in their slots and in a host-RAM pool of `prefix_cache_mib`,
+    by blocks of `prefix_cache_block` tokens, shared per `prefix_cache_sharing`."""
 
     threads: Annotated[int, Meta(ge=1, le=512)] | None = None
     embeddings: bool = True
@@ -34,6 +41,12 @@ class LlamaCppModel(ModelConfigBase, tag="llamacpp", forbid_unknown_fields=True,
     n_gpu_layers: Annotated[int, Meta(ge=-1, le=100_000)] = 0
     main_gpu: Annotated[int, Meta(ge=0, le=63)] = 0
     split_mode: SplitMode = "layer"
+    # The host-RAM prompt cache (0: off; the KV kept in slots still serves reuse). A hit
+    # from it misses the stream's last partial block: small blocks lose little, and cost
+    # only a little bookkeeping per block.
+    prefix_cache_mib: Annotated[int, Meta(ge=0, le=1_048_576)] = 2048
+    prefix_cache_block: Annotated[int, Meta(ge=16, le=1024)] = 16
+    prefix_cache_sharing: CacheSharing = "org"
 
     def kv_tokens(self) -> int:
         return self.kv_cache_tokens or self.context_length * self.max_sequences

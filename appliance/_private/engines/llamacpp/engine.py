@@ -37,7 +37,7 @@ from appliance._private.engines.llamacpp.batching import (
     BatchScheduler,
     PoisonFn,
 )
-from appliance._private.engines.llamacpp.config import LlamaCppModel
+from appliance._private.engines.llamacpp.config import MIB, LlamaCppModel
 from appliance._private.engines.llamacpp.gpu import accelerator, check_gpu_offload, gpu_kwargs
 from appliance._private.errors import (
     ContextLengthExceededError,
@@ -140,6 +140,9 @@ class LlamaCppEngine:
             cache_type_v=config.cache_type_v,
             max_queue=config.max_queue,
             threads=self._threads,
+            prefix_cache_bytes=config.prefix_cache_mib * MIB,
+            prefix_cache_block=config.prefix_cache_block,
+            shared_cache=config.prefix_cache_sharing == "appliance",
         )
         self._scheduler = BatchScheduler(
             self._llm,
