@@ -1,39 +1,66 @@
-"""`palisade` / `python -m palisade`."""
+"""`palisade` / `python -m palisade`.
+
+Each command group lives in its package, and a command imports only its group's package:
+`palisade key list` does not load the inference server, the router and the image tools
+(about a second of interpreter start on a small machine). Anything else (`palisade`,
+`palisade --help`, an unknown word) builds the whole tree.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import typer
 
-from appliance import appliance_cli, models_cli
-from compliance import audit_cli
-from federation import budget_cli, key_cli, limits_cli, org_cli, usage_cli, user_cli
-from images import image_cli, register_fleet
-from provisioning import node_cli
-from router import fleet_cli, router_cli
+# Group name -> (package, attribute), in the order `palisade --help` lists them.
+GROUPS: dict[str, tuple[str, str]] = {
+    "appliance": ("appliance", "appliance_cli"),
+    "models": ("appliance", "models_cli"),
+    "router": ("router", "router_cli"),
+    "fleet": ("router", "fleet_cli"),
+    "node": ("provisioning", "node_cli"),
+    "image": ("images", "image_cli"),
+    "org": ("federation", "org_cli"),
+    "user": ("federation", "user_cli"),
+    "key": ("federation", "key_cli"),
+    "budget": ("federation", "budget_cli"),
+    "limits": ("federation", "limits_cli"),
+    "usage": ("federation", "usage_cli"),
+    "audit": ("compliance", "audit_cli"),
+}
+# The commands the image tools add to the router's `fleet` group (images/_private/cli_rollout.py);
+# any other `palisade fleet <command>` does without them.
+ROLLOUT_COMMANDS = frozenset({"update", "updates"})
 
-app = typer.Typer(
-    name="palisade",
-    help="Palisade: sovereign inference on region-locked edge appliances.",
-    no_args_is_help=True,
-)
-app.add_typer(appliance_cli, name="appliance")
-app.add_typer(models_cli, name="models")
-app.add_typer(router_cli, name="router")
-register_fleet(fleet_cli)
-app.add_typer(fleet_cli, name="fleet")
-app.add_typer(node_cli, name="node")
-app.add_typer(image_cli, name="image")
-app.add_typer(org_cli, name="org")
-app.add_typer(user_cli, name="user")
-app.add_typer(key_cli, name="key")
-app.add_typer(budget_cli, name="budget")
-app.add_typer(limits_cli, name="limits")
-app.add_typer(usage_cli, name="usage")
-app.add_typer(audit_cli, name="audit")
+
+def _load(name: str, command: str | None) -> typer.Typer:
+    package, attribute = GROUPS[name]
+    group: typer.Typer = getattr(importlib.import_module(package), attribute)
+    if name == "fleet" and (command is None or command in ROLLOUT_COMMANDS):
+        importlib.import_module("images").register_fleet(group)
+    return group
+
+
+def build_app(only: str | None = None, command: str | None = None) -> typer.Typer:
+    """The `palisade` command with every group, or with the group `only` alone (enough of it
+    to run `command`, when that is known)."""
+    app = typer.Typer(
+        name="palisade",
+        help="Palisade: sovereign inference on region-locked edge appliances.",
+        no_args_is_help=True,
+    )
+    for name in GROUPS:
+        if only is None or name == only:
+            app.add_typer(_load(name, command if only else None), name=name)
+    return app
 
 
 def main() -> None:
-    app()
+    words = sys.argv[1:3]
+    group = words[0] if words and words[0] in GROUPS else None
+    command = words[1] if group and len(words) > 1 and not words[1].startswith("-") else None
+    build_app(group, command)()
 
 
 if __name__ == "__main__":
