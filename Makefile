@@ -47,7 +47,7 @@ typecheck: $(STAMP) ## mypy --strict over every package and the tests
 check: lint typecheck ## Lint and type-check
 
 test: model system-deps check ## Install everything and run lint, types and the whole test suite
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 bench: model ## Run the benchmarks (tables on stdout, JSON under var/bench/)
 	$(BIN)/python -m tests.bench

@@ -14,8 +14,13 @@ from tests.support import model_toml, run_appliance
 _CURL = re.compile(r"^\s*(curl -s .*Authorization: Bearer \$\(cat .*demo\.key\).*)$", re.MULTILINE)
 
 
+def small_model() -> str:
+    """The printed curl sets no max_tokens: a short context bounds the answer it waits for."""
+    return model_toml(context_length=256, max_sequences=2)
+
+
 def test_demo_prints_a_working_curl_and_reuses_its_key(tmp_path: Path) -> None:
-    with run_appliance(tmp_path, model_toml(), "--demo") as appliance:
+    with run_appliance(tmp_path, small_model(), "--demo") as appliance:
         match = _CURL.search(appliance.log_text())
         assert match is not None, appliance.log_text()
         result = subprocess.run(
@@ -29,7 +34,7 @@ def test_demo_prints_a_working_curl_and_reuses_its_key(tmp_path: Path) -> None:
         assert first_key not in appliance.log_text()
         assert admin_key not in appliance.log_text()
         assert f"Its API key is in {tmp_path / 'admin.key'}" in appliance.log_text()
-    with run_appliance(tmp_path, model_toml(), "--demo") as again:
+    with run_appliance(tmp_path, small_model(), "--demo") as again:
         assert _CURL.search(again.log_text()) is not None
         assert (tmp_path / "demo.key").read_text().strip() == first_key
         assert "Created the system administrator" not in again.log_text()
@@ -38,6 +43,6 @@ def test_demo_prints_a_working_curl_and_reuses_its_key(tmp_path: Path) -> None:
 def test_demo_needs_keys(tmp_path: Path) -> None:
     with (
         pytest.raises(RuntimeError, match="--demo makes a demo org and key; it needs keys"),
-        run_appliance(tmp_path, model_toml(), "--demo", "--no-auth", ready_timeout=30),
+        run_appliance(tmp_path, small_model(), "--demo", "--no-auth", ready_timeout=30),
     ):
         pass
