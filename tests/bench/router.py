@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -241,13 +241,16 @@ def run_router(
             process.stdout.close()
 
 
-def enroll_standin(router: Server, router_home: Path, home: Path) -> NodeCredentials:
-    """Enroll node `standin` as an operator would: a one-time token from the admin API, then
-    `palisade node init` and `palisade node enroll` (real processes) in `home`."""
+def enroll_standin(
+    router: Server, router_home: Path, home: Path, node_id: str = NODE_ID
+) -> NodeCredentials:
+    """Enroll `node_id` (default: the stand-in's) as an operator would: a one-time token from
+    the admin API, then `palisade node init` and `palisade node enroll` (real processes) in
+    `home`."""
     admin = (router_home / "admin.key").read_text().strip()
     reply = httpx.post(
         f"{router.url}/admin/v1/fleet/tokens",
-        json={"region": REGION, "node_id": NODE_ID, "ttl_s": 600},
+        json={"region": REGION, "node_id": node_id, "ttl_s": 600},
         headers={"Authorization": f"Bearer {admin}"},
         verify=router.verify,
         timeout=30,
@@ -256,7 +259,7 @@ def enroll_standin(router: Server, router_home: Path, home: Path) -> NodeCredent
         raise RuntimeError(f"the router refused an enrollment token: {reply.text}")
     token = reply.json()["token"]
     steps = [
-        ["init", "--region", REGION, "--node-id", NODE_ID, "--host", "127.0.0.1"],
+        ["init", "--region", REGION, "--node-id", node_id, "--host", "127.0.0.1"],
         ["enroll", "--router", router.fleet_url, "--token", token],
     ]
     for step in steps:
@@ -786,11 +789,16 @@ def _ms(value: float | None) -> str:
 # --- summary ----------------------------------------------------------------------------------
 
 
-def summarize_c1(repeats: list[dict[str, dict[str, Any]]], targets: list[str]) -> dict[str, Any]:
+def summarize_c1(
+    repeats: list[dict[str, dict[str, Any]]],
+    targets: list[str],
+    bases: Mapping[str, str] = BASES,
+) -> dict[str, Any]:
+    """Per target: medians across repeats, and what it adds over its base in `bases`."""
     found: dict[str, Any] = {}
     for target in targets:
         rows = [repeat[target] for repeat in repeats]
-        base = BASES.get(target)
+        base = bases.get(target)
         added50 = [_minus(r[target]["p50_ms"], r[base]["p50_ms"]) for r in repeats if base]
         added99 = [_minus(r[target]["p99_ms"], r[base]["p99_ms"]) for r in repeats if base]
         found[target] = {
