@@ -1,5 +1,5 @@
-"""Run the benchmarks: `python -m tests.bench [--only engine|audit|router|batching|guidellm]
-[options]`.
+"""Run the benchmarks: `python -m tests.bench [--only engine|audit|router|chain|batching|
+multiturn|guidellm] [options]`.
 
 Before/after a restructure: `python -m tests.bench --only batching --baseline REV --targets
 appliance,baseline --streams 1,16` measures the checkout's appliance and REV's in the same
@@ -7,10 +7,14 @@ interleaved rounds and prints the ratios.
 
 Without --only, the engine benchmark runs first, then the audit-log benchmark, then the
 router overhead benchmark (which installs the LiteLLM proxy into var/bench/litellm-venv
-for its side-by-side columns, unless --no-litellm), then the batching benchmark (which
+for its side-by-side columns, unless --no-litellm), then the chain benchmark (client ->
+router -> appliance -> stand-in, beside LiteLLM), then the batching benchmark (which
 builds llama.cpp's llama-server into var/bench/llama-server and installs llama-cpp-python's
-server into var/bench/llamacpp-server-venv, unless skipped), then the guidellm lane (which
-installs guidellm into var/bench/guidellm-venv).
+server into var/bench/llamacpp-server-venv, unless skipped), then the multi-turn benchmark
+(conversations with a shared system prompt and a growing history against the appliance and
+the same two servers, one at a time), then the guidellm lane (which installs guidellm into
+var/bench/guidellm-venv). The chain benchmark takes the router benchmark's options, except
+the open-loop ones: it has no open-loop phase.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.bench import audit, batching, engine, guidellm, router
+from tests.bench import audit, batching, chain, engine, guidellm, multiturn, router
 from tests.support import REPO
 
-BENCHMARKS = ("engine", "audit", "router", "batching", "guidellm")
+BENCHMARKS = ("engine", "audit", "router", "chain", "batching", "multiturn", "guidellm")
 ENGINE_REPEATS = 15
 
 
@@ -63,6 +67,17 @@ def _targets(text: str) -> frozenset[str]:
     return targets
 
 
+def _multiturn_targets(text: str) -> tuple[str, ...]:
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(chosen - set(multiturn.TARGETS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown target {', '.join(unknown) or '(none)'}; choose from "
+            f"{', '.join(multiturn.TARGETS)}"
+        )
+    return tuple(target for target in multiturn.TARGETS if target in chosen)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument(
@@ -82,7 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, default=REPO / "var" / "bench", help="report folder (var/bench)"
     )
     defaults = router.Settings()
-    group = parser.add_argument_group("router benchmark")
+    group = parser.add_argument_group("router and chain benchmarks")
     group.add_argument(
         "--requests",
         type=int,
@@ -143,6 +158,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip the LiteLLM proxy columns (and its install)",
     )
+    group.add_argument(
+        "--chain-stream",
+        action="store_true",
+        help="chain: streamed requests (usage included) instead of non-streaming ones",
+    )
+    group.add_argument(
+        "--chain-mtls",
+        action="store_true",
+        help="chain: enroll the appliance (HTTPS to the router and the appliance, mTLS between "
+        "them) instead of joining it with the lab secret over plain HTTP",
+    )
     batch = batching.Settings()
     group = parser.add_argument_group("batching benchmark")
     group.add_argument(
@@ -179,6 +205,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--skip-llamacpp-server",
         action="store_true",
         help="skip llama-cpp-python's server (and its install)",
+    )
+    talks = multiturn.Settings()
+    group = parser.add_argument_group("multi-turn benchmark")
+    group.add_argument(
+        "--conversations",
+        type=_streams,
+        default=talks.conversations,
+        help="concurrent conversations, comma-separated: one run per count (default 16,48)",
+    )
+    group.add_argument(
+        "--turns",
+        type=int,
+        default=talks.turns,
+        help="turns per conversation (default %(default)s)",
+    )
+    group.add_argument(
+        "--multiturn-targets",
+        type=_multiturn_targets,
+        default=talks.targets,
+        help=f"servers to measure, comma-separated, from {','.join(multiturn.TARGETS)} "
+        "(default: all; --skip-llama-server and --skip-llamacpp-server apply too)",
+    )
+    group.add_argument(
+        "--llamacpp-conversations",
+        type=int,
+        default=talks.llamacpp_max_conversations,
+        help="run llama-cpp-python's server (one request at a time) only up to this many "
+        "conversations (default %(default)s)",
     )
     lane = guidellm.Settings()
     group = parser.add_argument_group("guidellm lane")
@@ -223,6 +277,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.turns < 1 or args.llamacpp_conversations < 0:
+        parser.error("--turns must be at least 1 and --llamacpp-conversations at least 0")
     if args.targets is not None and ("baseline" in args.targets) != (args.baseline is not None):
         parser.error("--targets lists `baseline` exactly when --baseline REV is given")
     if (args.repeats is not None and args.repeats < 1) or args.warmups < 0:
@@ -268,6 +324,17 @@ def batching_settings(args: argparse.Namespace) -> batching.Settings:
     )
 
 
+def multiturn_settings(args: argparse.Namespace) -> multiturn.Settings:
+    skipped = {"llama-server": args.skip_llama_server, "llamacpp-server": args.skip_llamacpp_server}
+    return multiturn.Settings(
+        conversations=args.conversations,
+        turns=args.turns,
+        targets=tuple(target for target in args.multiturn_targets if not skipped.get(target)),
+        llamacpp_max_conversations=args.llamacpp_conversations,
+        quiet_wait_s=args.quiet_wait,
+    )
+
+
 def guidellm_settings(args: argparse.Namespace) -> guidellm.Settings:
     return guidellm.Settings(
         seconds=args.guidellm_seconds,
@@ -291,8 +358,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit.run(out_dir=args.out, baseline=args.baseline)
         elif name == "router":
             router.run(out_dir=args.out, settings=router_settings(args))
+        elif name == "chain":
+            chain.run(
+                out_dir=args.out,
+                settings=router_settings(args),
+                stream=args.chain_stream,
+                mtls=args.chain_mtls,
+            )
         elif name == "batching":
             batching.run(out_dir=args.out, settings=batching_settings(args))
+        elif name == "multiturn":
+            multiturn.run(out_dir=args.out, settings=multiturn_settings(args))
         else:
             guidellm.run(out_dir=args.out, settings=guidellm_settings(args))
     return 0

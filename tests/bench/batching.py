@@ -203,6 +203,9 @@ class Stream:
     completion_tokens: int
     tokens_from: str  # "usage" (the server said) or "deltas" (one per content delta)
     text: str
+    # The last `usage` the stream carried, and llama-server's `timings` (None: not sent).
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
 
     @property
     def ttft_ms(self) -> float:
@@ -221,17 +224,23 @@ class Endpoint:
 
     def body(self, prompt: str, max_tokens: int = MAX_TOKENS, index: int = 0) -> bytes:
         odd = self.odd_extra if self.odd_extra is not None and index % 2 else {}
+        return self.chat([{"role": "user", "content": prompt}], max_tokens, odd)
+
+    def chat(
+        self, messages: list[dict[str, str]], max_tokens: int, more: dict[str, Any] | None = None
+    ) -> bytes:
+        """A streamed, greedy chat completion of `messages`, with usage in the stream."""
         return json.dumps(
             {
                 "model": self.model,
-                "messages": [{"role": "user", "content": prompt}],
+                "messages": messages,
                 "stream": True,
                 "stream_options": {"include_usage": True},
                 "temperature": 0,
                 "max_tokens": max_tokens,
             }
             | self.extra
-            | odd
+            | (more or {})
         ).encode()
 
 
@@ -241,6 +250,7 @@ async def stream_chat(session: aiohttp.ClientSession, endpoint: Endpoint, body: 
     pieces: list[str] = []
     deltas = 0
     usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
     headers = {"Content-Type": "application/json"}
     async with session.post(endpoint.url, data=body, headers=headers) as response:
         if response.status != 200:
@@ -263,6 +273,7 @@ async def stream_chat(session: aiohttp.ClientSession, endpoint: Endpoint, body: 
                 deltas += 1
                 pieces.append(content)
             usage = event.get("usage") or usage
+            timings = event.get("timings") or timings
     ended = time.perf_counter()
     if first is None:
         raise StreamError("the stream carried no content")
@@ -270,7 +281,7 @@ async def stream_chat(session: aiohttp.ClientSession, endpoint: Endpoint, body: 
         tokens, source = int(usage["completion_tokens"]), "usage"
     else:
         tokens, source = deltas, "deltas"
-    return Stream(started, first, ended, tokens, source, "".join(pieces))
+    return Stream(started, first, ended, tokens, source, "".join(pieces), usage, timings)
 
 
 def _delta_content(event: dict[str, Any]) -> str:
