@@ -280,6 +280,7 @@ __all__ = [
     "CompletionChoice",
     "CompletionRequest",
     "ConfigError",
+    "ConnectionLostError",
     "CreatedKey",
     "Datatype",
     "DeviceClass",
@@ -309,6 +310,9 @@ __all__ = [
     "Gate",
     "Heartbeat",
     "HeartbeatReply",
+    "HttpClient",
+    "HttpClientError",
+    "HttpResponse",
     "ImageReport",
     "ImageState",
     "ImageUrlPart",
@@ -365,6 +369,7 @@ __all__ = [
     "TextPart",
     "TokenBucket",
     "TokenClaims",
+    "UnreachedError",
     "UpdateOffer",
     "Usage",
     "UsageRecord",
@@ -490,6 +495,13 @@ if TYPE_CHECKING:
         discover_router,
         find_router,
     )
+    from federation._private.http_client import (
+        ConnectionLostError,
+        HttpClient,
+        HttpClientError,
+        HttpResponse,
+        UnreachedError,
+    )
     from federation._private.http_errors import error_handlers, error_response
     from federation._private.http_exits import (
         PROMPT_TOKENS_HEADER,
@@ -515,6 +527,11 @@ _LAZY = {
     "count_exits": "federation._private.http_exits",
     "read_body": "federation._private.http_exits",
     "make_server": "federation._private.http_server",
+    "ConnectionLostError": "federation._private.http_client",
+    "HttpClient": "federation._private.http_client",
+    "HttpClientError": "federation._private.http_client",
+    "HttpResponse": "federation._private.http_client",
+    "UnreachedError": "federation._private.http_client",
     # zeroconf: only processes that take part in discovery import it.
     "SERVICE_TYPE": "federation._private.discovery",
     "Advertisement": "federation._private.discovery",

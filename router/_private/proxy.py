@@ -1,18 +1,18 @@
 """Forwarding a request to a node: selection, retries the request cannot have caused, and
 relaying.
 
-The hot path uses `NodeClient` (`node_client.py`), a lean HTTP/1.1 client over the event
-loop: aiohttp's client, several times faster than httpx's default transport, still cost
-about 150 µs of CPU a request more (see docs/architecture.md); aiohttp stays for probes and
-evidence exports. A request
-is sent on to the next candidate in the same residency set, at most `max_retries` times,
-only when the failure cannot be the request's doing: the node refused the connection or
-did not accept it in time (the request never reached it), answered 503 (alive, busy), or
-was declared down by missed heartbeats while the request waited (once per request). A node
-that fails while it holds the request (reset, closed, silent past the read timeout), or
-answers 502/504, is not replayed elsewhere: a request that kills a node must not take the
-next one down too. Once bytes have reached the client a failure ends the stream with an
-error frame in the OpenAI shape instead.
+The hot path uses `HttpClient` (`federation/_private/http_client.py`), a lean HTTP/1.1
+client over the event loop: aiohttp's client, several times faster than httpx's default
+transport, still cost about 150 µs of CPU a request more (see docs/architecture.md); aiohttp
+stays for probes and evidence exports. A request is sent on to the next candidate in the
+same residency set, at most `max_retries` times, only when the failure cannot be the
+request's doing: the node refused the connection or did not accept it in time (the request
+never reached it), answered 503 (alive, busy), or was declared down by missed heartbeats
+while the request waited (once per request). A node that fails while it holds the request
+(reset, closed, silent past the read timeout), or answers 502/504, is not replayed
+elsewhere: a request that kills a node must not take the next one down too. Once bytes have
+reached the client a failure ends the stream with an error frame in the OpenAI shape
+instead.
 
 The router always asks streaming nodes for the usage chunk: it meters and settles budgets
 from it, and strips it again when the client did not ask for it.
@@ -50,9 +50,13 @@ from federation import (
     ErrorDetail,
     ErrorResponse,
     Gate,
+    HttpClient,
+    HttpClientError,
+    HttpResponse,
     InvalidRequestError,
     Principal,
     RequestRecord,
+    UnreachedError,
     cached_count,
     decode_request,
     node_dns_name,
@@ -62,12 +66,6 @@ from router._private.config import RouterConfig
 from router._private.errors import BackendCrashedError, BackendUnavailableError, NoBackendError
 from router._private.fleet import Fleet, Node
 from router._private.metrics import RouterMetrics
-from router._private.node_client import (
-    NodeClient,
-    NodeClientError,
-    NodeResponse,
-    NodeUnreachedError,
-)
 
 if TYPE_CHECKING:
     from litestar import Litestar, Request
@@ -169,7 +167,7 @@ class _Relayed:
 
     node: Node
     call: Call
-    reply: NodeResponse
+    reply: HttpResponse
     prompt_tokens: int
     produced: int = 0  # events relayed with text (see `_text_events`)
     usage: _Usage | None = None
@@ -290,7 +288,7 @@ class Forwarder:
         # https node is reached with it and must present the certificate of its node id.
         self.tls = tls
         self._session: aiohttp.ClientSession | None = None
-        self._client: NodeClient | None = None
+        self._client: HttpClient | None = None
         # `attempts` children by (node, outcome): `labels()` costs more than the increment.
         self._attempts: dict[tuple[str, str], Counter] = {}
 
@@ -301,14 +299,14 @@ class Forwarder:
         return self._session
 
     @property
-    def client(self) -> NodeClient:
+    def client(self) -> HttpClient:
         if self._client is None:
             raise RuntimeError("Forwarder.start() has not run")
         return self._client
 
     async def start(self) -> None:
         proxy = self._config.proxy
-        self._client = NodeClient(
+        self._client = HttpClient(
             tls=self.tls,
             connect_timeout_s=proxy.connect_timeout_s,
             read_timeout_s=proxy.read_timeout_s,
@@ -458,12 +456,12 @@ class Forwarder:
             data, status_code=reply.status, media_type=media_type, headers=headers
         )
 
-    async def _refused(self, node: Node, reply: NodeResponse) -> _Refusal:
+    async def _refused(self, node: Node, reply: HttpResponse) -> _Refusal:
         data = await self._body(node, reply)
         self._attempted(node, "overloaded")
         return _Refusal(node, reply.status, data, reply.headers.get("Retry-After"))
 
-    async def _body(self, node: Node, reply: NodeResponse) -> bytes:
+    async def _body(self, node: Node, reply: HttpResponse) -> bytes:
         """The whole body; a step of its own (a task) only when part of it is still due."""
         if reply.complete:  # it came with the head, as a small answer does: nothing to wait for
             return await reply.read()
@@ -482,12 +480,12 @@ class Forwarder:
                     "it stopped answering and was declared down", "silent"
                 ) from None
             raise
-        except (NodeClientError, TimeoutError) as exc:
+        except (HttpClientError, TimeoutError) as exc:
             raise classify(exc, self._config.proxy.read_timeout_s) from exc
         finally:
             node.waiting.discard(step)
 
-    def _open_relay(self, node: Node, call: Call, reply: NodeResponse) -> _Relayed:
+    def _open_relay(self, node: Node, call: Call, reply: HttpResponse) -> _Relayed:
         """The node's stream now belongs to the client's response: it settles the call."""
         call.relayed = True
         relay = _Relayed(node, call, reply, _count(reply.headers.get(PROMPT_TOKENS_HEADER)))
@@ -523,7 +521,7 @@ class Forwarder:
             relay.status = "error" if failed else "ok"  # "error": the node's own error event
             self._fleet.succeeded(node)
             self._attempted(node, "ok")
-        except (_NodeFailedError, NodeClientError, TimeoutError) as exc:
+        except (_NodeFailedError, HttpClientError, TimeoutError) as exc:
             relay.status = "backend_failed"
             self._fleet.failed(node)
             self._attempted(node, "failed")
@@ -636,10 +634,10 @@ def tls_name(node: Node) -> str | None:
     return node_dns_name(node.id) if node.url.startswith("https:") else None
 
 
-def classify(exc: NodeClientError | TimeoutError, read_timeout_s: float) -> _NodeFailedError:
+def classify(exc: HttpClientError | TimeoutError, read_timeout_s: float) -> _NodeFailedError:
     """What a transport failure says about the request: only a connection that was never
     made proves the node did not get it."""
-    if isinstance(exc, NodeUnreachedError):
+    if isinstance(exc, UnreachedError):
         return _NodeFailedError("the connection could not be made", "unreached")
     if isinstance(exc, TimeoutError):
         return _NodeFailedError(f"it sent nothing for {read_timeout_s:g} s")

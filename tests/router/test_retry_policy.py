@@ -12,9 +12,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from federation import APIError
+from federation import APIError, HttpClient, HttpClientError
 from router import BackendCrashedError
-from router._private.node_client import NodeClient, NodeClientError
 from router._private.proxy import FailureKind, classify, may_replay
 
 READ_TIMEOUT_S = 0.3
@@ -77,8 +76,8 @@ async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     writer.close()
 
 
-def client(connect_timeout_s: float = 1.0) -> NodeClient:
-    return NodeClient(
+def client(connect_timeout_s: float = 1.0) -> HttpClient:
+    return HttpClient(
         tls=None,
         connect_timeout_s=connect_timeout_s,
         read_timeout_s=READ_TIMEOUT_S,
@@ -87,13 +86,13 @@ def client(connect_timeout_s: float = 1.0) -> NodeClient:
     )
 
 
-async def failure(url: str, connect_timeout_s: float = 1.0) -> NodeClientError | TimeoutError:
+async def failure(url: str, connect_timeout_s: float = 1.0) -> HttpClientError | TimeoutError:
     """How a request to `url` (`http://host:port`) fails."""
     nodes = client(connect_timeout_s)
     try:
         reply = await nodes.request("POST", url, "/v1/chat/completions", body=b"{}", headers={})
         await reply.read()
-    except (NodeClientError, TimeoutError) as exc:
+    except (HttpClientError, TimeoutError) as exc:
         return exc
     finally:
         await nodes.close()

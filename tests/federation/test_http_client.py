@@ -1,7 +1,7 @@
-"""The router's node client against real loopback servers (no processes): connections are
-reused only when the node allows it and within the keep-alive, answers arrive in pieces as
-they are sent, closing a response part-way drops its connection, and the connection limit
-makes requests wait instead of failing."""
+"""The hot-path HTTP client (the router's to its nodes) against real loopback servers (no
+processes): connections are reused only when the node allows it and within the keep-alive,
+answers arrive in pieces as they are sent, closing a response part-way drops its
+connection, and the connection limit makes requests wait instead of failing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from router._private.node_client import NodeClient, NodeConnectionError
+from federation import ConnectionLostError, HttpClient
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
 OK = (
@@ -62,8 +62,8 @@ async def running(answer: Answer) -> AsyncIterator[Node]:
         server.close()
 
 
-def client(*, keepalive_s: float = 4.0, limit: int = 8) -> NodeClient:
-    return NodeClient(
+def client(*, keepalive_s: float = 4.0, limit: int = 8) -> HttpClient:
+    return HttpClient(
         tls=None, connect_timeout_s=1, read_timeout_s=5, keepalive_s=keepalive_s, limit=limit
     )
 
@@ -74,7 +74,7 @@ async def answer_ok(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bo
     return True
 
 
-async def post(nodes: NodeClient, node: Node) -> bytes:
+async def post(nodes: HttpClient, node: Node) -> bytes:
     reply = await nodes.request("POST", node.url, "/v1/chat/completions", body=b"{}", headers={})
     assert reply.status == 200
     assert reply.headers.get("x-palisade-node") == reply.headers.get("X-Palisade-Node") == "n1"
@@ -144,7 +144,7 @@ def test_a_stream_arrives_in_pieces_and_closing_it_drops_the_connection() -> Non
                     else:
                         reply.close()
 
-            with pytest.raises(NodeConnectionError):
+            with pytest.raises(ConnectionLostError):
                 await relay()
             await asyncio.wait_for(node.closed.wait(), 5)  # the node saw the client go
             await nodes.close()

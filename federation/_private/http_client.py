@@ -1,23 +1,25 @@
-"""The router's HTTP/1.1 client for requests to its nodes: keep-alive connections pooled per
-node, responses parsed by httptools (the C parser uvicorn uses), bodies read whole or as they
-arrive.
+"""Palisade's HTTP/1.1 client for its hot paths (the router's requests to its nodes, an
+appliance's requests to an OpenAI-compatible upstream): keep-alive connections pooled per
+server, responses parsed by httptools (the C parser uvicorn uses), bodies read whole or as
+they arrive.
 
 Why not aiohttp's client here: at concurrency 1 against the stand-in it spent about 175 µs
 of CPU a request on this class of machine, against about 25 µs for an asyncio protocol doing
-the same exchange over the same event loop, and the router's relay is little more than that
-exchange (see docs/architecture.md, the router's request path). What it keeps of aiohttp's
-behaviour, because the retry policy depends on it (`proxy.classify`):
+the same exchange over the same event loop, and a relay is little more than that exchange
+(see docs/architecture.md, the router's request path). What it keeps of aiohttp's
+behaviour, because the router's retry policy (`proxy.classify`) and the upstream engine's
+error mapping depend on it:
 
 - a connection that could not be made (refused, no route, TLS handshake refused, no
-  connection within `connect_timeout_s`) is `NodeUnreachedError`: the node never got the
+  connection within `connect_timeout_s`) is `UnreachedError`: the server never got the
   request;
 - once the request is written, a connection that closes, resets or sends something that is
-  not HTTP before the answer is complete is `NodeConnectionError`, and nothing received for
-  `read_timeout_s` while an answer is due is `TimeoutError`: the node may have the request;
+  not HTTP before the answer is complete is `ConnectionLostError`, and nothing received for
+  `read_timeout_s` while an answer is due is `TimeoutError`: the server may have the request;
 - an idle connection is reused only within `keepalive_s` of its last answer (below the
-  appliance's own keep-alive, so the node never closes one the router is about to reuse);
+  server's own keep-alive, so the server never closes one the client is about to reuse);
 - a response read to its end gives its connection back to the pool; `close()` before that
-  drops the connection (the node sees the client go and stops generating);
+  drops the connection (the server sees the client go and stops generating);
 - an answer arriving faster than it is relayed pauses reading past `_HIGH_WATER` bytes.
 """
 
@@ -34,18 +36,18 @@ from urllib.parse import urlsplit
 
 import httptools
 
-_HIGH_WATER = 1 << 16  # buffered answer bytes that pause reading from the node
+_HIGH_WATER = 1 << 16  # buffered answer bytes that pause reading from the server
 
 
-class NodeClientError(ConnectionError):
-    """A request to a node failed in transport (the message never names an address)."""
+class HttpClientError(ConnectionError):
+    """A request to a server failed in transport (the message never names an address)."""
 
 
-class NodeUnreachedError(NodeClientError):
-    """No connection to the node could be made: it never got the request."""
+class UnreachedError(HttpClientError):
+    """No connection to the server could be made: it never got the request."""
 
 
-class NodeConnectionError(NodeClientError):
+class ConnectionLostError(HttpClientError):
     """The connection failed after the request was written, before the answer was complete."""
 
 
@@ -61,7 +63,7 @@ class _Origin:
     host: str
     port: int
     tls: bool
-    base: str  # the URL's path before the endpoint ("" for most nodes)
+    base: str  # the URL's path before the endpoint ("" for most servers)
     host_header: str
 
 
@@ -70,7 +72,7 @@ def _origin(url: str) -> _Origin:
     parts = urlsplit(url)
     tls = parts.scheme == "https"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise NodeUnreachedError(f"the node's URL scheme `{parts.scheme}` is not http or https")
+        raise UnreachedError(f"the server's URL scheme `{parts.scheme}` is not http or https")
     port = parts.port or (443 if tls else 80)
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     host_header = host if parts.port is None else f"{host}:{port}"  # never any userinfo
@@ -80,8 +82,8 @@ def _origin(url: str) -> _Origin:
 _PoolKey = tuple[str, int, bool, str | None]
 
 
-class NodeClient:
-    """Pooled HTTP/1.1 connections to nodes; at most `limit` open at once."""
+class HttpClient:
+    """Pooled HTTP/1.1 connections to servers; at most `limit` open at once."""
 
     def __init__(
         self,
@@ -112,8 +114,8 @@ class NodeClient:
         headers: Mapping[str, str],
         server_hostname: str | None = None,
         read_timeout_s: float | None = None,
-    ) -> NodeResponse:
-        """Send `method` `path` to the node at `url`; returns once the answer's head is in."""
+    ) -> HttpResponse:
+        """Send `method` `path` to the server at `url`; returns once the answer's head is in."""
         origin = _origin(url)
         head = [f"{method} {origin.base}{path} HTTP/1.1\r\nHost: {origin.host_header}\r\n"]
         head.append(f"Content-Length: {len(body)}\r\n")
@@ -191,7 +193,7 @@ class NodeClient:
                     server_hostname=(server_hostname or origin.host) if origin.tls else None,
                 )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            raise NodeUnreachedError("the connection could not be made") from exc
+            raise UnreachedError("the connection could not be made") from exc
         self._connections.add(connection)
         return connection
 
@@ -209,8 +211,8 @@ class NodeClient:
             self._forget()
 
 
-class NodeResponse:
-    """A node's answer: status and headers now, the body through `read` or `iter_any`."""
+class HttpResponse:
+    """A server's answer: status and headers now, the body through `read` or `iter_any`."""
 
     __slots__ = ("_body", "_buffered", "_connection", "_error", "_waiter", "complete", "headers",
                  "status")  # fmt: skip
@@ -222,7 +224,7 @@ class NodeResponse:
         self._body: list[bytes] = []
         self._buffered = 0
         self.complete = False
-        self._error: NodeClientError | TimeoutError | None = None
+        self._error: HttpClientError | TimeoutError | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     async def read(self) -> bytes:
@@ -256,7 +258,7 @@ class NodeResponse:
         connection, self._connection = self._connection, None
         if connection is not None and not self.complete:
             connection.drop()
-            self._fail(NodeConnectionError("the response was closed"))
+            self._fail(ConnectionLostError("the response was closed"))
 
     async def _more(self) -> None:
         if self._error is not None:
@@ -291,7 +293,7 @@ class NodeResponse:
         self._connection = None
         self._wake()
 
-    def _fail(self, error: NodeClientError | TimeoutError) -> None:
+    def _fail(self, error: HttpClientError | TimeoutError) -> None:
         if not self.complete and self._error is None:
             self._error = error
             self._wake()
@@ -302,17 +304,17 @@ class NodeResponse:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection to a node; at most one request on it at a time."""
+    """One keep-alive connection to a server; at most one request on it at a time."""
 
-    def __init__(self, client: NodeClient, key: _PoolKey) -> None:
+    def __init__(self, client: HttpClient, key: _PoolKey) -> None:
         self.client = client
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.idle_since = 0.0
-        self.response: NodeResponse | None = None
-        self.head: asyncio.Future[NodeResponse] | None = None
+        self.response: HttpResponse | None = None
+        self.head: asyncio.Future[HttpResponse] | None = None
         self.keep_alive = False
         self.paused = False
         # The read timeout: one timer per answer, moved on lazily (`_check_silence`).
@@ -320,10 +322,10 @@ class _Connection(asyncio.Protocol):
         self.heard_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
-    async def send(self, message: bytes, timeout_s: float) -> NodeResponse:
+    async def send(self, message: bytes, timeout_s: float) -> HttpResponse:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        self.response = NodeResponse(self)
+        self.response = HttpResponse(self)
         self.head = loop.create_future()
         self.timeout_s, self.heard_at = timeout_s, loop.time()
         self.timer = loop.call_at(self.heard_at + timeout_s, self._check_silence)
@@ -337,7 +339,7 @@ class _Connection(asyncio.Protocol):
     def drop(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.close()
-        self._ended(NodeConnectionError("the connection was closed"))
+        self._ended(ConnectionLostError("the connection was closed"))
 
     def pause(self) -> None:
         if self.transport is not None and not self.paused and not self.lost:
@@ -371,7 +373,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, _exc: Exception | None) -> None:
         self.lost = True
-        self._ended(NodeConnectionError("the connection closed before the answer was complete"))
+        self._ended(ConnectionLostError("the connection closed before the answer was complete"))
         self.client._lost(self)
 
     # --- httptools callbacks ------------------------------------------------------------------
@@ -423,7 +425,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.lost:
             self.transport.close()
 
-    def _ended(self, error: NodeClientError | TimeoutError) -> None:
+    def _ended(self, error: HttpClientError | TimeoutError) -> None:
         """Fail whatever is still due on this connection."""
         if self.timer is not None:
             self.timer.cancel()
