@@ -4,9 +4,9 @@
 (SambaNova Cloud, vLLM, llama-server, TensorRT-LLM's OpenAI frontend). It has no tokenizer:
 prompts are the messages or text themselves (see `Prompt`), usage comes from the upstream,
 and the upstream enforces its own context window. Generations run as asyncio tasks on the
-event loop over one shared keep-alive `aiohttp.ClientSession` (as a proxy client on this
-class of machine it costs about a tenth of the CPU per request of httpx's default
-transport: see docs/architecture.md); at most `max_concurrency` requests are in flight
+event loop over federation's pooled keep-alive `HttpClient` (the router's client to its
+nodes: httptools parsing, about a quarter of aiohttp's CPU per request; embeddings still use
+one shared `aiohttp.ClientSession`); at most `max_concurrency` requests are in flight
 upstream, `max_queue` more wait, and beyond that `submit` answers `QueueFullError`. The
 upstream API key is read from the environment variable named by `upstream_key_env` and goes
 nowhere but the `Authorization` header.
@@ -53,7 +53,15 @@ from appliance._private.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from federation import APIError, InvalidRequestError, cached_count
+from federation import (
+    APIError,
+    HttpClient,
+    HttpClientError,
+    HttpResponse,
+    InvalidRequestError,
+    UnreachedError,
+    cached_count,
+)
 
 log = logging.getLogger("palisade.appliance.upstream")
 
@@ -164,6 +172,8 @@ class OpenAIUpstreamEngine:
         self._headers: dict[str, str] = {}
         self._secret: str | None = None
         self._client: aiohttp.ClientSession | None = None
+        self._http: HttpClient | None = None  # generations: the lean client
+        self._post_headers: dict[str, str] = {}
         self._urls: dict[str, URL] = {}
         self._tls: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -305,6 +315,9 @@ class OpenAIUpstreamEngine:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     def _timeout(self) -> httpx.Timeout:
         seconds = self._config.upstream_timeout_s
@@ -334,6 +347,21 @@ class OpenAIUpstreamEngine:
             )
             self._loop = asyncio.get_running_loop()
         return self._client
+
+    def _generation_client(self) -> HttpClient:
+        """The shared keep-alive client for generations, made on the event loop at first use."""
+        if self._http is None:
+            seconds = self._config.upstream_timeout_s
+            self._http = HttpClient(
+                tls=self._tls,
+                connect_timeout_s=min(seconds, _CONNECT_TIMEOUT),
+                read_timeout_s=seconds,
+                keepalive_s=_KEEPALIVE_S,
+                limit=self._config.max_concurrency,
+            )
+            self._post_headers = self._headers | _JSON_HEADERS
+            self._loop = asyncio.get_running_loop()
+        return self._http
 
     def _url(self, path: str) -> URL:
         """The upstream URL of `path` (parsed once)."""
@@ -432,25 +460,28 @@ class OpenAIUpstreamEngine:
         body |= _features(generation.params.features, chat=prompt.messages is not None)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        session = self._session()
+        client = self._generation_client()
         try:
-            async with session.post(
-                self._url(path), data=_ENCODE(body), headers=_JSON_HEADERS
-            ) as response:
+            response = await client.request(
+                "POST", self._base, path, body=_ENCODE(body), headers=self._post_headers
+            )
+            try:
                 if response.status != 200:
                     self._reject(path, response.status, await response.read())
                 progress.sent = True
                 await self._read_stream(generation, progress, response)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            finally:
+                response.release()  # before the end (cancelled): drops the connection
+        except (HttpClientError, TimeoutError) as exc:
             self._transport_failure(path, exc)
 
     async def _read_stream(
-        self, generation: Generation, progress: _Progress, response: aiohttp.ClientResponse
+        self, generation: Generation, progress: _Progress, response: HttpResponse
     ) -> None:
-        kind = response.headers.get("Content-Type", "")
+        kind = response.headers.get("Content-Type", "") or ""
         if not kind.startswith("text/event-stream"):
             self._malformed(f"it answered {kind or 'no content type'} instead of an event stream")
-        async for line in _lines(response.content):
+        async for line in _lines(response.iter_any()):
             if not line.startswith(b"data:"):
                 continue  # blank lines, comments (": keep-alive") and event names
             data = line[5:].strip()
@@ -591,11 +622,14 @@ class OpenAIUpstreamEngine:
             "another node."
         )
 
-    def _transport_failure(self, path: str, exc: aiohttp.ClientError | TimeoutError) -> NoReturn:
+    def _transport_failure(
+        self, path: str, exc: aiohttp.ClientError | HttpClientError | TimeoutError
+    ) -> NoReturn:
         reason = self._scrub(str(exc)) or type(exc).__name__
         log.warning("upstream %s%s: %s: %s", self._base, path, type(exc).__name__, reason)
         # aiohttp's connect timeout is also a TimeoutError: test it first.
-        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        unreached = aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError | UnreachedError
+        if isinstance(exc, unreached):
             raise UpstreamUnavailableError(
                 f"The upstream engine is unreachable ({type(exc).__name__}: {reason}). Retry "
                 "on another node; the appliance's operator must check that the upstream is "
@@ -607,7 +641,9 @@ class OpenAIUpstreamEngine:
                 f" ({type(exc).__name__}). Retry, or retry on another node; the operator can "
                 "raise upstream_timeout_s."
             ) from exc
-        if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        if isinstance(
+            exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | HttpClientError
+        ):
             raise UpstreamError(
                 f"The upstream engine failed while handling the request ({type(exc).__name__}:"
                 f" {reason})."
@@ -754,12 +790,12 @@ def _message_size(message: dict[str, Any]) -> int:
     return size + _MESSAGE_OVERHEAD
 
 
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _lines(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The lines of a body as they arrive, without their ends and however long they are
     (aiohttp's own line iterator refuses lines over 128 KiB: an echo with log
     probabilities of a long prompt is one such event)."""
     partial: list[bytes] = []
-    async for received in content.iter_any():
+    async for received in pieces:
         if b"\n" not in received:
             partial.append(received)
             continue
