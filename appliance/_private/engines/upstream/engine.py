@@ -20,7 +20,7 @@ import concurrent.futures
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import aiohttp
@@ -790,7 +790,7 @@ def _message_size(message: dict[str, Any]) -> int:
     return size + _MESSAGE_OVERHEAD
 
 
-async def _lines(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _lines(pieces: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """The lines of a body as they arrive, without their ends and however long they are
     (aiohttp's own line iterator refuses lines over 128 KiB: an echo with log
     probabilities of a long prompt is one such event)."""
