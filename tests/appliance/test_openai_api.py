@@ -236,6 +236,7 @@ def test_models_list_carries_pricing_performance_and_placement(client: openai.Op
         "output_per_million": 1.5,
         "currency": "USD",
         "per_request": 0.0,
+        "cached_input_per_million": None,  # unset: cached prompt tokens cost the input price
     }
     assert card["region"] == "eu-west"
     assert card["device_class"] == "cpu"
