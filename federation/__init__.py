@@ -274,6 +274,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatDelta",
     "ChatMessage",
+    "Children",
     "ClientGoneError",
     "ClosingStream",
     "Completion",
@@ -435,6 +436,7 @@ __all__ = [
     "receipt_headers",
     "reload_crl",
     "replace_private",
+    "request_counter",
     "requested_hosts",
     "require",
     "require_everywhere",
@@ -512,6 +514,7 @@ if TYPE_CHECKING:
         read_body,
     )
     from federation._private.http_server import Listener, make_server, peer_identity
+    from federation._private.metric_children import Children, request_counter
 
 # Loaded on first use: they pull in Litestar, typer and httpx, which processes that never
 # serve HTTP or parse a command line (the audit-log writer, the offline verifier) do without.
@@ -527,6 +530,8 @@ _LAZY = {
     "count_exits": "federation._private.http_exits",
     "read_body": "federation._private.http_exits",
     "make_server": "federation._private.http_server",
+    "Children": "federation._private.metric_children",
+    "request_counter": "federation._private.metric_children",
     "ConnectionLostError": "federation._private.http_client",
     "HttpClient": "federation._private.http_client",
     "HttpClientError": "federation._private.http_client",

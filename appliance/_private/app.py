@@ -10,7 +10,6 @@ from typing import Any
 from litestar import Litestar, Request
 from litestar.di import Provide
 from litestar.handlers import HTTPRouteHandler
-from prometheus_client import Counter
 
 from appliance._private.config import ApplianceConfig
 from appliance._private.edge import EdgeGate, HttpRouterLink
@@ -20,7 +19,6 @@ from appliance._private.http.openai_routes import INFERENCE_PATHS, openai_routes
 from appliance._private.http.ops_routes import ops_routes
 from appliance._private.http.predict_routes import EndpointLabels, predict_routes
 from appliance._private.membership import Membership
-from appliance._private.metrics import ApplianceMetrics
 from appliance._private.node import VERSION, Node
 from appliance._private.policy_sync import PolicySync, policy_book_for, policy_offer_routes
 from compliance import (
@@ -38,6 +36,7 @@ from federation import (
     client_gone_response,
     count_exits,
     error_handlers,
+    request_counter,
 )
 
 log = logging.getLogger("palisade.appliance")
@@ -114,7 +113,9 @@ def create_app(
             **error_handlers("appliance", log),
             ClientGoneError: client_gone_response,
         },
-        middleware=[count_exits(EndpointLabels(INFERENCE_PATHS), _counter(node.metrics))],
+        middleware=[
+            count_exits(EndpointLabels(INFERENCE_PATHS), request_counter(node.metrics.requests))
+        ],
         on_startup=[node.start],
         on_shutdown=[node.stop],
         request_max_body_size=config.max_body_bytes,
@@ -122,17 +123,3 @@ def create_app(
         debug=False,
     )
     return app, node
-
-
-def _counter(metrics: ApplianceMetrics) -> Callable[[str, int], None]:
-    """Inference requests by endpoint and final status (499: the client left first)."""
-
-    children: dict[tuple[str, int], Counter] = {}  # `labels()` costs more than `inc()`
-
-    def count(endpoint: str, status: int) -> None:
-        child = children.get((endpoint, status))
-        if child is None:
-            child = children[endpoint, status] = metrics.requests.labels(endpoint, str(status))
-        child.inc()
-
-    return count

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-from prometheus_client import Counter
 
 from appliance._private.edge import EdgeGate, is_fleet_principal
 from appliance._private.engines.base import Finish, Generation, Prompt, SamplingParams
@@ -31,6 +30,7 @@ from federation import (
     INTERRUPTED,
     Admission,
     APIError,
+    Children,
     Principal,
     RequestRecord,
     Tenancy,
@@ -80,7 +80,9 @@ class Ledger:
         # The offline edge (fleet keys admitted and metered by this node); set by the
         # composition root once the node has enrolled.
         self.edge: EdgeGate | None = None
-        self._counters: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
+        self._generations = Children(metrics.generations)
+        self._prompt_tokens = Children(metrics.prompt_tokens)
+        self._completion_tokens = Children(metrics.completion_tokens)
 
     # --- admission -----------------------------------------------------------------------
 
@@ -186,19 +188,10 @@ class Ledger:
             served.release()
 
     def _count(self, model: str, input_tokens: int, output_tokens: int, reason: str | None) -> None:
-        metrics = self.metrics
         if reason is not None:
-            self._counter(metrics.generations, model, reason).inc()
-        self._counter(metrics.prompt_tokens, model).inc(input_tokens)
-        self._counter(metrics.completion_tokens, model).inc(output_tokens)
-
-    def _counter(self, metric: Counter, *labels: str) -> Counter:
-        """`metric.labels(*labels)`, looked up once: `labels()` costs more than `inc()`."""
-        key = (metric, labels)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = metric.labels(*labels)
-        return child
+            self._generations(model, reason).inc()
+        self._prompt_tokens(model).inc(input_tokens)
+        self._completion_tokens(model).inc(output_tokens)
 
     def _settle(
         self, ticket: Ticket, status: str, input_tokens: int, output_tokens: int, cached_tokens: int

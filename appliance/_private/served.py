@@ -9,13 +9,11 @@ from collections import deque
 from pathlib import Path
 from typing import Literal
 
-from prometheus_client import Histogram
-
 from appliance._private.digest import default_version
 from appliance._private.engines.base import Engine, EngineContext, Finish, Generation
 from appliance._private.engines.registry import ModelConfig, create_engine
 from appliance._private.metrics import ApplianceMetrics
-from federation import ModelCard, Performance
+from federation import Children, ModelCard, Performance
 
 # loading: beside the serving version, no traffic yet; serving: takes new requests;
 # draining: replaced or removed, finishing its in-flight requests; closed: unloaded.
@@ -60,7 +58,8 @@ class ServedModel:
         )
         self.engine: Engine = create_engine(config, context)
         self._metrics = metrics
-        self._latency: tuple[Histogram, Histogram] | None = None
+        self._ttft_seconds = Children(metrics.ttft)
+        self._tpot_seconds = Children(metrics.tpot)
         self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)
         self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)
         self.ttft_ewma_ms: float | None = None
@@ -109,24 +108,15 @@ class ServedModel:
         first = generation.first_token_at
         if first is None:
             return
-        ttft_seconds, tpot_seconds = self._latency_metrics()
         ttft = first - generation.submitted_at
-        ttft_seconds.observe(ttft)
+        self._ttft_seconds(self.config.id).observe(ttft)
         self._ttft_ms.append(ttft * 1000)
         self.ttft_ewma_ms = _ewma(self.ttft_ewma_ms, ttft * 1000)
         if finish.completion_tokens > 1:
             tpot = (time.perf_counter() - first) / (finish.completion_tokens - 1)
-            tpot_seconds.observe(tpot)
+            self._tpot_seconds(self.config.id).observe(tpot)
             self._tpot_ms.append(tpot * 1000)
             self.tpot_ewma_ms = _ewma(self.tpot_ewma_ms, tpot * 1000)
-
-    def _latency_metrics(self) -> tuple[Histogram, Histogram]:
-        """This model's TTFT and TPOT histograms, looked up once (`labels()` costs more than
-        `observe()`), at the first generation (so a model never served shows none)."""
-        if self._latency is None:
-            model, metrics = self.config.id, self._metrics
-            self._latency = metrics.ttft.labels(model), metrics.tpot.labels(model)
-        return self._latency
 
     def performance(self) -> Performance:
         return Performance(ttft_p50_ms=_median(self._ttft_ms), tpot_p50_ms=_median(self._tpot_ms))

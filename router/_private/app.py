@@ -16,7 +16,7 @@ from litestar import Litestar, MediaType, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
-from prometheus_client import CONTENT_TYPE_LATEST, Counter
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from compliance import Recorder, audit_routes
 from federation import (
@@ -54,6 +54,7 @@ from federation import (
     error_handlers,
     peer_identity,
     read_body,
+    request_counter,
     require_everywhere,
     shown_secret,
     sign_fleet_message,
@@ -315,7 +316,7 @@ def create_router_app(
             **error_handlers("router", log),
             ClientGoneError: client_gone_response,
         },
-        middleware=[count_exits(_INFERENCE, _counter(state.metrics))],
+        middleware=[count_exits(_INFERENCE, request_counter(state.metrics.requests))],
         on_startup=[state.start],
         on_shutdown=[state.stop],
         request_max_body_size=config.max_body_bytes,
@@ -323,18 +324,6 @@ def create_router_app(
         debug=False,
     )
     return app, state
-
-
-def _counter(metrics: RouterMetrics) -> Callable[[str, int], None]:
-    children: dict[tuple[str, int], Counter] = {}  # `labels()` costs more than `inc()`
-
-    def count(endpoint: str, status: int) -> None:
-        child = children.get((endpoint, status))
-        if child is None:
-            child = children[endpoint, status] = metrics.requests.labels(endpoint, str(status))
-        child.inc()
-
-    return count
 
 
 def _openai_routes(state: RouterState) -> list[HTTPRouteHandler]:

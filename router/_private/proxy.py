@@ -34,7 +34,6 @@ from litestar import MediaType, Response
 from litestar.datastructures import MutableScopeHeaders
 from litestar.response.base import ASGIResponse
 from litestar.utils.helpers import get_enum_string_value
-from prometheus_client import Counter
 
 from compliance import Recorder
 from federation import (
@@ -46,6 +45,7 @@ from federation import (
     Admission,
     APIError,
     AssertionSigner,
+    Children,
     ClosingStream,
     ErrorDetail,
     ErrorResponse,
@@ -289,8 +289,7 @@ class Forwarder:
         self.tls = tls
         self._session: aiohttp.ClientSession | None = None
         self._client: HttpClient | None = None
-        # `attempts` children by (node, outcome): `labels()` costs more than the increment.
-        self._attempts: dict[tuple[str, str], Counter] = {}
+        self._attempts = Children(metrics.attempts)  # by node and outcome
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -552,11 +551,7 @@ class Forwarder:
     # --- receipts, metering, errors ------------------------------------------------------------
 
     def _attempted(self, node: Node, outcome: str) -> None:
-        key = (node.id, outcome)
-        counter = self._attempts.get(key)
-        if counter is None:
-            counter = self._attempts[key] = self._metrics.attempts.labels(node.id, outcome)
-        counter.inc()
+        self._attempts(node.id, outcome).inc()
 
     def _receipt(self, node: Node, call: Call) -> dict[str, str]:
         return receipt_headers(node.region, node.id, node.device(call.model)) | call.headers
