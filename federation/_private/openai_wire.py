@@ -137,6 +137,21 @@ def cached_count(details: object, prompt_tokens: int) -> int:
     return min(max(cached, 0), prompt_tokens)
 
 
+class ReportedUsage(Struct):
+    """Another server's `usage` as a Palisade hop reads it (an appliance's for the router, an
+    upstream's for the `openai` engine): the token counts, and the prompt tokens it served
+    from its prompt cache, read leniently (an odd value there counts as none and never fails
+    an answer). Embeddings report no completion tokens."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: Any = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return cached_count(self.prompt_tokens_details, self.prompt_tokens)
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int

@@ -55,9 +55,9 @@ from federation import (
     HttpResponse,
     InvalidRequestError,
     Principal,
+    ReportedUsage,
     RequestRecord,
     UnreachedError,
-    cached_count,
     decode_request,
     node_dns_name,
     receipt_headers,
@@ -91,23 +91,10 @@ _BODILESS = frozenset({204, 304})
 _ERROR_FRAME = b'data: {"error"'
 
 
-class _Usage(msgspec.Struct):
-    """Token counts as a node reports them (embeddings report no completion tokens)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_tokens_details: Any = None  # read leniently (`cached_count`)
-
-    @property
-    def cached_tokens(self) -> int:
-        """Prompt tokens the node served from its prompt cache (at most the prompt)."""
-        return cached_count(self.prompt_tokens_details, self.prompt_tokens)
-
-
 class _UsageCarrier(msgspec.Struct):
     """The only fields the router reads from a node's reply (the rest is relayed as is)."""
 
-    usage: _Usage | None = None
+    usage: ReportedUsage | None = None
     choices: list[msgspec.Raw] = msgspec.field(default_factory=list)
 
 
@@ -170,7 +157,7 @@ class _Relayed:
     reply: HttpResponse
     prompt_tokens: int
     produced: int = 0  # events relayed with text (see `_text_events`)
-    usage: _Usage | None = None
+    usage: ReportedUsage | None = None
     status: str = "cancelled"  # until the stream ends otherwise
     complete: bool = False  # read to its end
     closed: bool = False
@@ -545,7 +532,7 @@ class Forwarder:
             relay.reply.release()  # read to the end: the connection goes back to the pool
         else:
             relay.reply.close()  # a client that hung up: the node sees it and stops generating
-        usage = relay.usage or _Usage(relay.prompt_tokens, relay.produced)
+        usage = relay.usage or ReportedUsage(relay.prompt_tokens, relay.produced)
         self._settle(relay.call, node, usage, status=relay.status)
 
     # --- receipts, metering, errors ------------------------------------------------------------
@@ -578,7 +565,9 @@ class Forwarder:
         if not call.relayed:
             self._settle(call, None, None, status="error" if exc is None else _exit_status(exc))
 
-    def _settle(self, call: Call, node: Node | None, usage: _Usage | None, *, status: str) -> None:
+    def _settle(
+        self, call: Call, node: Node | None, usage: ReportedUsage | None, *, status: str
+    ) -> None:
         """Budget, usage record and audit row, once per call (later calls do nothing)."""
         if call.settled:
             return
@@ -702,14 +691,14 @@ def _truncated() -> _NodeFailedError:
     return _NodeFailedError("the stream ended before `data: [DONE]`")
 
 
-def _usage_of(data: bytes) -> _Usage | None:
+def _usage_of(data: bytes) -> ReportedUsage | None:
     try:
         return _USAGE.decode(data).usage
     except msgspec.MsgspecError:
         return None
 
 
-def _take_usage(frames: bytes, *, keep: bool) -> tuple[bytes, _Usage | None]:
+def _take_usage(frames: bytes, *, keep: bool) -> tuple[bytes, ReportedUsage | None]:
     """The usage found in `frames`; the usage-only chunk is dropped unless `keep`."""
     found = None
     kept = []

@@ -59,8 +59,8 @@ from federation import (
     HttpClientError,
     HttpResponse,
     InvalidRequestError,
+    ReportedUsage,
     UnreachedError,
-    cached_count,
 )
 
 log = logging.getLogger("palisade.appliance.upstream")
@@ -78,18 +78,6 @@ _KEEPALIVE_S = 4.0
 
 
 # --- the upstream's wire format: only what is read; unknown fields are ignored ------------
-
-
-class _Usage(Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # vLLM and OpenAI report the prompt tokens served from their prefix cache here. Read
-    # leniently: an odd value there must not fail an answer (it counts as none).
-    prompt_tokens_details: Any = None
-
-    @property
-    def cached_tokens(self) -> int:
-        return cached_count(self.prompt_tokens_details, self.prompt_tokens)
 
 
 class _Delta(Struct):
@@ -114,7 +102,7 @@ class _ErrorBody(Struct):
 
 class _Chunk(Struct):
     choices: list[_ChunkChoice] | None = None
-    usage: _Usage | None = None
+    usage: ReportedUsage | None = None
     error: _ErrorBody | None = None
 
 
@@ -139,7 +127,7 @@ class _Embedding(Struct):
 
 class _EmbeddingReply(Struct):
     data: list[_Embedding]
-    usage: _Usage | None = None
+    usage: ReportedUsage | None = None
 
 
 _CHUNK = msgspec.json.Decoder(_Chunk)
@@ -691,7 +679,7 @@ class _Progress:
         self.done = False
         self.produced = 0
         self.reason: FinishReason | None = None
-        self.usage: _Usage | None = None
+        self.usage: ReportedUsage | None = None
 
     def _counts(self) -> tuple[int, int]:
         if self.usage is not None:
