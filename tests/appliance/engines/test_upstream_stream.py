@@ -1,7 +1,7 @@
-"""How the `openai` engine talks to its upstream over aiohttp's client: it reads the event
-stream as whole lines, whatever sizes the body arrives in, including events far over the
-128 KiB that aiohttp's own line iterator refuses (an echo with log probabilities of a long
-prompt); and an https upstream is trusted by the same CAs for the requests as for the
+"""How the `openai` engine talks to its upstream: it reads the event stream as whole lines,
+whatever sizes the body arrives in, including events far over the 128 KiB that common line
+readers (aiohttp's) refuse (an echo with log probabilities of a long prompt); and an https
+upstream is trusted by the same CAs for the requests as for the
 model check at load (certifi's bundle, or SSL_CERT_FILE / SSL_CERT_DIR)."""
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ import asyncio
 import ipaddress
 import random
 import ssl
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiohttp import StreamReader
-from aiohttp.base_protocol import BaseProtocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,17 +26,16 @@ from appliance._private.engines.upstream.engine import OpenAIUpstreamEngine, _li
 from appliance._private.errors import ModelLoadError
 from tests.standin import StandinTLS, run_standin
 
-_AIOHTTP_LINE_LIMIT = 2**17
+_COMMON_LINE_LIMIT = 2**17  # aiohttp's
 
 
 async def _read_lines(pieces: list[bytes]) -> list[bytes]:
-    loop = asyncio.get_running_loop()
-    # A buffer large enough to take the whole body before it is read (no flow control).
-    content = StreamReader(BaseProtocol(loop), 2**21, loop=loop)
-    for piece in pieces:
-        content.feed_data(piece)
-    content.feed_eof()
-    return [line async for line in _lines(content)]
+    async def arriving() -> AsyncIterator[bytes]:  # as `HttpResponse.iter_any` hands them on
+        for piece in pieces:
+            await asyncio.sleep(0)
+            yield piece
+
+    return [line async for line in _lines(arriving())]
 
 
 def _cut(body: bytes, seed: int) -> list[bytes]:
@@ -53,7 +50,7 @@ def _cut(body: bytes, seed: int) -> list[bytes]:
 
 
 def _stream() -> bytes:
-    huge = b'{"choices":[{"index":0,"text":"' + b"x" * (3 * _AIOHTTP_LINE_LIMIT) + b'"}]}'
+    huge = b'{"choices":[{"index":0,"text":"' + b"x" * (3 * _COMMON_LINE_LIMIT) + b'"}]}'
     events = [b'{"choices":[{"delta":{"content":"hi"}}]}', huge, b'{"usage":{}}']
     body = b"".join(b"data: " + event + b"\r\n\r\n" for event in events)
     return b": keep-alive\n\n" + body + b"data: [DONE]"  # the last line has no end
@@ -66,10 +63,10 @@ def test_lines_are_whole_however_the_body_is_cut() -> None:
         assert asyncio.run(_read_lines(_cut(body, seed))) == expected
 
 
-def test_a_line_over_aiohttps_limit_arrives_whole() -> None:
+def test_a_line_over_common_line_limits_arrives_whole() -> None:
     lines = asyncio.run(_read_lines([_stream()]))
     longest = max(lines, key=len)
-    assert len(longest) > 3 * _AIOHTTP_LINE_LIMIT
+    assert len(longest) > 3 * _COMMON_LINE_LIMIT
     assert longest.startswith(b"data: {")
     assert longest.endswith(b"}]}\r")
     assert lines[-1] == b"data: [DONE]"

@@ -5,11 +5,10 @@
 prompts are the messages or text themselves (see `Prompt`), usage comes from the upstream,
 and the upstream enforces its own context window. Generations run as asyncio tasks on the
 event loop over federation's pooled keep-alive `HttpClient` (the router's client to its
-nodes: httptools parsing, about a quarter of aiohttp's CPU per request; embeddings still use
-one shared `aiohttp.ClientSession`); at most `max_concurrency` requests are in flight
-upstream, `max_queue` more wait, and beyond that `submit` answers `QueueFullError`. The
-upstream API key is read from the environment variable named by `upstream_key_env` and goes
-nowhere but the `Authorization` header.
+nodes: httptools parsing, about a quarter of aiohttp's CPU per request); at most
+`max_concurrency` requests are in flight upstream, `max_queue` more wait, and beyond that
+`submit` answers `QueueFullError`. The upstream API key is read from the environment
+variable named by `upstream_key_env` and goes nowhere but the `Authorization` header.
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any, NoReturn
 
-import aiohttp
 import httpx
 import msgspec
 from msgspec import Struct
-from yarl import URL
 
 from appliance._private import inference
 from appliance._private.engines.admission import AdmissionQueue
@@ -159,10 +156,8 @@ class OpenAIUpstreamEngine:
         self._model = config.upstream_model or config.id
         self._headers: dict[str, str] = {}
         self._secret: str | None = None
-        self._client: aiohttp.ClientSession | None = None
-        self._http: HttpClient | None = None  # generations: the lean client
+        self._http: HttpClient | None = None
         self._post_headers: dict[str, str] = {}
-        self._urls: dict[str, URL] = {}
         self._tls: ssl.SSLContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission = AdmissionQueue(
@@ -300,9 +295,6 @@ class OpenAIUpstreamEngine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -311,33 +303,8 @@ class OpenAIUpstreamEngine:
         seconds = self._config.upstream_timeout_s
         return httpx.Timeout(seconds, connect=min(seconds, _CONNECT_TIMEOUT))
 
-    def _session(self) -> aiohttp.ClientSession:
+    def _upstream(self) -> HttpClient:
         """The shared keep-alive client, made on the event loop at first use."""
-        if self._client is None:
-            seconds = self._config.upstream_timeout_s
-            self._client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self._config.max_concurrency,
-                    limit_per_host=0,
-                    keepalive_timeout=_KEEPALIVE_S,
-                    ssl=self._tls or True,
-                ),
-                headers=self._headers,
-                # As httpx's were: connecting within min(timeout, 10 s), the pool and each
-                # read (the wait for the next bytes, not the whole answer) within timeout.
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=seconds,
-                    sock_connect=min(seconds, _CONNECT_TIMEOUT),
-                    sock_read=seconds,
-                ),
-                skip_auto_headers=("User-Agent",),
-            )
-            self._loop = asyncio.get_running_loop()
-        return self._client
-
-    def _generation_client(self) -> HttpClient:
-        """The shared keep-alive client for generations, made on the event loop at first use."""
         if self._http is None:
             seconds = self._config.upstream_timeout_s
             self._http = HttpClient(
@@ -350,13 +317,6 @@ class OpenAIUpstreamEngine:
             self._post_headers = self._headers | _JSON_HEADERS
             self._loop = asyncio.get_running_loop()
         return self._http
-
-    def _url(self, path: str) -> URL:
-        """The upstream URL of `path` (parsed once)."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self._base + path)
-        return url
 
     # --- prompts: no tokenizer here, so sizes are upper bounds ------------------------------
 
@@ -448,7 +408,7 @@ class OpenAIUpstreamEngine:
         body |= _features(generation.params.features, chat=prompt.messages is not None)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        client = self._generation_client()
+        client = self._upstream()
         try:
             response = await client.request(
                 "POST", self._base, path, body=_ENCODE(body), headers=self._post_headers
@@ -545,11 +505,14 @@ class OpenAIUpstreamEngine:
         path = "/embeddings"
         async with self._admission.slot():
             try:
-                async with self._session().post(
-                    self._url(path), data=_ENCODE(body), headers=_JSON_HEADERS
-                ) as response:
+                response = await self._upstream().request(
+                    "POST", self._base, path, body=_ENCODE(body), headers=self._post_headers
+                )
+                try:
                     status, raw = response.status, await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                finally:
+                    response.release()
+            except (HttpClientError, TimeoutError) as exc:
                 self._transport_failure(path, exc)
         if status != 200:
             self._reject(path, status, raw)
@@ -610,14 +573,10 @@ class OpenAIUpstreamEngine:
             "another node."
         )
 
-    def _transport_failure(
-        self, path: str, exc: aiohttp.ClientError | HttpClientError | TimeoutError
-    ) -> NoReturn:
+    def _transport_failure(self, path: str, exc: HttpClientError | TimeoutError) -> NoReturn:
         reason = self._scrub(str(exc)) or type(exc).__name__
         log.warning("upstream %s%s: %s: %s", self._base, path, type(exc).__name__, reason)
-        # aiohttp's connect timeout is also a TimeoutError: test it first.
-        unreached = aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError | UnreachedError
-        if isinstance(exc, unreached):
+        if isinstance(exc, UnreachedError):
             raise UpstreamUnavailableError(
                 f"The upstream engine is unreachable ({type(exc).__name__}: {reason}). Retry "
                 "on another node; the appliance's operator must check that the upstream is "
@@ -629,14 +588,10 @@ class OpenAIUpstreamEngine:
                 f" ({type(exc).__name__}). Retry, or retry on another node; the operator can "
                 "raise upstream_timeout_s."
             ) from exc
-        if isinstance(
-            exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | HttpClientError
-        ):
-            raise UpstreamError(
-                f"The upstream engine failed while handling the request ({type(exc).__name__}:"
-                f" {reason})."
-            ) from exc
-        raise UpstreamError(f"The upstream engine's reply is broken ({reason}).") from exc
+        raise UpstreamError(
+            f"The upstream engine failed while handling the request ({type(exc).__name__}:"
+            f" {reason})."
+        ) from exc
 
     def _malformed(self, what: str) -> NoReturn:
         log.warning("upstream %s answered malformed: %s", self._base, what)
@@ -780,8 +735,7 @@ def _message_size(message: dict[str, Any]) -> int:
 
 async def _lines(pieces: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """The lines of a body as they arrive, without their ends and however long they are
-    (aiohttp's own line iterator refuses lines over 128 KiB: an echo with log
-    probabilities of a long prompt is one such event)."""
+    (an event can be long: an echo with log probabilities of a long prompt is one)."""
     partial: list[bytes] = []
     async for received in pieces:
         if b"\n" not in received:
