@@ -6,6 +6,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -16,6 +17,24 @@ _TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 64, 128, 256)
 # Prefill and decode throughput gauges average the steps of this many recent seconds.
 _RATE_WINDOW_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _StepSeries:
+    """One model's series that every batching step updates."""
+
+    sequences: Histogram
+    prefill: Counter
+    decode: Counter
+    reused: Counter
+    in_use: Gauge
+    cached: Gauge
+    lookups: Counter
+    hit_tokens: Counter
+    query_tokens: Counter
+    evicted: Counter
+    pool_bytes: Gauge
+    pool_capacity: Gauge
 
 
 class ApplianceMetrics:
@@ -141,36 +160,58 @@ class ApplianceMetrics:
             registry=r,
         )
         self._steps: dict[str, deque[tuple[float, int, int]]] = {}
+        self._step_series: dict[str, _StepSeries] = {}
         self._steps_lock = threading.Lock()
 
     def observe_step(self, model: str, step: StepStats) -> None:
         """One batching step (called from the engine's thread)."""
-        self.batch_sequences.labels(model).observe(step.sequences)
-        self.step_tokens.labels(model, "prefill").inc(step.prefill_tokens)
-        self.step_tokens.labels(model, "decode").inc(step.decode_tokens)
+        series = self._step_series.get(model) or self._first_step(model)
+        series.sequences.observe(step.sequences)
+        series.prefill.inc(step.prefill_tokens)
+        series.decode.inc(step.decode_tokens)
         if step.reused_tokens:
-            self.prefix_reused.labels(model).inc(step.reused_tokens)
-        self._kv_cells.labels(model, "in_use").set(step.kv_cells_in_use)
-        self._kv_cells.labels(model, "cached").set(step.kv_cells_cached)
-        self._observe_cache(model, step)
+            series.reused.inc(step.reused_tokens)
+        series.in_use.set(step.kv_cells_in_use)
+        series.cached.set(step.kv_cells_cached)
+        series.lookups.inc(step.cache_lookups)
+        series.hit_tokens.inc(step.cache_hit_tokens)
+        series.query_tokens.inc(step.cache_query_tokens)
+        series.evicted.inc(step.cache_evicted_blocks)
+        series.pool_bytes.set(step.cache_bytes)
+        series.pool_capacity.set(step.cache_capacity_bytes)
         now = time.monotonic()
         with self._steps_lock:
-            if model not in self._steps:
-                self._steps[model] = deque()
-                self._rates.labels(model, "prefill").set_function(lambda: self._rate(model, 1))
-                self._rates.labels(model, "decode").set_function(lambda: self._rate(model, 2))
             window = self._steps[model]
             window.append((now, step.prefill_tokens, step.decode_tokens))
             while window and window[0][0] < now - _RATE_WINDOW_S:
                 window.popleft()
 
-    def _observe_cache(self, model: str, step: StepStats) -> None:
-        self._cache_lookups.labels(model).inc(step.cache_lookups)
-        self._cache_hit_tokens.labels(model).inc(step.cache_hit_tokens)
-        self._cache_query_tokens.labels(model).inc(step.cache_query_tokens)
-        self._cache_evicted.labels(model).inc(step.cache_evicted_blocks)
-        self._cache_bytes.labels(model).set(step.cache_bytes)
-        self._cache_capacity.labels(model).set(step.cache_capacity_bytes)
+    def _first_step(self, model: str) -> _StepSeries:
+        """The model's step series, looked up once (`labels()` costs more than `inc()`, and
+        every step counts), and its throughput gauges."""
+        series = _StepSeries(
+            sequences=self.batch_sequences.labels(model),
+            prefill=self.step_tokens.labels(model, "prefill"),
+            decode=self.step_tokens.labels(model, "decode"),
+            reused=self.prefix_reused.labels(model),
+            in_use=self._kv_cells.labels(model, "in_use"),
+            cached=self._kv_cells.labels(model, "cached"),
+            lookups=self._cache_lookups.labels(model),
+            hit_tokens=self._cache_hit_tokens.labels(model),
+            query_tokens=self._cache_query_tokens.labels(model),
+            evicted=self._cache_evicted.labels(model),
+            pool_bytes=self._cache_bytes.labels(model),
+            pool_capacity=self._cache_capacity.labels(model),
+        )
+        with self._steps_lock:  # a reloading model's old and new engines may both step
+            known = self._step_series.get(model)
+            if known is not None:
+                return known
+            self._steps[model] = deque()
+            self._rates.labels(model, "prefill").set_function(lambda: self._rate(model, 1))
+            self._rates.labels(model, "decode").set_function(lambda: self._rate(model, 2))
+            self._step_series[model] = series
+        return series
 
     def _rate(self, model: str, column: int) -> float:
         with self._steps_lock:

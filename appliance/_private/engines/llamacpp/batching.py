@@ -278,11 +278,17 @@ _Planned = tuple[_Sequence, int, int]
 
 @dataclass(slots=True)
 class _CacheCounts:
-    """Prompt-cache lookups since the last report: one per prompt a sequence reads."""
+    """Prompt-cache use since the last report."""
 
-    lookups: int = 0
-    hit_tokens: int = 0
-    query_tokens: int = 0
+    lookups: int = 0  # one per prompt a leading sequence reads
+    hit_tokens: int = 0  # prompt tokens leading sequences did not read
+    query_tokens: int = 0  # prompt tokens looked up
+    copied_tokens: int = 0  # prompt tokens the other choices copied from their leader
+
+    def hit(self, request: _Request, tokens: int) -> None:
+        """`request` did not read `tokens` of its prompt (a cache served them)."""
+        request.cached += tokens
+        self.hit_tokens += tokens
 
 
 def common_prefix(left: list[int], right: list[int]) -> int:
@@ -392,7 +398,6 @@ class BatchScheduler:
         self._admission = AdmissionQueue(
             name, limits.max_sequences, limits.max_queue, activity="decoding"
         )
-        self._reused = 0
         self._counts = _CacheCounts()  # since the last step's report
         self._evicted_reported = 0
         self._pool: _HostPool | None = None  # set by the worker thread, see `_work`
@@ -599,11 +604,9 @@ class BatchScheduler:
         sequence.prompt_scores = [None] if scoring else None
         if not scoring:
             sequence.awaits = self._await_prefix(sequence)
-        self._reused += reuse
-        request.cached += reuse
         self._counts.lookups += 1
-        self._counts.hit_tokens += reuse
         self._counts.query_tokens += len(prompt)
+        self._counts.hit(request, reuse)
         request.sequences.append(sequence)
         return sequence
 
@@ -639,9 +642,7 @@ class BatchScheduler:
                 self._l.llama_memory_seq_rm(self._memory, sequence.slot.seq_id, shared, -1)
                 gained = shared - sequence.prefilled
                 sequence.prefilled = sequence.pos = shared
-                sequence.request.cached += gained
-                self._counts.hit_tokens += gained
-                self._reused += gained
+                self._counts.hit(sequence.request, gained)
 
     def _fill(self, slot: _Slot, prompt: list[int], scope: str) -> int:
         """Put the longest cached prefix of `prompt` (in `scope`) into `slot`'s stream: what
@@ -893,7 +894,7 @@ class BatchScheduler:
         follower.logits_at = leader.logits_at
         follower.prompt_scores = leader.prompt_scores
         follower.leader = None
-        self._reused += leader.prefilled
+        self._counts.copied_tokens += leader.prefilled
 
     def _copy_stream(self, source: int, target: int) -> None:
         """`target`'s stream becomes a copy of `source`'s. llama.cpp copies the tensors
@@ -1093,7 +1094,6 @@ class BatchScheduler:
             return
         in_use = sum(s.pos for s in self._active)
         cached = sum(len(slot.cached) for slot in self._slots if not slot.busy)
-        reused, self._reused = self._reused, 0
         counts, self._counts = self._counts, _CacheCounts()
         pool = self._pool.stats if self._pool is not None else None
         evicted = pool.evicted_blocks if pool is not None else 0
@@ -1105,7 +1105,7 @@ class BatchScheduler:
                 seconds=time.perf_counter() - started,
                 kv_cells_in_use=in_use,
                 kv_cells_cached=cached,
-                reused_tokens=reused,
+                reused_tokens=counts.hit_tokens + counts.copied_tokens,
                 cache_lookups=counts.lookups,
                 cache_hit_tokens=counts.hit_tokens,
                 cache_query_tokens=counts.query_tokens,
