@@ -627,7 +627,8 @@ def check_tools(served: Served) -> None:
         assert_unsupported(lambda: chat(served, tools=[WEATHER]))
         return
     # "required": a small model may well answer in text when it may choose ("auto").
-    reply = chat(served, tools=[WEATHER], tool_choice="required", max_tokens=64)
+    # Greedy: a sampled 135M model may ramble inside a string until max_tokens cuts it.
+    reply = chat(served, tools=[WEATHER], tool_choice="required", max_tokens=64, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls", reply
     calls = choice.message.tool_calls or []
@@ -640,7 +641,10 @@ def check_streamed_tool_call(served: Served) -> None:
         pytest.skip(f"{served.case.name} serves no tools")
     name, arguments, reasons = "", "", []
     named = {"type": "function", "function": {"name": "get_weather"}}
-    for chunk in chat(served, tools=[WEATHER], tool_choice=named, max_tokens=64, stream=True):
+    stream = chat(
+        served, tools=[WEATHER], tool_choice=named, max_tokens=64, temperature=0, stream=True
+    )
+    for chunk in stream:
         for choice in chunk.choices:
             for call in choice.delta.tool_calls or ():
                 name += (call.function.name or "") if call.function else ""
@@ -656,7 +660,7 @@ def check_structured_output(served: Served) -> None:
     if "structured_output" not in served.case.capabilities:
         assert_unsupported(lambda: chat(served, response_format=ANSWER_SCHEMA))
         return
-    reply = chat(served, response_format=ANSWER_SCHEMA, max_tokens=64)
+    reply = chat(served, response_format=ANSWER_SCHEMA, max_tokens=64, temperature=0)
     answer = json.loads(reply.choices[0].message.content or "")
     assert isinstance(answer["answer"], str)
 
