@@ -7,7 +7,7 @@ STAMP := $(VENV)/.palisade-installed
 export PALISADE_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps model run test check lint typecheck bench bench-guidellm clean \
+.PHONY: help setup system-deps model run test check lint typecheck docs bench bench-guidellm clean \
 	image-deps appliance-image image-test vllm-lane
 # Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format).
 SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin
@@ -45,6 +45,9 @@ typecheck: $(STAMP) ## mypy --strict over every package and the tests
 	$(BIN)/mypy
 
 check: lint typecheck ## Lint and type-check
+
+docs: $(STAMP) ## Rewrite the reference pages generated from the code (docs/cli.md, docs/configuration.md)
+	$(BIN)/python -m palisade.references
 
 test: model system-deps check ## Install everything and run lint, types and the whole test suite
 	$(BIN)/pytest --durations=30
