@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from litestar import MediaType, Request, Response
+from litestar.types import Receive, Scope, Send
 
 from appliance._private.engines.base import ChoiceDelta, Finish, Generation, engine_failure
 from federation import (
@@ -56,8 +57,8 @@ class Reply:
         self.headers = headers
         self.on_close: Callable[[], None] | None = None
 
-    def json(self, payload: object) -> Response[Any]:
-        return Response(ENCODER.encode(payload), media_type=MediaType.JSON, headers=self.headers)
+    def json(self, payload: object) -> JsonAnswer:
+        return JsonAnswer(ENCODER.encode(payload), self.headers)
 
     def stream(self, events: AsyncIterator[bytes]) -> ClosingStream:
         """`events` as SSE; `on_close` runs once the response is over, however it ended
@@ -66,6 +67,29 @@ class Reply:
         return ClosingStream(
             events, on_close=self.on_close, media_type="text/event-stream", headers=headers
         )
+
+
+class JsonAnswer:
+    """A whole JSON answer (200) as a bare ASGI app: what Litestar's `Response` sends for it
+    (the headers lower-cased, then the content type and length), without building one."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, body: bytes, headers: dict[str, str]) -> None:
+        self.body = body
+        self.headers = [
+            *(
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in headers.items()
+            ),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        del scope, receive
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})
 
 
 def json_response(payload: object) -> Response[Any]:
