@@ -25,6 +25,7 @@ from appliance._private.engines.config import ModelConfigBase
 from appliance._private.engines.llamacpp.config import LlamaCppModel
 from appliance._private.engines.llamacpp.engine import LlamaCppEngine
 from appliance._private.engines.registry import ENGINES, ModelConfig, create_engine
+from appliance._private.engines.supervised.engine import ENGINE_PROCESS_SERIES
 from appliance._private.engines.upstream.config import UpstreamModel
 from appliance._private.engines.upstream.engine import OpenAIUpstreamEngine
 from appliance._private.errors import (
@@ -42,6 +43,7 @@ from appliance._private.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from appliance._private.metrics import ApplianceMetrics
 from appliance._private.model_store import (
     DEFAULT_MODEL_SHA256,
     FetchResult,
@@ -51,6 +53,8 @@ from appliance._private.model_store import (
 )
 
 __all__ = [
+    "ENGINE_PROCESS_SERIES",
+    "ApplianceMetrics",
     "DEFAULT_MODEL_FILE",
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_SHA256",

@@ -23,9 +23,12 @@ from router._private.errors import (
     RouterError,
 )
 from router._private.fleet import Fleet, Node
+from router._private.metrics import RouterMetrics
+from router._private.prometheus_routes import SD_PATH, TargetGroup, scrape_targets
 
 __all__ = [
     "DEFAULT_PORT",
+    "SD_PATH",
     "BackendCrashedError",
     "BackendUnavailableError",
     "Fleet",
@@ -36,9 +39,12 @@ __all__ = [
     "RegionHeaderError",
     "RouterConfig",
     "RouterError",
+    "RouterMetrics",
     "RouterState",
+    "TargetGroup",
     "create_router_app",
     "fleet_cli",
     "load_router_config",
     "router_cli",
+    "scrape_targets",
 ]

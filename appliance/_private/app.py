@@ -75,6 +75,8 @@ def create_app(
     router's signed principal assertions."""
     node = Node(config, tenancy, demo=demo, recorder=recorder)
     node.credentials = credentials
+    if credentials is not None and credentials.enrolled:
+        node.metrics.watch_certificate(credentials.cert_path)
     if config.router_url is not None and (credentials is not None or lab_secret is not None):
         node.membership = Membership(
             config.router_url,
@@ -115,7 +117,7 @@ def create_app(
             *(policy_offer_routes(book) if book is not None else []),
         ],
         exception_handlers={
-            **error_handlers("appliance", log),
+            **error_handlers("appliance", log, node.metrics.refused),
             ClientGoneError: client_gone_response,
         },
         middleware=[

@@ -7,13 +7,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from appliance._private.engines.base import EngineLoad, StepStats
+from federation import LATENCY_BUCKETS, TOKEN_BUCKETS, AuditLag, CertificateExpiry
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 64, 128, 256)
 # Prefill and decode throughput gauges average the steps of this many recent seconds.
 _RATE_WINDOW_S = 5.0
@@ -69,14 +69,27 @@ class ApplianceMetrics:
             "palisade_time_to_first_token_seconds",
             "Admission to first token",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "palisade_time_per_output_token_seconds",
             "Mean time between output tokens",
             ["model"],
-            buckets=_TOKEN_BUCKETS,
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.durations = Histogram(
+            "palisade_request_duration_seconds",
+            "Admission to the last token of a generation (end-to-end latency on the node)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "palisade_errors",
+            "Errors the appliance answered, by their stable error code",
+            ["code"],
             registry=r,
         )
         self._queue_depth = Gauge(
@@ -159,9 +172,27 @@ class ApplianceMetrics:
             ["model", "phase"],
             registry=r,
         )
+        self._certificates: dict[str, Path] = {}
+        self._audit: Callable[[], tuple[int, float] | None] = lambda: None
+        r.register(CertificateExpiry(lambda: self._certificates))
+        r.register(AuditLag(self._audit_now))
         self._steps: dict[str, deque[tuple[float, int, int]]] = {}
         self._step_series: dict[str, _StepSeries] = {}
         self._steps_lock = threading.Lock()
+
+    def watch_certificate(self, path: Path) -> None:
+        """The node certificate it serves with (an enrolled node): its expiry is exported."""
+        self._certificates = {"node": path}
+
+    def watch_audit(self, lag: Callable[[], tuple[int, float] | None]) -> None:
+        self._audit = lag
+
+    def _audit_now(self) -> tuple[int, float] | None:
+        return self._audit()
+
+    def refused(self, code: str) -> None:
+        """An error the appliance answered (the exception handlers' hook)."""
+        self.errors.labels(code).inc()
 
     def observe_step(self, model: str, step: StepStats) -> None:
         """One batching step (called from the engine's thread)."""

@@ -74,6 +74,8 @@ class Node:
         self.metrics = ApplianceMetrics(
             node_id=config.node_id, region=config.region, version=VERSION
         )
+        if recorder is not None:
+            self.metrics.watch_audit(recorder.log.lag)
         self.models = ModelSet(config.models, self.build_model)
         self.models.on_change = self._models_changed
         self.ledger = Ledger(

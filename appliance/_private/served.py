@@ -60,6 +60,7 @@ class ServedModel:
         self._metrics = metrics
         self._ttft_seconds = Children(metrics.ttft)
         self._tpot_seconds = Children(metrics.tpot)
+        self._durations = Children(metrics.durations)
         self._ttft_ms: deque[float] = deque(maxlen=_WINDOW)
         self._tpot_ms: deque[float] = deque(maxlen=_WINDOW)
         self.ttft_ewma_ms: float | None = None
@@ -105,6 +106,7 @@ class ServedModel:
     def _finished(self, generation: Generation, finish: Finish) -> None:
         """Called once per generation, from whichever thread finished it: its latency, timed
         here (the counters, settlement and audit row are the ledger's, on the loop)."""
+        self._durations(self.config.id).observe(time.perf_counter() - generation.submitted_at)
         first = generation.first_token_at
         if first is None:
             return

@@ -162,6 +162,11 @@ class AuditLog:
         self._urgent.set()
         return done.result()
 
+    def lag(self) -> tuple[int, float]:
+        """Entries no signed checkpoint covers yet, and seconds since the writer last signed
+        (or found nothing to sign): what the checkpoint-staleness metric reports."""
+        return self._tree.size - self._signed_size, time.monotonic() - self._last_signed_at
+
     def close(self) -> None:
         """Commit what is queued, sign a final checkpoint, and stop the writer."""
         if not self._thread.is_alive():

@@ -376,6 +376,16 @@ class Gate:
         reserved = self._reserved.get((org, month), 0) + self.held_by_leases(org, month)
         return month, self._used.get((org, month), 0), reserved
 
+    def budget_use(self) -> dict[str, float]:
+        """Each org with a monthly budget: the share of it used this month (settled tokens;
+        those reserved by requests in flight or held by nodes' leases are not used yet)."""
+        month = month_of(self._store.clock())
+        use = {}
+        for org, record in self._store.orgs.items():
+            if record.budget_tokens:
+                use[org] = self._used.get((org, month), 0) / record.budget_tokens
+        return use
+
     async def flush(self) -> None:
         async with self._flushing:  # one at a time: each commits the journal mark it covers
             await self._flush()

@@ -38,8 +38,12 @@ def error_response(
     )
 
 
-def error_handlers(server: str, log: logging.Logger) -> ExceptionHandlersMap:
-    """Litestar exception handlers for `server` ("appliance", "router"), logging to `log`."""
+def error_handlers(
+    server: str, log: logging.Logger, on_error: Callable[[str], None] | None = None
+) -> ExceptionHandlersMap:
+    """Litestar exception handlers for `server` ("appliance", "router"), logging to `log`;
+    `on_error(code)` for each error answered (metrics count them by code)."""
+    counted = on_error or _uncounted
     internal = ErrorDetail(
         f"The {server} hit an internal error; it has been logged. Retry, and report it if it "
         "persists.",
@@ -51,6 +55,7 @@ def error_handlers(server: str, log: logging.Logger) -> ExceptionHandlersMap:
     def api_error(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         assert isinstance(exc, APIError)
         detail = ErrorDetail(exc.message, exc.error_type, exc.code, exc.param, exc.retry_after)
+        counted(exc.code)
         return error_response(exc.status_code, detail, exc.retry_after)
 
     def http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -58,16 +63,23 @@ def error_handlers(server: str, log: logging.Logger) -> ExceptionHandlersMap:
         status = exc.status_code
         if status >= 500:
             log.error("HTTP %s on %s: %s", status, request.url.path, exc.detail)
+            counted(internal.code)
             return error_response(status, internal)
         error_type, code = _HTTP_CODES.get(status, ("invalid_request_error", "invalid_request"))
+        counted(code)
         detail = ErrorDetail(_http_message(server, request, exc), error_type, code, None)
         return error_response(status, detail)
 
     def unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        counted(internal.code)
         return error_response(500, internal)
 
     return {APIError: api_error, HTTPException: http_exception, Exception: unexpected}
+
+
+def _uncounted(_: str) -> None:
+    return None
 
 
 def _http_message(server: str, request: Request[Any, Any, Any], exc: HTTPException) -> str:

@@ -12,6 +12,7 @@ server error.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -98,9 +99,10 @@ class _Closing(ASGIResponse):
 
 
 def count_exits(
-    labels: Mapping[str, str], count: Callable[[str, int], None]
+    labels: Mapping[str, str], count: Callable[[str, int, float], None]
 ) -> Callable[[ASGIApp], ASGIApp]:
-    """ASGI middleware: `count(label, status)` once per request to a path in `labels`.
+    """ASGI middleware: `count(label, status, seconds)` once per request to a path in
+    `labels`, `seconds` from its arrival to its end.
 
     The status is the one sent, or 499 when the client left before the response was
     complete (before it started, or part-way through a stream).
@@ -112,6 +114,7 @@ def count_exits(
             if label is None:
                 await app(scope, receive, send)
                 return
+            started = time.perf_counter()
             status = 0
             complete = left = False
 
@@ -136,7 +139,7 @@ def count_exits(
                 final = CLIENT_GONE if left else status or 500
                 if final == CLIENT_GONE:
                     log.info("client left %s before the response was complete", scope["path"])
-                count(label, final)
+                count(label, final, time.perf_counter() - started)
 
         return wrapped
 

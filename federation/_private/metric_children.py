@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -32,12 +32,17 @@ class Children(Generic[M]):
         return child
 
 
-def request_counter(requests: Counter) -> Callable[[str, int], None]:
-    """`count(endpoint, status)` for `count_exits`: requests by endpoint and final status
-    (499: the client left first)."""
+def request_counter(
+    requests: Counter, durations: Histogram | None = None
+) -> Callable[[str, int, float], None]:
+    """`count(endpoint, status, seconds)` for `count_exits`: requests by endpoint and final
+    status (499: the client left first), and their duration when `durations` is given."""
     children = Children(requests)
+    timers = Children(durations) if durations is not None else None
 
-    def count(endpoint: str, status: int) -> None:
+    def count(endpoint: str, status: int, seconds: float) -> None:
         children(endpoint, str(status)).inc()
+        if timers is not None:
+            timers(endpoint).observe(seconds)
 
     return count

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -70,6 +71,7 @@ from router._private.leases import EdgeLeases
 from router._private.metrics import RouterMetrics
 from router._private.policy_publisher import PolicyPublisher
 from router._private.policy_routes import policy_routes
+from router._private.prometheus_routes import prometheus_routes
 from router._private.proxy import Call, Forwarder, with_usage
 from router._private.registry import NodeRegistry
 from router._private.rollout import RolloutBook, with_images
@@ -174,6 +176,7 @@ class RouterState:
         self.fleet = Fleet(config.health)
         self.metrics = RouterMetrics(router_id=config.router_id, version=VERSION)
         self.metrics.watch_fleet(lambda: self.fleet.status(config.router_id))
+        self.metrics.watch_audit(recorder.log.lag)
         self.signer = AssertionSigner(self.identity, config.router_id, ttl_s=config.assertion_ttl_s)
         self.forwarder = Forwarder(config, self.fleet, self.signer, self.metrics, recorder=recorder)
         self.url = f"http://{config.host}:{config.port}"
@@ -196,6 +199,8 @@ class RouterState:
         if admin_key is not None:
             announce_admin_key(admin_key, self.tenancy.home)
         self.forwarder.gate = self.tenancy.gate
+        self.metrics.watch_budgets(self.tenancy.gate.budget_use)
+        self.metrics.watch_certificates(self._certificates())
         self._leases = EdgeLeases(self.tenancy.store, self.tenancy.gate, self.recorder)
         await self._leases.start()
         await self.forwarder.start()
@@ -208,6 +213,15 @@ class RouterState:
             _announce_demo(await self.tenancy.demo_key(self.demo_regions), self)
         if self.tls is not None:
             await self.discovery.start(self._advertisement(self.tls))
+
+    def _certificates(self) -> dict[str, Path]:
+        """The certificates the router serves with, for their expiry metric."""
+        paths = {}
+        if self.tls is not None:
+            paths["fleet"] = self.tls.cert_path
+        if self.config.tls_cert is not None:
+            paths["public"] = Path(self.config.tls_cert)
+        return paths
 
     def leases(self) -> EdgeLeases:
         if self._leases is None:
@@ -311,12 +325,17 @@ def create_router_app(
             *tenancy.routes(),
             *audit_routes(tenancy, recorder, origin=config.router_id),
             *evidence_routes(state),
+            *prometheus_routes(state),
         ],
         exception_handlers={
-            **error_handlers("router", log),
+            **error_handlers("router", log, state.metrics.refused),
             ClientGoneError: client_gone_response,
         },
-        middleware=[count_exits(_INFERENCE, request_counter(state.metrics.requests))],
+        middleware=[
+            count_exits(
+                _INFERENCE, request_counter(state.metrics.requests, state.metrics.durations)
+            )
+        ],
         on_startup=[state.start],
         on_shutdown=[state.stop],
         request_max_body_size=config.max_body_bytes,
@@ -627,7 +646,9 @@ def _ops_routes(state: RouterState) -> list[HTTPRouteHandler]:
 
     @get("/metrics")
     async def metrics() -> Response[Any]:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        images = await asyncio.to_thread(state.rollouts.images)
+        versions = {node: image.version for node, image in images.items()}
+        return Response(state.metrics.render(versions), media_type=CONTENT_TYPE_LATEST)
 
     return [healthz, readyz, metrics]
 

@@ -337,6 +337,23 @@ class Fleet:
             chosen.last_chosen = now
         return chosen
 
+    def device_fallback(
+        self, model: str, regions: frozenset[str], preference: Sequence[str], chosen: Node
+    ) -> tuple[str, str] | None:
+        """(preferred, served) when `chosen` serves `model` on a device class below the most
+        preferred one that a node in `regions` declares for it, healthy or not: the better
+        pool had no node to take the request (an RDU -> GPU failover)."""
+        served = chosen.models[model].device_class
+        if not preference or served == preference[0]:
+            return None
+        declared = {
+            node.models[model].device_class
+            for node in self.nodes.values()
+            if node.region in regions and model in node.models
+        }
+        best = next((device for device in preference if device in declared), served)
+        return None if best == served else (best, served)
+
     def _expected(self, pair: tuple[Node, NodeModel], model: str, now: float) -> float:
         node, served = pair
         ttft = served.ttft_ewma_ms

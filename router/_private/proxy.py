@@ -277,6 +277,8 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
         self._client: HttpClient | None = None
         self._attempts = Children(metrics.attempts)  # by node and outcome
+        self._failovers = Children(metrics.failovers)
+        self._device_failovers = Children(metrics.device_failovers)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -346,19 +348,23 @@ class Forwarder:
         preference = self._config.preference(call.model)
         refusal: _Refusal | None = None
         failures: list[FailureKind] = []
+        why: str = ""  # why the last node did not answer: the failover's reason
         for attempt in range(1 + self._config.proxy.max_retries):
             node = self._fleet.pick(call.model, call.regions, preference, call.tried)
             if node is None:
                 break
             if attempt:
                 self._metrics.retries.inc()
+                self._failovers(why).inc()
             call.tried.append(node.id)
             outcome = await self._attempt(node, call, payload)
             if isinstance(outcome, Response):
+                self._count_device_failover(call, node, preference)
                 return outcome
             if isinstance(outcome, _Refusal):
-                refusal = outcome
+                refusal, why = outcome, "overloaded"
                 continue
+            why = outcome.kind
             failures.append(outcome.kind)
             if not may_replay(failures):
                 self._settle(call, node, None, status="backend_crashed")
@@ -372,6 +378,12 @@ class Forwarder:
         self._settle(call, None, None, status="no_backend_in_region")
         self._metrics.no_backend.labels(call.model).inc()
         raise NoBackendError(call.model, call.regions, tried=len(call.tried))
+
+    def _count_device_failover(self, call: Call, node: Node, preference: Sequence[str]) -> None:
+        """Count a request served below the most preferred device class declared for it."""
+        fallback = self._fleet.device_fallback(call.model, call.regions, preference, node)
+        if fallback is not None:
+            self._device_failovers(*fallback).inc()
 
     async def _attempt(
         self, node: Node, call: Call, payload: bytes

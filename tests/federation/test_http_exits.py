@@ -37,7 +37,8 @@ class Served:
                 self.body, on_close=self.close, media_type="text/event-stream", headers={}
             )
 
-        def count(label: str, status: int) -> None:
+        def count(label: str, status: int, seconds: float) -> None:
+            assert seconds >= 0
             self.counted.append((label, status))
 
         self.app = Litestar([stream], middleware=[count_exits({"/v1/stream": "stream"}, count)])

@@ -36,6 +36,30 @@ from appliance._private.engines.supervised.process import EngineProcess, secrets
 from appliance._private.engines.upstream.config import UpstreamModel
 from appliance._private.engines.upstream.engine import OpenAIUpstreamEngine
 from appliance._private.errors import ModelLoadError, ModelNotReadyError
+from federation import MetricRow
+
+# What a supervised engine adds to the appliance's /metrics about its process (the metrics
+# contract lists them with the appliance's own).
+ENGINE_PROCESS_SERIES = (
+    MetricRow(
+        "palisade_engine_up",
+        "gauge",
+        ("model",),
+        "1 while the engine process is running and healthy",
+    ),
+    MetricRow(
+        "palisade_engine_restarts_total",
+        "counter",
+        ("model",),
+        "Times the engine process was restarted",
+    ),
+    MetricRow(
+        "palisade_engine_process_pid",
+        "gauge",
+        ("model",),
+        "Process id of the running engine process",
+    ),
+)
 
 _SCRAPE_TIMEOUT_S = 2.0
 # A Prometheus sample: name, optional {labels}, then the value (and maybe a timestamp).
@@ -191,17 +215,11 @@ class SupervisedEngine(ABC):
     def _process_series(self) -> str:
         label = f'{{model="{_label_value(self._config.id)}"}}'
         pid = self.process.pid if self.process.ready else None
-        lines = [
-            "# HELP palisade_engine_up 1 while the engine process is running and healthy",
-            "# TYPE palisade_engine_up gauge",
-            f"palisade_engine_up{label} {int(self.process.ready)}",
-            "# HELP palisade_engine_restarts_total Times the engine process was restarted",
-            "# TYPE palisade_engine_restarts_total counter",
-            f"palisade_engine_restarts_total{label} {self.process.restarts}",
-            "# HELP palisade_engine_process_pid Process id of the running engine process",
-            "# TYPE palisade_engine_process_pid gauge",
-            f"palisade_engine_process_pid{label} {pid or 0}",
-        ]
+        values = (int(self.process.ready), self.process.restarts, pid or 0)
+        lines = []
+        for row, value in zip(ENGINE_PROCESS_SERIES, values, strict=True):
+            lines += [f"# HELP {row.name} {row.help}", f"# TYPE {row.name} {row.type}"]
+            lines.append(f"{row.name}{label} {value}")
         return "\n".join(lines) + "\n"
 
     def _scrape(self) -> str:
