@@ -230,23 +230,33 @@ def choice_count(generation: Generation) -> int:
 
 
 async def collect(request: Request[Any, Any, Any], generation: Generation) -> Aggregate:
-    """The whole answer; cancels the generation if the client disconnects first."""
+    """The whole answer; cancels the generation if the client disconnects first.
+
+    The answer is read in the handler's own task; a second task waits for the client to
+    leave and then cancels the handler's wait (one task a request, not two and a wait).
+    """
     aggregate = Aggregate(choice_count(generation))
+    reader = asyncio.current_task()
+    assert reader is not None
+    left = False
 
-    async def read() -> None:
-        async for piece in generation.pieces():
-            aggregate.add(piece)
+    async def watch() -> None:
+        nonlocal left
+        await _disconnected(request)
+        left = True
+        reader.cancel()
 
-    reading = asyncio.ensure_future(read())
-    hangup = asyncio.ensure_future(_disconnected(request))
+    hangup = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((reading, hangup), return_when=asyncio.FIRST_COMPLETED)
+        async for piece in generation.pieces():  # left early: the generation is cancelled
+            aggregate.add(piece)
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        reader.uncancel()
+        raise ClientGoneError from None
     finally:
         hangup.cancel()
-    if not reading.done():
-        reading.cancel()  # leaving Generation.pieces() cancels the generation
-        raise ClientGoneError
-    reading.result()
     return aggregate
 
 
