@@ -203,6 +203,13 @@ from federation._private.private_files import (
     sync_directory,
     write_private,
 )
+from federation._private.request_context import (
+    TRACEPARENT_HEADER,
+    RequestContext,
+    TraceParent,
+    current_request,
+    well_formed_request_id,
+)
 from federation._private.request_record import (
     FLEET_REQUEST_HEADER,
     NOT_ROUTED,
@@ -220,7 +227,15 @@ from federation._private.store import (
     iso,
     month_of,
 )
+from federation._private.structured_logs import LogFormat, LogsConfig, configure_logging
 from federation._private.tasks import cancel_and_wait
+from federation._private.tracing import (
+    TracesConfig,
+    child_span,
+    end_span,
+    span_id_of,
+    start_tracing,
+)
 
 __all__ = [
     "ASSERTION_HEADER",
@@ -255,6 +270,7 @@ __all__ = [
     "SERVICE_TYPE",
     "SIGNATURE_HEADER",
     "TOKEN_BUCKETS",
+    "TRACEPARENT_HEADER",
     "UPDATE_OFFER_DECODER",
     "USAGE_ACK_DECODER",
     "USAGE_REPORT_DECODER",
@@ -337,7 +353,9 @@ __all__ = [
     "LeaseGrant",
     "LeaseRequest",
     "Listener",
+    "LogFormat",
     "LoggingMode",
+    "LogsConfig",
     "MetricRow",
     "MetricType",
     "ModelCard",
@@ -367,6 +385,7 @@ __all__ = [
     "Recovered",
     "RenewRequest",
     "ReportedUsage",
+    "RequestContext",
     "RequestRecord",
     "RequestedOutput",
     "RolloutOutcome",
@@ -380,6 +399,9 @@ __all__ = [
     "TextPart",
     "TokenBucket",
     "TokenClaims",
+    "TraceParent",
+    "TracesConfig",
+    "Tracing",
     "UnreachedError",
     "UpdateOffer",
     "Usage",
@@ -397,16 +419,20 @@ __all__ = [
     "budget_cli",
     "cached_count",
     "cancel_and_wait",
+    "child_span",
     "client_context",
     "client_gone_response",
+    "configure_logging",
     "content_digest",
     "convert_config",
     "count_exits",
+    "current_request",
     "decode_request",
     "device_label",
     "discover_router",
     "dns_name",
     "effective_mode",
+    "end_span",
     "enrollment_node_mismatch",
     "enrollment_region_mismatch",
     "enrollment_token_expired",
@@ -435,6 +461,7 @@ __all__ = [
     "metric_contract",
     "month_of",
     "node_dns_name",
+    "observed",
     "org_cli",
     "peer_identity",
     "private_database",
@@ -458,6 +485,8 @@ __all__ = [
     "sign_policy",
     "sign_token",
     "signature_valid",
+    "span_id_of",
+    "start_tracing",
     "sync_directory",
     "token_signed_by",
     "url_of",
@@ -466,6 +495,7 @@ __all__ = [
     "verify_fleet_message",
     "verify_policy",
     "verify_token",
+    "well_formed_request_id",
     "write_private",
 ]
 
@@ -524,6 +554,7 @@ if TYPE_CHECKING:
         count_exits,
         read_body,
     )
+    from federation._private.http_observed import observed
     from federation._private.http_server import Listener, make_server, peer_identity
     from federation._private.metric_children import Children, request_counter
     from federation._private.metric_contract import (
@@ -537,6 +568,8 @@ if TYPE_CHECKING:
         MetricType,
         metric_contract,
     )
+    from federation._private.tracing_sdk import Tracing
+
 
 # Loaded on first use: they pull in Litestar, typer and httpx, which processes that never
 # serve HTTP or parse a command line (the audit-log writer, the offline verifier) do without.
@@ -552,6 +585,8 @@ _LAZY = {
     "count_exits": "federation._private.http_exits",
     "read_body": "federation._private.http_exits",
     "make_server": "federation._private.http_server",
+    "observed": "federation._private.http_observed",
+    "Tracing": "federation._private.tracing_sdk",
     "Children": "federation._private.metric_children",
     "request_counter": "federation._private.metric_children",
     "FORBIDDEN_LABEL_PARTS": "federation._private.metric_contract",

@@ -19,17 +19,27 @@ from federation._private.client import (
     trusted_cas,
     unreachable,
 )
+from federation._private.observability_cli import (
+    LogFormatOpt,
+    OtlpEndpointOpt,
+    SampleRatioOpt,
+    observability_settings,
+)
 
 __all__ = [
     "DEFAULT_URL",
     "JsonFlag",
     "KeyOpt",
+    "LogFormatOpt",
+    "OtlpEndpointOpt",
+    "SampleRatioOpt",
     "Target",
     "UrlOpt",
     "call_api",
     "error_text",
     "fail",
     "instant",
+    "observability_settings",
     "print_json",
     "resolve_target",
     "table",

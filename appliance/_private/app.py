@@ -127,6 +127,7 @@ def create_app(
         on_shutdown=[node.stop],
         request_max_body_size=config.max_body_bytes,
         openapi_config=None,
+        logging_config=None,  # the process's logging is the CLI's (`configure_logging`)
         debug=False,
     )
     return app, node

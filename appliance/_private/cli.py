@@ -16,8 +16,19 @@ from appliance._private.engines.registry import ModelConfig
 from appliance._private.model_store import fetch_default_model, installed_models, pull_model
 from appliance._private.presence import with_discovered_router
 from appliance._private.server import fleet_settings, serve
-from federation import NodeCredentials, PalisadeError, read_toml
-from federation.client import KeyOpt, call_api, fail, print_json, resolve_target, table
+from federation import NodeCredentials, PalisadeError, configure_logging, read_toml
+from federation.client import (
+    KeyOpt,
+    LogFormatOpt,
+    OtlpEndpointOpt,
+    SampleRatioOpt,
+    call_api,
+    fail,
+    observability_settings,
+    print_json,
+    resolve_target,
+    table,
+)
 
 appliance_cli = typer.Typer(help="Run an edge inference node.", no_args_is_help=True)
 models_cli = typer.Typer(
@@ -82,6 +93,9 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
             show_default=False,
         ),
     ] = None,
+    log_format: LogFormatOpt = None,
+    otlp_endpoint: OtlpEndpointOpt = None,
+    trace_sample_ratio: SampleRatioOpt = None,
 ) -> None:
     """Serve the configured models (the default model when no config is given)."""
     logging.basicConfig(
@@ -103,6 +117,16 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
         credentials = NodeCredentials.load(settings.home())
         settings = fleet_settings(settings, credentials, node_id=node_id, region=region)
         settings = with_discovered_router(settings, credentials)
+        logs, traces = observability_settings(
+            settings.logs,
+            settings.traces,
+            log_format=log_format,
+            otlp_endpoint=otlp_endpoint,
+            sample_ratio=trace_sample_ratio,
+        )
+        settings = msgspec.structs.replace(settings, logs=logs, traces=traces)
+        configure_logging(settings.logs, node=settings.node_id, region=settings.region)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         enrolled = credentials if credentials.enrolled else None
 
         def reread() -> list[ModelConfig]:  # on SIGHUP: the file again, checked the same way

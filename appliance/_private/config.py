@@ -17,7 +17,9 @@ from federation import (
     ConfigError,
     DiscoveryConfig,
     LoggingMode,
+    LogsConfig,
     ServerConfig,
+    TracesConfig,
     convert_config,
     read_toml,
 )
@@ -66,6 +68,9 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # zeroconf: announce this process on the listed interfaces and browse for its fleet.
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     fleet: FleetConfig = msgspec.field(default_factory=FleetConfig)
+    # Log lines as text or JSON (`--log-format`); OpenTelemetry traces (`--otlp-endpoint`).
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
+    traces: TracesConfig = msgspec.field(default_factory=TracesConfig)
 
     def home(self) -> Path:
         """The state directory: `data_dir` from the file, else `$PALISADE_HOME`."""

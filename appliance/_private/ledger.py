@@ -22,6 +22,7 @@ import msgspec
 from appliance._private.edge import EdgeGate, is_fleet_principal
 from appliance._private.engines.base import Finish, Generation, Prompt, SamplingParams
 from appliance._private.metrics import ApplianceMetrics
+from appliance._private.request_spans import generation_spans
 from appliance._private.served import ServedModel
 from compliance import Recorder
 from federation import (
@@ -32,8 +33,12 @@ from federation import (
     APIError,
     Children,
     Principal,
+    RequestContext,
     RequestRecord,
     Tenancy,
+    child_span,
+    current_request,
+    end_span,
     fleet_request_id,
 )
 
@@ -53,6 +58,8 @@ class Ticket:
     admission: Admission | None = None
     admitted: bool = False
     ended: bool = False
+    # The HTTP request it serves (its request id, trace and org), when there is one.
+    context: RequestContext | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -104,7 +111,9 @@ class Ledger:
         served.acquire()
         record_id = f"{prefix}-{os.urandom(12).hex()}"
         fleet_request = fleet_request_of(principal, headers) if headers is not None else None
-        ticket = Ticket(principal, served, record_id, kind, fleet_request)
+        ticket = Ticket(
+            principal, served, record_id, kind, fleet_request, context=_noted(record_id, principal)
+        )
         try:
             yield ticket
         finally:
@@ -115,8 +124,16 @@ class Ledger:
         """Limits and budget for `estimate` (tokens; requests for a prediction), unless a
         router vouched for the caller (it enforces them); journals the `interrupted` row.
         From here the request ends in `finished`, exactly once."""
-        ticket.admission = self._admission(ticket, estimate)
+        span = child_span(ticket.context, "admission", attributes={"palisade.estimate": estimate})
+        try:
+            ticket.admission = self._admission(ticket, estimate)
+        except APIError as exc:
+            if span is not None:
+                end_span(span, exc.code)
+            raise
         ticket.admitted = True
+        if span is not None:
+            end_span(span)
 
     def _admission(self, ticket: Ticket, estimate: int) -> Admission | None:
         principal, served, record_id = ticket.principal, ticket.served, ticket.record_id
@@ -141,6 +158,10 @@ class Ledger:
         """Submit to the ticket's engine; the generation ends in `finished`, once, however
         it ends (a submission the engine refuses ends it here)."""
 
+        context = ticket.context if ticket.context and ticket.context.span else None
+        engine = ticket.served.engine
+        load = engine.load_now() if context is not None else None  # the queue it joins
+
         def on_done(finish: Finish) -> None:
             self.finished(
                 ticket,
@@ -150,12 +171,15 @@ class Ledger:
                 reason=finish.reason,
                 cached_tokens=finish.cached_tokens,
             )
+            if context is not None and load is not None:
+                generation_spans(context, ticket.served.id, generation, finish, load)
 
         try:
-            return ticket.served.engine.submit(prompt, params, on_done)
+            generation = engine.submit(prompt, params, on_done)
         except BaseException as exc:  # not submitted: nothing else will end it
             self.finished(ticket, exc.code if isinstance(exc, APIError) else "error", 0, 0)
             raise
+        return generation
 
     # --- the end -------------------------------------------------------------------------
 
@@ -257,6 +281,16 @@ class Ledger:
             recorder.content(principal.logging_mode, record_id, principal.org, content)
 
         return keep
+
+
+def _noted(record_id: str, principal: Principal) -> RequestContext | None:
+    """The HTTP request being served, told its org and its id (the record's, unless the
+    client or the router named the request)."""
+    context = current_request()
+    if context is not None:
+        context.adopt(record_id)
+        context.org = principal.org
+    return context
 
 
 def fleet_request_of(principal: Principal, headers: Mapping[str, str]) -> str | None:

@@ -16,6 +16,7 @@ from appliance._private.app import ApplianceState, create_app
 from appliance._private.config import ApplianceConfig
 from appliance._private.engines.registry import ModelConfig
 from appliance._private.errors import ModelLoadError
+from appliance._private.http.openai_routes import INFERENCE_PATHS
 from appliance._private.model_overlay import ModelOverlay
 from compliance import Recorder
 from federation import (
@@ -28,7 +29,9 @@ from federation import (
     bind_socket,
     join_secret,
     make_server,
+    observed,
     server_context,
+    start_tracing,
     url_of,
 )
 
@@ -108,7 +111,11 @@ def serve(
     app.on_startup.append(
         _reconcile_on_sighup(state, lambda: overlay.apply(reread() if reread else first_models))
     )
-    server = make_server(app, config.server, [Listener(sock, tls)])
+    tracing = start_tracing(
+        config.traces, service="palisade-appliance", node=config.node_id, region=config.region
+    )
+    traced = observed(app, routes=INFERENCE_PATHS, tracing=tracing)
+    server = make_server(traced, config.server, [Listener(sock, tls)])
 
     def stop_on_fatal() -> None:
         server.should_exit = True
@@ -122,7 +129,11 @@ def serve(
             "management API is disabled. Listening on loopback only."
         )
     _announce(config, url, no_auth=no_auth)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if tracing is not None:
+            tracing.close()  # the spans still queued
     if state.load_error is not None:
         return 1
     return 0

@@ -112,6 +112,7 @@ def make_server(
             app,
             http=guarded_protocol(config),
             log_level="warning",
+            log_config=None,  # uvicorn's records go to the process's handler (text or JSON)
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=5,

@@ -28,6 +28,7 @@ from federation import (
     SIGNATURE_HEADER,
     Action,
     Advertisement,
+    APIError,
     AssertionSigner,
     AuthenticationError,
     Caller,
@@ -49,9 +50,12 @@ from federation import (
     Tenancy,
     announce_admin_key,
     cancel_and_wait,
+    child_span,
     client_gone_response,
     count_exits,
+    current_request,
     decode_request,
+    end_span,
     error_handlers,
     peer_identity,
     read_body,
@@ -92,6 +96,8 @@ _INFERENCE = {
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
 }
+# The paths whose requests are traced and get access lines (path -> route in spans).
+INFERENCE_ROUTES = {path: path for path in _INFERENCE}
 
 
 class _StreamOptions(msgspec.Struct):
@@ -340,6 +346,7 @@ def create_router_app(
         on_shutdown=[state.stop],
         request_max_body_size=config.max_body_bytes,
         openapi_config=None,
+        logging_config=None,  # the process's logging is the CLI's (`configure_logging`)
         debug=False,
     )
     return app, state
@@ -388,7 +395,7 @@ def _openai_routes(state: RouterState) -> list[HTTPRouteHandler]:
 async def _forward(
     state: RouterState, request: Request[Any, Any, Any], endpoint: str
 ) -> Response[Any]:
-    principal = await state.tenancy.principal(request)
+    principal = await _authenticated(state, request)
     regions = state.regions_for(principal, request.headers.get(REGIONS_HEADER))
     if regions != principal.regions:
         principal = dataclasses.replace(principal, regions=regions)
@@ -399,6 +406,25 @@ async def _forward(
         reserved = call.admission.reserved if call.admission is not None else 0
         _begin(state, principal, call.model, call.id, reserved)
         return await _noting_hangup(request, state.forwarder.forward(call))
+
+
+async def _authenticated(state: RouterState, request: Request[Any, Any, Any]) -> Principal:
+    """The caller's principal; its org goes into the request's log lines, and a traced
+    request gets an `auth` span around finding it."""
+    context = current_request()
+    span = child_span(context, "auth")
+    try:
+        principal = await state.tenancy.principal(request)
+    except APIError as exc:
+        if span is not None:
+            end_span(span, exc.code)
+        raise
+    if context is not None:
+        context.org = principal.org
+    if span is not None:
+        span.set_attribute("palisade.org", principal.org)
+        end_span(span)
+    return principal
 
 
 async def _noting_hangup(
@@ -453,6 +479,9 @@ def _call(
     # Byte-level tokenizers never make more tokens than bytes: a true worst case to reserve.
     estimate = len(body) + max(limit, 0) * routed.choices()
     request_id = f"route-{os.urandom(12).hex()}"
+    context = current_request()
+    if context is not None:
+        context.adopt(request_id)  # the id of its answer and of its logs, unless the client's
     admission = state.tenancy.gate.admit(
         principal, estimate, request_id=request_id, model=routed.model
     )
@@ -467,6 +496,7 @@ def _call(
         admission=admission,
         headers=admission.headers,
         id=request_id,
+        context=context,
     )
 
 

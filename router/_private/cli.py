@@ -13,18 +13,23 @@ from urllib.parse import quote
 import msgspec
 import typer
 
-from federation import PalisadeError
+from federation import PalisadeError, configure_logging
 from federation.client import (
     DEFAULT_URL,
     JsonFlag,
     KeyOpt,
+    LogFormatOpt,
+    OtlpEndpointOpt,
+    SampleRatioOpt,
     UrlOpt,
     call_api,
     fail,
+    observability_settings,
     print_json,
     resolve_target,
     table,
 )
+from router._private.canary_cli import with_canary_every
 from router._private.config import load_router_config, palisade_home
 from router._private.local_fleet import check_regions, run_local_fleet
 from router._private.server import serve
@@ -74,6 +79,16 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
             show_default=False,
         ),
     ] = None,
+    canary_every: Annotated[
+        str | None,
+        typer.Option(
+            "--canary-every",
+            help="Run the router's own canary every DURATION, e.g. 60s (overrides [canary]).",
+        ),
+    ] = None,
+    log_format: LogFormatOpt = None,
+    otlp_endpoint: OtlpEndpointOpt = None,
+    trace_sample_ratio: SampleRatioOpt = None,
 ) -> None:
     """Serve the OpenAI API in front of the fleet, and the mTLS fleet listener."""
     logging.basicConfig(
@@ -91,7 +106,16 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     try:
         settings = load_router_config(config, overrides)
         switched = settings.discovery.switched(discovery)
-        settings = msgspec.structs.replace(settings, discovery=switched)
+        settings = with_canary_every(settings, canary_every)
+        logs, traces = observability_settings(
+            settings.logs,
+            settings.traces,
+            log_format=log_format,
+            otlp_endpoint=otlp_endpoint,
+            sample_ratio=trace_sample_ratio,
+        )
+        settings = msgspec.structs.replace(settings, discovery=switched, logs=logs, traces=traces)
+        configure_logging(settings.logs, node=settings.router_id)
         code = serve(settings, demo_regions=regions)
     except PalisadeError as exc:
         raise fail(str(exc)) from None

@@ -14,7 +14,9 @@ from federation import (
     DeviceClass,
     DiscoveryConfig,
     LoggingMode,
+    LogsConfig,
     ServerConfig,
+    TracesConfig,
     convert_config,
     load_config,
 )
@@ -79,6 +81,9 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     # zeroconf: announce this process on the listed interfaces and browse for its fleet.
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    # Log lines as text or JSON (`--log-format`); OpenTelemetry traces (`--otlp-endpoint`).
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
+    traces: TracesConfig = msgspec.field(default_factory=TracesConfig)
 
     def home(self) -> Path:
         return Path(self.data_dir) if self.data_dir else palisade_home()

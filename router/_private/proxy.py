@@ -56,11 +56,15 @@ from federation import (
     InvalidRequestError,
     Principal,
     ReportedUsage,
+    RequestContext,
     RequestRecord,
     UnreachedError,
+    child_span,
     decode_request,
+    end_span,
     node_dns_name,
     receipt_headers,
+    span_id_of,
 )
 from router._private.config import RouterConfig
 from router._private.errors import BackendCrashedError, BackendUnavailableError, NoBackendError
@@ -72,6 +76,7 @@ if TYPE_CHECKING:
     from litestar.background_tasks import BackgroundTask, BackgroundTasks
     from litestar.datastructures import Cookie
     from litestar.types import TypeEncodersMap
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("palisade.router")
 T = TypeVar("T")
@@ -89,6 +94,7 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]"
 _BODILESS = frozenset({204, 304})
 _ERROR_FRAME = b'data: {"error"'
+_SERVER_ERROR = 500
 
 
 class _UsageCarrier(msgspec.Struct):
@@ -131,6 +137,8 @@ class Call:
     admission: Admission | None
     headers: dict[str, str]
     id: str = field(default_factory=lambda: f"route-{os.urandom(12).hex()}")
+    # The client request it serves (its id and trace go on to the node), if made by one.
+    context: RequestContext | None = None
     tried: list[str] = field(default_factory=list)
     # A stream being relayed settles the call when it closes; otherwise `Forwarder.accounting`
     # does, on whatever way out. `settled` makes the second settlement a no-op.
@@ -159,6 +167,7 @@ class _Relayed:
     produced: int = 0  # events relayed with text (see `_text_events`)
     usage: ReportedUsage | None = None
     status: str = "cancelled"  # until the stream ends otherwise
+    span: Span | None = None  # the attempt's, when traced: it ends with the stream
     complete: bool = False  # read to its end
     closed: bool = False
     watchdog: asyncio.Future[object] = field(
@@ -350,14 +359,17 @@ class Forwarder:
         failures: list[FailureKind] = []
         why: str = ""  # why the last node did not answer: the failover's reason
         for attempt in range(1 + self._config.proxy.max_retries):
-            node = self._fleet.pick(call.model, call.regions, preference, call.tried)
+            node = self._pick(call, preference)
             if node is None:
                 break
             if attempt:
                 self._metrics.retries.inc()
                 self._failovers(why).inc()
             call.tried.append(node.id)
-            outcome = await self._attempt(node, call, payload)
+            span = child_span(call.context, "attempt", "client", _attempted_attributes(node))
+            outcome = await self._attempt(node, call, payload, span)
+            if span is not None and not isinstance(outcome, ClosingStream):
+                _end_attempt(span, outcome)
             if isinstance(outcome, Response):
                 self._count_device_failover(call, node, preference)
                 return outcome
@@ -385,8 +397,31 @@ class Forwarder:
         if fallback is not None:
             self._device_failovers(*fallback).inc()
 
+    def _pick(self, call: Call, preference: Sequence[str]) -> Node | None:
+        """The next node for `call`; a traced call records the choice and the candidates."""
+        span = child_span(call.context, "select_node")
+        node = self._fleet.pick(call.model, call.regions, preference, call.tried)
+        if span is not None:
+            candidates = [
+                other.id
+                for other in self._fleet.nodes.values()
+                if other.region in call.regions and call.model in other.models
+            ]
+            span.set_attributes(
+                {
+                    "palisade.model": call.model,
+                    "palisade.regions": sorted(call.regions),
+                    "palisade.preference": list(preference),
+                    "palisade.candidates": candidates,
+                    "palisade.tried": list(call.tried),
+                    "palisade.chosen": node.id if node is not None else "",
+                }
+            )
+            end_span(span, None if node is not None else "no_node")
+        return node
+
     async def _attempt(
-        self, node: Node, call: Call, payload: bytes
+        self, node: Node, call: Call, payload: bytes, span: Span | None = None
     ) -> Response[Any] | _Refusal | _NodeFailedError:
         """The node's answer as the client's response, its 503 refusal, or how it failed."""
         headers = {
@@ -394,6 +429,8 @@ class Forwarder:
             ASSERTION_HEADER: self._signer.assertion(call.principal, node.id),
             FLEET_REQUEST_HEADER: call.id,
         }
+        if call.context is not None:  # its request id and trace, the attempt as the parent
+            headers |= call.context.forwarded(span_id_of(span) if span is not None else None)
         node.in_flight += 1
         handed_off = False
         try:
@@ -413,6 +450,7 @@ class Forwarder:
             if call.stream and reply.status == 200:
                 handed_off = True
                 relay = self._open_relay(node, call, reply)
+                relay.span = span
                 return ClosingStream(
                     self._relay(relay),
                     on_close=lambda: self._close_relay(relay),
@@ -546,6 +584,9 @@ class Forwarder:
             relay.reply.close()  # a client that hung up: the node sees it and stops generating
         usage = relay.usage or ReportedUsage(relay.prompt_tokens, relay.produced)
         self._settle(relay.call, node, usage, status=relay.status)
+        if relay.span is not None:
+            relay.span.set_attribute("palisade.outcome", relay.status)
+            end_span(relay.span, None if relay.status == "ok" else relay.status)
 
     # --- receipts, metering, errors ------------------------------------------------------------
 
@@ -622,6 +663,21 @@ class Forwarder:
                 tried=list(call.tried),
             )
             self._recorder.request(principal.logging_mode, record)
+
+
+def _attempted_attributes(node: Node) -> dict[str, str]:
+    return {"palisade.node": node.id, "palisade.region": node.region, "url.full": node.url}
+
+
+def _end_attempt(span: Span, outcome: Response[Any] | _Refusal | _NodeFailedError) -> None:
+    """End an attempt's span with how it went: the node's status, or how it failed."""
+    if isinstance(outcome, _NodeFailedError):
+        span.set_attribute("palisade.outcome", f"failed_{outcome.kind}")
+        end_span(span, f"node_failed_{outcome.kind}")
+        return
+    status = (outcome.status_code or 200) if isinstance(outcome, Response) else outcome.status
+    span.set_attribute("http.response.status_code", status)
+    end_span(span, f"http_{status}" if status >= _SERVER_ERROR else None)
 
 
 def tls_name(node: Node) -> str | None:

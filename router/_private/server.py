@@ -19,10 +19,12 @@ from federation import (
     bind_socket,
     join_secret,
     make_server,
+    observed,
     private_dir,
+    start_tracing,
     url_of,
 )
-from router._private.app import RouterState, create_router_app
+from router._private.app import INFERENCE_ROUTES, RouterState, create_router_app
 from router._private.config import RouterConfig
 from router._private.transport import RouterTLS, router_tls
 
@@ -62,8 +64,11 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
     use_tls(state, tls)
     state.url = url_of(public, "https" if tls.public is not None else "http")
     state.fleet_url = config.fleet_url.rstrip("/") if config.fleet_url else url_of(fleet, "https")
+    tracing = start_tracing(config.traces, service="palisade-router", node=config.router_id)
     server = make_server(
-        app, config.server, [Listener(public, tls.public), Listener(fleet, tls.fleet)]
+        observed(app, routes=INFERENCE_ROUTES, tracing=tracing),
+        config.server,
+        [Listener(public, tls.public), Listener(fleet, tls.fleet)],
     )
     state.policy.stopping = lambda: server.should_exit  # long polls end as shutdown starts
     sys.stdout.write(
@@ -73,7 +78,11 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         "palisade node init and palisade node enroll\n"
     )
     sys.stdout.flush()
-    server.run()
+    try:
+        server.run()
+    finally:
+        if tracing is not None:
+            tracing.close()  # the spans still queued
     return 0
 
 
