@@ -120,7 +120,7 @@ def _whole_trace(receiver: Receiver, trace_id: str) -> list[ReceivedSpan] | None
     spans = receiver.trace(trace_id)
     router = {s.name for s in spans if s.service == "palisade-router"}
     node = {s.name for s in spans if s.service == "palisade-appliance"}
-    return spans if ROUTER_SPANS <= router and NODE_SPANS <= node else None
+    return spans if router >= ROUTER_SPANS and node >= NODE_SPANS else None
 
 
 def _check_linked(spans: list[ReceivedSpan], client_parent: str = "") -> None:
@@ -225,7 +225,8 @@ def test_one_trace_across_router_and_node_and_json_logs_without_content(
         requests = [line for line in lines if line["logger"] == "palisade.access"]
         assert len(requests) >= 3, name
         for line in requests:
-            assert line["request_id"] and len(line["trace_id"]) == 32, line
+            assert line["request_id"], line
+            assert len(line["trace_id"]) == 32, line
     node_lines = _json_lines(logs["node"])
     node_access = [line for line in node_lines if line["logger"] == "palisade.access"]
     # The node's lines carry the router's request id and the same trace.
