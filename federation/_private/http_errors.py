@@ -85,7 +85,7 @@ def _uncounted(_: str) -> None:
 def _http_message(server: str, request: Request[Any, Any, Any], exc: HTTPException) -> str:
     path = request.url.path
     if exc.status_code == 404:
-        return f"No route for {request.method} {path}; the OpenAI API is under /v1 (see docs/api.md)."
+        return f"No route for {request.method} {path}; the OpenAI API is under /v1 (docs/api.md)."
     if exc.status_code == 405:
         return f"{request.method} is not allowed on {path}."
     if exc.status_code == 413:
