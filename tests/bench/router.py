@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any
@@ -113,7 +114,16 @@ LITELLM_VENV = REPO / "var" / "bench" / "litellm-venv"
 _ROUTER_LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
 _FLEET_LISTENING = re.compile(r"fleet \(mTLS\) on (?P<url>https://[^\s,]+)")
 # Each router-through target, and the target it is measured against.
-BASES = {"router": "direct", "litellm": "direct", "router_mtls": "direct_tls"}
+BASES = {
+    "router": "direct",
+    "litellm": "direct",
+    "router_mtls": "direct_tls",
+    "router_observed": "direct",
+}
+# `router_observed`: the plain router with JSON logs (an access line per request) and traces
+# sampled at 1 % to an OTLP/HTTP sink; what that adds over `router` should stay small.
+OBSERVED_ARGS = ("--log-format", "json", "--trace-sample-ratio", "0.01")
+OBSERVED_ADDED_P50_MS = 0.1
 _API_KEY = re.compile(r"pal-sk-\S+")
 
 
@@ -130,6 +140,7 @@ class Settings:
     timeout_s: float = 10.0
     quiet_wait_s: float = 20.0
     litellm: bool = True
+    observed: bool = True  # also the router with JSON logs and traces on (`router_observed`)
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -189,7 +200,7 @@ def _pump(process: subprocess.Popen[str], output: list[str], found: threading.Ev
 
 @contextlib.contextmanager
 def run_router(
-    home: Path, *, tls: bool, ready_timeout: float = 60.0
+    home: Path, *, tls: bool, ready_timeout: float = 60.0, extra: Sequence[str] = ()
 ) -> Iterator[tuple[Server, str]]:
     """`palisade router serve --port 0 --fleet-port 0 --demo-regions bench`; yields it and
     the demo key. With `tls` its public listener serves HTTPS with a certificate from its
@@ -197,7 +208,7 @@ def run_router(
     environment = {k: v for k, v in os.environ.items() if k != JOIN_SECRET_ENV}
     environment |= {"PALISADE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "palisade", "router", "serve", "--port", "0"]
-    command += ["--fleet-port", "0", "--demo-regions", REGION]
+    command += ["--fleet-port", "0", "--demo-regions", REGION, *extra]
     verify: ssl.SSLContext | bool = True
     if tls:
         home.mkdir(parents=True, exist_ok=True)
@@ -374,11 +385,11 @@ class BenchFleet:
 
 
 @contextlib.contextmanager
-def run_fleet(home: Path, *, tls: bool) -> Iterator[BenchFleet]:
+def run_fleet(home: Path, *, tls: bool, extra: Sequence[str] = ()) -> Iterator[BenchFleet]:
     """The router, then (mTLS) the stand-in's enrollment, the stand-in, its heartbeats, and
     a wait until the router lists its model."""
     with contextlib.ExitStack() as stack:
-        router, key = stack.enter_context(run_router(home / "router", tls=tls))
+        router, key = stack.enter_context(run_router(home / "router", tls=tls, extra=extra))
         settings: dict[str, Any] = {"tokens": MAX_TOKENS, "model": MODEL}
         ca = None
         if tls:
@@ -841,6 +852,7 @@ def judge(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for target, label in ROUTER_TARGETS.items():
         if target in summary["concurrency_1"]:
             found += _judge_router(summary, target, label)
+    found += _judge_observed(summary["concurrency_1"])
     ratio = summary["ratios"]["router_vs_litellm_added_p50"]
     found.append(
         _target(
@@ -852,6 +864,46 @@ def judge(summary: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     return found
+
+
+def _judge_observed(c1: dict[str, Any]) -> list[dict[str, Any]]:
+    """What JSON logs and 1 %-sampled traces add to the router's added p50 (same run)."""
+    if "router_observed" not in c1 or "router" not in c1:
+        return []
+    growth = _minus(c1["router_observed"]["added_p50_ms"], c1["router"]["added_p50_ms"])
+    return [
+        _target(
+            "JSON logs + traces (1 %) growth of added p50, concurrency 1",
+            growth,
+            "ms",
+            f"<= {OBSERVED_ADDED_P50_MS:g} ms",
+            _at_most(growth, OBSERVED_ADDED_P50_MS),
+        )
+    ]
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """An OTLP/HTTP endpoint that accepts every export (the benchmark reads nothing of it)."""
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _judge_router(summary: dict[str, Any], target: str, label: str) -> list[dict[str, Any]]:
@@ -1137,6 +1189,12 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
         plain = stack.enter_context(run_fleet(scratch / "plain", tls=False))
         mtls = stack.enter_context(run_fleet(scratch / "mtls", tls=True))
         fleets = {"plain": plain, "mTLS": mtls}
+        if settings.observed:
+            sink = stack.enter_context(otlp_sink())
+            observed_args = (*OBSERVED_ARGS, "--otlp-endpoint", sink)
+            fleets["observed"] = stack.enter_context(
+                run_fleet(scratch / "observed", tls=False, extra=observed_args)
+            )
         standin, router = plain.standin, plain.router
         litellm: Server | None = None
         if skipped is None:
@@ -1165,6 +1223,12 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             }
             | fleet_ca,
         }
+        if "observed" in fleets:
+            observed = fleets["observed"]
+            endpoints["router_observed"] = {
+                "url": f"{observed.router.url}/v1/chat/completions",
+                "headers": json_header | {"Authorization": f"Bearer {observed.key}"},
+            }
         if litellm is not None:
             endpoints["litellm"] = {
                 "url": f"{litellm.url}/v1/chat/completions",
@@ -1179,7 +1243,7 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             timeout_s=settings.timeout_s,
             connections=CONNECTIONS,
         )
-        pids = [*plain.pids(), *mtls.pids()]
+        pids = [pid for fleet in fleets.values() for pid in fleet.pids()]
         pids += [litellm.process.pid] if litellm is not None else []
         own = [os.getpid(), load.process.pid, *pids]
         bench = Bench(settings, load, list(endpoints), pids, own)
