@@ -239,10 +239,12 @@ from federation._private.tracing import (
 
 __all__ = [
     "ASSERTION_HEADER",
+    "CANARY_KEY_FILE",
     "DATATYPES",
     "DEFAULT_DEVICE_PREFERENCE",
     "DEFAULT_GRACE_S",
     "DEVICE_CLASSES",
+    "DEVICE_CLASS_HEADER",
     "DEVICE_HEADER",
     "ENCODER",
     "FLEET_DECODER",
@@ -501,6 +503,7 @@ __all__ = [
 
 from federation._private.vocabulary import (
     DEFAULT_DEVICE_PREFERENCE,
+    DEVICE_CLASS_HEADER,
     DEVICE_CLASSES,
     DEVICE_HEADER,
     FLEET_ROLES,
@@ -519,7 +522,7 @@ from federation._private.vocabulary import (
 )
 
 if TYPE_CHECKING:
-    from federation._private.admin_api import Tenancy, announce_admin_key
+    from federation._private.admin_api import CANARY_KEY_FILE, Tenancy, announce_admin_key
     from federation._private.cli import (
         budget_cli,
         key_cli,
@@ -575,6 +578,7 @@ if TYPE_CHECKING:
 # serve HTTP or parse a command line (the audit-log writer, the offline verifier) do without.
 _LAZY = {
     "Tenancy": "federation._private.admin_api",
+    "CANARY_KEY_FILE": "federation._private.admin_api",
     "announce_admin_key": "federation._private.admin_api",
     "error_handlers": "federation._private.http_errors",
     "error_response": "federation._private.http_errors",

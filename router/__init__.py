@@ -7,6 +7,7 @@ regions; it fails over before the first byte and fails closed on residency.
 """
 
 from router._private.app import RouterState, create_router_app
+from router._private.canary_cli import canary_cli
 from router._private.cli import fleet_cli, router_cli
 from router._private.config import (
     DEFAULT_PORT,
@@ -42,6 +43,7 @@ __all__ = [
     "RouterMetrics",
     "RouterState",
     "TargetGroup",
+    "canary_cli",
     "create_router_app",
     "fleet_cli",
     "load_router_config",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,6 +40,7 @@ from federation._private.store import (
     AuditSink,
     Caller,
     TenancyStore,
+    UserRecord,
     key_view,
     org_view,
     user_view,
@@ -53,6 +55,15 @@ _KEY = msgspec.json.Decoder(wire.KeyCreate)
 _BUDGET = msgspec.json.Decoder(wire.BudgetSet)
 _LIMITS = msgspec.json.Decoder(wire.KeyLimits)
 _GROUPS = ("model", "user", "region", "node", "day", "org", "key")
+# The synthetic prober (`palisade canary`): one user of role `canary` in its own org. Its keys
+# are tight: a round asks each region and device class for one token.
+CANARY_ORG = "palisade-canary"
+CANARY_EMAIL = "canary@local"
+CANARY_KEY_FILE = "canary.key"
+_CANARY_KEY = wire.KeyCreate(
+    name="canary",
+    limits=wire.KeyLimits(requests_per_minute=300, tokens_per_minute=60_000, burst=60),
+)
 
 
 class Tenancy:
@@ -127,6 +138,45 @@ class Tenancy:
         created = await store.create_key(user, wire.KeyCreate(name="demo"), "system")
         _write_secret(path, created.key)
         return created.key
+
+    async def canary_key(self, regions: Iterable[str]) -> str:
+        """The canary's key for this server's own canary, kept 0600 in canary.key (made,
+        with the canary user and org, on first use). The org may use `regions`, and keeps
+        any it was allowed before."""
+        user = await self._canary_user(regions)
+        path = self.home / CANARY_KEY_FILE
+        if path.is_file():
+            with contextlib.suppress(AuthenticationError):
+                self.store.authenticate(path.read_text().strip())
+                return path.read_text().strip()
+        created = await self.store.create_key(user, _CANARY_KEY, "system")
+        _write_secret(path, created.key)
+        return created.key
+
+    async def new_canary_key(self, regions: Iterable[str], actor: str) -> wire.CreatedKey:
+        """Another canary key (shown once), for a canary run elsewhere (`palisade canary`)."""
+        return await self.store.create_key(await self._canary_user(regions), _CANARY_KEY, actor)
+
+    async def allow_canary(self, regions: Iterable[str]) -> None:
+        """Widen the canary org (when there is one) to `regions`: it probes every region."""
+        org = self.store.orgs.get(CANARY_ORG)
+        if org is not None and not org.regions.issuperset(regions):
+            await self.store.set_regions(CANARY_ORG, org.regions.union(regions), "system")
+
+    async def _canary_user(self, regions: Iterable[str]) -> UserRecord:
+        wanted = sorted(set(regions)) or [self.region]
+        store = self.store
+        if CANARY_ORG not in store.orgs:
+            await store.create_org(wire.OrgCreate(name=CANARY_ORG, regions=wanted), "system")
+        await self.allow_canary(wanted)
+        return next(
+            (
+                u
+                for u in store.users.values()
+                if u.role == "canary" and u.org == CANARY_ORG and u.removed_at is None
+            ),
+            None,
+        ) or await store.add_user(CANARY_EMAIL, "canary", CANARY_ORG, "system")
 
     async def _bootstrap(self) -> str | None:
         key = await self.store.bootstrap_admin()

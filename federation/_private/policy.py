@@ -1,27 +1,32 @@
 """Role-based access control: the one matrix every management action is checked against.
 
-| action                        | system_admin | auditor | org_admin | org_user | org_auditor |
-|-------------------------------|--------------|---------|-----------|----------|-------------|
-| view system-wide usage        | yes          | yes     | no        | no       | no          |
-| manage models                 | yes          | no      | no        | no       | no          |
-| create/manage organizations   | yes          | no      | no        | no       | no          |
-| view org usage                | any org      | any org | own       | own      | own         |
-| invite/remove users           | any org      | no      | own       | no       | no          |
-| set org budgets               | any org      | no      | own       | no       | no          |
-| create API key                | no           | no      | own       | own      | no          |
-| view/revoke own keys          | no           | no      | yes       | yes      | no          |
-| view/revoke all org keys      | any org      | no      | own       | no       | no          |
-| view org audit log            | any org      | any org | own       | no       | own         |
-| read sealed request content   | no           | any org | no        | no       | own         |
-| call the inference API        | no           | no      | yes       | yes      | no          |
-| view the fleet                | yes          | no      | no        | no       | no          |
-| enroll/revoke fleet nodes     | yes          | no      | no        | no       | no          |
+| action                       | system_admin | auditor | org_admin | org_user | org_auditor | canary |
+|------------------------------|--------------|---------|-----------|----------|-------------|--------|
+| view system-wide usage       | yes          | yes     | no        | no       | no          | no     |
+| manage models                | yes          | no      | no        | no       | no          | no     |
+| create/manage organizations  | yes          | no      | no        | no       | no          | no     |
+| view org usage               | any org      | any org | own       | own      | own         | no     |
+| invite/remove users          | any org      | no      | own       | no       | no          | no     |
+| set org budgets              | any org      | no      | own       | no       | no          | no     |
+| create API key               | no           | no      | own       | own      | no          | no     |
+| view/revoke own keys         | no           | no      | yes       | yes      | no          | no     |
+| view/revoke all org keys     | any org      | no      | own       | no       | no          | no     |
+| view org audit log           | any org      | any org | own       | no       | own         | no     |
+| read sealed request content  | no           | any org | no        | no       | own         | no     |
+| call the inference API       | no           | no      | yes       | yes      | no          | yes    |
+| view the fleet               | yes          | no      | no        | no       | no          | yes    |
+| enroll/revoke fleet nodes    | yes          | no      | no        | no       | no          | no     |
+| pin a request's device class | no           | no      | no        | no       | no          | own    |
 
 "view org audit log" covers the signed export, its verification and residency reports. The
 auditors change nothing: each gets its one API key by accepting its invitation, and an
 administrator revokes it. Only they read sealed content (separation of duties: the people
 who run the service do not read what its users sent), and every read is itself audited.
-"""
+The `canary` is the synthetic prober's one user (made by the router, never invited): it calls
+the inference API, reads the fleet to know what to probe, and alone may pin a request to one
+device class (X-Palisade-Device-Class), so that no tenant can steer its requests off the
+operator's order of preference.
+"""  # noqa: E501 - the table is one row per action, one column per role
 
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class Action(Enum):
     CALL_INFERENCE = "call the inference API"
     VIEW_FLEET = "view the fleet"
     MANAGE_FLEET = "enroll/revoke fleet nodes"
+    PIN_DEVICE_CLASS = "pin a request's device class"
 
 
 # Per role: the actions allowed in any org ("any"), only in the actor's own org ("own").
@@ -90,6 +96,11 @@ _MATRIX: dict[str, dict[Action, str]] = {
         Action.VIEW_ORG_USAGE: _OWN,
         Action.VIEW_AUDIT: _OWN,
         Action.READ_CONTENT: _OWN,
+    },
+    "canary": {
+        Action.CALL_INFERENCE: _OWN,
+        Action.VIEW_FLEET: _ANY,
+        Action.PIN_DEVICE_CLASS: _OWN,
     },
 }
 

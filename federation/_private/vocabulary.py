@@ -22,10 +22,13 @@ LOGGING_MODES: Final[tuple[LoggingMode, ...]] = get_args(LoggingMode)
 # roles in every org. The auditors (`org_auditor` for one org, `auditor` for every org) read
 # usage, audit evidence and sealed content and change nothing. An invitation grants an org
 # role, or (from a system admin, naming no org) the fleet-wide `auditor`.
+# The `canary` (the synthetic prober, `palisade canary`) is never invited: the router makes
+# its one user, in the canary org, itself.
 OrgRole = Literal["org_admin", "org_user", "org_auditor"]
 FleetAuditor = Literal["auditor"]
 SystemRole = Literal["system_admin", FleetAuditor]
-UserRole = Literal[SystemRole, OrgRole]
+CanaryRole = Literal["canary"]
+UserRole = Literal[SystemRole, OrgRole, CanaryRole]
 InvitedRole = Literal[OrgRole, FleetAuditor]
 USER_ROLES: Final[tuple[UserRole, ...]] = get_args(UserRole)
 ORG_ROLES: Final[tuple[OrgRole, ...]] = get_args(OrgRole)
@@ -39,6 +42,9 @@ REGION_HEADER: Final = "X-Palisade-Region"
 NODE_HEADER: Final = "X-Palisade-Node"
 DEVICE_HEADER: Final = "X-Palisade-Device"
 MODEL_VERSION_HEADER: Final = "X-Palisade-Model-Version"
+# A request pinned to one device class instead of the router's order of preference: only
+# for roles the RBAC matrix lets `pin a request to one device class` (the canary).
+DEVICE_CLASS_HEADER: Final = "X-Palisade-Device-Class"
 
 
 def receipt_headers(

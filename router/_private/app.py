@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from compliance import Recorder, audit_routes
 from federation import (
+    DEVICE_CLASS_HEADER,
+    DEVICE_CLASSES,
     ENCODER,
     HEARTBEAT_DECODER,
     INTERRUPTED,
@@ -48,6 +51,7 @@ from federation import (
     RequestRecord,
     ServiceUnavailableError,
     Tenancy,
+    allowed,
     announce_admin_key,
     cancel_and_wait,
     child_span,
@@ -66,6 +70,7 @@ from federation import (
     verify_fleet_message,
 )
 from router._private.ca import FleetCA
+from router._private.canary import Canary, CanaryPolicy, CanaryTarget
 from router._private.config import RouterConfig
 from router._private.edge_routes import edge_routes
 from router._private.errors import RegionHeaderError
@@ -89,6 +94,7 @@ log = logging.getLogger("palisade.router")
 
 VERSION = "0.1.0"
 REGIONS_HEADER = "x-palisade-regions"
+_PIN_HEADER = DEVICE_CLASS_HEADER.lower()
 # A request still unanswered after this long starts watching for its client hanging up.
 _WATCH_AFTER_S = 0.05
 _INFERENCE = {
@@ -215,6 +221,8 @@ class RouterState:
             asyncio.create_task(self._sweep_forever()),
             asyncio.create_task(self._probe_forever()),
         ]
+        if self.config.canary.enabled:
+            self._tasks.append(asyncio.create_task(self._canary_forever()))
         if self.demo_regions is not None:
             _announce_demo(await self.tenancy.demo_key(self.demo_regions), self)
         if self.tls is not None:
@@ -290,6 +298,28 @@ class RouterState:
                 log.warning("node %s (%s): %s -> %s", node.id, node.region, was, now)
         finally:
             self._probing.discard(node_id)
+
+    async def _canary_forever(self) -> None:
+        """The router's own canary (`[canary]`): through its public listener, as a client."""
+        settings = self.config.canary
+        policy = CanaryPolicy(settings.every_s)
+
+        async def targets() -> list[CanaryTarget]:
+            found = policy.targets(self.fleet.status(self.config.router_id))
+            await self.tenancy.allow_canary({target.region for target in found})
+            return found
+
+        key = await self.tenancy.canary_key({node.region for node in self.fleet.nodes.values()})
+        canary = Canary(
+            policy,
+            self.metrics.canary,
+            url=self.url,
+            key=key,
+            timeout_s=settings.timeout_s,
+            tls=_own_certificate(self.config),
+        )
+        async with canary:
+            await canary.run(targets)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -399,9 +429,12 @@ async def _forward(
     regions = state.regions_for(principal, request.headers.get(REGIONS_HEADER))
     if regions != principal.regions:
         principal = dataclasses.replace(principal, regions=regions)
+    pin = request.headers.get(_PIN_HEADER)
+    preference = None if pin is None else pinned_device_class(principal, pin)
     body = await read_body(request)
     routed = decode_request(body, _ROUTED)
     call = _call(state, endpoint, body, routed, principal)  # admitted: settled exactly once
+    call.preference = preference
     with state.forwarder.accounting(call):
         reserved = call.admission.reserved if call.admission is not None else 0
         _begin(state, principal, call.model, call.id, reserved)
@@ -425,6 +458,29 @@ async def _authenticated(state: RouterState, request: Request[Any, Any, Any]) ->
         span.set_attribute("palisade.org", principal.org)
         end_span(span)
     return principal
+
+
+def pinned_device_class(principal: Principal, header: str) -> tuple[str]:
+    """The one device class X-Palisade-Device-Class pins a request to: only for roles the
+    RBAC matrix allows (the canary); a tenant's choice stays the operator's preference."""
+    if not allowed(
+        principal.role, Action.PIN_DEVICE_CLASS, actor_org=principal.org, target_org=None
+    ):
+        raise PermissionDeniedError(
+            f"{DEVICE_CLASS_HEADER} is for the operator's canary; your role ({principal.role}) "
+            "may not pin a request to one device class. Leave the header out: the router "
+            "picks the device class.",
+            code="permission_denied",
+            param=DEVICE_CLASS_HEADER,
+        )
+    device = header.strip()
+    if device not in DEVICE_CLASSES:
+        raise InvalidRequestError(
+            f"{DEVICE_CLASS_HEADER} must be one of {', '.join(DEVICE_CLASSES)}, not `{device}`.",
+            code="invalid_value",
+            param=DEVICE_CLASS_HEADER,
+        )
+    return (device,)
 
 
 async def _noting_hangup(
@@ -580,6 +636,7 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
         node = state.fleet.beat(beat, identity)
         if not known:
             log.info("node %s joined from %s (%s)", node.id, node.region, node.url)
+            await state.tenancy.allow_canary([node.region])  # canaries probe every region
         health = state.config.health
         reply = ENCODER.encode(
             HeartbeatReply(
@@ -601,7 +658,15 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
         images = await asyncio.to_thread(state.rollouts.images)
         return _json(with_images(state.fleet.status(state.config.router_id), images))
 
-    return [heartbeat, fleet]
+    @post("/federation/v1/canary/keys", status_code=201, dependencies=caller_dependency)
+    async def canary_key(caller: NamedDependency[Caller]) -> Response[Any]:
+        """A new key of the canary user, for a canary run elsewhere (`palisade canary`)."""
+        require_everywhere(caller.user.role, Action.MANAGE_FLEET)
+        regions = {node.region for node in state.fleet.nodes.values()}
+        created = await state.tenancy.new_canary_key(regions, caller.user.id)
+        return Response(ENCODER.encode(created), status_code=201, media_type=MediaType.JSON)
+
+    return [heartbeat, fleet, canary_key]
 
 
 def certified_node(state: RouterState, identity: PeerIdentity | None) -> PeerIdentity:
@@ -681,6 +746,17 @@ def _ops_routes(state: RouterState) -> list[HTTPRouteHandler]:
         return Response(state.metrics.render(versions), media_type=CONTENT_TYPE_LATEST)
 
     return [healthz, readyz, metrics]
+
+
+def _own_certificate(config: RouterConfig) -> ssl.SSLContext | None:
+    """How the router's canary trusts the router's own HTTPS listener: its certificate, at
+    whatever address it is bound to (the canary calls it on that address)."""
+    if config.tls_cert is None:
+        return None
+    context = ssl.create_default_context(cafile=config.tls_cert)
+    context.check_hostname = False
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 def _json(payload: object) -> Response[Any]:

@@ -49,6 +49,16 @@ class ProxyConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, Meta(ge=1, le=100_000)] = 1024
 
 
+class CanaryConfig(Struct, forbid_unknown_fields=True, kw_only=True):
+    """The router's own canary: one small request per region and device class, every
+    `every_s`, through its public listener with the canary key (docs/operations.md)."""
+
+    enabled: bool = False
+    every_s: Annotated[float, Meta(ge=1, le=3600)] = 60.0
+    # A probe not answered within this long counts as failed.
+    timeout_s: Seconds = 10.0
+
+
 class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     router_id: Name = "router"
     host: str = "127.0.0.1"
@@ -81,6 +91,7 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     # zeroconf: announce this process on the listed interfaces and browse for its fleet.
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    canary: CanaryConfig = msgspec.field(default_factory=CanaryConfig)
     # Log lines as text or JSON (`--log-format`); OpenTelemetry traces (`--otlp-endpoint`).
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
     traces: TracesConfig = msgspec.field(default_factory=TracesConfig)

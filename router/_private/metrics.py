@@ -16,6 +16,7 @@ from federation import (
     FleetStatus,
     MetricRow,
 )
+from router._private.canary import CanaryMetrics
 
 # The error codes that are residency refusals: no node in the allowed regions, or a header
 # asking for a region outside them.
@@ -96,6 +97,8 @@ class RouterMetrics:
             ["region", "device", "state"],
             registry=r,
         )
+        # The canary's probes, wherever it runs (the router's own, `palisade canary`).
+        self.canary = CanaryMetrics(r)
         self._status: Callable[[], FleetStatus] | None = None
         self._budget_use: Callable[[], dict[str, float]] = dict
         self._images: dict[str, str] = {}

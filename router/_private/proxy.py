@@ -137,6 +137,8 @@ class Call:
     admission: Admission | None
     headers: dict[str, str]
     id: str = field(default_factory=lambda: f"route-{os.urandom(12).hex()}")
+    # The device classes to try, in order, when not the router's (a canary's pinned one).
+    preference: Sequence[str] | None = None
     # The client request it serves (its id and trace go on to the node), if made by one.
     context: RequestContext | None = None
     tried: list[str] = field(default_factory=list)
@@ -354,7 +356,7 @@ class Forwarder:
 
     async def forward(self, call: Call) -> Response[Any]:
         payload = call.body  # already with `include_usage` for streams (see `with_usage`)
-        preference = self._config.preference(call.model)
+        preference = call.preference or self._config.preference(call.model)
         refusal: _Refusal | None = None
         failures: list[FailureKind] = []
         why: str = ""  # why the last node did not answer: the failover's reason
