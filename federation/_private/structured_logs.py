@@ -32,6 +32,7 @@ _ENCODER = msgspec.json.Encoder()
 class LogsConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     """`[logs]` in the router and appliance configs."""
 
+    # `json`: one object per line (timestamp, level, logger, message, node, request ids).
     format: LogFormat = "text"
     # One line per inference request (`palisade.access`); None: on with JSON, off with text.
     access: bool | None = None

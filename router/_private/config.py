@@ -92,8 +92,9 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # zeroconf: announce this process on the listed interfaces and browse for its fleet.
     discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
     canary: CanaryConfig = msgspec.field(default_factory=CanaryConfig)
-    # Log lines as text or JSON (`--log-format`); OpenTelemetry traces (`--otlp-endpoint`).
+    # Log lines: text, or JSON objects one per line (`--log-format`); access lines.
     logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
+    # OpenTelemetry traces over OTLP/HTTP (`--otlp-endpoint`): off unless an endpoint is set.
     traces: TracesConfig = msgspec.field(default_factory=TracesConfig)
 
     def home(self) -> Path:
