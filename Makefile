@@ -9,9 +9,11 @@ export PALISADE_HOME ?= $(CURDIR)/var
 .DEFAULT_GOAL := help
 .PHONY: help setup system-deps model run test check lint typecheck docs bench bench-guidellm clean \
 	image-deps appliance-image image-test vllm-lane
-# Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format).
-SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin
-SYSTEM_COMMANDS := mksquashfs unsquashfs sfdisk grub-editenv veritysetup
+# Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format),
+# and Prometheus and Alertmanager (the monitoring e2e test, promtool/amtool checks).
+SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin prometheus prometheus-alertmanager
+SYSTEM_COMMANDS := mksquashfs unsquashfs sfdisk grub-editenv veritysetup prometheus promtool \
+	prometheus-alertmanager amtool
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-system-deps: ## Install the Debian packages Palisade's image tools use (apt-get, as root)
+system-deps: ## Install the Debian packages Palisade's image tools and monitoring use (apt-get, as root)
 	@for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \

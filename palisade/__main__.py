@@ -19,6 +19,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "models": ("appliance", "models_cli"),
     "router": ("router", "router_cli"),
     "fleet": ("router", "fleet_cli"),
+    "alerts": ("router", "alerts_cli"),
     "canary": ("router", "canary_cli"),
     "node": ("provisioning", "node_cli"),
     "image": ("images", "image_cli"),

@@ -6,6 +6,7 @@ assertion, to the fastest healthy appliance of the most preferred device class i
 regions; it fails over before the first byte and fails closed on residency.
 """
 
+from router._private.alerts import AlertReceiver, alert_line, alerts_cli
 from router._private.app import RouterState, create_router_app
 from router._private.canary_cli import canary_cli
 from router._private.cli import fleet_cli, router_cli
@@ -30,6 +31,7 @@ from router._private.prometheus_routes import SD_PATH, TargetGroup, scrape_targe
 __all__ = [
     "DEFAULT_PORT",
     "SD_PATH",
+    "AlertReceiver",
     "BackendCrashedError",
     "BackendUnavailableError",
     "Fleet",
@@ -43,6 +45,8 @@ __all__ = [
     "RouterMetrics",
     "RouterState",
     "TargetGroup",
+    "alert_line",
+    "alerts_cli",
     "canary_cli",
     "create_router_app",
     "fleet_cli",

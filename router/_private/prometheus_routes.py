@@ -2,27 +2,44 @@
 
 `GET /federation/v1/prometheus/targets` answers in the `http_sd_configs` format (a list of
 `{targets, labels}`): the router itself, then every node the router knows (down ones too,
-so that `up` shows them failing), labelled with region, node and device class. It is an
-operator endpoint like the fleet view: a key whose role may view the fleet, sent by
-Prometheus as `authorization: {credentials_file: ...}`.
+so that `up` shows them failing), labelled with region, node and device class. A node is
+scraped through the router (`/federation/v1/prometheus/nodes/<node>/metrics`): the router
+reaches it over the fleet's mTLS as it forwards requests, so Prometheus needs neither a
+route to the nodes nor to parse their certificates (Go's x509, Prometheus's, refuses the
+fleet's region and device-class name attributes: their OIDs have 128-bit arcs). Both are
+operator endpoints like the fleet view: a key whose role may view the fleet, sent by
+Prometheus as `authorization: {type: Bearer, credentials_file: ...}`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
+import aiohttp
 import msgspec
 from litestar import MediaType, Response, get
 from litestar.di import NamedDependency, Provide
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
 
-from federation import ENCODER, Action, Caller, FleetStatus, require_everywhere
+from federation import (
+    ENCODER,
+    Action,
+    Caller,
+    FleetStatus,
+    NotFoundError,
+    ServiceUnavailableError,
+    require_everywhere,
+)
+from router._private.proxy import tls_name
 
 if TYPE_CHECKING:
     from router._private.app import RouterState
 
 SD_PATH = "/federation/v1/prometheus/targets"
+NODE_METRICS_PATH = "/federation/v1/prometheus/nodes/{node_id}/metrics"
+_NODE_SCRAPE_TIMEOUT_S = 10.0
 
 
 class TargetGroup(msgspec.Struct):
@@ -33,26 +50,34 @@ class TargetGroup(msgspec.Struct):
 
 
 def scrape_targets(router_id: str, router_url: str, status: FleetStatus) -> list[TargetGroup]:
-    """The router's own metrics endpoint, then each node's (`__scheme__` per target: a
-    lab node serves plain HTTP, an enrolled one HTTPS)."""
-    groups = [_group(router_url, {"palisade_role": "router", "router": router_id})]
+    """The router's own metrics endpoint, then each node's through the router (its
+    `instance` is the node's own address)."""
+    address, scheme = _address(router_url)
+    groups = [
+        TargetGroup(
+            [address], {"palisade_role": "router", "router": router_id, "__scheme__": scheme}
+        )
+    ]
     for node in status.nodes:
         labels = {
             "palisade_role": "node",
             "node": node.node_id,
             "region": node.region,
             "device_class": ",".join(node.device_classes) or "none",
+            "instance": _address(node.url)[0],
+            "__scheme__": scheme,
+            "__metrics_path__": NODE_METRICS_PATH.format(node_id=quote(node.node_id)),
         }
-        groups.append(_group(node.url, labels))
+        groups.append(TargetGroup([address], labels))
     return groups
 
 
-def _group(url: str, labels: dict[str, str]) -> TargetGroup:
+def _address(url: str) -> tuple[str, str]:
+    """host:port and scheme of `url`."""
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname or "127.0.0.1"
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return TargetGroup([address], labels | {"__scheme__": parts.scheme or "http"})
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), parts.scheme or "http"
 
 
 def prometheus_routes(state: RouterState) -> list[HTTPRouteHandler]:
@@ -65,4 +90,38 @@ def prometheus_routes(state: RouterState) -> list[HTTPRouteHandler]:
         groups = scrape_targets(state.config.router_id, state.url, status)
         return Response(ENCODER.encode(groups), media_type=MediaType.JSON)
 
-    return [targets]
+    @get(
+        NODE_METRICS_PATH.replace("{node_id}", "{node_id:str}"),
+        dependencies={"caller": Provide(state.tenancy.admin_caller)},
+    )
+    async def node_metrics(
+        node_id: FromPath[str], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        require_everywhere(caller.user.role, Action.VIEW_FLEET)
+        node = state.fleet.nodes.get(node_id)
+        if node is None:
+            raise NotFoundError(f"No node `{node_id}` in this fleet.", code="node_not_found")
+        try:
+            async with state.forwarder.session.get(
+                node.url + "/metrics",
+                timeout=aiohttp.ClientTimeout(total=_NODE_SCRAPE_TIMEOUT_S),
+                server_hostname=tls_name(node),
+            ) as reply:
+                body = await reply.read()
+                media = reply.headers.get("Content-Type", "text/plain; version=0.0.4")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendUnreachableError(node_id) from exc
+        if reply.status != 200:
+            raise BackendUnreachableError(node_id)
+        return Response(body, media_type=media)
+
+    return [targets, node_metrics]
+
+
+class BackendUnreachableError(ServiceUnavailableError):
+    """The node did not give its metrics: the scrape of it fails (`up` 0)."""
+
+    default_code = "node_unreachable"
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"Node `{node_id}` did not answer its metrics.", retry_after=1)

@@ -79,18 +79,20 @@ def test_certificate_expiry_is_read_from_the_file(tmp_path: Path) -> None:
     assert 0 < seconds <= expected
 
 
-def test_discovery_lists_the_router_then_every_node_with_its_scheme() -> None:
+def test_discovery_lists_the_router_then_every_node_through_it() -> None:
     fleet = _fleet()
     fleet.beat(beat("eu-1", port=8443))
     groups = scrape_targets("r", "https://127.0.0.1:8300", fleet.status("r"))
-    assert [group.targets for group in groups] == [["127.0.0.1:8300"], ["eu-1.test:8443"]]
+    assert [group.targets for group in groups] == [["127.0.0.1:8300"], ["127.0.0.1:8300"]]
     assert groups[0].labels == {"palisade_role": "router", "router": "r", "__scheme__": "https"}
     assert groups[1].labels == {
         "palisade_role": "node",
         "node": "eu-1",
         "region": "eu-west",
         "device_class": "gpu",
-        "__scheme__": "http",
+        "instance": "eu-1.test:8443",
+        "__scheme__": "https",
+        "__metrics_path__": "/federation/v1/prometheus/nodes/eu-1/metrics",
     }
     ipv6 = scrape_targets("r", "http://[::1]:80", FleetStatus(router_id="r", nodes=[]))
     assert ipv6[0].targets == ["[::1]:80"]
