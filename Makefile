@@ -48,7 +48,7 @@ typecheck: $(STAMP) ## mypy --strict over every package and the tests
 
 check: lint typecheck ## Lint and type-check
 
-docs: $(STAMP) ## Rewrite the reference pages generated from the code (docs/cli.md, docs/configuration.md)
+docs: $(STAMP) ## Rewrite the reference pages generated from the code (docs/cli.md, configuration.md, metrics.md)
 	$(BIN)/python -m palisade.references
 
 test: model system-deps check ## Install everything and run lint, types and the whole test suite

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from federation import FleetNode, FleetStatus, MetricRow
-from palisade._private.metrics_reference import appliance_rows, router_rows
+from palisade._private.references import appliance_rows, router_rows
 from router import scrape_targets
 from tests.support import REPO
 

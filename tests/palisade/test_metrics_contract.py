@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from federation import FORBIDDEN_LABEL_PARTS, MetricRow
-from palisade._private.metrics_reference import appliance_rows, metrics_reference, router_rows
+from palisade._private.references import appliance_rows, metrics_reference, router_rows
 from tests.support import REPO
 
 # The only families allowed an `org` label: budget use per org (issue: budget alerts).
@@ -18,7 +18,7 @@ def _all_rows() -> list[MetricRow]:
 
 def test_the_committed_reference_is_what_the_code_generates() -> None:
     committed = (REPO / "docs" / "metrics.md").read_text()
-    assert committed == metrics_reference(), "run `python -m palisade.metrics_reference`"
+    assert committed == metrics_reference(), "run `make docs`"
 
 
 def test_no_label_names_a_key_a_user_or_a_request() -> None:
