@@ -62,6 +62,7 @@ _CONTROLS = frozenset(
         "fail_after_tokens",
         "api_key",
         "cached_tokens",
+        "omit_usage",
     }
 )
 _ERROR_TYPES = {
@@ -88,6 +89,8 @@ class Settings:
     fail_after_tokens: int | None = None
     # Prompt tokens reported as served from a prompt cache (None: no prompt_tokens_details).
     cached_tokens: int | None = None
+    # Answers and streams carry no usage (some servers send none).
+    omit_usage: bool = False
 
 
 @dataclass
@@ -96,6 +99,8 @@ class Stats:
     streams_started: int = 0
     streams_completed: int = 0
     streams_cancelled: int = 0
+    # Whole (non-streamed) answers whose client left before they were sent.
+    answers_cancelled: int = 0
     in_flight: int = 0
     last_body: Any = None
     last_path: str | None = None
@@ -251,13 +256,29 @@ class Standin:
                 model=model,
                 count=count,
                 reason=reason,
-                usage=usage if usage_wanted else None,
+                usage=usage if usage_wanted and not settings.omit_usage else None,
             )
+        return await self._whole(
+            chat=chat,
+            model=model,
+            count=count,
+            reason=reason,
+            usage=None if settings.omit_usage else usage,
+        )
+
+    async def _whole(
+        self, *, chat: bool, model: str, count: int, reason: str, usage: dict[str, Any] | None
+    ) -> web.Response:
+        """A whole (non-streamed) answer, after the time its tokens would take."""
+        settings = self.settings
         self.stats.in_flight += 1
         try:
             if settings.ttft_ms or settings.token_ms:
                 delay = settings.ttft_ms + settings.token_ms * max(0, count - 1)
                 await asyncio.sleep(delay / 1000)
+        except asyncio.CancelledError:
+            self.stats.answers_cancelled += 1
+            raise
         finally:
             self.stats.in_flight -= 1
         text = _text(count)
@@ -269,14 +290,15 @@ class Standin:
             }
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        payload = {
+        payload: dict[str, Any] = {
             "id": self._next_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": model,
             "choices": [choice],
-            "usage": usage,
         }
+        if usage is not None:
+            payload["usage"] = usage
         return web.Response(body=_ENCODE(payload), content_type=_JSON)
 
     async def _stream(
@@ -453,6 +475,7 @@ class Standin:
             "streams_started": stats.streams_started,
             "streams_completed": stats.streams_completed,
             "streams_cancelled": stats.streams_cancelled,
+            "answers_cancelled": stats.answers_cancelled,
             "in_flight": stats.in_flight,
             "last_body": stats.last_body,
             "last_path": stats.last_path,
@@ -477,6 +500,7 @@ class Standin:
             "fail_code": settings.fail_code,
             "fail_after_tokens": settings.fail_after_tokens,
             "cached_tokens": settings.cached_tokens,
+            "omit_usage": settings.omit_usage,
             "api_key_required": settings.api_key is not None,
         }
         return web.Response(body=_ENCODE(current), content_type=_JSON)

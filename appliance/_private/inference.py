@@ -435,6 +435,7 @@ def sampling_params(
         logit_bias=logit_bias(request.logit_bias, vocabulary),
         features=features,
         cache_scope=cache_scope,
+        whole=not request.stream,
     )
 
 

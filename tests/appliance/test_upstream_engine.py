@@ -37,6 +37,7 @@ DEFAULTS: dict[str, object] = {
     "fail_code": None,
     "fail_after_tokens": None,
     "api_key": KEY,
+    "omit_usage": False,
 }
 
 
@@ -230,6 +231,14 @@ def test_sampling_params_are_forwarded(client: openai.OpenAI, upstream: RunningS
     )
     assert body["stop"] == ["END", "STOP"]
     assert (body["presence_penalty"], body["frequency_penalty"]) == (0.5, 0.25)
+    assert "stream" not in body  # a whole answer is asked for whole
+
+
+def test_a_stream_is_asked_of_the_upstream_with_usage(
+    client: openai.OpenAI, upstream: RunningStandin
+) -> None:
+    list(client.chat.completions.create(model=MODEL, messages=THREE_WORDS, stream=True))
+    body = upstream.stats()["last_body"]
     assert body["stream"] is True
     assert body["stream_options"] == {"include_usage": True}
 
@@ -324,11 +333,58 @@ def test_client_timeout_cancels_a_non_streaming_request(
     appliance: Appliance, upstream: RunningStandin
 ) -> None:
     upstream.control(ttft_ms=30_000)
-    before = upstream.stats()["streams_cancelled"]
+    before = upstream.stats()["answers_cancelled"]
     body = {"model": MODEL, "messages": THREE_WORDS}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{appliance.v1}/chat/completions", json=body, timeout=0.5)
-    wait_for(lambda: upstream.stats()["streams_cancelled"] > before, timeout=10)
+    wait_for(lambda: upstream.stats()["answers_cancelled"] > before, timeout=10)
+
+
+TTFT = "palisade_time_to_first_token_seconds_count"
+
+
+def test_a_whole_answer_is_asked_of_the_upstream_whole(
+    client: openai.OpenAI, appliance: Appliance, upstream: RunningStandin
+) -> None:
+    streams, ttft = upstream.stats()["streams_started"], appliance.metric(TTFT, model=MODEL)
+    response = client.chat.completions.create(model=MODEL, messages=THREE_WORDS)
+    assert response.choices[0].message.content == EIGHT
+    assert response.usage is not None
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (3, 8)
+    stats = upstream.stats()
+    assert "stream" not in stats["last_body"]
+    assert "stream_options" not in stats["last_body"]
+    assert stats["streams_started"] == streams
+    # It arrived all at once: no time to first token is observed (a stream's is).
+    assert appliance.metric(TTFT, model=MODEL) == ttft
+    list(client.chat.completions.create(model=MODEL, messages=THREE_WORDS, stream=True))
+    assert upstream.stats()["streams_started"] == streams + 1
+    assert appliance.metric(TTFT, model=MODEL) == ttft + 1
+
+
+def test_an_upstream_without_usage_in_whole_answers_is_streamed_from_then_on(
+    standin: RunningStandin, tmp_path: Path
+) -> None:
+    standin.control(omit_usage=True)
+    try:
+        config = upstream_toml(standin.v1)
+        with run_appliance(tmp_path, config, "--no-auth", env={"STANDIN_KEY": KEY}) as appliance:
+            sdk = openai.OpenAI(base_url=appliance.v1, api_key="unused", max_retries=0)
+            streams = standin.stats()["streams_started"]
+            first = sdk.chat.completions.create(model=MODEL, messages=THREE_WORDS)
+            # Billed an upper bound: the answer's UTF-8 bytes, as prompts are bounded.
+            assert first.choices[0].message.content == EIGHT
+            assert first.usage is not None
+            assert first.usage.completion_tokens == len(EIGHT.encode())
+            assert standin.stats()["streams_started"] == streams
+            second = sdk.chat.completions.create(model=MODEL, messages=THREE_WORDS)
+            assert second.choices[0].message.content == EIGHT
+            assert second.usage is not None
+            assert second.usage.completion_tokens == 8  # one per streamed chunk
+            assert standin.stats()["streams_started"] == streams + 1
+            assert "reports no usage in whole answers" in appliance.log_text()
+    finally:
+        standin.control(**DEFAULTS)
 
 
 def test_the_upstream_key_never_leaves_the_upstream_request(

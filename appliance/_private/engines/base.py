@@ -114,6 +114,9 @@ class SamplingParams:
     # none). An engine with a prompt cache shares cached prefixes only within one scope
     # (another org's cached prompt would show through timing); other engines ignore it.
     cache_scope: str = ""
+    # The client takes the answer whole (not streamed): an engine may produce it in one
+    # piece (an upstream engine asks its upstream for a whole answer too).
+    whole: bool = False
 
 
 @dataclass(frozen=True, slots=True)

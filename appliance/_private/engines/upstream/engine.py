@@ -90,6 +90,16 @@ class _ChunkChoice(Struct):
     logprobs: dict[str, Any] | None = None
 
 
+class _AnswerChoice(Struct):
+    """A whole answer's choice: its message is read as a stream's one delta."""
+
+    delta: _Delta | None = msgspec.field(default=None, name="message")
+    text: str | None = None
+    finish_reason: str | None = None
+    index: int = 0
+    logprobs: dict[str, Any] | None = None
+
+
 class _ErrorBody(Struct):
     message: str | None = None
     code: str | int | None = None
@@ -99,6 +109,12 @@ class _ErrorBody(Struct):
 
 class _Chunk(Struct):
     choices: list[_ChunkChoice] | None = None
+    usage: ReportedUsage | None = None
+    error: _ErrorBody | None = None
+
+
+class _Answer(Struct):
+    choices: list[_AnswerChoice] | None = None
     usage: ReportedUsage | None = None
     error: _ErrorBody | None = None
 
@@ -128,6 +144,7 @@ class _EmbeddingReply(Struct):
 
 
 _CHUNK = msgspec.json.Decoder(_Chunk)
+_ANSWER = msgspec.json.Decoder(_Answer)
 _ERROR_REPLY = msgspec.json.Decoder(_ErrorReply)
 _MODEL_LIST = msgspec.json.Decoder(_ModelList)
 _EMBEDDING_REPLY = msgspec.json.Decoder(_EmbeddingReply)
@@ -169,6 +186,9 @@ class OpenAIUpstreamEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closer: asyncio.Task[None] | None = None
         self._ready = False
+        # Whole answers are asked for whole until the upstream answers one without usage;
+        # from then on they are streamed, as streams are counted by their chunks.
+        self._whole_answers = True
 
     @property
     def ready(self) -> bool:
@@ -406,8 +426,10 @@ class OpenAIUpstreamEngine:
             body["prompt"] = _prompt_field(prompt)
         body |= _sampling(generation.params)
         body |= _features(generation.params.features, chat=prompt.messages is not None)
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        whole = generation.params.whole and self._whole_answers
+        if not whole:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         client = self._upstream()
         try:
             response = await client.request(
@@ -417,7 +439,10 @@ class OpenAIUpstreamEngine:
                 if response.status != 200:
                     self._reject(path, response.status, await response.read())
                 progress.sent = True
-                await self._read_stream(generation, progress, response)
+                if whole:
+                    self._take_answer(generation, progress, await response.read())
+                else:
+                    await self._read_stream(generation, progress, response)
             finally:
                 response.release()  # before the end (cancelled): drops the connection
         except (HttpClientError, TimeoutError) as exc:
@@ -442,20 +467,61 @@ class OpenAIUpstreamEngine:
                 text = data[:100].decode("utf-8", "replace")
                 self._malformed(f"a stream event is not OpenAI JSON: {text!r}")
             if chunk.error is not None:
-                message = self._scrub(chunk.error.message or "no message")
-                raise UpstreamError(
-                    f"The upstream engine failed while generating: {message[:_MAX_ERROR_TEXT]}"
-                )
+                self._failed_generating(chunk.error)
             if chunk.usage is not None:
                 progress.usage = chunk.usage
             for choice in chunk.choices or ():
-                self._take_choice(generation, progress, chunk, choice)
+                self._take_choice(generation, progress, chunk.usage, choice)
         if progress.reason is None:
             self._malformed("the stream ended before a finish_reason or [DONE]")
         progress.done = True
 
+    def _take_answer(self, generation: Generation, progress: _Progress, raw: bytes) -> None:
+        """A whole answer (the client did not stream): each choice goes to the generation as
+        one delta, as a stream's would in pieces."""
+        try:
+            answer = _ANSWER.decode(raw)
+        except msgspec.DecodeError:
+            self._malformed(f"the answer is not OpenAI JSON: {self._error_text(raw[:100])!r}")
+        if answer.error is not None:
+            self._failed_generating(answer.error)
+        if not answer.choices:
+            self._malformed("the answer has no choices")
+        progress.usage = answer.usage
+        for choice in answer.choices:
+            self._take_choice(generation, progress, answer.usage, choice)
+        if answer.usage is None:
+            self._no_usage_in()
+            progress.produced = sum(map(_answer_bytes, answer.choices))
+        # Arrived all at once: no time to first token or per output token to observe.
+        generation.first_token_at = None
+        progress.reason = progress.reason or "stop"
+        progress.done = True
+
+    def _no_usage_in(self) -> None:
+        """An upstream that reports no usage in a whole answer: this one is billed an upper
+        bound (its bytes, as prompts are) and the next are streamed and counted by chunks."""
+        if self._whole_answers:
+            log.warning(
+                "upstream %s reports no usage in whole answers; model %s now streams every "
+                "request from it and counts the chunks",
+                self._base,
+                self._config.id,
+            )
+        self._whole_answers = False
+
+    def _failed_generating(self, error: _ErrorBody) -> NoReturn:
+        message = self._scrub(error.message or "no message")
+        raise UpstreamError(
+            f"The upstream engine failed while generating: {message[:_MAX_ERROR_TEXT]}"
+        )
+
     def _take_choice(
-        self, generation: Generation, progress: _Progress, chunk: _Chunk, choice: _ChunkChoice
+        self,
+        generation: Generation,
+        progress: _Progress,
+        usage: ReportedUsage | None,
+        choice: _ChunkChoice | _AnswerChoice,
     ) -> None:
         """Choice-0 text goes out as plain text (the hot path); anything else (another
         choice, tool-call fragments, log probabilities, a finish reason other than stop or
@@ -470,20 +536,14 @@ class OpenAIUpstreamEngine:
             if tool_calls is None and choice.logprobs is None:
                 if text:
                     progress.produced += 1
-                    generation.emit(text, tokens=self._completion_tokens(progress, chunk))
+                    generation.emit(text, tokens=_completion_tokens(progress, usage))
                 return
         if text or tool_calls or choice.logprobs:
             progress.produced += 1
         elif reason is None:
             return  # nothing in it (a role-only first chunk of another choice)
         rich = ChoiceDelta(choice.index, text, tool_calls, choice.logprobs, reason)
-        generation.emit_delta(rich, tokens=self._completion_tokens(progress, chunk))
-
-    @staticmethod
-    def _completion_tokens(progress: _Progress, chunk: _Chunk) -> int:
-        """Tokens so far: the upstream's own count when its chunk has one (vLLM's
-        continuous usage), else one per content chunk, as servers stream them."""
-        return chunk.usage.completion_tokens if chunk.usage is not None else progress.produced
+        generation.emit_delta(rich, tokens=_completion_tokens(progress, usage))
 
     # --- embeddings -------------------------------------------------------------------
 
@@ -653,6 +713,20 @@ class _Progress:
     def failed(self, exc: APIError) -> Finish:
         prompt_tokens, completion_tokens = self._counts() if self.produced else (0, 0)
         return Finish("error", prompt_tokens, completion_tokens, exc)
+
+
+def _completion_tokens(progress: _Progress, usage: ReportedUsage | None) -> int:
+    """Tokens so far: the upstream's own count when it gave one (a whole answer's usage,
+    vLLM's continuous usage), else one per content chunk, as servers stream them."""
+    return usage.completion_tokens if usage is not None else progress.produced
+
+
+def _answer_bytes(choice: _AnswerChoice) -> int:
+    """An upper bound on a whole choice's tokens: its UTF-8 bytes (text and tool calls)."""
+    delta = choice.delta
+    text = (delta.content if delta is not None else choice.text) or ""
+    calls = delta.tool_calls if delta is not None else None
+    return len(text.encode()) + (len(_ENCODE(calls)) if calls else 0)
 
 
 def _sampling(params: SamplingParams) -> dict[str, Any]:
