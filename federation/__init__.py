@@ -392,6 +392,7 @@ __all__ = [
     "RequestedOutput",
     "RolloutOutcome",
     "SamplingFields",
+    "ScopeHeaders",
     "ServerConfig",
     "ServiceUnavailableError",
     "SignedPolicy",
@@ -571,6 +572,7 @@ if TYPE_CHECKING:
         MetricType,
         metric_contract,
     )
+    from federation._private.scope_headers import ScopeHeaders
     from federation._private.tracing_sdk import Tracing
 
 
@@ -617,6 +619,7 @@ _LAZY = {
     "discover_router": "federation._private.discovery",
     "find_router": "federation._private.discovery",
     "Listener": "federation._private.http_server",
+    "ScopeHeaders": "federation._private.scope_headers",
     "peer_identity": "federation._private.http_server",
     "budget_cli": "federation._private.cli",
     "key_cli": "federation._private.cli",

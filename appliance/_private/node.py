@@ -39,6 +39,7 @@ from federation import (
     NodeModel,
     PermissionDeniedError,
     Principal,
+    ScopeHeaders,
     Tenancy,
     announce_admin_key,
     device_label,
@@ -209,7 +210,7 @@ class Node:
     async def authenticate(self, request: Request[Any, Any, Any]) -> Principal:
         """A router's signed assertion, else a local API key, else a fleet key from the
         policy snapshot (`via` = `FLEET_POLICY_VIA`: this node admits and meters it)."""
-        token = request.headers.get(ASSERTION_HEADER)
+        token = ScopeHeaders(request).get(ASSERTION_HEADER)
         if token is None:
             assert self.tenancy is not None
             try:

@@ -36,6 +36,7 @@ from federation._private.policy import (
 )
 from federation._private.principal import Principal
 from federation._private.private_files import write_private
+from federation._private.scope_headers import ScopeHeaders
 from federation._private.store import (
     AuditSink,
     Caller,
@@ -188,7 +189,7 @@ class Tenancy:
     # --- authentication -----------------------------------------------------------------
 
     def caller(self, request: Request[Any, Any, Any]) -> Caller:
-        header = request.headers.get("authorization")
+        header = ScopeHeaders(request).get("authorization")
         if not header:
             raise AuthenticationError(
                 "Missing API key. Send `Authorization: Bearer pal-sk-…`.", code="invalid_api_key"

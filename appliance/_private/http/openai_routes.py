@@ -48,6 +48,7 @@ from federation import (
     EmbeddingUsage,
     ModelList,
     Principal,
+    ScopeHeaders,
     decode_request,
     read_body,
 )
@@ -79,7 +80,8 @@ def _chat_route(node: Node, authenticate: Authenticator) -> HTTPRouteHandler:
         principal = await authenticate(request)
         body = decode_request(await read_body(request), _CHAT_DECODER)
         served = node.model(body.model, principal)
-        with node.ledger.holding(principal, served, "chatcmpl", headers=request.headers) as ticket:
+        headers = ScopeHeaders(request)
+        with node.ledger.holding(principal, served, "chatcmpl", headers=headers) as ticket:
             capabilities = served.engine.capabilities
             inference.check_chat(body, capabilities, served.id)
             messages = inference.chat_messages(body.messages, capabilities)
@@ -106,7 +108,8 @@ def _completion_route(node: Node, authenticate: Authenticator) -> HTTPRouteHandl
         principal = await authenticate(request)
         body = decode_request(await read_body(request), _COMPLETION_DECODER)
         served = node.model(body.model, principal)
-        with node.ledger.holding(principal, served, "cmpl", headers=request.headers) as ticket:
+        headers = ScopeHeaders(request)
+        with node.ledger.holding(principal, served, "cmpl", headers=headers) as ticket:
             capabilities = served.engine.capabilities
             inference.check_completion(body, capabilities, served.id)
             prompt = await _completion_prompt(served.engine, body, served.id)
@@ -198,7 +201,7 @@ def _embedding_route(node: Node, authenticate: Authenticator) -> HTTPRouteHandle
         body = decode_request(await read_body(request), _EMBEDDING_DECODER)
         served = node.model(body.model, principal)
         with node.ledger.holding(
-            principal, served, "emb", kind="embedding", headers=request.headers
+            principal, served, "emb", kind="embedding", headers=ScopeHeaders(request)
         ) as ticket:
             inference.check_embedding(body, served.engine.capabilities, served.id)
             inputs = inference.text_or_tokens(body.input, "input")
