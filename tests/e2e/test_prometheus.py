@@ -6,7 +6,7 @@ second with the generated config and ops/prometheus/rules.yml, Alertmanager post
 `palisade alerts tail`'s receiver. Killing the only node of us-east must bring
 `PalisadeRegionWithoutHealthyNode` to the webhook within the rule's `for` plus two scrape
 intervals of the router seeing it; an org past 80 % of its budget raises
-`PalisadeOrgBudget80`.
+`PalisadeOrgBudget80`, then at 100 % `PalisadeOrgBudget100`.
 """
 
 from __future__ import annotations
@@ -185,6 +185,9 @@ def test_prometheus_counts_requests_and_alerts_reach_the_webhook(tmp_path: Path)
 
             wait_for(lambda: alerts.arrived("PalisadeOrgBudget80", "acme"), timeout=15)
             assert alerts.arrived(REGION_ALERT, "us-east") is None
+            # Its whole budget used: the 100 % alert arrives while the region alert is awaited.
+            fleet.admin.ok("PUT", "/admin/v1/orgs/acme/budget", {"tokens": used})
+            assert alerts.arrived("PalisadeOrgBudget100", "acme") is None
 
             killed = time.monotonic()
             fleet.members["us-1"].process.send_signal(signal.SIGKILL)
@@ -201,3 +204,5 @@ def test_prometheus_counts_requests_and_alerts_reach_the_webhook(tmp_path: Path)
             )
             assert took <= for_s + 2 * SCRAPE_S, took
             assert alerts.arrived(REGION_ALERT, "eu-west") is None
+            wait_for(lambda: alerts.arrived("PalisadeOrgBudget100", "acme"), timeout=15)
+            assert query(prometheus, 'palisade_org_budget_used_ratio{org="acme"}') == {"": 1.0}

@@ -1,4 +1,5 @@
-"""promtool and amtool accept the shipped rules and the generated configs."""
+"""promtool and amtool accept the shipped rules and the generated configs, and every shipped
+alert rule is shown firing and not firing by promtool's unit tests (ops/prometheus/tests)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from router._private.monitoring import RULES, Monitoring, write_configs
+
+RULE_TESTS = sorted((RULES.parent / "tests").glob("*.yml"))
 
 pytestmark = pytest.mark.skipif(
     shutil.which("promtool") is None or shutil.which("amtool") is None,
@@ -42,3 +46,27 @@ def test_promtool_and_amtool_check_the_generated_configs(tmp_path: Path) -> None
     out = _check("promtool", "check", "config", str(directory / "prometheus.yml"))
     assert "SUCCESS: 10 rules found" in out
     _check("amtool", "check-config", str(directory / "alertmanager.yml"))
+
+
+def test_promtool_unit_tests_of_the_alert_rules_pass() -> None:
+    assert RULE_TESTS
+    out = _check("promtool", "test", "rules", *map(str, RULE_TESTS))
+    assert out.count("SUCCESS") == len(RULE_TESTS), out
+
+
+def test_every_alert_rule_has_a_firing_and_a_quiet_case() -> None:
+    """A rule added to rules.yml without a unit test in ops/prometheus/tests fails here."""
+    rules = yaml.safe_load(RULES.read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    firing: set[str] = set()
+    quiet: set[str] = set()
+    for path in RULE_TESTS:
+        suite = yaml.safe_load(path.read_text())
+        assert suite["rule_files"] == ["../rules.yml"], path
+        for case in suite["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
+    assert len(alerts) == 10
+    assert alerts - firing == set(), "rules without a firing case"
+    assert alerts - quiet == set(), "rules without a case where they stay quiet"
+    assert (firing | quiet) <= alerts, "tests of rules that no longer exist"
