@@ -164,6 +164,7 @@ from federation._private.pki import (
     dns_name,
     fingerprint,
     fleet_subject,
+    fleet_uris,
     general_names,
     host_problem,
     identity_of,
@@ -173,6 +174,7 @@ from federation._private.pki import (
     raw_public_key,
     reload_crl,
     requested_hosts,
+    requested_other_names,
     router_dns_name,
     server_context,
 )
@@ -240,6 +242,7 @@ from federation._private.tracing import (
 __all__ = [
     "ASSERTION_HEADER",
     "CANARY_KEY_FILE",
+    "CERTIFICATE_ROLES",
     "DATATYPES",
     "DEFAULT_DEVICE_PREFERENCE",
     "DEFAULT_GRACE_S",
@@ -291,6 +294,7 @@ __all__ = [
     "Budget",
     "Caller",
     "CertificateExpiry",
+    "CertificateRole",
     "ChatChoice",
     "ChatChunkChoice",
     "ChatCompletion",
@@ -447,6 +451,7 @@ __all__ = [
     "fingerprint",
     "fleet_request_id",
     "fleet_subject",
+    "fleet_uris",
     "general_names",
     "host_problem",
     "identity_of",
@@ -479,6 +484,7 @@ __all__ = [
     "replace_private",
     "request_counter",
     "requested_hosts",
+    "requested_other_names",
     "require",
     "require_everywhere",
     "router_dns_name",
@@ -503,6 +509,7 @@ __all__ = [
 ]
 
 from federation._private.vocabulary import (
+    CERTIFICATE_ROLES,
     DEFAULT_DEVICE_PREFERENCE,
     DEVICE_CLASS_HEADER,
     DEVICE_CLASSES,
@@ -513,6 +520,7 @@ from federation._private.vocabulary import (
     NODE_HEADER,
     REGION_HEADER,
     USER_ROLES,
+    CertificateRole,
     DeviceClass,
     FleetRole,
     LoggingMode,

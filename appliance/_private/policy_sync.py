@@ -28,6 +28,7 @@ from appliance._private.errors import RouterRefusedError
 from appliance._private.fleet_policy_book import PolicyBook
 from federation import (
     ENCODER,
+    FLEET_ROLES,
     AuthenticationError,
     HeartbeatReply,
     NodeCredentials,
@@ -145,9 +146,10 @@ def policy_book_for(credentials: NodeCredentials, *, logging_floor: str) -> Poli
 def policy_offer_routes(book: PolicyBook) -> list[HTTPRouteHandler]:
     @post(POLICY_PATH, status_code=200)
     async def offer(request: Request[Any, Any, Any]) -> Response[Any]:
-        if peer_identity(request) is None:
+        peer = peer_identity(request)
+        if peer is None or peer.role not in FLEET_ROLES:  # a monitor only scrapes
             raise AuthenticationError(
-                "Only fleet members offer policy snapshots: present a fleet certificate.",
+                "Only fleet members offer policy snapshots: present a node or router certificate.",
                 code="client_certificate_required",
             )
         snapshot = await book.offer_async(await read_body(request))

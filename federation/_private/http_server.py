@@ -157,8 +157,9 @@ def _identity_of_pem(pem: str) -> PeerIdentity | None:
     """Parsed once per certificate: every request of every connection presents the same."""
     try:
         return identity_of(load_pem_certificate(pem.encode("ascii")))
-    except ValueError:
-        return None  # verified by the CA, but not a fleet subject: no fleet identity
+    except ValueError as exc:  # signed by the CA, but names no fleet identity
+        log.warning("a client certificate names no fleet identity, taken as none: %s", exc)
+        return None
 
 
 class _CorkedTransport:

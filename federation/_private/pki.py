@@ -1,9 +1,11 @@
 """Fleet x509: who a certificate says its holder is, certificate requests, TLS contexts.
 
 Every node and router proves its identity with a certificate from the fleet CA (the
-router's `fleet/ca.pem`). The key is the process's Ed25519 `node.key`. The subject says
-everything the fleet trusts about the holder: CN = node (or router) id, O = fleet id,
-OU = role, plus region and device class under private OIDs. The CA sets all of it; a
+router's `fleet/ca.pem`). The key is the process's Ed25519 `node.key`. The certificate
+says everything the fleet trusts about the holder: CN = node (or router) id, O = fleet id,
+OU = role in the subject, and for a node its region and device class as URI subject
+alternative names, `urn:palisade:region:<region>` and `urn:palisade:device-class:<class>`
+(standard name types every X.509 stack parses, Go's included). The CA sets all of it; a
 certificate request contributes only its public key and the host names it asks for.
 
 Revocation is a CRL signed by the CA. A context that checks client certificates always
@@ -28,14 +30,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from federation._private.identity import NodeIdentity
-from federation._private.vocabulary import FLEET_ROLES, FleetRole
+from federation._private.vocabulary import (
+    CERTIFICATE_ROLES,
+    DEVICE_CLASSES,
+    CertificateRole,
+    FleetRole,
+)
 
 StrPath = str | os.PathLike[str]
 
-# Private OIDs under the UUID arc 2.25 (ITU-T X.667): no registration needed, no clash.
-REGION_OID = ObjectIdentifier("2.25.310613956484810803564186195976021482477")
-DEVICE_CLASS_OID = ObjectIdentifier("2.25.288518122563068208789969010568663243962")
 DNS_SUFFIX = "palisade.internal"
+URN_PREFIX = "urn:palisade:"
+REGION_URN = URN_PREFIX + "region:"
+DEVICE_CLASS_URN = URN_PREFIX + "device-class:"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # fleet_wire.Name: node ids and regions
+
+# LEGACY, read only: certificates issued before the URNs carried region and device class
+# as subject attributes under these OIDs (UUID arc 2.25), which Go's x509 cannot parse.
+# Nothing issues them any more; a node renews to the URNs when a third of its 30 days is
+# left. Remove these two and `_legacy_attributes` once every router has run with the URNs
+# for 30 days (no certificate with the OIDs can still be valid then).
+_LEGACY_REGION_OID = ObjectIdentifier("2.25.310613956484810803564186195976021482477")
+_LEGACY_DEVICE_CLASS_OID = ObjectIdentifier("2.25.288518122563068208789969010568663243962")
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,7 @@ class PeerIdentity:
     """What a fleet certificate vouches for; `device_class` None means "any"."""
 
     node_id: str
-    role: FleetRole
+    role: CertificateRole
     fleet_id: str
     region: str | None
     device_class: str | None
@@ -77,50 +93,123 @@ def dns_name(role: FleetRole, holder_id: str) -> str:
 
 def identity_of(cert: x509.Certificate) -> PeerIdentity:
     """The fleet identity a certificate names. Does not check who signed it: TLS did, or
-    the caller must. ValueError if the subject is not a fleet subject."""
+    the caller must. ValueError, saying why, if it is not a fleet certificate: no fleet
+    subject, a node without exactly one valid region, a router or monitor with one, a
+    region or device class named twice or in two places, an unknown `urn:palisade:` name."""
     subject = cert.subject
     holder = _attribute(subject, NameOID.COMMON_NAME)
     fleet_id = _attribute(subject, NameOID.ORGANIZATION_NAME)
     role = _attribute(subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if holder is None or fleet_id is None or role not in FLEET_ROLES:
+    if holder is None or fleet_id is None or role not in CERTIFICATE_ROLES:
         raise ValueError(f"certificate subject {subject.rfc4514_string()} is not a fleet subject")
+    region, device_class = _fleet_attributes(cert)
+    if (region is None) == (role == "node"):
+        raise ValueError(
+            f"a {role} certificate "
+            + ("must name one region" if role == "node" else "names no region")
+        )
     return PeerIdentity(
         node_id=holder,
-        role="node" if role == "node" else "router",
+        role=_certificate_role(role),
         fleet_id=fleet_id,
-        region=_attribute(subject, REGION_OID),
-        device_class=_attribute(subject, DEVICE_CLASS_OID),
+        region=region,
+        device_class=device_class,
         serial=cert.serial_number,
         fingerprint=fingerprint(cert),
         not_after=cert.not_valid_after_utc.timestamp(),
     )
 
 
-def fleet_subject(
-    holder_id: str,
-    fleet_id: str,
-    role: FleetRole,
-    region: str | None = None,
-    device_class: str | None = None,
-) -> x509.Name:
+def _certificate_role(role: str) -> CertificateRole:
+    for known in CERTIFICATE_ROLES:
+        if role == known:
+            return known
+    raise ValueError(f"`{role}` is not a fleet certificate role")
+
+
+def fleet_subject(holder_id: str, fleet_id: str, role: CertificateRole) -> x509.Name:
     """The subject `identity_of` reads back: what the CA writes into every certificate."""
-    attributes = [
-        x509.NameAttribute(NameOID.COMMON_NAME, holder_id),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, fleet_id),
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-    ]
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, holder_id),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, fleet_id),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+        ]
+    )
+
+
+def fleet_uris(region: str | None, device_class: str | None) -> list[x509.GeneralName]:
+    """The URI names a node certificate carries for its region and device class; ValueError
+    for a value `identity_of` would refuse to read back."""
+    names: list[x509.GeneralName] = []
     if region is not None:
-        attributes.append(x509.NameAttribute(REGION_OID, region))
+        names.append(x509.UniformResourceIdentifier(REGION_URN + _region(region)))
     if device_class is not None:
-        attributes.append(x509.NameAttribute(DEVICE_CLASS_OID, device_class))
-    return x509.Name(attributes)
+        names.append(x509.UniformResourceIdentifier(DEVICE_CLASS_URN + _device(device_class)))
+    return names
+
+
+def _region(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"`{value}` is not a region name (lower-case letters, digits, . _ -)")
+    return value
+
+
+def _device(value: str) -> str:
+    if value not in DEVICE_CLASSES:
+        raise ValueError(f"`{value}` is not a device class ({', '.join(DEVICE_CLASSES)})")
+    return value
+
+
+def _fleet_attributes(cert: x509.Certificate) -> tuple[str | None, str | None]:
+    """Region and device class: from the URNs, or from a legacy certificate's OIDs, never
+    from both."""
+    regions: list[str] = []
+    devices: list[str] = []
+    for uri in _san(cert).get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.lower().startswith(REGION_URN):
+            regions.append(_region(uri[len(REGION_URN) :]))
+        elif uri.lower().startswith(DEVICE_CLASS_URN):
+            devices.append(_device(uri[len(DEVICE_CLASS_URN) :]))
+        elif uri.lower().startswith(URN_PREFIX):
+            raise ValueError(f"`{uri}` is not a fleet name this version knows")
+    legacy_regions, legacy_devices = _legacy_attributes(cert.subject)
+    if (regions or devices) and (legacy_regions or legacy_devices):
+        raise ValueError("the region or device class is named both as a URI and as an OID")
+    return _one("region", regions or legacy_regions), _one(
+        "device class", devices or legacy_devices
+    )
+
+
+def _legacy_attributes(subject: x509.Name) -> tuple[list[str], list[str]]:
+    """LEGACY, read only (see `_LEGACY_REGION_OID`)."""
+    return (
+        [_region(_text(a.value)) for a in subject.get_attributes_for_oid(_LEGACY_REGION_OID)],
+        [_device(_text(a.value)) for a in subject.get_attributes_for_oid(_LEGACY_DEVICE_CLASS_OID)],
+    )
+
+
+def _one(what: str, values: list[str]) -> str | None:
+    if len(values) > 1:
+        raise ValueError(f"the certificate names {len(values)} values for its {what}")
+    return values[0] if values else None
+
+
+def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectAlternativeName([])
 
 
 def _attribute(name: x509.Name, oid: ObjectIdentifier) -> str | None:
     values = name.get_attributes_for_oid(oid)
-    if not values:
-        return None
-    value = values[0].value
+    if len(values) > 1:
+        raise ValueError(f"the certificate subject names {oid.dotted_string} twice")
+    return _text(values[0].value) if values else None
+
+
+def _text(value: str | bytes) -> str:
     return value if isinstance(value, str) else value.decode("utf-8")
 
 
@@ -163,6 +252,17 @@ def requested_hosts(csr: x509.CertificateSigningRequest) -> list[str]:
     hosts: list[str] = list(san.get_values_for_type(x509.DNSName))
     hosts += [str(address) for address in san.get_values_for_type(x509.IPAddress)]
     return hosts
+
+
+def requested_other_names(csr: x509.CertificateSigningRequest) -> list[str]:
+    """What a certificate request asks for beyond DNS names and IP addresses (URIs such as
+    `urn:palisade:region:…`, e-mail addresses, …): the CA refuses a request that does."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    hosts = (x509.DNSName, x509.IPAddress)
+    return [f"`{str(name.value)[:100]}`" for name in san if not isinstance(name, hosts)]
 
 
 def make_csr(identity: NodeIdentity, node_id: str, hosts: list[str]) -> bytes:

@@ -36,6 +36,10 @@ ORG_ROLES: Final[tuple[OrgRole, ...]] = get_args(OrgRole)
 # Who holds a fleet certificate (and announces itself by zeroconf).
 FleetRole = Literal["node", "router"]
 FLEET_ROLES: Final[tuple[FleetRole, ...]] = get_args(FleetRole)
+# Every role a fleet certificate may name: the members, and a `monitor` (a Prometheus
+# scraping nodes directly), which only completes a TLS handshake: no fleet route takes it.
+CertificateRole = Literal[FleetRole, "monitor"]
+CERTIFICATE_ROLES: Final[tuple[CertificateRole, ...]] = get_args(CertificateRole)
 
 # The receipt every inference answer carries: where it ran.
 REGION_HEADER: Final = "X-Palisade-Region"

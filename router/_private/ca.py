@@ -2,8 +2,9 @@
 
 Kept under the router's home: `fleet/ca.key` (Ed25519, 0600), `fleet/ca.pem` (self-signed,
 10 years), `fleet/fleet.id` (random `fleet-<8 hex>`, made with the CA). The CA writes every
-subject field itself; from a certificate request it takes only the public key and the
-host names asked for (see `federation.fleet_subject`).
+subject field and the region and device-class names itself; from a certificate request it
+takes only the public key and the host names asked for (see `federation.fleet_subject`,
+`federation.fleet_uris`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from federation import (
     dns_name,
     fingerprint,
     fleet_subject,
+    fleet_uris,
     general_names,
     host_problem,
     invalid_csr,
     load_pem_certificate,
     requested_hosts,
+    requested_other_names,
     write_private,
 )
 
@@ -38,6 +41,7 @@ CRL_FILE = "crl.pem"
 CA_YEARS = 10
 NODE_DAYS = 30
 ROUTER_DAYS = 365
+MONITOR_DAYS = 365
 # Certificates start a little in the past so a node whose clock lags still accepts them.
 BACKDATE = datetime.timedelta(minutes=5)
 COARSE_CLOCK_LAG_S = 0.05
@@ -102,20 +106,34 @@ class FleetCA:
     ) -> x509.Certificate:
         """A node certificate for the key in `csr_pem`; `invalid_csr` if it does not verify."""
         csr = checked_csr(csr_pem)
-        subject = fleet_subject(node_id, self.fleet_id, "node", region, device_class)
+        subject = fleet_subject(node_id, self.fleet_id, "node")
         hosts = [dns_name("node", node_id), *requested_hosts(csr)]
-        return self._issue(_ed25519(csr.public_key()), subject, hosts, days)
+        names = [*general_names(list(dict.fromkeys(hosts))), *fleet_uris(region, device_class)]
+        return self._issue(_ed25519(csr.public_key()), subject, names, days)
 
     def issue_router(
         self, identity: NodeIdentity, router_id: str, hosts: Iterable[str], days: int = ROUTER_DAYS
     ) -> x509.Certificate:
         """The router's own fleet certificate (role router) for its identity key."""
         subject = fleet_subject(router_id, self.fleet_id, "router")
-        names = [dns_name("router", router_id), *hosts]
+        names = general_names(list(dict.fromkeys([dns_name("router", router_id), *hosts])))
         return self._issue(identity.private_key.public_key(), subject, names, days)
 
+    def issue_monitor(
+        self, public_key: Ed25519PublicKey, name: str, days: int = MONITOR_DAYS
+    ) -> x509.Certificate:
+        """A client certificate (role monitor) for a scraper such as Prometheus: it passes a
+        node's TLS handshake and nothing else, no fleet route takes it."""
+        subject = fleet_subject(name, self.fleet_id, "monitor")
+        return self._issue(public_key, subject, [], days, usage=CLIENT_ONLY)
+
     def _issue(
-        self, public_key: Ed25519PublicKey, subject: x509.Name, hosts: list[str], days: int
+        self,
+        public_key: Ed25519PublicKey,
+        subject: x509.Name,
+        names: list[x509.GeneralName],
+        days: int,
+        usage: x509.ExtendedKeyUsage | None = None,
     ) -> x509.Certificate:
         now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
         builder = (
@@ -128,14 +146,12 @@ class FleetCA:
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_leaf_usage(), critical=True)
-            .add_extension(SERVER_AND_CLIENT, critical=False)
-            .add_extension(
-                x509.SubjectAlternativeName(general_names(list(dict.fromkeys(hosts)))),
-                critical=False,
-            )
+            .add_extension(usage or SERVER_AND_CLIENT, critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(_authority_key_id(self.certificate), critical=False)
         )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return builder.sign(self._key, algorithm=None)
 
     def crl(self, revoked: Iterable[tuple[int, float]], number: int) -> bytes:
@@ -176,6 +192,7 @@ class FleetCA:
 SERVER_AND_CLIENT = x509.ExtendedKeyUsage(
     [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
 )
+CLIENT_ONLY = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
 
 
 def checked_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
@@ -190,8 +207,14 @@ def checked_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
         raise invalid_csr("its signature does not verify with the key it carries")
     try:
         hosts = requested_hosts(csr)
+        others = requested_other_names(csr)
     except ValueError as exc:
         raise invalid_csr(f"its subject alternative names are malformed ({exc})") from exc
+    if others:
+        raise invalid_csr(
+            f"it asks for {', '.join(others)}; a request names only DNS names and IP addresses "
+            "(the CA alone writes a node's region and device class)"
+        )
     _check_hosts(hosts)
     return csr
 

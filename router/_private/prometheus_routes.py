@@ -4,11 +4,11 @@
 `{targets, labels}`): the router itself, then every node the router knows (down ones too,
 so that `up` shows them failing), labelled with region, node and device class. A node is
 scraped through the router (`/federation/v1/prometheus/nodes/<node>/metrics`): the router
-reaches it over the fleet's mTLS as it forwards requests, so Prometheus needs neither a
-route to the nodes nor to parse their certificates (Go's x509, Prometheus's, refuses the
-fleet's region and device-class name attributes: their OIDs have 128-bit arcs). Both are
-operator endpoints like the fleet view: a key whose role may view the fleet, sent by
-Prometheus as `authorization: {type: Bearer, credentials_file: ...}`.
+reaches it over the fleet's mTLS as it forwards requests, so Prometheus needs no route to
+the nodes and no fleet certificate of its own (scraping a node directly, with a `monitor`
+certificate, works too: tests/e2e/test_prometheus_direct.py). Both are operator endpoints
+like the fleet view: a key whose role may view the fleet, sent by Prometheus as
+`authorization: {type: Bearer, credentials_file: ...}`.
 """
 
 from __future__ import annotations

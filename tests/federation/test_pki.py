@@ -1,8 +1,11 @@
 """Fleet x509: identities round-trip through certificates, requests are checked, a CRL added
-to a live TLS context is honoured on the next handshake (real sockets on 127.0.0.1)."""
+to a live TLS context is honoured on the next handshake (real sockets on 127.0.0.1).
+Certificates a tricked CA would sign (two regions, a region in two places, unknown or
+malformed `urn:palisade:` names) are refused; an older release's OIDs are still read."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -14,7 +17,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from federation import (
     APIError,
@@ -30,6 +34,7 @@ from federation import (
     load_pem_certificate,
     make_csr,
     node_dns_name,
+    peer_identity,
     raw_public_key,
     reload_crl,
     requested_hosts,
@@ -38,6 +43,11 @@ from federation import (
     write_private,
 )
 from router._private.ca import FleetCA
+from tests.federation.forgery import ca_signed
+
+# What releases before the URNs wrote into node subjects (still read, never issued).
+LEGACY_REGION = ObjectIdentifier("2.25.310613956484810803564186195976021482477")
+LEGACY_DEVICE_CLASS = ObjectIdentifier("2.25.288518122563068208789969010568663243962")
 
 
 class Clock:
@@ -81,6 +91,12 @@ def test_node_certificate_round_trips_its_identity(tmp_path: Path) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == [node_dns_name("edge-1"), "edge-1.example"]
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "urn:palisade:region:eu-west",
+        "urn:palisade:device-class:gpu",
+    ]
+    standard = {NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME}
+    assert {attribute.oid for attribute in cert.subject} == standard
     cert.verify_directly_issued_by(ca.certificate)
 
 
@@ -95,6 +111,127 @@ def test_router_certificate_has_role_router_and_no_region(tmp_path: Path) -> Non
         None,
     )
     assert router_dns_name("router-1") == "router-1.router.palisade.internal"
+
+
+def _subject(ca: FleetCA, role: str = "node") -> list[tuple[ObjectIdentifier, str]]:
+    return [
+        (NameOID.COMMON_NAME, "edge-1"),
+        (NameOID.ORGANIZATION_NAME, ca.fleet_id),
+        (NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+    ]
+
+
+def _urns(*values: str) -> list[x509.GeneralName]:
+    return [x509.UniformResourceIdentifier(value) for value in values]
+
+
+REGION_EU, REGION_US = "urn:palisade:region:eu", "urn:palisade:region:us"
+
+
+@pytest.mark.parametrize(
+    ("role", "extra", "names", "reason"),
+    [
+        ("node", [], _urns(REGION_EU, REGION_US), "2 values for its region"),
+        ("node", [], _urns(REGION_EU, REGION_EU), "2 values for its region"),
+        ("node", [], _urns(REGION_EU, "URN:Palisade:Region:us"), "2 values for its region"),
+        (
+            "node",
+            [],
+            _urns(REGION_EU, "urn:palisade:device-class:cpu", "urn:palisade:device-class:gpu"),
+            "2 values for its device class",
+        ),
+        ("node", [(LEGACY_REGION, "eu")], _urns(REGION_EU), "both as a URI and as an OID"),
+        ("node", [(LEGACY_DEVICE_CLASS, "gpu")], _urns(REGION_EU), "both as a URI and as an OID"),
+        ("node", [(LEGACY_REGION, "eu"), (LEGACY_REGION, "us")], [], "2 values for its region"),
+        ("node", [], _urns(REGION_EU, "urn:palisade:zone:a"), "not a fleet name"),
+        ("node", [], _urns(REGION_EU, "urn:palisade:region"), "not a fleet name"),
+        ("node", [], _urns("urn:palisade:region:EU West"), "not a region name"),
+        ("node", [], _urns("urn:palisade:region:"), "not a region name"),
+        ("node", [], _urns("urn:palisade:region:eu/../us"), "not a region name"),
+        ("node", [], _urns(REGION_EU, "urn:palisade:device-class:tpu"), "not a device class"),
+        ("node", [(LEGACY_REGION, "eu\nus")], [], "not a region name"),
+        ("node", [], [], "must name one region"),
+        ("node", [], _urns("urn:palisade:device-class:cpu"), "must name one region"),
+        ("router", [], _urns(REGION_EU), "names no region"),
+        ("monitor", [(LEGACY_REGION, "eu")], [], "names no region"),
+        ("node", [(NameOID.COMMON_NAME, "edge-2")], _urns(REGION_EU), "2.5.4.3 twice"),
+    ],
+)
+def test_identity_of_refuses_what_a_tricked_ca_could_sign(
+    tmp_path: Path,
+    role: str,
+    extra: list[tuple[ObjectIdentifier, str]],
+    names: list[x509.GeneralName],
+    reason: str,
+) -> None:
+    ca = FleetCA.load_or_create(tmp_path)
+    cert = ca_signed(tmp_path, [*_subject(ca, role), *extra], names)
+    with pytest.raises(ValueError, match=reason):
+        identity_of(cert)
+
+
+def test_a_certificate_from_before_the_urns_is_read_until_it_is_renewed(tmp_path: Path) -> None:
+    ca = FleetCA.load_or_create(tmp_path)
+    legacy = [(LEGACY_REGION, "eu-west"), (LEGACY_DEVICE_CLASS, "rdu")]
+    hosts: list[x509.GeneralName] = [x509.DNSName(node_dns_name("edge-1"))]
+    peer = identity_of(ca_signed(tmp_path, [*_subject(ca), *legacy], hosts))
+    assert (peer.node_id, peer.role, peer.region, peer.device_class) == (
+        "edge-1",
+        "node",
+        "eu-west",
+        "rdu",
+    )
+    assert identity_of(ca_signed(tmp_path, [*_subject(ca), legacy[0]], [])).device_class is None
+    # URIs outside `urn:palisade:` (another scheme's) are not the fleet's to judge.
+    other = _urns("spiffe://example.org/workload", REGION_EU)
+    assert identity_of(ca_signed(tmp_path, _subject(ca), other)).region == "eu"
+
+
+def test_a_client_certificate_without_a_fleet_identity_is_none_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = FleetCA.load_or_create(tmp_path)
+    hostile = ca_signed(tmp_path, _subject(ca), _urns(REGION_EU, REGION_US))
+    scope = {"extensions": {"tls": {"client_cert_chain": [_pem(hostile).decode("ascii")]}}}
+    with caplog.at_level(logging.WARNING, logger="palisade.serving"):
+        assert peer_identity(scope) is None
+    assert "2 values for its region" in caplog.text
+
+
+def test_monitor_certificate_is_a_client_certificate_without_a_region(tmp_path: Path) -> None:
+    ca = FleetCA.load_or_create(tmp_path)
+    cert = ca.issue_monitor(Ed25519PrivateKey.generate().public_key(), "prometheus")
+    peer = identity_of(cert)
+    assert (peer.node_id, peer.role, peer.region, peer.fleet_id) == (
+        "prometheus",
+        "monitor",
+        None,
+        ca.fleet_id,
+    )
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert.verify_directly_issued_by(ca.certificate)
+
+
+def test_csr_may_not_ask_for_fleet_urns_or_other_name_types(tmp_path: Path) -> None:
+    ca = FleetCA.load_or_create(tmp_path)
+    identity = NodeIdentity.load_or_create(tmp_path)
+    for name in (REGION_US, "https://example.org/"):
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n")]))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(name)]),
+                critical=False,
+            )
+            .sign(identity.private_key, algorithm=None)
+            .public_bytes(serialization.Encoding.PEM)
+        )
+        with pytest.raises(APIError) as refused:
+            ca.issue_node(csr, "n", "eu", None)
+        assert refused.value.code == "invalid_csr"
+        assert name in refused.value.message
+        assert "only DNS names and IP addresses" in refused.value.message
 
 
 def test_ca_is_created_once_private_and_reloaded(tmp_path: Path) -> None:

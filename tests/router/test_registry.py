@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import ObjectIdentifier
 
 from federation import (
     APIError,
@@ -25,7 +26,7 @@ from federation import (
 )
 from router._private.ca import FleetCA
 from router._private.registry import NodeRegistry
-from tests.federation.forgery import csr_with_signature
+from tests.federation.forgery import ca_signed, csr_with_signature
 
 FLEET_URL = "https://127.0.0.1:9443"
 
@@ -262,6 +263,41 @@ def test_renewal_keeps_the_key_and_identity(router: Router, tmp_path: Path) -> N
     with pytest.raises(APIError) as revoked:
         router.registry.renew(fresh, make_csr(node, "edge-1", []).decode())
     assert (revoked.value.code, revoked.value.status_code) == ("node_revoked", 403)
+
+
+def test_a_node_enrolled_before_the_urns_renews_to_them(router: Router, tmp_path: Path) -> None:
+    """What an older router issued (the same serial, region and device class as subject
+    OIDs, which Go cannot parse) renews into a certificate carrying them as URNs."""
+    node = _node(tmp_path)
+    first = router.registry.enroll(_request(router.token(), node, device_class="gpu"))
+    issued = load_pem_certificate(first.certificate.encode())
+    legacy = ca_signed(
+        router.home,
+        [
+            *((a.oid, str(a.value)) for a in issued.subject),
+            (ObjectIdentifier("2.25.310613956484810803564186195976021482477"), "eu"),
+            (ObjectIdentifier("2.25.288518122563068208789969010568663243962"), "gpu"),
+        ],
+        [x509.DNSName("edge-1.node.palisade.internal")],
+        public_key=node.private_key.public_key(),
+        serial=issued.serial_number,
+    )
+    assert (
+        legacy.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
+        == []
+    )
+
+    renewed = router.registry.renew(identity_of(legacy), make_csr(node, "edge-1", []).decode())
+    cert = load_pem_certificate(renewed.certificate.encode())
+    assert (renewed.region, renewed.device_class) == ("eu", "gpu")
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "urn:palisade:region:eu",
+        "urn:palisade:device-class:gpu",
+    ]
+    assert all(attribute.oid.dotted_string.startswith("2.5.4.") for attribute in cert.subject)
 
 
 def test_revocation_lists_every_serial_in_a_newer_crl(router: Router, tmp_path: Path) -> None:
