@@ -7,7 +7,7 @@ STAMP := $(VENV)/.palisade-installed
 export PALISADE_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps model run test check lint typecheck docs bench bench-guidellm clean \
+.PHONY: help setup system-deps model run run-monitored test check lint typecheck docs bench bench-guidellm clean \
 	image-deps appliance-image image-test vllm-lane
 # Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format),
 # and Prometheus and Alertmanager (the monitoring e2e test, promtool/amtool checks).
@@ -38,6 +38,9 @@ model: $(STAMP) ## Fetch the default model (SmolLM2-135M-Instruct) into $PALISAD
 
 run: model ## Start a local fleet (router + appliances in eu-west and us-east), print URL, key, curl
 	$(BIN)/palisade fleet up
+
+run-monitored: model system-deps ## The local fleet with Prometheus (:9090) and Alertmanager (:9093); alerts to :9095
+	$(BIN)/palisade fleet up --with-prometheus
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

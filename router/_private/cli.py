@@ -218,11 +218,21 @@ def up_command(
     model: Annotated[
         str, typer.Option(help="Model id the printed curl line asks for.")
     ] = "smollm2-135m-instruct",
+    with_prometheus: Annotated[
+        bool,
+        typer.Option(
+            "--with-prometheus",
+            help="Also run Prometheus (port 9090) and Alertmanager (9093) on 127.0.0.1, "
+            "alerts to `palisade alerts tail` (9095); free ports with --port 0.",
+        ),
+    ] = False,
 ) -> None:
     """Run a local fleet: the router plus one appliance per region on the default model."""
     logging.basicConfig(level=logging.WARNING)
     try:
-        code = run_local_fleet(palisade_home(), check_regions(regions), port, model)
+        code = run_local_fleet(
+            palisade_home(), check_regions(regions), port, model, with_prometheus=with_prometheus
+        )
     except PalisadeError as exc:
         raise fail(str(exc)) from None
     raise typer.Exit(code)

@@ -11,6 +11,12 @@ curl line trusting the fleet CA, and stops them all on Ctrl-C or SIGTERM. Once t
 is up, a process that exits is started again after a back-off (1 s, doubling to 30 s, from
 1 s again after a minute up), and the exit is reported with its code or signal and the
 tail of the process's log.
+
+With `--with-prometheus`, Debian's Prometheus and Alertmanager run beside it, on 127.0.0.1,
+with configs, data and logs under $PALISADE_HOME/monitoring/: Prometheus scrapes the router
+and, through it, every node (discovered from the router), with a key of the canary user
+issued once and kept there (0600, never printed); Alertmanager posts alerts to the webhook
+`palisade alerts tail` receives on 127.0.0.1:9095.
 """
 
 from __future__ import annotations
@@ -48,7 +54,20 @@ from federation import (
     shown_secret,
     write_private,
 )
+from router._private.alerts import DEFAULT_ALERTS_PORT
 from router._private.ca import FLEET_DIR, FleetCA
+from router._private.monitoring import (
+    ALERTMANAGER,
+    PROMETHEUS,
+    RULES,
+    Monitoring,
+    command,
+    free_port,
+    start_alertmanager,
+    start_prometheus,
+    write_configs,
+)
+from router._private.prometheus_routes import SD_PATH
 
 _LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
 _FLEET_LISTENING = re.compile(r"fleet \(mTLS\) on (?P<url>https://[^\s,]+)")
@@ -65,6 +84,14 @@ _BACKOFF_FIRST_S = 1.0
 _BACKOFF_MAX_S = 30.0
 # A process that stayed up this long before exiting starts the back-off from the beginning.
 _STABLE_S = 60.0
+# `--with-prometheus` (docs/operations.md): Debian's default ports beside the router's 8300,
+# free ones with `--port 0`; alerts go to `palisade alerts tail`'s default port either way.
+MONITORING_DIR = "monitoring"
+PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+SCRAPE_KEY = "scrape.key"
+# A local fleet is watched closely: a change shows in Prometheus within seconds.
+_SCRAPE_S = 5.0
 
 
 class LocalFleetError(PalisadeError):
@@ -91,7 +118,18 @@ class _RouterUrls:
     fleet: str  # https://…: where nodes enroll and heartbeat (mTLS)
 
 
-def run_local_fleet(home: Path, regions: list[str], port: int, model: str) -> int:
+@dataclass(frozen=True)
+class _MonitoringUrls:
+    prometheus: str
+    alertmanager: str
+    webhook: str
+
+
+def run_local_fleet(
+    home: Path, regions: list[str], port: int, model: str, *, with_prometheus: bool = False
+) -> int:
+    for binary in (PROMETHEUS, ALERTMANAGER) if with_prometheus else ():
+        command(binary)  # before anything starts: says to run `make system-deps`
     private_dir(home)
     # Always certificates: the lab switch for plain-HTTP fleets never reaches this fleet.
     env = {k: v for k, v in os.environ.items() if k != JOIN_SECRET_ENV}
@@ -124,8 +162,15 @@ def run_local_fleet(home: Path, regions: list[str], port: int, model: str) -> in
         _wait_joined(client, urls.public, admin_key, children, stopping)
         if stopping.is_set():
             return 0
+        nodes = [child.name for child in children if child is not router]
+        monitoring = None
+        if with_prometheus:
+            scrape_key = _scrape_key(client, home, urls.public, admin_key)
+            started, monitoring = _start_monitoring(home, port, urls.public, ca_path, scrape_key)
+            children.extend(started)
+            _wait_monitoring(client, started, monitoring, stopping)
         demo_key = shown_secret(_secret_file(home, "demo.key"), home / "demo.key")
-        _announce(urls.public, demo_key, model, regions, children, ca_path=ca_path)
+        _announce(urls.public, demo_key, model, regions, nodes, ca_path=ca_path, then=monitoring)
         while not stopping.wait(0.5):
             for child in children:
                 _tend(child, time.monotonic())
@@ -451,17 +496,23 @@ def _exit(code: int) -> str:
 
 
 def _announce(
-    url: str, key: str, model: str, regions: list[str], children: list[_Child], *, ca_path: Path
+    url: str,
+    key: str,
+    model: str,
+    regions: list[str],
+    nodes: list[str],
+    *,
+    ca_path: Path,
+    then: _MonitoringUrls | None,
 ) -> None:
     # A bounded answer: the first try should come back in a second, not run to the context.
     body = (
         f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], '
         '"max_tokens": 64}'
     )
-    nodes = ", ".join(f"{c.name}" for c in children if c.log is not None)
     ca = shlex.quote(str(ca_path))
     sys.stdout.write(
-        f"\nPalisade fleet ready: router {url}, appliances {nodes} "
+        f"\nPalisade fleet ready: router {url}, appliances {', '.join(nodes)} "
         f"(regions {', '.join(regions)}; enrolled, mTLS between router and appliances).\n"
         f"  export PALISADE_URL={url} PALISADE_API_KEY={key}\n"
         f"  curl -s --cacert {ca} {url}/v1/chat/completions "
@@ -470,9 +521,108 @@ def _announce(
         f"  palisade fleet node list --url {url}   # enrolled nodes and their certificates\n"
         f"The router's certificate is from the fleet CA {ca_path} (not a public CA): clients "
         "trust that file (curl --cacert, SSL_CERT_FILE, httpx verify=).\n"
+        f"{'' if then is None else _monitoring_lines(then)}"
         "Stop with Ctrl-C.\n"
     )
     sys.stdout.flush()
+
+
+def _scrape_key(client: httpx.Client, home: Path, url: str, admin_key: str) -> Path:
+    """The key file Prometheus sends: a canary-user key (it may view the fleet, and call
+    only as the canary org), issued on the first run and kept while the router accepts it."""
+    path = home / MONITORING_DIR / SCRAPE_KEY
+    if path.is_file():
+        headers = {"Authorization": f"Bearer {path.read_text().strip()}"}
+        try:
+            if client.get(url + SD_PATH, headers=headers).status_code == 200:
+                return path
+        except httpx.HTTPError as exc:
+            raise LocalFleetError(
+                f"cannot ask the router for Prometheus's targets: {exc}"
+            ) from None
+    try:
+        reply = client.post(
+            f"{url}/federation/v1/canary/keys", headers={"Authorization": f"Bearer {admin_key}"}
+        )
+    except httpx.HTTPError as exc:
+        raise LocalFleetError(f"cannot ask the router for a scrape key: {exc}") from None
+    if reply.status_code != 201:
+        raise LocalFleetError(f"the router refused a scrape key: {reply.text}")
+    write_private(path, reply.json()["key"] + "\n")
+    return path
+
+
+def _start_monitoring(
+    home: Path, port: int, router_url: str, ca_path: Path, scrape_key: Path
+) -> tuple[list[_Child], _MonitoringUrls]:
+    """Alertmanager, then Prometheus, on 127.0.0.1; each started again if it dies."""
+    directory = home / MONITORING_DIR
+    prometheus = f"127.0.0.1:{PROMETHEUS_PORT if port else free_port()}"
+    alertmanager = f"127.0.0.1:{ALERTMANAGER_PORT if port else free_port()}"
+    urls = _MonitoringUrls(
+        f"http://{prometheus}", f"http://{alertmanager}", f"http://127.0.0.1:{DEFAULT_ALERTS_PORT}/"
+    )
+    setup = Monitoring(
+        router_url=router_url,
+        ca_file=ca_path,
+        credentials_file=scrape_key,
+        webhook_url=urls.webhook,
+        alertmanager_address=alertmanager,
+        scrape_interval_s=_SCRAPE_S,
+        evaluation_interval_s=_SCRAPE_S,
+    )
+    write_configs(directory, setup)
+    children = []
+    for name, start, address in (
+        (ALERTMANAGER, start_alertmanager, alertmanager),
+        (PROMETHEUS, start_prometheus, prometheus),
+    ):
+        log = directory / f"{name}.log"
+
+        def spawn(
+            start: Callable[..., subprocess.Popen[str]] = start,
+            address: str = address,
+            log: Path = log,
+        ) -> subprocess.Popen[str]:
+            return start(directory, address, log)
+
+        children.append(_Child(name, spawn(), log, respawn=spawn))
+    return children, urls
+
+
+def _wait_monitoring(
+    client: httpx.Client,
+    started: list[_Child],
+    urls: _MonitoringUrls,
+    stopping: threading.Event,
+) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    waiting = {urls.alertmanager, urls.prometheus}
+    while not stopping.is_set():
+        if dead := next((c for c in started if c.process.poll() is not None), None):
+            raise LocalFleetError(_died(dead))
+        waiting -= {url for url in waiting if _ready(client, url)}
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise LocalFleetError(f"{sorted(waiting)} not ready within {_START_TIMEOUT_S:.0f} s")
+        stopping.wait(0.1)
+
+
+def _ready(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _monitoring_lines(urls: _MonitoringUrls) -> str:
+    return (
+        f"Prometheus {urls.prometheus} (the router and its nodes, every {_SCRAPE_S:g} s; "
+        f"alert rules {RULES})\n"
+        f"Alertmanager {urls.alertmanager}, posting alerts to {urls.webhook}:\n"
+        f"  palisade alerts tail --port {_port_of(urls.webhook)}   # prints them as they arrive\n"
+    )
 
 
 def _stop_all(children: list[_Child]) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation import PalisadeError, private_dir, write_private
+from federation import PalisadeError, private_dir, private_file, write_private
 from router._private.prometheus_routes import SD_PATH
 
 RULES = Path(__file__).resolve().parents[2] / "ops" / "prometheus" / "rules.yml"
@@ -129,7 +129,7 @@ def command(name: str) -> str:
     return found
 
 
-def start_prometheus(directory: Path, address: str, log: Path) -> subprocess.Popen[bytes]:
+def start_prometheus(directory: Path, address: str, log: Path) -> subprocess.Popen[str]:
     """Prometheus on `address` (host:port) with `directory`/prometheus.yml; data beside it."""
     args = [
         command(PROMETHEUS),
@@ -140,7 +140,7 @@ def start_prometheus(directory: Path, address: str, log: Path) -> subprocess.Pop
     return _spawn(args, log)
 
 
-def start_alertmanager(directory: Path, address: str, log: Path) -> subprocess.Popen[bytes]:
+def start_alertmanager(directory: Path, address: str, log: Path) -> subprocess.Popen[str]:
     """Alertmanager on `address` alone (no cluster peers)."""
     args = [
         command(ALERTMANAGER),
@@ -152,6 +152,7 @@ def start_alertmanager(directory: Path, address: str, log: Path) -> subprocess.P
     return _spawn(args, log)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as output:
-        return subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)  # noqa: S603
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[str]:
+    private_file(log)  # beside configs naming the key file: owner only
+    with log.open("a") as output:
+        return subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT, text=True)  # noqa: S603

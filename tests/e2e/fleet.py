@@ -253,12 +253,18 @@ class FleetUp:
         return found["url"]
 
     def children(self) -> dict[str, int]:
-        """Its child processes' PIDs: `router`, and each appliance by node id."""
+        """Its child processes' PIDs: `router`, each appliance by node id, and with
+        `--with-prometheus` `prometheus` and `prometheus-alertmanager`."""
         found: dict[str, int] = {}
         pids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
         for pid in pids.split():
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-            name = args[args.index("--node-id") + 1] if "--node-id" in args else args[3]
+            if "--node-id" in args:
+                name = args[args.index("--node-id") + 1]
+            elif "palisade" in args:  # python -m palisade router serve …
+                name = args[3]
+            else:
+                name = Path(args[0]).name
             found[name] = int(pid)
         return found
 

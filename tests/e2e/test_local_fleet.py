@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from federation import NodeCredentials
 from tests.e2e.fleet import FleetUp, fleet_up
@@ -23,6 +24,7 @@ from tests.support import run_palisade, wait_for
 
 _CURL = re.compile(r"^\s*(curl -s --cacert .*Authorization: Bearer .*)$", re.MULTILINE)
 REGIONS = ("eu-west", "us-east")
+NODES = tuple(f"{region}-1" for region in REGIONS)
 
 
 def pinned(fleet: FleetUp, key: str, region: str) -> httpx.Response:
@@ -175,3 +177,78 @@ def row(table: str, node: str) -> dict[str, str]:
     header = re.split(r"\s{2,}", lines[0])
     line = next(line for line in lines if line.startswith(node))
     return dict(zip(header, re.split(r"\s{2,}", line), strict=True))
+
+
+_MONITORING_BINARIES = ("prometheus", "prometheus-alertmanager")
+_PROMETHEUS_URL = re.compile(r"^Prometheus (?P<url>http://127\.0\.0\.1:\d+) ", re.MULTILINE)
+_ALERTMANAGER_URL = re.compile(r"^Alertmanager (?P<url>http://127\.0\.0\.1:\d+),", re.MULTILINE)
+
+
+def promql(prometheus: str, query: str) -> list[dict[str, Any]]:
+    data = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=5).json()
+    assert data["status"] == "success", data
+    result: list[dict[str, Any]] = data["data"]["result"]
+    return result
+
+
+def scraped_up(prometheus: str) -> dict[str, str]:
+    """Each active target's health, by node (the router's own target as `router`)."""
+    targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=5).json()["data"]
+    return {
+        t["labels"].get("node", t["labels"].get("palisade_role", "?")): t["health"]
+        for t in targets["activeTargets"]
+    }
+
+
+@pytest.mark.skipif(
+    any(shutil.which(binary) is None for binary in _MONITORING_BINARIES),
+    reason="Debian's prometheus and prometheus-alertmanager are absent: run `make system-deps`",
+)
+def test_fleet_up_with_prometheus_scrapes_the_router_and_both_nodes_and_stops_them(
+    tmp_path: Path,
+) -> None:
+    with fleet_up(tmp_path, "--with-prometheus") as fleet:
+        text = fleet.text()
+        prometheus, alertmanager = _PROMETHEUS_URL.search(text), _ALERTMANAGER_URL.search(text)
+        assert prometheus is not None, text
+        assert alertmanager is not None, text
+        assert "palisade alerts tail --port 9095" in text
+        children = fleet.children()
+        assert set(children) == {"router", *NODES, *_MONITORING_BINARIES}, children
+        monitoring = tmp_path / "monitoring"
+        key = (monitoring / "scrape.key").read_text().strip()
+        assert key not in text  # where the key is, never the key
+        for private in ("scrape.key", "prometheus.yml", "alertmanager.yml", "prometheus.log"):
+            assert (monitoring / private).stat().st_mode & 0o777 == 0o600, private
+        assert (monitoring / "prometheus-data").is_dir()
+        webhook = httpx.get(f"{alertmanager['url']}/api/v2/status", timeout=5).json()
+        assert "url: http://127.0.0.1:9095/" in webhook["config"]["original"]
+
+        wait_for(
+            lambda: scraped_up(prometheus["url"]) == {"router": "up"} | dict.fromkeys(NODES, "up"),
+            timeout=60,
+            interval=0.5,
+        )
+        demo_key = (tmp_path / "demo.key").read_text().strip()
+        for region in REGIONS:
+            assert pinned(fleet, demo_key, region).status_code == 200
+        served = 'sum(palisade_router_requests_total{endpoint="completion",status="200"})'
+
+        def counted() -> bool:
+            found = promql(prometheus["url"], served)
+            return bool(found) and found[0]["value"][1] == "2"
+
+        wait_for(counted, timeout=30, interval=0.5)
+    for name in _MONITORING_BINARIES:  # stopped with the fleet, and reaped by it
+        assert not Path(f"/proc/{children[name]}").exists(), name
+
+
+def test_fleet_up_with_prometheus_says_how_to_install_it_when_absent(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    result = run_palisade(
+        "fleet", "up", "--with-prometheus", "--port", "0",
+        env={"PALISADE_HOME": str(tmp_path), "PATH": str(tmp_path / "bin")},
+    )  # fmt: skip
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "`prometheus` is not installed: run `make system-deps`" in result.stderr
+    assert not (tmp_path / "policy.db").exists()  # nothing was started
