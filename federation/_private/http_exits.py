@@ -12,16 +12,21 @@ server error.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from litestar import Request, Response
 from litestar.enums import ScopeType
-from litestar.exceptions import InternalServerException
+from litestar.exceptions import ClientException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
-from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
+from litestar.types import ASGIApp, Empty, Message, Receive, ReceiveMessage, Scope, Send
+from litestar.utils.scope.state import ScopeState
+
+from federation._private.scope_headers import ScopeHeaders
 
 log = logging.getLogger("palisade.http")
 CLIENT_GONE = 499  # nginx's "client closed request"
@@ -40,14 +45,39 @@ def client_gone_response(_: Request[Any, Any, Any], __: Exception) -> Response[A
 
 
 async def read_body(request: Request[Any, Any, Any]) -> bytes:
-    """The request body; `ClientGoneError` if the client hangs up before sending all of it
-    (Litestar reports that as an internal error, which it is not)."""
+    """The request body, as Litestar's `request.body()` reads it (kept for later calls,
+    that one's included; 413 past the route's `request_max_body_size`, announced or sent),
+    without building the header multidict for its length; `ClientGoneError` if the client
+    hangs up before sending all of it (Litestar calls that an internal error)."""
+    state = ScopeState.from_scope(request.scope)
+    if state.body is not Empty:
+        return state.body
+    limit = request.route_handler.resolve_request_max_body_size() or math.inf
+    announced = ScopeHeaders(request).get("content-length")
+    if announced is not None and _length(announced) > limit:
+        raise RequestEntityTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientGoneError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestEntityTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = state.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return body
+
+
+def _length(announced: str) -> int:
     try:
-        return await request.body()
-    except InternalServerException as exc:
-        if "disconnected" in exc.detail:
-            raise ClientGoneError from None
-        raise
+        return int(announced)
+    except ValueError:
+        raise ClientException(f"Invalid content-length: {announced!r}") from None
 
 
 class ClosingStream(Stream):
