@@ -30,7 +30,6 @@ from federation.client import (
     table,
 )
 from router._private.canary_cli import with_canary_every
-from router._private.canary_cli import with_canary_every
 from router._private.config import load_router_config, palisade_home
 from router._private.local_fleet import check_regions, run_local_fleet
 from router._private.server import serve
@@ -87,13 +86,6 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
             help="Run the router's own canary every DURATION, e.g. 60s (overrides [canary]).",
         ),
     ] = None,
-    canary_every: Annotated[
-        str | None,
-        typer.Option(
-            "--canary-every",
-            help="Run the router's own canary every DURATION, e.g. 60s (overrides [canary]).",
-        ),
-    ] = None,
     log_format: LogFormatOpt = None,
     otlp_endpoint: OtlpEndpointOpt = None,
     trace_sample_ratio: SampleRatioOpt = None,
@@ -114,7 +106,6 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
     try:
         settings = load_router_config(config, overrides)
         switched = settings.discovery.switched(discovery)
-        settings = with_canary_every(settings, canary_every)
         settings = with_canary_every(settings, canary_every)
         logs, traces = observability_settings(
             settings.logs,
