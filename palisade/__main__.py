@@ -21,6 +21,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "fleet": ("router", "fleet_cli"),
     "alerts": ("router", "alerts_cli"),
     "canary": ("router", "canary_cli"),
+    "monitor": ("router", "monitor_cli"),
     "node": ("provisioning", "node_cli"),
     "image": ("images", "image_cli"),
     "org": ("federation", "org_cli"),

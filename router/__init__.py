@@ -26,6 +26,7 @@ from router._private.errors import (
 )
 from router._private.fleet import Fleet, Node
 from router._private.metrics import RouterMetrics
+from router._private.monitor_cli import monitor_cli
 from router._private.prometheus_routes import SD_PATH, TargetGroup, scrape_targets
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "create_router_app",
     "fleet_cli",
     "load_router_config",
+    "monitor_cli",
     "router_cli",
     "scrape_targets",
 ]

@@ -66,6 +66,12 @@ _CANARY_KEY = wire.KeyCreate(
     limits=wire.KeyLimits(requests_per_minute=300, tokens_per_minute=60_000, burst=60),
 )
 
+# Prometheus's scrape key (`palisade monitor key`): one user of role `monitor` in its own org,
+# which may read the scrape targets and node metrics and nothing else.
+MONITOR_ORG = "palisade-monitor"
+MONITOR_EMAIL = "monitor@local"
+_MONITOR_KEY = wire.KeyCreate(name="monitor")
+
 
 class Tenancy:
     """Keys, roles, limits, budgets and usage metering for one server."""
@@ -178,6 +184,25 @@ class Tenancy:
             ),
             None,
         ) or await store.add_user(CANARY_EMAIL, "canary", CANARY_ORG, "system")
+
+    async def new_monitor_key(self, actor: str) -> wire.CreatedKey:
+        """A new key of the monitor user (shown once), made with its org on first use."""
+        return await self.store.create_key(await self._monitor_user(), _MONITOR_KEY, actor)
+
+    async def _monitor_user(self) -> UserRecord:
+        store = self.store
+        if MONITOR_ORG not in store.orgs:
+            # An org needs a region; the monitor calls no model in it (its role may not).
+            spec = wire.OrgCreate(name=MONITOR_ORG, regions=[self.region])
+            await store.create_org(spec, "system")
+        return next(
+            (
+                u
+                for u in store.users.values()
+                if u.role == "monitor" and u.org == MONITOR_ORG and u.removed_at is None
+            ),
+            None,
+        ) or await store.add_user(MONITOR_EMAIL, "monitor", MONITOR_ORG, "system")
 
     async def _bootstrap(self) -> str | None:
         key = await self.store.bootstrap_admin()

@@ -1,22 +1,23 @@
 """Role-based access control: the one matrix every management action is checked against.
 
-| action                       | system_admin | auditor | org_admin | org_user | org_auditor | canary |
-|------------------------------|--------------|---------|-----------|----------|-------------|--------|
-| view system-wide usage       | yes          | yes     | no        | no       | no          | no     |
-| manage models                | yes          | no      | no        | no       | no          | no     |
-| create/manage organizations  | yes          | no      | no        | no       | no          | no     |
-| view org usage               | any org      | any org | own       | own      | own         | no     |
-| invite/remove users          | any org      | no      | own       | no       | no          | no     |
-| set org budgets              | any org      | no      | own       | no       | no          | no     |
-| create API key               | no           | no      | own       | own      | no          | no     |
-| view/revoke own keys         | no           | no      | yes       | yes      | no          | no     |
-| view/revoke all org keys     | any org      | no      | own       | no       | no          | no     |
-| view org audit log           | any org      | any org | own       | no       | own         | no     |
-| read sealed request content  | no           | any org | no        | no       | own         | no     |
-| call the inference API       | no           | no      | yes       | yes      | no          | yes    |
-| view the fleet               | yes          | no      | no        | no       | no          | yes    |
-| enroll/revoke fleet nodes    | yes          | no      | no        | no       | no          | no     |
-| pin a request's device class | no           | no      | no        | no       | no          | own    |
+| action                          | system_admin | auditor | org_admin | org_user | org_auditor | canary | monitor |
+|---------------------------------|--------------|---------|-----------|----------|-------------|--------|---------|
+| view system-wide usage          | yes          | yes     | no        | no       | no          | no     | no      |
+| manage models                   | yes          | no      | no        | no       | no          | no     | no      |
+| create/manage organizations     | yes          | no      | no        | no       | no          | no     | no      |
+| view org usage                  | any org      | any org | own       | own      | own         | no     | no      |
+| invite/remove users             | any org      | no      | own       | no       | no          | no     | no      |
+| set org budgets                 | any org      | no      | own       | no       | no          | no     | no      |
+| create API key                  | no           | no      | own       | own      | no          | no     | no      |
+| view/revoke own keys            | no           | no      | yes       | yes      | no          | no     | no      |
+| view/revoke all org keys        | any org      | no      | own       | no       | no          | no     | no      |
+| view org audit log              | any org      | any org | own       | no       | own         | no     | no      |
+| read sealed request content     | no           | any org | no        | no       | own         | no     | no      |
+| call the inference API          | no           | no      | yes       | yes      | no          | yes    | no      |
+| view the fleet                  | yes          | no      | no        | no       | no          | yes    | no      |
+| read metrics and scrape targets | yes          | no      | no        | no       | no          | no     | yes     |
+| enroll/revoke fleet nodes       | yes          | no      | no        | no       | no          | no     | no      |
+| pin a request's device class    | no           | no      | no        | no       | no          | own    | no      |
 
 "view org audit log" covers the signed export, its verification and residency reports. The
 auditors change nothing: each gets its one API key by accepting its invitation, and an
@@ -25,7 +26,9 @@ who run the service do not read what its users sent), and every read is itself a
 The `canary` is the synthetic prober's one user (made by the router, never invited): it calls
 the inference API, reads the fleet to know what to probe, and alone may pin a request to one
 device class (X-Palisade-Device-Class), so that no tenant can steer its requests off the
-operator's order of preference.
+operator's order of preference. The `monitor` is Prometheus's one user (made by the router,
+never invited; a system admin issues its keys): it reads the scrape targets and each node's
+metrics through the router, and nothing else, so that a scrape key on disk leaks no more.
 """  # noqa: E501 - the table is one row per action, one column per role
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class Action(Enum):
     READ_CONTENT = "read sealed request content"
     CALL_INFERENCE = "call the inference API"
     VIEW_FLEET = "view the fleet"
+    READ_METRICS = "read metrics and scrape targets"
     MANAGE_FLEET = "enroll/revoke fleet nodes"
     PIN_DEVICE_CLASS = "pin a request's device class"
 
@@ -68,6 +72,7 @@ _MATRIX: dict[str, dict[Action, str]] = {
         Action.MANAGE_ORG_KEYS: _ANY,
         Action.VIEW_AUDIT: _ANY,
         Action.VIEW_FLEET: _ANY,
+        Action.READ_METRICS: _ANY,
         Action.MANAGE_FLEET: _ANY,
     },
     "org_admin": {
@@ -101,6 +106,9 @@ _MATRIX: dict[str, dict[Action, str]] = {
         Action.CALL_INFERENCE: _OWN,
         Action.VIEW_FLEET: _ANY,
         Action.PIN_DEVICE_CLASS: _OWN,
+    },
+    "monitor": {
+        Action.READ_METRICS: _ANY,
     },
 }
 

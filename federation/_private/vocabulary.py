@@ -22,13 +22,15 @@ LOGGING_MODES: Final[tuple[LoggingMode, ...]] = get_args(LoggingMode)
 # roles in every org. The auditors (`org_auditor` for one org, `auditor` for every org) read
 # usage, audit evidence and sealed content and change nothing. An invitation grants an org
 # role, or (from a system admin, naming no org) the fleet-wide `auditor`.
-# The `canary` (the synthetic prober, `palisade canary`) is never invited: the router makes
-# its one user, in the canary org, itself.
+# The `canary` (the synthetic prober, `palisade canary`) and the `monitor` (Prometheus's
+# scrape key, `palisade monitor key`) are never invited: the router makes each one's user,
+# in an org of its own, itself.
 OrgRole = Literal["org_admin", "org_user", "org_auditor"]
 FleetAuditor = Literal["auditor"]
 SystemRole = Literal["system_admin", FleetAuditor]
 CanaryRole = Literal["canary"]
-UserRole = Literal[SystemRole, OrgRole, CanaryRole]
+MonitorRole = Literal["monitor"]
+UserRole = Literal[SystemRole, OrgRole, CanaryRole, MonitorRole]
 InvitedRole = Literal[OrgRole, FleetAuditor]
 USER_ROLES: Final[tuple[UserRole, ...]] = get_args(UserRole)
 ORG_ROLES: Final[tuple[OrgRole, ...]] = get_args(OrgRole)
@@ -38,7 +40,7 @@ FleetRole = Literal["node", "router"]
 FLEET_ROLES: Final[tuple[FleetRole, ...]] = get_args(FleetRole)
 # Every role a fleet certificate may name: the members, and a `monitor` (a Prometheus
 # scraping nodes directly), which only completes a TLS handshake: no fleet route takes it.
-CertificateRole = Literal[FleetRole, "monitor"]
+CertificateRole = Literal[FleetRole, MonitorRole]
 CERTIFICATE_ROLES: Final[tuple[CertificateRole, ...]] = get_args(CertificateRole)
 
 # The receipt every inference answer carries: where it ran.

@@ -14,8 +14,9 @@ tail of the process's log.
 
 With `--with-prometheus`, Debian's Prometheus and Alertmanager run beside it, on 127.0.0.1,
 with configs, data and logs under $PALISADE_HOME/monitoring/: Prometheus scrapes the router
-and, through it, every node (discovered from the router), with a key of the canary user
-issued once and kept there (0600, never printed); Alertmanager posts alerts to the webhook
+and, through it, every node (discovered from the router), with a key of the monitor user
+(which may read the scrape targets and node metrics, nothing else) issued once and kept
+there (0600, never printed); Alertmanager posts alerts to the webhook
 `palisade alerts tail` receives on 127.0.0.1:9095.
 """
 
@@ -67,7 +68,7 @@ from router._private.monitoring import (
     start_prometheus,
     write_configs,
 )
-from router._private.prometheus_routes import SD_PATH
+from router._private.prometheus_routes import MONITOR_KEYS_PATH, SD_PATH
 
 _LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
 _FLEET_LISTENING = re.compile(r"fleet \(mTLS\) on (?P<url>https://[^\s,]+)")
@@ -528,8 +529,9 @@ def _announce(
 
 
 def _scrape_key(client: httpx.Client, home: Path, url: str, admin_key: str) -> Path:
-    """The key file Prometheus sends: a canary-user key (it may view the fleet, and call
-    only as the canary org), issued on the first run and kept while the router accepts it."""
+    """The key file Prometheus sends: a monitor key (it may read the scrape targets and node
+    metrics, nothing else), issued on the first run and kept while the router accepts it (a
+    key that cannot read the targets, such as an earlier run's canary key, is replaced)."""
     path = home / MONITORING_DIR / SCRAPE_KEY
     if path.is_file():
         headers = {"Authorization": f"Bearer {path.read_text().strip()}"}
@@ -542,7 +544,7 @@ def _scrape_key(client: httpx.Client, home: Path, url: str, admin_key: str) -> P
             ) from None
     try:
         reply = client.post(
-            f"{url}/federation/v1/canary/keys", headers={"Authorization": f"Bearer {admin_key}"}
+            url + MONITOR_KEYS_PATH, headers={"Authorization": f"Bearer {admin_key}"}
         )
     except httpx.HTTPError as exc:
         raise LocalFleetError(f"cannot ask the router for a scrape key: {exc}") from None

@@ -1,7 +1,7 @@
 """Prometheus and Alertmanager for a fleet: their generated configs and their processes.
 
 Prometheus (Debian's `prometheus`) finds what to scrape from the router's HTTP service
-discovery endpoint (`prometheus_routes.SD_PATH`, with an operator key and the fleet CA), and
+discovery endpoint (`prometheus_routes.SD_PATH`, with a monitor key and the fleet CA), and
 evaluates the shipped rules (ops/prometheus/rules.yml); Alertmanager (Debian's
 `prometheus-alertmanager`) sends every alert to one webhook, such as `palisade alerts tail`.
 The configs are plain data written as JSON, which is YAML: `promtool check config` and
@@ -36,7 +36,7 @@ class Monitoring:
 
     router_url: str  # the router's public URL (https://…)
     ca_file: Path  # the fleet CA: the router's and the nodes' certificates
-    credentials_file: Path  # a key whose role may view the fleet (the SD endpoint)
+    credentials_file: Path  # a monitor key: it may read the scrape targets and node metrics
     webhook_url: str  # where Alertmanager posts alerts
     alertmanager_address: str  # host:port Prometheus sends alerts to
     scrape_interval_s: float = 15.0

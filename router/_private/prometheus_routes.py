@@ -6,9 +6,11 @@ so that `up` shows them failing), labelled with region, node and device class. A
 scraped through the router (`/federation/v1/prometheus/nodes/<node>/metrics`): the router
 reaches it over the fleet's mTLS as it forwards requests, so Prometheus needs no route to
 the nodes and no fleet certificate of its own (scraping a node directly, with a `monitor`
-certificate, works too: tests/e2e/test_prometheus_direct.py). Both are operator endpoints
-like the fleet view: a key whose role may view the fleet, sent by Prometheus as
-`authorization: {type: Bearer, credentials_file: ...}`.
+certificate, works too: tests/e2e/test_prometheus_direct.py). Both take a key whose role may
+`read metrics and scrape targets` (the `monitor`'s, which may do nothing else, or a system
+admin's), sent by Prometheus as `authorization: {type: Bearer, credentials_file: ...}`.
+A system admin issues monitor keys at `POST /federation/v1/monitor/keys` (`palisade monitor
+key`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import msgspec
-from litestar import MediaType, Response, get
+from litestar import MediaType, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 
 SD_PATH = "/federation/v1/prometheus/targets"
 NODE_METRICS_PATH = "/federation/v1/prometheus/nodes/{node_id}/metrics"
+MONITOR_KEYS_PATH = "/federation/v1/monitor/keys"
 _NODE_SCRAPE_TIMEOUT_S = 10.0
 
 
@@ -81,11 +84,12 @@ def _address(url: str) -> tuple[str, str]:
 
 
 def prometheus_routes(state: RouterState) -> list[HTTPRouteHandler]:
-    """The discovery route over the router's fleet view."""
+    """The discovery route over the router's fleet view, each node's metrics through the
+    router, and the monitor keys Prometheus sends to both."""
 
     @get(SD_PATH, dependencies={"caller": Provide(state.tenancy.admin_caller)})
     async def targets(caller: NamedDependency[Caller]) -> Response[Any]:
-        require_everywhere(caller.user.role, Action.VIEW_FLEET)
+        require_everywhere(caller.user.role, Action.READ_METRICS)
         status = state.fleet.status(state.config.router_id)
         groups = scrape_targets(state.config.router_id, state.url, status)
         return Response(ENCODER.encode(groups), media_type=MediaType.JSON)
@@ -97,7 +101,7 @@ def prometheus_routes(state: RouterState) -> list[HTTPRouteHandler]:
     async def node_metrics(
         node_id: FromPath[str], caller: NamedDependency[Caller]
     ) -> Response[Any]:
-        require_everywhere(caller.user.role, Action.VIEW_FLEET)
+        require_everywhere(caller.user.role, Action.READ_METRICS)
         node = state.fleet.nodes.get(node_id)
         if node is None:
             raise NotFoundError(f"No node `{node_id}` in this fleet.", code="node_not_found")
@@ -115,7 +119,18 @@ def prometheus_routes(state: RouterState) -> list[HTTPRouteHandler]:
             raise BackendUnreachableError(node_id)
         return Response(body, media_type=media)
 
-    return [targets, node_metrics]
+    @post(
+        MONITOR_KEYS_PATH,
+        status_code=201,
+        dependencies={"caller": Provide(state.tenancy.admin_caller)},
+    )
+    async def monitor_key(caller: NamedDependency[Caller]) -> Response[Any]:
+        """A new key of the monitor user (shown once), for a Prometheus's `credentials_file`."""
+        require_everywhere(caller.user.role, Action.MANAGE_FLEET)
+        created = await state.tenancy.new_monitor_key(caller.user.id)
+        return Response(ENCODER.encode(created), status_code=201, media_type=MediaType.JSON)
+
+    return [targets, node_metrics, monitor_key]
 
 
 class BackendUnreachableError(ServiceUnavailableError):

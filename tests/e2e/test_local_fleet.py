@@ -232,6 +232,10 @@ def test_fleet_up_with_prometheus_scrapes_the_router_and_both_nodes_and_stops_th
         demo_key = (tmp_path / "demo.key").read_text().strip()
         for region in REGIONS:
             assert pinned(fleet, demo_key, region).status_code == 200
+        # The scrape key is a monitor's: Prometheus reads the targets with it, no model.
+        refused = pinned(fleet, key, REGIONS[0])
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "permission_denied"
         served = 'sum(palisade_router_requests_total{endpoint="completion",status="200"})'
 
         def counted() -> bool:

@@ -2,8 +2,8 @@
 counts through PromQL, and the shipped alert rules reaching a webhook receiver.
 
 A router and two appliances (one per region, scripted engines), Prometheus scraping every
-second with the generated config and ops/prometheus/rules.yml, Alertmanager posting to
-`palisade alerts tail`'s receiver. Killing the only node of us-east must bring
+second with a monitor key, the generated config and ops/prometheus/rules.yml, Alertmanager
+posting to `palisade alerts tail`'s receiver. Killing the only node of us-east must bring
 `PalisadeRegionWithoutHealthyNode` to the webhook within the rule's `for` plus two scrape
 intervals of the router seeing it; an org past 80 % of its budget raises
 `PalisadeOrgBudget80`, then at 100 % `PalisadeOrgBudget100`.
@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from federation import write_private
 from router._private.alerts import AlertReceiver
 from router._private.monitoring import (
     ALERTMANAGER,
@@ -36,6 +37,7 @@ from router._private.monitoring import (
     start_prometheus,
     write_configs,
 )
+from router._private.prometheus_routes import MONITOR_KEYS_PATH
 from tests.e2e.fleet import Fleet, running_fleet
 from tests.support import wait_for
 
@@ -77,10 +79,10 @@ class Alerts:
 
 @contextmanager
 def monitored(fleet: Fleet, root: Path, webhook: str) -> Iterator[str]:
-    """Alertmanager, then Prometheus over `fleet`; yields Prometheus's URL."""
+    """Alertmanager, then Prometheus over `fleet`, scraping with a monitor key; yields
+    Prometheus's URL."""
     key_file = root / "sd.key"
-    key_file.write_text(fleet.admin.key)
-    key_file.chmod(0o600)
+    write_private(key_file, fleet.admin.ok("POST", MONITOR_KEYS_PATH)["key"] + "\n")
     prometheus = f"127.0.0.1:{free_port()}"
     alertmanager = f"127.0.0.1:{free_port()}"
     setup = Monitoring(

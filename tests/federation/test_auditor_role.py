@@ -78,6 +78,21 @@ def test_the_documented_table_is_the_matrix_cell_for_cell() -> None:
             assert scope == expected, f"{role} / {action.value}: documented {cell}, is {scope}"
 
 
+def test_the_tenants_guide_table_is_the_documented_one() -> None:
+    """docs/tenants.md's "Who may do what": the docstring's roles and cells, row by row (its
+    action column may say more, e.g. the command)."""
+    guide = Path(__file__).resolve().parents[2] / "docs" / "tenants.md"
+    section = guide.read_text().split("## Who may do what", 1)[1]
+    lines = [line for line in section.split("\n\n", 2)[1].splitlines() if line.startswith("|")]
+    rows = [re.split(r"(?<!\\)\|", line.strip("|")) for line in lines]
+    header = [cell.strip() for cell in rows[0]]
+    documented = _docstring_table()
+    assert header[1:] == list(next(iter(documented.values())))
+    assert [[cell.strip() for cell in row[1:]] for row in rows[2:]] == [
+        list(cells.values()) for cells in documented.values()
+    ]
+
+
 @pytest.mark.parametrize("action", list(Action), ids=lambda action: action.name)
 @pytest.mark.parametrize("role", AUDITORS)
 def test_an_auditor_cell(role: str, action: Action) -> None:
