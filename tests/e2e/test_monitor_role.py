@@ -5,7 +5,7 @@ On a real fleet (a router, one appliance in front of a stand-in upstream) with a
 by `palisade monitor key`: its chat completion is a 403 `permission_denied` that reserves
 nothing and reaches no node, pinned or not; every other keyed route the router mounts,
 enumerated from the app itself, refuses it the same way; the targets and the node's metrics
-answer it.
+answer it. A canary key left as `fleet up --with-prometheus`'s scrape key is replaced.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import pytest
 from litestar import Litestar
 
 from compliance import Recorder
-from federation import Tenancy
+from federation import Tenancy, write_private
 from router._private.app import create_router_app
 from router._private.config import load_router_config
+from router._private.local_fleet import MONITORING_DIR, SCRAPE_KEY, _scrape_key
 from router._private.prometheus_routes import NODE_METRICS_PATH, SD_PATH
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, running_fleet, upstream_toml
 from tests.federation.tenants import Admin
@@ -177,7 +178,9 @@ def test_a_monitor_key_reads_the_metrics_and_nothing_else(
         assert 'palisade_requests_total{endpoint="/v1/chat/completions"' in scraped.text
 
 
-def test_the_monitor_is_never_invited_and_the_canary_reads_no_targets(tmp_path: Path) -> None:
+def test_the_monitor_is_never_invited_and_a_canary_scrape_key_is_replaced(
+    tmp_path: Path,
+) -> None:
     with running_fleet(tmp_path) as fleet:
         fleet.admin.create_org("acme", ["eu-west"])
         for org in ("acme", MONITOR_ORG):
@@ -188,3 +191,18 @@ def test_the_monitor_is_never_invited_and_the_canary_reads_no_targets(tmp_path: 
         canary: dict[str, Any] = fleet.admin.ok("POST", "/federation/v1/canary/keys")
         refused = Admin(fleet.router.url, canary["key"]).call("GET", SD_PATH)
         assert _refused(refused), refused.text
+
+        # `fleet up --with-prometheus` finds an earlier run's canary scrape key: it issues a
+        # monitor key in its place, then keeps that one.
+        home = tmp_path / "home"
+        scrape_key = home / MONITORING_DIR / SCRAPE_KEY
+        write_private(scrape_key, canary["key"] + "\n")
+        with httpx.Client(timeout=30) as client:
+            assert _scrape_key(client, home, fleet.router.url, fleet.admin.key) == scrape_key
+            replaced = scrape_key.read_text().strip()
+            assert _scrape_key(client, home, fleet.router.url, fleet.admin.key) == scrape_key
+        assert scrape_key.read_text().strip() == replaced != canary["key"]
+        assert scrape_key.stat().st_mode & 0o777 == 0o600
+        monitor = Admin(fleet.router.url, replaced)
+        assert monitor.call("GET", SD_PATH).status_code == 200
+        assert [org["name"] for org in monitor.ok("GET", "/admin/v1/orgs")["data"]] == [MONITOR_ORG]
