@@ -117,6 +117,9 @@ def make_server(
             lifespan="on",
             timeout_graceful_shutdown=5,
             timeout_keep_alive=config.keep_alive_s,
+            # Nothing reads the client's address, so uvicorn's rewriting of it from
+            # X-Forwarded-For (a middleware pass on every request) has nothing to do.
+            proxy_headers=False,
         ),
         listeners,
         config.header_timeout_s,
@@ -242,7 +245,13 @@ def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
     )
 
     class GuardedProtocol(HttpToolsProtocol):
-        _deadline: asyncio.TimerHandle | None = None
+        # The deadline of the request being read (None: none), what is answered when it
+        # passes, and one timer that checks it lazily: moving the deadline on every request
+        # costs no timer of its own (two call_later and two cancels a request, before).
+        _due: float | None = None
+        _reply = b""
+        _timer: asyncio.TimerHandle | None = None
+        _timer_at = 0.0
         _in_headers = True
         _header_bytes = 0  # of the request being read, while its headers are incomplete
         _tail = b""  # the last bytes received, in case the headers' end straddles two reads
@@ -260,6 +269,9 @@ def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -273,7 +285,7 @@ def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
             if self._tls is not None:
                 self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
             self._in_headers = True
-            if self._deadline is None:  # a kept-alive connection's next request
+            if self._due is None:  # a kept-alive connection's next request
                 self._arm(config.header_timeout_s, header_timeout)
 
         def _headers_too_large(self, data: bytes) -> bool:
@@ -299,13 +311,25 @@ def guarded_protocol(config: ServerConfig) -> type[asyncio.Protocol]:
             super().on_message_complete()
 
         def _arm(self, seconds: float, reply: bytes) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(seconds, self._refuse, reply)
+            due = self.loop.time() + seconds
+            self._due, self._reply = due, reply
+            if self._timer is None or self._timer_at > due:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer, self._timer_at = self.loop.call_at(due, self._check), due
 
         def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+            self._due = None  # a timer still set finds nothing due and lapses
+
+        def _check(self) -> None:
+            self._timer = None
+            due = self._due
+            if due is None:
+                return
+            if self.loop.time() < due:  # moved on since the timer was set
+                self._timer, self._timer_at = self.loop.call_at(due, self._check), due
+                return
+            self._refuse(self._reply)
 
         def _refuse(self, reply: bytes) -> None:
             """Answer `reply` unless an answer to this request (or, while headers are read,
