@@ -181,10 +181,12 @@ class Generation:
     __slots__ = (
         "_cancelled",
         "_delivered",
+        "_first_taken",
         "_lock",
         "_loop",
         "_on_cancel",
         "_on_done",
+        "_owner",
         "_pending",
         "_posted_tokens",
         "_rich",
@@ -210,11 +212,16 @@ class Generation:
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self._loop = loop
+        self._owner = _thread_running(loop)
         self._lock = threading.Lock()
         self._pending: deque[str | ChoiceDelta | Finish] = deque()
         self._rich = False  # an emit_delta happened: readers get pieces, not joined text
         self._waiter: asyncio.Future[None] | None = None
-        self._delivered = threading.Event()
+        # Held until the reader has taken the first text (a lock is cheaper to make than an
+        # Event, and every request makes one).
+        self._delivered = threading.Lock()
+        self._delivered.acquire()
+        self._first_taken = False
         self._cancelled = False
         self._on_cancel: Callable[[Generation], None] | None = None
         self._on_done = on_done
@@ -256,7 +263,7 @@ class Generation:
         """
         if self._on_done is not None:
             try:
-                self._loop.call_soon_threadsafe(self._on_done, finish)
+                self._call_soon(self._on_done, finish)
             except RuntimeError:
                 self._cancelled = True  # the loop is gone; so is whoever wanted to know
         self._post(finish)
@@ -267,7 +274,22 @@ class Generation:
         Called once, after the first token: letting the event loop write it before the
         engine's threads take both cores for the next step keeps time-to-first-token low.
         """
-        self._delivered.wait(timeout)
+        if self._delivered.acquire(timeout=timeout):
+            self._delivered.release()
+
+    def _taken(self) -> None:
+        """The reader has taken the first text (or left): `wait_delivered` returns."""
+        if not self._first_taken:
+            self._first_taken = True
+            self._delivered.release()
+
+    def _call_soon(self, callback: Callable[[Any], None], argument: Any) -> None:
+        """`callback(argument)` on the loop; from the loop's own thread (an engine that runs
+        on it) without the thread-safe wake-up, a system call."""
+        if threading.get_ident() == self._owner:
+            self._loop.call_soon(callback, argument)
+        else:
+            self._loop.call_soon_threadsafe(callback, argument)
 
     def _post(
         self,
@@ -286,7 +308,7 @@ class Generation:
             wakes.add(self, waiter)
             return
         try:
-            self._loop.call_soon_threadsafe(_wake, waiter)
+            self._call_soon(_wake, waiter)
         except RuntimeError:
             self._cancelled = True  # the loop is gone: nobody is listening any more
 
@@ -312,9 +334,9 @@ class Generation:
                 piece = await self._take()
                 if piece:
                     yield piece
-                    self._delivered.set()
+                    self._taken()
         finally:
-            self._delivered.set()
+            self._taken()
             if self.finish is None:
                 self.cancel()
 
@@ -369,6 +391,16 @@ class Generation:
 
     async def text(self) -> str:
         return "".join([delta async for delta in self.stream()])
+
+
+def _thread_running(loop: asyncio.AbstractEventLoop) -> int | None:
+    """This thread's id if it runs `loop` (the usual case: a generation is made where it
+    is submitted, on the loop), else None."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return threading.get_ident() if running is loop else None
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
