@@ -21,7 +21,11 @@ from litestar.params import FromPath, Parameter
 
 from federation._private import admin_wire as wire
 from federation._private.decoding import decode_request
-from federation._private.errors import AuthenticationError, InvalidRequestError
+from federation._private.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    PermissionDeniedError,
+)
 from federation._private.gate import Gate
 from federation._private.openai_wire import ENCODER
 from federation._private.policy import (
@@ -71,6 +75,8 @@ _CANARY_KEY = wire.KeyCreate(
 MONITOR_ORG = "palisade-monitor"
 MONITOR_EMAIL = "monitor@local"
 _MONITOR_KEY = wire.KeyCreate(name="monitor")
+# The orgs the router makes for its own users: nobody else creates them or joins them.
+SYSTEM_ORGS = frozenset({CANARY_ORG, MONITOR_ORG})
 
 
 class Tenancy:
@@ -293,6 +299,12 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
     ) -> Response[Any]:
         role(caller, Action.MANAGE_ORGS, None)
         spec = decode_request(await request.body(), _ORG)
+        if spec.name in SYSTEM_ORGS:
+            raise InvalidRequestError(
+                f"`{spec.name}` is the name of an org the router makes for its own user.",
+                code="invalid_value",
+                param="name",
+            )
         return _json(await tenancy.store.create_org(spec, caller.user.id), 201)
 
     @get("/admin/v1/orgs", dependencies=auth)
@@ -329,6 +341,11 @@ def _admin_routes(tenancy: Tenancy) -> list[HTTPRouteHandler]:  # noqa: PLR0915 
             require_everywhere(caller.user.role, Action.MANAGE_USERS)
         else:
             role(caller, Action.MANAGE_USERS, spec.org)
+        if spec.org in SYSTEM_ORGS:
+            raise PermissionDeniedError(
+                f"Org `{spec.org}` holds the router's own user alone; nobody is invited to it.",
+                code="permission_denied",
+            )
         return _json(await tenancy.store.create_invite(spec, caller.user.id), 201)
 
     @post("/admin/v1/invites/accept")

@@ -5,7 +5,8 @@ On a real fleet (a router, one appliance in front of a stand-in upstream) with a
 by `palisade monitor key`: its chat completion is a 403 `permission_denied` that reserves
 nothing and reaches no node, pinned or not; every other keyed route the router mounts,
 enumerated from the app itself, refuses it the same way; the targets and the node's metrics
-answer it. A canary key left as `fleet up --with-prometheus`'s scrape key is replaced.
+answer it. Nobody is invited as the monitor or into its org. A canary key left as
+`fleet up --with-prometheus`'s scrape key is replaced.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def test_a_monitor_key_reads_the_metrics_and_nothing_else(
         assert 'palisade_requests_total{endpoint="/v1/chat/completions"' in scraped.text
 
 
-def test_the_monitor_is_never_invited_and_a_canary_scrape_key_is_replaced(
+def test_the_monitor_and_its_org_take_no_invitation_and_a_canary_scrape_key_is_replaced(
     tmp_path: Path,
 ) -> None:
     with running_fleet(tmp_path) as fleet:
@@ -206,3 +207,13 @@ def test_the_monitor_is_never_invited_and_a_canary_scrape_key_is_replaced(
         monitor = Admin(fleet.router.url, replaced)
         assert monitor.call("GET", SD_PATH).status_code == 200
         assert [org["name"] for org in monitor.ok("GET", "/admin/v1/orgs")["data"]] == [MONITOR_ORG]
+
+        # The router's own orgs take nobody else, and nobody makes one before it does.
+        for org in (MONITOR_ORG, "palisade-canary"):
+            invite = {"email": "someone@acme.test", "role": "org_user", "org": org}
+            joined = fleet.admin.call("POST", "/admin/v1/invites", invite)
+            assert _refused(joined), joined.text
+            created = fleet.admin.call("POST", "/admin/v1/orgs", {"name": org, "regions": ["x"]})
+            assert created.status_code == 400, created.text
+            error = created.json()["error"]
+            assert (error["code"], error["param"]) == ("invalid_value", "name")  # not org_exists
