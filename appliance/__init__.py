@@ -53,15 +53,15 @@ from appliance._private.model_store import (
 )
 
 __all__ = [
-    "ENGINE_PROCESS_SERIES",
-    "ApplianceMetrics",
     "DEFAULT_MODEL_FILE",
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_SHA256",
     "DEFAULT_PORT",
     "ENGINES",
+    "ENGINE_PROCESS_SERIES",
     "ApplianceConfig",
     "ApplianceError",
+    "ApplianceMetrics",
     "ApplianceState",
     "Capabilities",
     "ChoiceDelta",
