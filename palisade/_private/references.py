@@ -212,7 +212,8 @@ def configuration_reference() -> str:
 
 
 def router_rows() -> list[MetricRow]:
-    return metric_contract(RouterMetrics(router_id="router", version="0").registry)
+    metrics = RouterMetrics(router_id="router", version="0")
+    return metric_contract(metrics.registry, *metric_contract(metrics.org_registry))
 
 
 def appliance_rows() -> list[MetricRow]:
@@ -229,7 +230,9 @@ def metrics_reference() -> str:
         "Every series the router's and the appliances' `GET /metrics` export. Histograms also",
         "export `_bucket`, `_sum` and `_count`; latency buckets run from 10 ms to 120 s (a GPU's",
         "first token to a CPU's long prompt), time-per-token buckets from 1 ms to 1 s. Labels",
-        "are bounded: no key, user or request ids; `org` labels budget use only.",
+        "are bounded: no key, user or request ids; `org` labels budget use only, and the",
+        "router exports those series only to a key that may read metrics (a monitor's or a",
+        "system admin's); anyone else gets every other series.",
         "[operations.md](operations.md#prometheus-alertmanager-and-alerts) says how Prometheus",
         "finds and scrapes them and which alerts read them.",
     ]

@@ -740,10 +740,17 @@ def _ops_routes(state: RouterState) -> list[HTTPRouteHandler]:
         return _json({"status": "ready", "nodes": len(state.fleet.nodes), "nodes_up": up})
 
     @get("/metrics")
-    async def metrics() -> Response[Any]:
+    async def metrics(request: Request[Any, Any, Any]) -> Response[Any]:
+        """Open to anyone, but the series that name orgs only to a key that may read
+        metrics (the monitor's, a system admin's): org names are tenants' business."""
+        with_orgs = "authorization" in request.headers
+        if with_orgs:
+            caller = await state.tenancy.admin_caller(request)
+            require_everywhere(caller.user.role, Action.READ_METRICS)
         images = await asyncio.to_thread(state.rollouts.images)
         versions = {node: image.version for node, image in images.items()}
-        return Response(state.metrics.render(versions), media_type=CONTENT_TYPE_LATEST)
+        exposition = state.metrics.render(versions, with_orgs=with_orgs)
+        return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
     return [healthz, readyz, metrics]
 

@@ -105,7 +105,9 @@ class RouterMetrics:
         self._certificates: dict[str, Path] = {}
         self._audit: Callable[[], tuple[int, float] | None] = lambda: None
         r.register(_FleetCollector(self.fleet_status, lambda: self._images))
-        r.register(_BudgetCollector(self._budgets_now))
+        # Series that name orgs: served only to a key that may read metrics (`render`).
+        self.org_registry = CollectorRegistry()
+        self.org_registry.register(_BudgetCollector(self._budgets_now))
         r.register(CertificateExpiry(lambda: self._certificates))
         r.register(AuditLag(self._audit_now))
 
@@ -136,8 +138,9 @@ class RouterMetrics:
         if code in RESIDENCY_CODES:
             self.residency_refusals.labels(code).inc()
 
-    def render(self, images: dict[str, str] | None = None) -> bytes:
-        """The exposition; `images` (node id -> image version) as the rollout book has them."""
+    def render(self, images: dict[str, str] | None = None, *, with_orgs: bool = False) -> bytes:
+        """The exposition; `images` (node id -> image version) as the rollout book has them.
+        The series that name orgs only `with_orgs` (a caller that may read metrics)."""
         if images is not None:
             self._images = images
         if self._status is not None:
@@ -145,7 +148,8 @@ class RouterMetrics:
             for node in self._status().nodes:
                 for device in node.device_classes or ["none"]:
                     self._nodes.labels(node.region, device, node.state).inc()
-        return generate_latest(self.registry)
+        public = generate_latest(self.registry)
+        return public + generate_latest(self.org_registry) if with_orgs else public
 
 
 class _FleetCollector(DocumentedCollector):

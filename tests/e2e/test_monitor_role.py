@@ -178,6 +178,21 @@ def test_a_monitor_key_reads_the_metrics_and_nothing_else(
         assert scraped.status_code == 200, scraped.text
         assert 'palisade_requests_total{endpoint="/v1/chat/completions"' in scraped.text
 
+        # The router's own series name orgs (budget use) only to a key that may read them.
+        fleet.admin.ok("PUT", "/admin/v1/orgs/acme/budget", {"tokens": 1_000_000})
+        budget_series = 'palisade_org_budget_used_ratio{org="acme"}'
+        assert budget_series in monitor.call("GET", "/metrics").text
+        anonymous = httpx.get(fleet.router.url + "/metrics", timeout=30)
+        assert anonymous.status_code == 200
+        assert "palisade_router_requests_total" in anonymous.text
+        assert "acme" not in anonymous.text
+        as_tenant = httpx.get(
+            fleet.router.url + "/metrics",
+            headers={"Authorization": f"Bearer {tenant_key}"},
+            timeout=30,
+        )
+        assert _refused(as_tenant), as_tenant.text
+
 
 def test_the_monitor_and_its_org_take_no_invitation_and_a_canary_scrape_key_is_replaced(
     tmp_path: Path,
