@@ -41,7 +41,8 @@ CRL_FILE = "crl.pem"
 CA_YEARS = 10
 NODE_DAYS = 30
 ROUTER_DAYS = 365
-MONITOR_DAYS = 365
+MONITOR_DAYS = 90
+MAX_MONITOR_DAYS = 365
 # Certificates start a little in the past so a node whose clock lags still accepts them.
 BACKDATE = datetime.timedelta(minutes=5)
 COARSE_CLOCK_LAG_S = 0.05

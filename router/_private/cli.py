@@ -32,6 +32,7 @@ from federation.client import (
 from router._private.canary_cli import with_canary_every
 from router._private.config import load_router_config, palisade_home
 from router._private.local_fleet import check_regions, run_local_fleet
+from router._private.monitor_cert_cli import monitor_cert_cli
 from router._private.server import serve
 
 router_cli = typer.Typer(help="Run the federated front door.", no_args_is_help=True)
@@ -233,6 +234,7 @@ token_cli = typer.Typer(help="Enrollment tokens for new nodes.", no_args_is_help
 node_cli = typer.Typer(help="Enrolled nodes: list, revoke.", no_args_is_help=True)
 fleet_cli.add_typer(token_cli, name="token")
 fleet_cli.add_typer(node_cli, name="node")
+fleet_cli.add_typer(monitor_cert_cli, name="monitor")
 _DURATION = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)(?P<unit>[smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 

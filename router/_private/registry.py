@@ -10,6 +10,10 @@ transaction, so two nodes racing for a one-use token cannot both get in.
 Revocation marks the node and every certificate it was issued revoked, bumps the CRL
 number and rewrites `fleet/crl.pem` (the fleet listener, the policy publisher and through
 its snapshots every node pick it up from there).
+
+Monitor certificates (`palisade fleet monitor issue`, for a scraper such as Prometheus) are
+recorded here too, one row per certificate under the name it was issued for; revoking a
+name puts every certificate issued for it on the same CRL.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from msgspec import Struct
 
 from federation import (
@@ -81,6 +86,15 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at REAL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS monitors (
+    serial TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    not_after REAL NOT NULL,
+    issued_at REAL NOT NULL,
+    issued_by TEXT NOT NULL,
+    revoked_at REAL
+);
 """
 Clock = Callable[[], float]
 
@@ -97,6 +111,27 @@ class EnrolledNode(Struct, kw_only=True):
     not_after: float
     enrolled_at: float
     revoked_at: float | None
+
+
+class MonitorCertificate(Struct, kw_only=True):
+    """One row of `palisade fleet monitor list` (`GET /admin/v1/fleet/monitors`)."""
+
+    name: str
+    state: Literal["valid", "revoked"]
+    serial: str
+    fingerprint: str
+    not_after: float
+    issued_at: float
+    issued_by: str
+    revoked_at: float | None
+
+
+class IssuedMonitor(Struct, kw_only=True):
+    """`POST /admin/v1/fleet/monitors`: the certificate (PEM), the fleet CA and its row."""
+
+    certificate: str
+    ca: str
+    monitor: MonitorCertificate
 
 
 class CreatedToken(Struct, kw_only=True):
@@ -390,9 +425,7 @@ class NodeRegistry:
 
     def revoked_serials(self) -> set[int]:
         with connection(self.path) as db:
-            rows = db.execute(
-                "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL"
-            ).fetchall()
+            rows = db.execute(_REVOKED).fetchall()
         return {int(row[0]) for row in rows}
 
     def revoke(self, node_id: str) -> list[int]:
@@ -431,13 +464,108 @@ class NodeRegistry:
 
     def _publish_crl(self, db: sqlite3.Connection) -> bytes:
         number = _bump(db, "crl_number")
-        revoked = db.execute(
-            "SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL"
-        ).fetchall()
+        revoked = db.execute(_REVOKED).fetchall()
         pem = self.ca.crl([(int(serial), when) for serial, when in revoked], number)
         # Readers (TLS contexts, the policy publisher) must never see half a file.
         replace_private(self.crl_path, pem)
         return pem
+
+    # --- monitor certificates --------------------------------------------------------------
+
+    def draft_monitor(self, csr_pem: str, name: str, days: int) -> x509.Certificate:
+        """A monitor certificate for the key in `csr_pem`, not yet on record: `add_monitor`
+        records it (the router audits in between). The request's host names are ignored: a
+        monitor certificate names none."""
+        csr = checked_csr(csr_pem.encode("utf-8"))
+        return self.ca.issue_monitor(_ed25519_key(csr), name, days)
+
+    def add_monitor(self, cert: x509.Certificate, issued_by: str) -> IssuedMonitor:
+        holder = identity_of(cert)
+        with write_transaction(self.path) as db:
+            db.execute(
+                "INSERT INTO monitors VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    str(holder.serial),
+                    holder.node_id,
+                    holder.fingerprint,
+                    holder.not_after,
+                    self._clock(),
+                    issued_by,
+                ),
+            )
+        row = next(m for m in self.monitors(holder.node_id) if m.serial == str(holder.serial))
+        return IssuedMonitor(
+            certificate=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            ca=self.ca.pem.decode("ascii"),
+            monitor=row,
+        )
+
+    def monitors(self, name: str | None = None) -> list[MonitorCertificate]:
+        """Every monitor certificate issued, by name then issue time; or those issued for
+        `name`, 404 `monitor_not_found` if there are none."""
+        query = f"SELECT {_MONITOR_COLUMNS} FROM monitors"  # noqa: S608
+        with connection(self.path) as db:
+            if name is None:
+                rows = db.execute(query + " ORDER BY name, issued_at").fetchall()
+            else:
+                rows = db.execute(query + " WHERE name = ? ORDER BY issued_at", (name,)).fetchall()
+                if not rows:
+                    raise _unknown_monitor(name)
+        return [_monitor(row) for row in rows]
+
+    def revoke_monitor(self, name: str) -> list[int]:
+        """Revoke every certificate issued for the monitor `name` and publish the CRL;
+        returns their serials. 404 `monitor_not_found` if none was; again, nothing changes."""
+        now = self._clock()
+        with write_transaction(self.path) as db:
+            rows = db.execute(
+                "SELECT serial, revoked_at FROM monitors WHERE name = ?", (name,)
+            ).fetchall()
+            if not rows:
+                raise _unknown_monitor(name)
+            if any(row[1] is None for row in rows):
+                db.execute(
+                    "UPDATE monitors SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                    (now, name),
+                )
+                self._publish_crl(db)
+        return [int(row[0]) for row in rows]
+
+
+_REVOKED = (
+    "SELECT serial, revoked_at FROM certificates WHERE revoked_at IS NOT NULL "
+    "UNION ALL SELECT serial, revoked_at FROM monitors WHERE revoked_at IS NOT NULL"
+)
+_MONITOR_COLUMNS = "name, serial, fingerprint, not_after, issued_at, issued_by, revoked_at"
+
+
+def _monitor(row: tuple[Any, ...]) -> MonitorCertificate:
+    return MonitorCertificate(
+        name=row[0],
+        state="valid" if row[6] is None else "revoked",
+        serial=row[1],
+        fingerprint=row[2],
+        not_after=row[3],
+        issued_at=row[4],
+        issued_by=row[5],
+        revoked_at=row[6],
+    )
+
+
+def _ed25519_key(csr: x509.CertificateSigningRequest) -> Ed25519PublicKey:
+    key = csr.public_key()
+    if not isinstance(key, Ed25519PublicKey):  # checked_csr refused any other
+        raise TypeError("fleet keys are Ed25519")
+    return key
+
+
+def _unknown_monitor(name: str) -> NotFoundError:
+    return NotFoundError(
+        f"No monitor certificate was issued for `{name}`; `palisade fleet monitor list` "
+        "lists them.",
+        code="monitor_not_found",
+        param="name",
+    )
 
 
 def _bump(db: sqlite3.Connection, name: str) -> int:

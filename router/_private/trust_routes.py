@@ -7,6 +7,12 @@ node management (`palisade fleet token|node`).
     POST /admin/v1/fleet/tokens                    system admin: a new enrollment token
     GET  /admin/v1/fleet/nodes                     system admin: enrolled nodes
     POST /admin/v1/fleet/nodes/{node_id}/revoke    system admin: revoke a node
+    POST /admin/v1/fleet/monitors                  system admin: a monitor certificate (CSR)
+    GET  /admin/v1/fleet/monitors                  system admin: monitor certificates issued
+    POST /admin/v1/fleet/monitors/{name}/revoke    system admin: revoke a monitor's certificates
+
+A revoked monitor certificate takes the node's path: the registry rewrites `fleet/crl.pem`,
+the router's listener reloads it and the next policy snapshot carries it to every node.
 
 The CA download needs no trust: a node checks what it gets against the fingerprint its
 token (or its operator) names. Tokens are never logged; the audit log records their id.
@@ -37,7 +43,8 @@ from federation import (
     peer_identity,
     require_everywhere,
 )
-from router._private.registry import EnrolledNode
+from router._private.ca import MAX_MONITOR_DAYS, MONITOR_DAYS
+from router._private.registry import EnrolledNode, MonitorCertificate
 
 if TYPE_CHECKING:
     from router._private.app import RouterState
@@ -58,6 +65,18 @@ class TokenCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     uses: Annotated[int, Meta(ge=1, le=10_000)] = 1
 
 
+class MonitorCreate(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /admin/v1/fleet/monitors`: the scraper's name and the request for its key."""
+
+    name: NodeName
+    csr: Annotated[str, Meta(max_length=16_384)]
+    days: Annotated[int, Meta(ge=1, le=MAX_MONITOR_DAYS)] = MONITOR_DAYS
+
+
+class MonitorListing(Struct, kw_only=True):
+    data: list[MonitorCertificate]
+
+
 class NodeListing(Struct, kw_only=True):
     """Enrolled (and revoked) nodes, then nodes seen by discovery that have not enrolled
     (rows of `DiscoveredNode.row`, state `discovered`)."""
@@ -68,6 +87,7 @@ class NodeListing(Struct, kw_only=True):
 _ENROLL = msgspec.json.Decoder(EnrollRequest)
 _RENEW = msgspec.json.Decoder(RenewRequest)
 _TOKEN = msgspec.json.Decoder(TokenCreate)
+_MONITOR = msgspec.json.Decoder(MonitorCreate)
 
 
 def trust_routes(state: RouterState) -> list[HTTPRouteHandler]:
@@ -173,7 +193,63 @@ def trust_routes(state: RouterState) -> list[HTTPRouteHandler]:
         log.warning("node %s revoked by %s", node_id, caller.user.id)
         return _json(await asyncio.to_thread(registry.node, node_id))
 
-    return [ca, enroll, renew, create_token, list_nodes, revoke]
+    return [ca, enroll, renew, create_token, list_nodes, revoke, *_monitor_routes(state)]
+
+
+def _monitor_routes(state: RouterState) -> list[HTTPRouteHandler]:
+    """Monitor certificates: issue (for a CSR), list, revoke."""
+    auth = {"caller": Provide(state.tenancy.admin_caller)}
+    registry = state.registry
+
+    @post("/admin/v1/fleet/monitors", dependencies=auth)
+    async def issue_monitor(
+        request: Request[Any, Any, Any], caller: NamedDependency[Caller]
+    ) -> Response[Any]:
+        require_everywhere(caller.user.role, Action.MANAGE_FLEET)
+        spec = decode_request(await request.body(), _MONITOR)
+        cert = await asyncio.to_thread(registry.draft_monitor, spec.csr, spec.name, spec.days)
+        await state.tenancy.store.record_event(
+            "fleet_monitor_issued",
+            caller.user.id,
+            None,
+            {
+                "name": spec.name,
+                "serial": str(cert.serial_number),
+                "not_after": cert.not_valid_after_utc.timestamp(),
+            },
+        )
+        issued = await asyncio.to_thread(registry.add_monitor, cert, caller.user.id)
+        log.info("monitor certificate for %s issued by %s", spec.name, caller.user.id)
+        return _json(issued, 201)
+
+    @get("/admin/v1/fleet/monitors", dependencies=auth)
+    async def list_monitors(caller: NamedDependency[Caller]) -> Response[Any]:
+        require_everywhere(caller.user.role, Action.MANAGE_FLEET)
+        return _json(MonitorListing(data=await asyncio.to_thread(registry.monitors)))
+
+    @post("/admin/v1/fleet/monitors/{name:str}/revoke", dependencies=auth, status_code=200)
+    async def revoke_monitor(name: FromPath[str], caller: NamedDependency[Caller]) -> Response[Any]:
+        require_everywhere(caller.user.role, Action.MANAGE_FLEET)
+        await asyncio.to_thread(registry.monitors, name)  # 404 before anything is recorded
+        await state.tenancy.store.record_event(
+            "fleet_monitor_revoked", caller.user.id, None, {"name": name}
+        )
+        serials = await asyncio.to_thread(registry.revoke_monitor, name)
+        _crl_rewritten(state, serials)
+        log.warning("monitor %s revoked by %s", name, caller.user.id)
+        return _json(MonitorListing(data=await asyncio.to_thread(registry.monitors, name)))
+
+    return [issue_monitor, list_monitors, revoke_monitor]
+
+
+def _crl_rewritten(state: RouterState, serials: list[int]) -> None:
+    """What a node revocation's hooks do about the CRL, for certificates of no node: the
+    router refuses them, its listener and client reload the CRL, and the next policy
+    snapshot carries it to the nodes."""
+    state.revoked_serials.update(serials)
+    if state.tls is not None:
+        state.tls.reload_crl()
+    state.policy.changed()
 
 
 def _json(payload: object, status: int = 200) -> Response[Any]:

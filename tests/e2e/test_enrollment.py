@@ -354,10 +354,15 @@ def test_fleet_admin_routes_need_a_system_admin(fleet: Fleet) -> None:
         ("POST", "/admin/v1/fleet/tokens", {"region": "eu"}),
         ("GET", "/admin/v1/fleet/nodes", None),
         ("POST", "/admin/v1/fleet/nodes/edge-first/revoke", None),
+        ("POST", "/admin/v1/fleet/monitors", {"name": "prometheus", "csr": "x"}),
+        ("GET", "/admin/v1/fleet/monitors", None),
+        ("POST", "/admin/v1/fleet/monitors/prometheus/revoke", None),
     ):
         answer = as_member.call(method, path, body)
         assert answer.status_code == 403, answer.text
+        assert answer.json()["error"]["code"] == "permission_denied", answer.text
     assert httpx.get(f"{fleet.router.url}/admin/v1/fleet/nodes", timeout=10).status_code == 401
+    assert httpx.get(f"{fleet.router.url}/admin/v1/fleet/monitors", timeout=10).status_code == 401
 
 
 def test_node_init_is_idempotent_and_refuses_conflicts(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@ appliance's /metrics directly over mTLS.
 
 Prometheus trusts the fleet CA, checks the node's certificate for its fleet DNS name and
 presents a `monitor` certificate from the fleet CA (a client certificate no fleet route
-takes). Beside the node, a TLS server presenting a certificate laid out as releases before
-the URNs issued them (region and device class as subject attributes under 128-bit OID arcs)
-is scraped by the same Prometheus: Go refuses that one, so the test could fail.
+takes), issued with `palisade fleet monitor issue`; once `palisade fleet monitor revoke`
+puts it on the CRL, the node refuses its handshake. Beside the node, a TLS server
+presenting a certificate laid out as releases before the URNs issued them (region and
+device class as subject attributes under 128-bit OID arcs) is scraped by the same
+Prometheus: Go refuses that one, so the test could fail.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,12 +32,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from federation import node_dns_name, write_private
+from federation import client_context, node_dns_name, write_private
 from router._private.ca import FleetCA
 from router._private.monitoring import PROMETHEUS, free_port, start_prometheus
 from tests.e2e.fleet import running_fleet
 from tests.federation.forgery import ca_signed
-from tests.support import wait_for
+from tests.support import Server, run_palisade, wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which(PROMETHEUS) is None,
@@ -46,6 +49,9 @@ id = "scripted"
 engine = "scripted"
 replies = ["one two"]
 """
+# How soon a node refuses a revoked certificate (the same bound as for a revoked node's,
+# tests/e2e/test_policy_propagation.py).
+PROPAGATION_S = 2.0
 LEGACY_REGION = ObjectIdentifier("2.25.310613956484810803564186195976021482477")
 
 
@@ -59,13 +65,43 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _monitor_credentials(router_home: Path, directory: Path) -> tuple[Path, Path]:
-    """A monitor certificate and its key, as an operator issues them on the router host."""
-    key = Ed25519PrivateKey.generate()
-    cert = FleetCA.load_or_create(router_home).issue_monitor(key.public_key(), "prometheus")
-    write_private(directory / "monitor.key", _private_key_pem(key))
-    write_private(directory / "monitor.pem", _pem(cert))
-    return directory / "monitor.pem", directory / "monitor.key"
+def _fleet_monitor(router: Server, *args: str) -> dict[str, Any]:
+    """`palisade fleet monitor …` against the router, as its system admin."""
+    done = run_palisade(
+        "fleet", "monitor", *args, "--url", router.url, "--json",
+        env={"PALISADE_HOME": str(router.home)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def _monitor_credentials(router: Server, directory: Path) -> tuple[Path, Path, int]:
+    """A monitor certificate, its key (made by the CLI, never printed) and its serial."""
+    issued = _fleet_monitor(router, "issue", "--name", "prometheus", "--out", str(directory))
+    cert, key = directory / "prometheus.pem", directory / "prometheus.key"
+    assert issued["files"] == [str(key), str(cert), str(directory / "ca.pem")]
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in key.read_bytes()
+    assert "PRIVATE KEY" not in json.dumps(issued)
+    assert issued["not_after"] - issued["issued_at"] == pytest.approx(90 * 86400, abs=5)
+    return cert, key, int(issued["serial"])
+
+
+def _revoked_on(member: Server) -> set[int]:
+    """The serials on the CRL the node holds (from its policy snapshot)."""
+    crl = x509.load_pem_x509_crl((member.home / "fleet" / "crl.pem").read_bytes())
+    return {entry.serial_number for entry in crl}
+
+
+def _handshake_refused(url: str, monitor: ssl.SSLContext) -> bool:
+    """Whether a new TLS connection presenting the monitor certificate is refused."""
+    try:
+        response = httpx.get(f"{url}/metrics", verify=monitor, timeout=5)
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+        return True
+    assert response.status_code == 200, response.text
+    return False
 
 
 @contextmanager
@@ -164,7 +200,7 @@ def test_prometheus_scrapes_an_enrolled_node_directly_over_mtls(tmp_path: Path) 
     with running_fleet(tmp_path) as fleet:
         member = fleet.start_member("eu-1", "eu", SCRIPTED)
         fleet.wait_joined("eu-1")
-        cert, key = _monitor_credentials(fleet.router.home, monitoring)
+        cert, key, serial = _monitor_credentials(fleet.router, monitoring)
         node_target = member.url.removeprefix("https://")
         with (
             _legacy_node(fleet.router.home, monitoring) as legacy_target,
@@ -194,10 +230,26 @@ def test_prometheus_scrapes_an_enrolled_node_directly_over_mtls(tmp_path: Path) 
             ).json()["data"]["result"]
             assert float(series[0]["value"][1]) > 0
 
-        # The monitor certificate passes the handshake and nothing else.
-        monitor = ssl.create_default_context(cafile=str(fleet.ca_path))
-        monitor.load_cert_chain(cert, key)
-        offered = httpx.post(f"{member.url}/federation/v1/policy", content=b"{}", verify=monitor)
-        assert offered.json()["error"]["code"] == "client_certificate_required", offered.text
-        beat = httpx.post(f"{fleet.fleet_url}/federation/v1/heartbeat", json={}, verify=monitor)
-        assert beat.json()["error"]["code"] == "node_identity_mismatch", beat.text
+            # The monitor certificate passes the handshake and nothing else.
+            monitor = client_context(fleet.ca_path, cert, key)
+            assert not _handshake_refused(member.url, monitor)
+            offered = httpx.post(
+                f"{member.url}/federation/v1/policy", content=b"{}", verify=monitor
+            )
+            assert offered.json()["error"]["code"] == "client_certificate_required", offered.text
+            beat = httpx.post(f"{fleet.fleet_url}/federation/v1/heartbeat", json={}, verify=monitor)
+            assert beat.json()["error"]["code"] == "node_identity_mismatch", beat.text
+
+            # Revoked, it is refused by the node as a revoked node certificate is: the CRL
+            # travels in the next policy snapshot, and new handshakes fail (Prometheus,
+            # scraping every second, keeps its connection from before: see operations.md).
+            listed = _fleet_monitor(fleet.router, "list")["data"]
+            assert [(row["name"], row["state"]) for row in listed] == [("prometheus", "valid")]
+            started = time.monotonic()
+            revoked = _fleet_monitor(fleet.router, "revoke", "prometheus")["data"]
+            assert [(row["serial"], row["state"]) for row in revoked] == [(str(serial), "revoked")]
+            wait_for(lambda: _handshake_refused(member.url, monitor), timeout=10, interval=0.01)
+            elapsed = time.monotonic() - started
+            print(f"\nmonitor revocation refused by the node after {elapsed * 1000:.0f} ms")  # noqa: T201
+            assert elapsed < PROPAGATION_S
+            assert serial in _revoked_on(member)

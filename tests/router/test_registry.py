@@ -70,7 +70,7 @@ class Router:
         with sqlite3.connect(self.registry.path) as db:
             tables = tuple(
                 tuple(db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall())  # noqa: S608
-                for table in ("tokens", "nodes", "certificates", "counters")
+                for table in ("tokens", "nodes", "certificates", "counters", "monitors")
             )
         crl = self.registry.crl_path.read_bytes() if self.registry.crl_path.exists() else b""
         return (*tables, crl)
@@ -352,6 +352,62 @@ def test_two_nodes_racing_for_a_one_use_token_one_wins(router: Router, tmp_path:
         thread.join(timeout=30)
     assert sorted(outcomes) == ["enrolled"] + ["enrollment_token_used"] * 5
     assert len(router.registry.nodes()) == 1
+
+
+def test_monitor_certificates_are_recorded_renewed_and_revoked_on_the_crl(
+    router: Router, tmp_path: Path
+) -> None:
+    """Monitor certificates share the CRL with nodes but not their names: revoking node
+    `prometheus` leaves monitor `prometheus` valid, and the other way round."""
+    scraper = _node(tmp_path, "scraper")
+    node = router.registry.enroll(_request(router.token(), _node(tmp_path), node_id="prometheus"))
+    first = router.registry.add_monitor(
+        router.registry.draft_monitor(
+            make_csr(scraper, "x", ["10.0.0.1"]).decode(), "prometheus", 90
+        ),
+        "admin-user",
+    )
+    cert = load_pem_certificate(first.certificate.encode())
+    holder = identity_of(cert)
+    assert (holder.node_id, holder.role, holder.region) == ("prometheus", "monitor", None)
+    with pytest.raises(x509.ExtensionNotFound):  # the request's host names are not taken
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert holder.not_after == pytest.approx(router.clock.now + 90 * 86400, abs=1)
+    assert raw_public_key(cert) == scraper.public_key
+    assert first.ca == router.registry.ca.pem.decode()
+    assert (first.monitor.state, first.monitor.issued_by) == ("valid", "admin-user")
+
+    router.clock.now += 80 * 86400
+    renewed = router.registry.add_monitor(
+        router.registry.draft_monitor(make_csr(scraper, "x", []).decode(), "prometheus", 30), "b"
+    )
+    assert [row.serial for row in router.registry.monitors()] == [
+        first.monitor.serial,
+        renewed.monitor.serial,
+    ]
+    router.registry.revoke("prometheus")  # the node
+    assert router.registry.revoked_serials() == {node.serial}
+    assert {row.state for row in router.registry.monitors("prometheus")} == {"valid"}
+
+    serials = router.registry.revoke_monitor("prometheus")
+    both = {int(first.monitor.serial), int(renewed.monitor.serial)}
+    assert set(serials) == both
+    crl = x509.load_pem_x509_crl(router.registry.crl_path.read_bytes())
+    assert {entry.serial_number for entry in crl} == {node.serial, *both}
+    assert router.registry.revoked_serials() == {node.serial, *both}
+    assert {row.revoked_at for row in router.registry.monitors()} == {router.clock.now}
+
+    before = router.snapshot()
+    assert set(router.registry.revoke_monitor("prometheus")) == both
+    assert router.snapshot() == before
+    for call in (router.registry.revoke_monitor, router.registry.monitors):
+        with pytest.raises(APIError) as unknown:
+            call("grafana")
+        assert (unknown.value.code, unknown.value.status_code) == ("monitor_not_found", 404)
+    with pytest.raises(APIError) as bad:
+        router.registry.draft_monitor("not a request", "grafana", 90)
+    assert bad.value.code == "invalid_csr"
+    assert router.snapshot() == before
 
 
 def test_registry_files_are_private(router: Router) -> None:
