@@ -234,6 +234,25 @@ def test_bad_enrollment_bodies_get_openai_errors(fleet: Fleet) -> None:
             assert error["code"] == code
 
 
+def test_bad_monitor_requests_get_openai_errors(fleet: Fleet, tmp_path: Path) -> None:
+    csr = make_csr(NodeIdentity.load_or_create(tmp_path / "scraper"), "x", []).decode()
+    for body, code in (
+        ({"name": "prometheus", "csr": "not a request"}, "invalid_csr"),
+        ({"name": "Prometheus/..", "csr": csr}, None),
+        ({"name": "prometheus", "csr": csr, "days": 366}, None),
+        ({"name": "prometheus", "csr": csr, "days": 0}, None),
+    ):
+        answer = fleet.admin.call("POST", "/admin/v1/fleet/monitors", body)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        if code is not None:
+            assert error["code"] == code
+    unknown = fleet.admin.call("POST", "/admin/v1/fleet/monitors/nobody/revoke")
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "monitor_not_found")
+    assert fleet.admin.ok("GET", "/admin/v1/fleet/monitors")["data"] == []
+
+
 def test_enroll_refuses_what_it_can_check_itself(fleet: Fleet, tmp_path: Path) -> None:
     home = _node(tmp_path, "local-checks")
     uninitialised = _palisade(home, "node", "enroll", "--token", fleet.token("eu"))
