@@ -161,6 +161,7 @@ from federation._private.openai_wire import (
 from federation._private.pki import (
     PeerIdentity,
     client_context,
+    crl_serials,
     dns_name,
     fingerprint,
     fleet_subject,
@@ -433,6 +434,7 @@ __all__ = [
     "content_digest",
     "convert_config",
     "count_exits",
+    "crl_serials",
     "current_request",
     "decode_request",
     "device_label",

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from federation import (
     ScopeHeaders,
     Tenancy,
     announce_admin_key,
+    crl_serials,
     device_label,
     peer_identity,
     receipt_headers,
@@ -96,6 +97,8 @@ class Node:
         # (set by `server.serve` for an enrolled node).
         self.tls: ssl.SSLContext | None = None
         self.crl_path: Path | None = None
+        # The server's: cuts the open connections of the serials given (set by `server.serve`).
+        self.drop_revoked: Callable[[Collection[int]], object] = lambda _serials: None
         # zeroconf (`[discovery]`): announces this node; an enrolled one, what its certificate
         # says (set by `create_app`).
         self.discovery = FleetPresence(config.discovery)
@@ -118,9 +121,11 @@ class Node:
 
     def reload_crl(self) -> None:
         """Honour the newest `fleet/crl.pem` (a policy snapshot wrote it) from the next
-        handshake on: peers whose certificates it lists are refused, both ways."""
+        handshake on: peers whose certificates it lists are refused, both ways, and their
+        connections to this node already open are cut."""
         if self.tls is not None and self.crl_path is not None:
             reload_crl(self.tls, self.crl_path)
+            self.drop_revoked(crl_serials(self.crl_path))
         if self.membership is not None:
             self.membership.reload_crl()
 

@@ -116,6 +116,7 @@ def serve(
     )
     traced = observed(app, routes=INFERENCE_PATHS, tracing=tracing)
     server = make_server(traced, config.server, [Listener(sock, tls)])
+    state.drop_revoked = server.drop_revoked  # a new CRL cuts connections already open
 
     def stop_on_fatal() -> None:
         server.should_exit = True

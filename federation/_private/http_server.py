@@ -5,6 +5,9 @@ One app may serve several listeners, each with its own TLS context (or none): th
 public listener beside its mTLS fleet listener. On a TLS connection every request's scope
 carries the ASGI TLS extension (`scope["extensions"]["tls"]`), with the client's verified
 certificate if it presented one; `peer_identity` reads the fleet identity from it.
+
+The handshake checks a client certificate against the CRL once; a kept-alive connection
+outlives it. When a CRL changes, `drop_revoked` cuts the connections it now refuses.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import logging
 import resource
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from federation._private.openai_wire import ENCODER, ErrorDetail, ErrorResponse
@@ -100,10 +104,26 @@ class _Server(uvicorn.Server):
             )
             self.servers.append(server)
 
+    def drop_revoked(self, serials: Collection[int]) -> int:
+        """Cut every open connection whose client certificate's serial is in `serials` (a
+        CRL's, just loaded); returns how many. Call from the event loop. Nothing is tracked
+        per request: uvicorn's own set of open connections is walked here, when a CRL
+        changes, and each one's certificate read from its TLS session."""
+        revoked = [
+            protocol
+            for protocol in self.server_state.connections
+            if peer_serial(protocol.transport) in serials
+        ]
+        for protocol in revoked:
+            # At once, without a TLS close_notify exchange: nothing more is read from it, a
+            # request still arriving is never served.
+            protocol.transport.abort()
+        if revoked:
+            log.warning("closed %d connections of revoked certificates", len(revoked))
+        return len(revoked)
 
-def make_server(
-    app: Any, config: ServerConfig, listeners: Sequence[Listener] = ()
-) -> uvicorn.Server:
+
+def make_server(app: Any, config: ServerConfig, listeners: Sequence[Listener] = ()) -> _Server:
     """A uvicorn server for `app` on `listeners` that enforces `config` on every connection
     (`server.run()`; sockets given to `run(sockets=...)` are served as plain listeners)."""
     raise_fd_limit(config.max_connections + 256)
@@ -142,6 +162,21 @@ def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
         "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
         "cipher_suite": _TLS13_SUITES.get(cipher[0]) if cipher else None,
     }
+
+
+def peer_serial(transport: asyncio.BaseTransport | None) -> int | None:
+    """The serial of the client certificate a connection presented (None: no TLS, none
+    presented, or the connection is gone)."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return _serial_of_der(der) if der else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _serial_of_der(der: bytes) -> int:
+    return x509.load_der_x509_certificate(der).serial_number
 
 
 def peer_identity(source: Any) -> PeerIdentity | None:

@@ -346,3 +346,10 @@ def reload_crl(ctx: ssl.SSLContext, crl_path: StrPath) -> None:
     must issue each CRL with a higher CRLNumber and last_update = now.
     """
     ctx.load_verify_locations(cafile=os.fspath(crl_path))
+
+
+def crl_serials(crl_path: StrPath) -> frozenset[int]:
+    """The serials the CRL at `crl_path` revokes (ValueError if it is not a PEM CRL)."""
+    with open(crl_path, "rb") as file:
+        crl = x509.load_pem_x509_crl(file.read())
+    return frozenset(revoked.serial_number for revoked in crl)

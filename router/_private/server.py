@@ -70,6 +70,7 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         config.server,
         [Listener(public, tls.public), Listener(fleet, tls.fleet)],
     )
+    tls.drop_revoked = server.drop_revoked  # a revocation cuts connections already open
     state.policy.stopping = lambda: server.should_exit  # long polls end as shutdown starts
     sys.stdout.write(
         f"Palisade router {config.router_id} listening on {state.url}\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from federation import (
     ConfigError,
     NodeIdentity,
     client_context,
+    crl_serials,
     identity_of,
     load_pem_certificate,
     raw_public_key,
@@ -43,7 +45,8 @@ CRL_FILE = "crl.pem"
 
 @dataclass
 class RouterTLS:
-    """The contexts the router serves and connects with; `reload_crl` after a revocation."""
+    """The contexts the router serves and connects with; `reload_crl` after a revocation
+    (and `drop_revoked`, the server's, cuts the connections the new CRL refuses)."""
 
     ca: FleetCA
     ca_path: Path
@@ -53,11 +56,14 @@ class RouterTLS:
     fleet: ssl.SSLContext
     client: ssl.SSLContext
     public: ssl.SSLContext | None
+    drop_revoked: Callable[[Collection[int]], object] = lambda _serials: None
 
     def reload_crl(self) -> None:
-        """The newest `fleet/crl.pem`, from the next handshake on, both ways."""
+        """The newest `fleet/crl.pem`, from the next handshake on, both ways; the open
+        connections of certificates it lists are cut now."""
         reload_crl(self.fleet, self.crl_path)
         reload_crl(self.client, self.crl_path)
+        self.drop_revoked(crl_serials(self.crl_path))
 
 
 def router_tls(config: RouterConfig, identity: NodeIdentity) -> RouterTLS:
