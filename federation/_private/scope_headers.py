@@ -18,11 +18,17 @@ class ScopeHeaders(Mapping[str, str]):
         self._raw: list[tuple[bytes, bytes]] = scope["headers"]
 
     def __getitem__(self, name: str) -> str:
+        value: str | None = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:  # a miss raises nothing: cheaper
         wanted = name.lower().encode("latin-1")
         for key, value in self._raw:
             if key == wanted:  # servers hand names over lower-cased (ASGI)
                 return value.decode("latin-1")
-        raise KeyError(name)
+        return default
 
     def __iter__(self) -> Iterator[str]:
         return (key.decode("latin-1") for key, _ in self._raw)
