@@ -4,7 +4,8 @@ appliance's /metrics directly over mTLS.
 Prometheus trusts the fleet CA, checks the node's certificate for its fleet DNS name and
 presents a `monitor` certificate from the fleet CA (a client certificate no fleet route
 takes), issued with `palisade fleet monitor issue`; once `palisade fleet monitor revoke`
-puts it on the CRL, the node refuses its handshake. Beside the node, a TLS server
+puts it on the CRL, the node refuses its handshake and cuts the connection Prometheus
+kept open: its target goes down. Beside the node, a TLS server
 presenting a certificate laid out as releases before the URNs issued them (region and
 device class as subject attributes under 128-bit OID arcs) is scraped by the same
 Prometheus: Go refuses that one, so the test could fail.
@@ -52,6 +53,7 @@ replies = ["one two"]
 # How soon a node refuses a revoked certificate (the same bound as for a revoked node's,
 # tests/e2e/test_policy_propagation.py).
 PROPAGATION_S = 2.0
+SCRAPE_S = 1.0  # the scrape interval and timeout of the jobs below
 LEGACY_REGION = ObjectIdentifier("2.25.310613956484810803564186195976021482477")
 
 
@@ -149,8 +151,8 @@ def _scrape_job(name: str, target: str, ca: Path, cert: Path, key: Path) -> dict
     return {
         "job_name": name,
         "scheme": "https",
-        "scrape_interval": "1s",
-        "scrape_timeout": "1s",
+        "scrape_interval": f"{SCRAPE_S:g}s",
+        "scrape_timeout": f"{SCRAPE_S:g}s",
         "static_configs": [{"targets": [target]}],
         "tls_config": {
             "ca_file": str(ca),
@@ -185,6 +187,14 @@ def _targets(prometheus: str) -> dict[str, dict[str, Any]]:
     except httpx.HTTPError:
         return {}
     return {target["labels"]["job"]: target for target in data["activeTargets"]}
+
+
+def _scrape_refused(prometheus: str) -> bool:
+    """The node's target is down: its last scrape failed (Go sees the refused handshake's
+    alert as a reset connection). One on a connection from before the revocation would
+    have gone through."""
+    node = _targets(prometheus).get("eu-1")
+    return bool(node and node["health"] == "down" and node["lastError"])
 
 
 def _settled(prometheus: str) -> bool:
@@ -241,8 +251,8 @@ def test_prometheus_scrapes_an_enrolled_node_directly_over_mtls(tmp_path: Path) 
             assert beat.json()["error"]["code"] == "node_identity_mismatch", beat.text
 
             # Revoked, it is refused by the node as a revoked node certificate is: the CRL
-            # travels in the next policy snapshot, and new handshakes fail (Prometheus,
-            # scraping every second, keeps its connection from before: see operations.md).
+            # travels in the next policy snapshot, new handshakes fail, and the connection
+            # Prometheus kept open from before (it scrapes every second) is cut.
             listed = _fleet_monitor(fleet.router, "list")["data"]
             assert [(row["name"], row["state"]) for row in listed] == [("prometheus", "valid")]
             started = time.monotonic()
@@ -253,3 +263,10 @@ def test_prometheus_scrapes_an_enrolled_node_directly_over_mtls(tmp_path: Path) 
             print(f"\nmonitor revocation refused by the node after {elapsed * 1000:.0f} ms")  # noqa: T201
             assert elapsed < PROPAGATION_S
             assert serial in _revoked_on(member)
+            try:
+                wait_for(lambda: _scrape_refused(prometheus), timeout=10, interval=0.1)
+            except TimeoutError:
+                pytest.fail(f"Prometheus still scrapes the node: {_targets(prometheus)}")
+            elapsed = time.monotonic() - started
+            print(f"Prometheus's target down after {elapsed * 1000:.0f} ms")  # noqa: T201
+            assert elapsed < PROPAGATION_S + SCRAPE_S * 3

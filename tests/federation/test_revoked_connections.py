@@ -141,5 +141,5 @@ def test_crl_serials_reads_what_a_crl_revokes(tmp_path: Path) -> None:
     write_private(path, ca.crl([(7, time.time()), (2**100, time.time())], number=1).decode())
     assert crl_serials(path) == {7, 2**100}
     write_private(path, "not a CRL\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="PEM"):
         crl_serials(path)
