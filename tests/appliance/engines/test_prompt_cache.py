@@ -356,3 +356,40 @@ def test_a_request_waits_for_another_reading_the_same_prefix_then_copies_it(
     assert [text1, text2] == colds
     assert (finish1.cached_tokens, finish2.cached_tokens) == (0, shared)
     assert read(cache.steps[mark:]) == len(first) + len(second) - shared
+
+
+def test_a_next_turns_rest_is_read_in_a_step_of_its_own_while_another_generates(
+    cache: Recorder,
+) -> None:
+    """A mostly cached prompt arriving while another request generates is read in a step
+    without the other's decode (its first token does not wait for it), the other decodes in
+    the next step, and both answers are the cold ones."""
+    talk, busy = (cache.tokens(conversation(question)) for question in QUESTIONS[1:])
+    colds = [cache.cold(busy), cache.cold(talk)]
+    cache.run(talk, "org-rest")  # its next run reads only a rest
+    mark = len(cache.steps)
+
+    async def both() -> list[tuple[str, Finish]]:
+        generating = cache.engine.submit(
+            await cache.engine.prepare_text(busy),
+            SamplingParams(TOKENS, temperature=0.0, cache_scope="org-busy"),
+        )
+        pieces = generating.stream()
+        first = await anext(pieces)  # it generates now
+        arriving = cache.engine.submit(
+            await cache.engine.prepare_text(talk),
+            SamplingParams(TOKENS, temperature=0.0, cache_scope="org-rest"),
+        )
+        texts = [first + "".join([piece async for piece in pieces]), await arriving.text()]
+        pairs = zip(texts, (generating, arriving), strict=True)
+        return [(text, g.finish) for text, g in pairs if g.finish is not None]
+
+    (busy_text, busy_finish), (talk_text, talk_finish) = asyncio.run(both())
+    assert [busy_text, talk_text] == colds
+    assert busy_finish.completion_tokens == TOKENS
+    rest = len(talk) - talk_finish.cached_tokens
+    assert 0 < rest < BLOCK  # from the host pool: the slots went to other scopes
+    steps = cache.steps[mark:]
+    read_at = next(i for i, step in enumerate(steps) if step.prefill_tokens == rest)
+    assert steps[read_at].decode_tokens == 0
+    assert steps[read_at + 1].decode_tokens == 2

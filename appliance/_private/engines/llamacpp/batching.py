@@ -146,10 +146,11 @@ class BatchLimits:
 
     @property
     def max_chunk(self) -> int:
-        """The most prompt tokens of one sequence a step may read."""
+        """The most prompt tokens of one sequence a step may read: a rest of up to this
+        many is read whole (`BatchScheduler._chunk`)."""
         if self.cache_type_k == self.cache_type_v == "f16":
             return max(self.prefill_chunk, F16_MAX_PREFILL_CHUNK)
-        return 2 * self.prefill_chunk
+        return max(2 * self.prefill_chunk, self.step_tokens)
 
 
 class _Request:
@@ -399,6 +400,7 @@ class BatchScheduler:
             name, limits.max_sequences, limits.max_queue, activity="decoding"
         )
         self._counts = _CacheCounts()  # since the last step's report
+        self._rested = False  # the last step read only rests (`_rests_first`)
         self._evicted_reported = 0
         self._pool: _HostPool | None = None  # set by the worker thread, see `_work`
         # Streams copied from or into since the last decode (see `_copy_stream`).
@@ -769,14 +771,14 @@ class BatchScheduler:
         if not self._active:
             return
         self._join_prefixes()
-        chunks = self._prompt_chunks()
+        chunks, decode = self._prompt_chunks()
         self._batch.n_tokens = 0
         planned: list[_Planned] = []
         with_logits: list[_Sequence] = []
         decode_tokens = prefill_tokens = 0
         # In sequence-id order: llama.cpp runs one pass per run of consecutive ids.
         for sequence in sorted(self._active, key=_seq_id):
-            if not sequence.decoding and sequence not in chunks:
+            if sequence not in chunks and not (decode and sequence.decoding):
                 continue
             planned.append((sequence, sequence.pos, sequence.prefilled))
             if sequence.decoding:
@@ -919,20 +921,28 @@ class BatchScheduler:
             scores.append(scored(self._row(row), prompt[position + 1], top))
         sequence.rows.clear()
 
-    def _prompt_chunks(self) -> dict[_Sequence, int]:
-        """Where each prefilling sequence's prompt reading ends this step.
+    def _prompt_chunks(self) -> tuple[dict[_Sequence, int], bool]:
+        """Where each prefilling sequence's prompt reading ends this step, and whether the
+        generating sequences decode in it too.
 
-        Generating sequences get their token first; prompts share what is left of
-        `step_tokens`, at most `prefill_chunk` tokens each. The oldest prompt always gets
-        its chunk, so every prompt is read in turn; the others go fewest unread tokens
-        first, so a request whose prompt was mostly cached (a conversation's next turn)
-        gets its first token without waiting behind other requests' long cold prompts.
+        A step after one that decoded reads only short rests (`_rests_first`) if any are
+        waiting while others generate. Otherwise generating sequences get their token
+        first; prompts share what is left of `step_tokens`, at most `prefill_chunk` tokens
+        each. The oldest prompt always gets its chunk, so every prompt is read in turn; the
+        others go fewest unread tokens first, so a request whose prompt was mostly cached
+        (a conversation's next turn) gets its first token without waiting behind other
+        requests' long cold prompts.
         """
-        budget = self._limits.step_tokens - sum(s.decoding for s in self._active)
         # Not generating, nor waiting to copy another's prompt; in admission order.
         reading = [
             s for s in self._active if not s.decoding and s.leader is None and s.awaits is None
         ]
+        decoding = sum(s.decoding for s in self._active)
+        rests = self._rests_first(reading) if decoding and not self._rested else {}
+        self._rested = bool(rests)
+        if rests:
+            return rests, False
+        budget = self._limits.step_tokens - decoding
         chunks: dict[_Sequence, int] = {}
         for sequence in reading[:1] + sorted(reading[1:], key=_unread):
             take = self._chunk(_unread(sequence))
@@ -942,17 +952,34 @@ class BatchScheduler:
                 break
             chunks[sequence] = sequence.prefilled + take
             budget -= take
+        return chunks, True
+
+    def _rests_first(self, reading: list[_Sequence]) -> dict[_Sequence, int]:
+        """Prompts whose whole rest one step reads (at most `max_chunk` unread tokens: a
+        mostly cached next turn, a short new prompt), fewest unread first, within
+        `step_tokens`. Read in a step of their own, their first tokens do not wait for a
+        decode of every generating sequence (each row of which, over a long cached
+        history, costs about as much as a prompt token); the sequences generating then
+        decode in the next step, so they wait at most one such step."""
+        budget, limit = self._limits.step_tokens, self._limits.max_chunk
+        chunks: dict[_Sequence, int] = {}
+        for sequence in sorted(reading, key=_unread):
+            unread = _unread(sequence)
+            if unread > min(limit, budget):
+                break
+            chunks[sequence] = len(sequence.prompt)
+            budget -= unread
         return chunks
 
     def _chunk(self, unread: int) -> int:
-        """How much of a prompt with `unread` tokens left to read one step reads: at most
-        `prefill_chunk`, but all of a short rest (the end of a mostly cached prompt) at
-        once, saving a step before its first token, within what keeps the arithmetic
-        independent of chunking (with f16 keys and values, under 64 tokens)."""
-        limit = self._limits.prefill_chunk
-        if unread <= 2 * limit:
-            limit = min(unread, self._limits.max_chunk)
-        return min(unread, limit)
+        """How much of a prompt with `unread` tokens left to read one step reads: all of a
+        rest of at most `max_chunk` tokens (the end of a mostly cached prompt, a short
+        prompt), saving steps before its first token, else `prefill_chunk`. `max_chunk`
+        keeps the arithmetic independent of chunking (with f16 keys and values, under 64
+        tokens)."""
+        if unread <= self._limits.max_chunk:
+            return unread
+        return self._limits.prefill_chunk
 
     def _add(self, token: int, position: int, sequence: _Sequence, logits: bool) -> int:
         batch = self._batch
