@@ -54,9 +54,10 @@ a stream's tensors only at the next decode, so a stream copied from or into sinc
 neither saved nor restored into (`_settled`).
 
 Prompts are read oldest first for one chunk per step, then fewest unread tokens first
-(`_prompt_chunks`), and a rest of at most two chunks is read in one step (`_chunk`): a
-conversation's next turn, mostly cached, gets its first token a step or two sooner and
-without waiting behind other requests' long cold prompts.
+(`_prompt_chunks`), and a rest that fits one step is read whole (`_chunk`). While others
+generate, a step after a decode reads only such rests (`_rests_first`): a conversation's
+next turn, mostly cached, gets its first token without waiting for a decode of every
+other sequence, nor behind other requests' long cold prompts.
 
 A request may hold several sequences: `n` choices of each of its prompts (a completion may
 have several). A prompt's first choice reads it; the others wait, then copy its KV stream

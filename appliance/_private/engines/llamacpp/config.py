@@ -23,7 +23,7 @@ class LlamaCppModel(ModelConfigBase, tag="llamacpp", forbid_unknown_fields=True,
     """A GGUF at `path`, continuously batched (`max_sequences` decoded together in one
     llama.cpp batch, sharing `kv_cache_tokens` KV cells, default context_length each, with
     keys and values of `cache_type_k`/`cache_type_v`; `step_tokens` per step and at most
-    `prefill_chunk` prompt tokens of one sequence per step, but a rest of up to two chunks
+    `prefill_chunk` prompt tokens of one sequence per step, but a rest that fits a step
     at once). Finished sequences' KV is kept
     for prompt-prefix reuse in their slots and in a host-RAM pool of `prefix_cache_mib`,
     by blocks of `prefix_cache_block` tokens, shared per `prefix_cache_sharing`."""
