@@ -254,9 +254,10 @@ def _call_entry(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_result(message: dict[str, Any], names: dict[str, str]) -> str:
-    call_id = message.get("tool_call_id") or ""
-    name = message.get("name") or names.get(call_id, "")
-    result = {"name": name, "tool_call_id": call_id, "content": message.get("content") or ""}
+    # The call id only finds the tool's name: ids are random (`reader.call_id`), and written
+    # into the prompt they would make a greedy answer after a tool call differ run to run.
+    name = message.get("name") or names.get(message.get("tool_call_id") or "", "")
+    result = {"name": name, "content": message.get("content") or ""}
     return json.dumps({"tool_response": result}, ensure_ascii=False)
 
 
