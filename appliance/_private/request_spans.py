@@ -1,10 +1,10 @@
 """The appliance's spans of a traced request, derived from what a generation reports.
 
-Engines are not instrumented: a `Generation` records when it was submitted and when its
-first text came (its time to first token), and its `Finish` the tokens read, cached and
-written. From those: `prefill` (submission to first token: the engine's queue wait is in
-it, since no engine reports when a request leaves its queue; the queue it joined is an
-attribute) and `decode` (first token to the end), under a `generation` span with the token
+Engines are not instrumented: a `Generation` records when it was submitted, when it left
+its engine's queue (`mark_started`) and when its first text came (its time to first
+token), and its `Finish` the tokens read, cached and written. From those: `queue`
+(submission to start, with the queue it joined as attributes), `prefill` (start to first
+token) and `decode` (first token to the end), under a `generation` span with the token
 counts. Only counts, timings and names: never a prompt or an answer.
 """
 
@@ -44,17 +44,33 @@ def generation_spans(
     assert tracing is not None
     first = generation.first_token_at
     prefill_end = _epoch_ns(first, now_perf, now_ns) if first is not None else now_ns
+    left_queue = generation.started_at
+    # A generation that never left the queue (cancelled, refused) waited until its end.
+    prefill_start = _epoch_ns(left_queue, now_perf, now_ns) if left_queue is not None else now_ns
+    queue = tracing.child(
+        whole,
+        "queue",
+        attributes={
+            "palisade.queue.running": load.running,
+            "palisade.queue.waiting": load.waiting,
+            "palisade.queue.slots": load.slots,
+        },
+        start_ns=started,
+    )
+    end_span(queue, end_ns=prefill_start)
+    failure = finish.failure.code if finish.failure is not None else None
+    failure = failure or (finish.reason if finish.reason == "error" else None)
+    if left_queue is None:
+        end_span(whole, failure, now_ns)
+        return
     prefill = tracing.child(
         whole,
         "prefill",
         attributes={
             "palisade.prompt_tokens": finish.prompt_tokens,
             "palisade.cached_tokens": finish.cached_tokens,
-            "palisade.queue.running": load.running,
-            "palisade.queue.waiting": load.waiting,
-            "palisade.queue.slots": load.slots,
         },
-        start_ns=started,
+        start_ns=prefill_start,
     )
     end_span(prefill, end_ns=prefill_end)
     if first is not None:
@@ -65,5 +81,4 @@ def generation_spans(
             start_ns=prefill_end,
         )
         end_span(decode, end_ns=now_ns)
-    failure = finish.failure.code if finish.failure is not None else None
-    end_span(whole, failure or (finish.reason if finish.reason == "error" else None), now_ns)
+    end_span(whole, failure, now_ns)

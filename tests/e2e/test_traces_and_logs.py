@@ -4,8 +4,8 @@ An OTLP/HTTP receiver (a real HTTP server decoding `ExportTraceServiceRequest` w
 opentelemetry-proto package) collects what both processes export. A request through the
 router makes one trace: the router's server span with `auth`, `select_node` and `attempt`
 under it, the appliance's server span under the attempt (joined by the `traceparent` the
-router sent), and `admission`, `generation`, `prefill` and `decode` under that. A client's
-`traceparent` and well-formed `X-Request-Id` are continued; a hostile id is replaced. A
+router sent), and `admission` and `generation` (`queue`, `prefill`, `decode`) under that. A
+client's `traceparent` and well-formed `X-Request-Id` are continued; a hostile id is replaced. A
 marker sent in the prompts is in no span, no log line and no metric.
 """
 
@@ -30,7 +30,7 @@ from tests.support import wait_for
 
 MODEL = "echo"
 ROUTER_SPANS = {"POST /v1/chat/completions", "auth", "select_node", "attempt"}
-NODE_SPANS = {"POST /v1/chat/completions", "admission", "generation", "prefill", "decode"}
+NODE_SPANS = {"POST /v1/chat/completions", "admission", "generation", "queue", "prefill", "decode"}
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,9 @@ def _check_linked(spans: list[ReceivedSpan], client_parent: str = "") -> None:
     assert "trace-node" in selection.attributes["palisade.candidates"]
     generation = next(s for s in spans if s.name == "generation")
     assert generation.attributes["gen_ai.usage.output_tokens"] > 0
+    steps = {s.name: s for s in spans if s.parent_id == generation.span_id}
+    assert set(steps) == {"queue", "prefill", "decode"}
+    assert steps["queue"].attributes["palisade.queue.slots"] >= 1
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:

@@ -195,6 +195,7 @@ class Generation:
         "first_token_at",
         "params",
         "prompt",
+        "started_at",
         "submitted_at",
         "tokens_read",
     )
@@ -210,6 +211,8 @@ class Generation:
         self.params = params
         self.finish: Finish | None = None
         self.submitted_at = time.perf_counter()
+        # When it left its engine's queue (took a slot, a place in flight): `mark_started`.
+        self.started_at: float | None = None
         self.first_token_at: float | None = None
         self._loop = loop
         self._owner = _thread_running(loop)
@@ -231,6 +234,11 @@ class Generation:
         self.tokens_read = 0
 
     # --- engine side (any thread) ------------------------------------------------------
+
+    def mark_started(self) -> None:
+        """It left the engine's queue: its wait ends here (the `queue` span), its prefill
+        begins."""
+        self.started_at = time.perf_counter()
 
     @property
     def cancelled(self) -> bool:

@@ -558,6 +558,7 @@ class BatchScheduler:
                     withdrawn.append((generation, failed))
                     continue
                 request.started = self._admission.start()
+                generation.mark_started()
                 self._active.extend(request.sequences)
         for generation, finish in withdrawn:
             self._end(generation, finish)

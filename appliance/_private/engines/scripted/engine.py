@@ -137,6 +137,7 @@ class ScriptedEngine:
         player = _Player(generation, self._config)
         try:
             async with self._admission.slot():
+                generation.mark_started()
                 player.choices = self._choices(generation, turn)
                 await player.play()
             finish = player.finish()

@@ -401,6 +401,7 @@ class OpenAIUpstreamEngine:
         try:
             # One of max_concurrency in flight upstream; completed ones time Retry-After.
             async with self._admission.slot():
+                generation.mark_started()
                 await self._generate(generation, progress)
             finish = progress.finish()
         except asyncio.CancelledError:
