@@ -246,7 +246,7 @@ def test_the_link_check_catches_missing_files_headings_and_paths_outside(tmp_pat
     assert _broken_links(fake, root=tmp_path) == broken
     guide = REPO / "docs" / "guide.md"
     assert not _outside(guide, "../README.md")
-    assert _outside(guide, "../shared")
+    assert _outside(guide, "../elsewhere")
     assert _outside(REPO / "README.md", "../README.md")
     architecture = REPO / "docs" / "architecture.md"
     assert {"engines", "model-lifecycle", "decisions"} <= _anchors(architecture)

@@ -13,6 +13,7 @@ the audit log's checkpoint lag.
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,9 @@ _UNITS = (
 class DocumentedCollector(Collector):
     """A collector that builds its families at scrape time and lists them for the contract."""
 
+    @abstractmethod
     def contract(self) -> list[MetricRow]:
-        raise NotImplementedError
+        """The rows this collector's families take in the metrics contract."""
 
 
 def metric_contract(registry: CollectorRegistry, *extra: MetricRow) -> list[MetricRow]:
