@@ -164,7 +164,7 @@ def _struct_section(cls: type, heading: str, nested: list[tuple[str, type]]) -> 
     info = mi.type_info(cls)
     assert isinstance(info, mi.StructType)
     comments = _field_comments(cls)
-    doc = inspect.getdoc(cls) or ""
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "")  # its own, not Struct's
     lines = ["", heading, ""]
     if doc:
         lines += [_cell(doc), ""]

@@ -57,7 +57,7 @@ def test_router_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert report["benchmark"] == "router"
     assert report["setup"]["litellm_skipped"] == "--no-litellm"
     summary = report["summary"]
-    targets = ["direct", "router", "direct_tls", "router_mtls"]
+    targets = ["direct", "router", "direct_tls", "router_mtls", "router_observed"]
     assert summary["targets_measured"] == targets
     for target in targets:
         c1 = summary["concurrency_1"][target]
@@ -82,4 +82,4 @@ def test_router_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert summary["ratios"]["router_vs_direct_saturation"] > 0
     assert summary["ratios"]["mtls_vs_plain_saturation"] > 0
     assert isinstance(summary["ratios"]["mtls_vs_plain_added_p50"], float)
-    assert set(report["setup"]["heartbeats_sent"]) == {"plain", "mTLS"}
+    assert set(report["setup"]["heartbeats_sent"]) == {"plain", "mTLS", "observed"}

@@ -43,6 +43,8 @@ def _tail(*flags: str) -> str:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def test_each_alert_is_one_line() -> None:
