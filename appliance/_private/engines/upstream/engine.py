@@ -494,8 +494,9 @@ class OpenAIUpstreamEngine:
         if answer.usage is None:
             self._no_usage_in()
             progress.produced = sum(map(_answer_bytes, answer.choices))
-        # Arrived all at once: no time to first token or per output token to observe.
-        generation.first_token_at = None
+        # Arrived all at once: the client's first token comes with the whole answer, and that
+        # time is what the router's latency-aware choice must see (a node serving only whole
+        # answers would otherwise report no latency at all).
         progress.reason = progress.reason or "stop"
         progress.done = True
 
