@@ -436,6 +436,7 @@ __all__ = [
     "count_exits",
     "crl_serials",
     "current_request",
+    "db_cli",
     "decode_request",
     "device_label",
     "discover_router",
@@ -542,6 +543,7 @@ if TYPE_CHECKING:
         usage_cli,
         user_cli,
     )
+    from federation._private.db_cli import db_cli
     from federation._private.discovery import (
         SERVICE_TYPE,
         Advertisement,
@@ -632,6 +634,7 @@ _LAZY = {
     "ScopeHeaders": "federation._private.scope_headers",
     "peer_identity": "federation._private.http_server",
     "budget_cli": "federation._private.cli",
+    "db_cli": "federation._private.db_cli",
     "key_cli": "federation._private.cli",
     "limits_cli": "federation._private.cli",
     "org_cli": "federation._private.cli",

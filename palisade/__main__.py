@@ -30,6 +30,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "budget": ("federation", "budget_cli"),
     "limits": ("federation", "limits_cli"),
     "usage": ("federation", "usage_cli"),
+    "db": ("federation", "db_cli"),
     "audit": ("compliance", "audit_cli"),
 }
 # The commands the image tools add to the router's `fleet` group (images/_private/cli_rollout.py);

@@ -48,6 +48,9 @@ class ApplianceConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_PORT
     data_dir: str | None = None
+    # The policy store of a standalone appliance: a SQLite path (default policy.db under
+    # its home) or a postgresql:// URL.
+    database: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     # Node-wide logging floor: it can only make an org stricter (`metadata` = no content kept).
     logging_floor: LoggingMode = "full"

@@ -120,13 +120,13 @@ class Ledger:
             if not ticket.admitted:
                 served.release()
 
-    def admit(self, ticket: Ticket, estimate: int) -> None:
+    async def admit(self, ticket: Ticket, estimate: int) -> None:
         """Limits and budget for `estimate` (tokens; requests for a prediction), unless a
         router vouched for the caller (it enforces them); journals the `interrupted` row.
         From here the request ends in `finished`, exactly once."""
         span = child_span(ticket.context, "admission", attributes={"palisade.estimate": estimate})
         try:
-            ticket.admission = self._admission(ticket, estimate)
+            ticket.admission = await self._admission(ticket, estimate)
         except APIError as exc:
             if span is not None:
                 end_span(span, exc.code)
@@ -135,7 +135,7 @@ class Ledger:
         if span is not None:
             end_span(span)
 
-    def _admission(self, ticket: Ticket, estimate: int) -> Admission | None:
+    async def _admission(self, ticket: Ticket, estimate: int) -> Admission | None:
         principal, served, record_id = ticket.principal, ticket.served, ticket.record_id
         admission = None
         if self.edge is not None and is_fleet_principal(principal):
@@ -145,7 +145,9 @@ class Ledger:
             )
         elif self.tenancy is not None and principal.via is None:
             gate = self.tenancy.gate
-            admission = gate.admit(principal, estimate, request_id=record_id, model=served.id)
+            admission = await gate.admit_async(
+                principal, estimate, request_id=record_id, model=served.id
+            )
         if self.recorder is not None:
             charged = admission.reserved if admission is not None else 0
             row = self.row(ticket, charged, 0, status=INTERRUPTED)

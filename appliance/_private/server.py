@@ -97,6 +97,7 @@ def serve(
             node=config.node_id,
             audit=recorder,
             logging_floor=config.logging_floor,
+            database=config.database,
         )
     app, state = create_app(
         config,

@@ -90,8 +90,10 @@ class Tenancy:
         node: str,
         audit: AuditSink | None = None,
         logging_floor: str = "full",
+        database: str | None = None,
     ) -> None:
         self.home = home
+        self.database = database  # a PostgreSQL URL or SQLite path; None: policy.db here
         self.region = region
         self.node = node
         self.logging_floor = logging_floor
@@ -116,7 +118,9 @@ class Tenancy:
 
         Returns the new system admin key exactly once (also written 0600 to admin.key).
         """
-        self._store = await TenancyStore.open(self.home / "policy.db", sink=self._audit)
+        self._store = await TenancyStore.open(
+            self.home / "policy.db", database=self.database, sink=self._audit
+        )
         self._gate = Gate(self._store, region=self.region, node=self.node)
         await self._gate.start()
         return await self._bootstrap()

@@ -2,7 +2,6 @@
 
     PalisadeError                      root of everything Palisade raises on purpose
     ├── ConfigError                    a config file or flag is wrong (names the key)
-    ├── StoreError                     the policy database cannot be opened (store.py)
     └── APIError                       answered over HTTP in the OpenAI error shape
         ├── InvalidRequestError        400 invalid_request_error
         ├── AuthenticationError        401 authentication_error
@@ -10,6 +9,8 @@
         ├── NotFoundError              404 not_found_error
         ├── RateLimitError             429 rate_limit_error (carries Retry-After)
         └── ServiceUnavailableError    503 service_unavailable (carries Retry-After)
+            └── StoreError             503 store_unavailable: the policy database failed
+                                       (database.py; at start-up, the server exits)
 
 Each package draws its own tree under `PalisadeError`; an HTTP-facing error there also
 inherits the matching `APIError` class so one handler renders every error the same way.

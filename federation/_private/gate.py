@@ -6,6 +6,13 @@ under any concurrency the admitted worst cases never add up past a budget.
 Both also append a line to the admission journal (`admissions.journal`, see `journal.py`):
 a process that is killed leaves behind what it admitted and settled, and the next start
 settles it (`recover`) before serving, so the books survive a SIGKILL.
+
+On a store shared by several routers (PostgreSQL), budgets are admitted against this
+router's slices of them (`BudgetSlices`): `admit_async` first tops up a slice that lacks
+room, then admits as `admit` does. Usage is written in batches, each with the journal mark
+it covers; a batch whose transaction may or may not have committed (the database went away
+at the commit) is retried alone, and skipped if its mark shows it landed: nothing is
+counted twice.
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import msgspec
 
 from federation._private.admin_wire import KeyLimits, UsageRecord
+from federation._private.budget_slices import BudgetSlices, budget_exceeded
 from federation._private.errors import RateLimitError, ServiceUnavailableError
 from federation._private.journal import Journal, LeaseBook, boot_id, journal_epoch
 from federation._private.principal import Principal
@@ -150,9 +158,14 @@ def _reset(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
-def _seconds_to_next_month(now: datetime) -> int:
-    year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
-    return max(1, math.ceil((datetime(year, month, 1, tzinfo=UTC) - now).total_seconds()))
+@dataclass(slots=True)
+class _Batch:
+    """Usage to write in one transaction, with the journal mark it covers."""
+
+    records: list[UsageRecord]
+    totals: dict[tuple[str, str], int]
+    last_used: dict[str, str]
+    mark: tuple[str, int]
 
 
 class Gate:
@@ -170,10 +183,14 @@ class Gate:
         self._pending: list[UsageRecord] = []
         self._totals: dict[tuple[str, str], int] = {}
         self._last_used: dict[str, str] = {}
+        self._batches: list[_Batch] = []  # made, not yet written: oldest first
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         home = store.path.parent
+        # Each router sharing a store keeps its own journal and mark in it.
+        self._mark_name = f"admissions/{node}" if store.shared else "admissions"
+        self.slices = BudgetSlices(store.database, node) if store.shared else None
         self._journal = Journal(home / "admissions.journal")
         self._leases = LeaseBook(home / "budget.leases")
         self._epoch = ""
@@ -188,13 +205,19 @@ class Gate:
         """Settle what a killed predecessor left in the journal, then start a new one."""
         await self.recover()
         await self._load_month(month_of(self._store.clock()))
+        if self.slices is not None:
+            await self.slices.start(self._in_flight)
         self._flusher = asyncio.create_task(self._flush_forever())
 
     async def stop(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
-        await self.flush()
+        try:
+            await self.flush()
+        finally:
+            if self.slices is not None:
+                await self.slices.stop()
         if self._epoch and not self._open:  # nothing left to recover, whatever happens next
             clean = _Header(self._epoch, boot_id(), clean=True)
             self._journal.start([_ENCODE(clean)], durable=True)
@@ -257,6 +280,26 @@ class Gate:
         headers[REQUEST_ID_HEADER] = request_id
         return Admission(principal, month, estimate, now, headers, request_id)
 
+    async def admit_async(
+        self,
+        principal: Principal,
+        estimate: int,
+        *,
+        request_id: str | None = None,
+        model: str = "-",
+    ) -> Admission:
+        """`admit`; on a shared store, first topping up the org's budget slice if it lacks
+        room for `estimate`."""
+        if self.slices is not None:
+            record = self._store.orgs.get(principal.org)
+            if record is not None and record.budget_tokens is not None:
+                slot = (principal.org, month_of(self._store.clock()))
+                await self.slices.ensure(slot, self._in_flight, estimate, record.budget_tokens)
+        return self.admit(principal, estimate, request_id=request_id, model=model)
+
+    def _in_flight(self, slot: tuple[str, str]) -> int:
+        return self._reserved.get(slot, 0)
+
     def _buckets_for(self, key_id: str | None) -> KeyBuckets:
         record = self._store.keys.get(key_id) if key_id else None
         limits = record.limits if record is not None else KeyLimits()
@@ -272,15 +315,12 @@ class Gate:
         limit = record.budget_tokens if record is not None else None
         if limit is None:
             return
+        if self.slices is not None:
+            self.slices.check((org, month), self._in_flight((org, month)), estimate, limit, now)
+            return
         committed = self.committed(org, month)
         if committed + estimate > limit:
-            raise RateLimitError(
-                f"Organization `{org}` has used its monthly budget of {limit} tokens "
-                f"({committed} used or reserved; this request may need {estimate}). An org "
-                "admin can raise it with `palisade budget set`.",
-                code="budget_exceeded",
-                retry_after=_seconds_to_next_month(now),
-            )
+            raise budget_exceeded(org, limit, estimate, now)
         self._leases.cover(org, month, committed + estimate, limit)
 
     # --- settlement and metering --------------------------------------------------------------
@@ -318,6 +358,8 @@ class Gate:
             refund = admission.reserved - actual
             buckets.tokens.level = min(buckets.tokens.capacity, buckets.tokens.level + refund)
         self._totals[slot] = self._totals.get(slot, 0) + actual
+        if self.slices is not None:
+            self.slices.settled(slot, actual)
         at = iso(self._store.clock())
         if principal.key_id:
             self._last_used[principal.key_id] = at
@@ -391,23 +433,26 @@ class Gate:
             await self._flush()
 
     async def _flush(self) -> None:
-        if not self._pending and not self._totals:
-            return
-        records, totals, last_used = self._pending, self._totals, self._last_used
-        lines = self._unflushed
-        self._pending, self._totals, self._last_used, self._unflushed = [], {}, {}, []
-        if self._journal.size > _ROTATE_BYTES:
-            lines = self._rotate(lines)
-        mark = (self._epoch, self._seq)
-        try:
-            await self._store.write_usage(records, totals, last_used, mark=mark)
-        except Exception:
-            self._pending[:0] = records  # nothing accepted is lost: retried on the next flush
-            self._unflushed[:0] = lines
-            for slot, used in totals.items():
-                self._totals[slot] = self._totals.get(slot, 0) + used
-            self._last_used = last_used | self._last_used
-            raise
+        if self._pending or self._totals:
+            if self._journal.size > _ROTATE_BYTES and not self._batches:
+                self._rotate(self._unflushed)  # the mark below then covers exactly them
+            batch = _Batch(self._pending, self._totals, self._last_used, (self._epoch, self._seq))
+            self._pending, self._totals, self._last_used, self._unflushed = [], {}, {}, []
+            self._batches.append(batch)
+        while self._batches:  # nothing accepted is lost: a batch not written is retried
+            batch = self._batches[0]
+            slices = self.slices.written_sql(batch.totals) if self.slices is not None else None
+            await self._store.write_usage(
+                batch.records,
+                batch.totals,
+                batch.last_used,
+                mark=batch.mark,
+                journal=self._mark_name,
+                slices=slices,
+            )
+            self._batches.pop(0)
+            if self.slices is not None:
+                self.slices.written(batch.totals)
 
     def _rotate(self, unflushed: list[_Settled]) -> list[_Settled]:
         """A new epoch holding only what is still open and the settlements about to be
@@ -436,11 +481,13 @@ class Gate:
         header, entries = _parse(lines or [])
         if (lines is not None or self._leases.leases) and not (header and header.clean):
             epoch = header.epoch if header is not None else ""
-            flushed = await self._store.journal_mark(epoch) if epoch else 0
+            flushed = await self._store.journal_mark(epoch, self._mark_name) if epoch else 0
             recovered = self._outstanding(entries, flushed)
             if header is None or header.boot != boot_id():
                 recovered += await self._lease_charges(recovered, epoch)
-            await self._store.recover_usage(recovered, mark=(epoch, 2**62) if epoch else None)
+            await self._store.recover_usage(
+                recovered, mark=(epoch, 2**62) if epoch else None, journal=self._mark_name
+            )
             if recovered:
                 log.warning(
                     "recovered %d requests from the admission journal (%d interrupted)",

@@ -1,21 +1,26 @@
 """The tenancy policy store: orgs, users, API keys, invites, budgets, usage and audit events.
 
-SQLite through aiosqlite. Orgs, users and keys are also held in memory, updated on every
-write, so that authentication never waits for the database and a revoked key or a lowered
-limit takes effect on the very next request.
+On SQLite (the embedded default) or PostgreSQL (several routers sharing one store), behind
+the `Database` seam (database.py), with the schema's migrations in migrations.py. Orgs,
+users and keys are also held in memory, updated on every write, so that authentication
+never waits for the database and a revoked key or a lowered limit takes effect on the very
+next request. On a shared store, every change is announced to the other processes (NOTIFY,
+delivered when its transaction commits) and each reloads what changed (`_heard`): a key
+revoked through one router is refused by every other within a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import sqlite3
-from collections.abc import Callable, Iterable
+import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiosqlite
 import msgspec
 
 from federation._private import keys as keylib
@@ -34,58 +39,26 @@ from federation._private.admin_wire import (
     UsageRow,
     User,
 )
+from federation._private.database import (
+    RELOAD,
+    Database,
+    StoreError,
+    Transaction,
+    open_database,
+)
 from federation._private.errors import (
     AuthenticationError,
     InvalidRequestError,
     NotFoundError,
-    PalisadeError,
 )
-from federation._private.private_files import private_database
+from federation._private.migrations import check_schema, migrate
 from federation._private.vocabulary import ORG_ROLES
+
+__all__ = ["StoreError", "TenancyStore"]
+log = logging.getLogger("palisade.federation.store")
 
 Clock = Callable[[], datetime]
 INVITE_TTL = timedelta(days=7)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS orgs (
-    name TEXT PRIMARY KEY, regions TEXT NOT NULL, budget_tokens INTEGER,
-    logging_mode TEXT NOT NULL, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS users (
-    id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, role TEXT NOT NULL, org TEXT,
-    created_at TEXT NOT NULL, removed_at TEXT);
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, user_id TEXT NOT NULL, org TEXT NOT NULL,
-    secret_hash BLOB NOT NULL, created_at TEXT NOT NULL, last_used_at TEXT, expires_at TEXT,
-    revoked_at TEXT, regions TEXT, limits TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS invites (
-    token_hash BLOB PRIMARY KEY, email TEXT NOT NULL, org TEXT NOT NULL, role TEXT NOT NULL,
-    invited_by TEXT NOT NULL, created_at TEXT NOT NULL, expires_at TEXT NOT NULL,
-    accepted_at TEXT);
-CREATE TABLE IF NOT EXISTS usage (
-    id INTEGER PRIMARY KEY, at TEXT NOT NULL, org TEXT NOT NULL, user_id TEXT NOT NULL,
-    key_id TEXT, model TEXT NOT NULL, region TEXT NOT NULL, node TEXT NOT NULL,
-    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, latency_ms REAL NOT NULL,
-    status TEXT NOT NULL, cost REAL NOT NULL, request_id TEXT,
-    cached_tokens INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS usage_org_at ON usage (org, at);
-CREATE TABLE IF NOT EXISTS journal_marks (
-    name TEXT PRIMARY KEY, epoch TEXT NOT NULL, settled_through INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS budget_usage (
-    org TEXT NOT NULL, month TEXT NOT NULL, used_tokens INTEGER NOT NULL,
-    PRIMARY KEY (org, month));
-CREATE TABLE IF NOT EXISTS org_key_limits (
-    org TEXT PRIMARY KEY, limits TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS audit_events (
-    id INTEGER PRIMARY KEY, at TEXT NOT NULL, event TEXT NOT NULL, actor TEXT NOT NULL,
-    org TEXT, payload TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS edge_leases (
-    node TEXT NOT NULL, org TEXT NOT NULL, month TEXT NOT NULL, granted INTEGER NOT NULL,
-    used INTEGER NOT NULL, PRIMARY KEY (node, org, month));
-CREATE TABLE IF NOT EXISTS edge_records (
-    id TEXT PRIMARY KEY, node TEXT NOT NULL, month TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS org_region_spans (
-    org TEXT NOT NULL, region TEXT NOT NULL, since TEXT NOT NULL, until TEXT);
-"""
 
 
 class AuditSink(Protocol):
@@ -97,10 +70,6 @@ class AuditSink(Protocol):
     ) -> None: ...
 
     async def events(self, org: str | None) -> list[AuditEvent]: ...
-
-
-class StoreError(PalisadeError):
-    """The policy database failed; the message says which operation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,108 +175,117 @@ def _now() -> datetime:
 
 
 class TenancyStore:
-    def __init__(
-        self, db: aiosqlite.Connection, clock: Clock, sink: AuditSink | None = None
-    ) -> None:
+    def __init__(self, db: Database, clock: Clock, sink: AuditSink | None = None) -> None:
         self._db = db
         self.clock = clock
         self._sink = sink
-        self.path = Path("policy.db")  # where `open` found it; journals live beside it
+        self.path = Path("policy.db")  # the server's home is its parent: journals live there
         self.orgs: dict[str, OrgRecord] = {}
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, KeyRecord] = {}
         # Where each org could be served, and when: what a node's usage rows are held to.
         self.region_spans: dict[str, list[RegionSpan]] = {}
-        # Bumped by every management change (in `_audit`), which then calls `on_change`.
+        # Bumped by every management change (in `_audit`, or heard from another process),
+        # which then calls `on_change`.
         self.generation = 0
         self.on_change: list[Callable[[], None]] = []
+        # Who announces this process's changes, so that it does not reload its own.
+        self._origin = os.urandom(6).hex()
+        self._reloads: set[asyncio.Task[None]] = set()
+
+    @property
+    def database(self) -> Database:
+        return self._db
 
     @classmethod
     async def open(
-        cls, path: Path, *, clock: Clock = _now, sink: AuditSink | None = None
+        cls,
+        path: Path,
+        *,
+        database: str | None = None,
+        clock: Clock = _now,
+        sink: AuditSink | None = None,
     ) -> TenancyStore:
-        private_database(path)
+        """The store in `database` (a PostgreSQL URL or a SQLite path; default `path`).
+
+        A SQLite store migrates itself; a PostgreSQL one must already be at this code's
+        schema version (`palisade db migrate`), and is listened to for other processes'
+        changes.
+        """
+        db = await open_database(database or str(path), path.parent)
         try:
-            db = await aiosqlite.connect(path)
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=FULL")
-            await db.executescript(_SCHEMA)
-            await _add_request_ids(db)
-            await _add_cached_tokens(db)
-            await db.commit()
-        except sqlite3.Error as exc:
-            raise StoreError(f"Cannot open the policy database {path}: {exc}.") from exc
-        store = cls(db, clock, sink)
-        store.path = path
-        await store._load()
+            if db.shared:
+                await check_schema(db)
+            else:
+                await migrate(db, now=iso(clock()))
+            store = cls(db, clock, sink)
+            store.path = path
+            await store._load()
+            await db.listen(store._heard)
+        except BaseException:
+            await db.close()
+            raise
         return store
 
     async def close(self) -> None:
+        for task in list(self._reloads):
+            task.cancel()
         await self._db.close()
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes share this store (and so its budgets must be leased)."""
+        return self._db.shared
+
     async def _load(self) -> None:
-        async with self._db.execute("SELECT * FROM orgs") as rows:
-            async for row in rows:
-                self.orgs[row[0]] = OrgRecord(
-                    row[0], frozenset(json.loads(row[1])), row[2], row[3], row[4]
-                )
-        async with self._db.execute("SELECT org, limits FROM org_key_limits") as rows:
-            async for org, limits in rows:
-                if org in self.orgs:
-                    key_limits = msgspec.json.decode(limits, type=KeyLimits)
-                    self.orgs[org] = replace(self.orgs[org], key_limits=key_limits)
-        async with self._db.execute("SELECT * FROM users") as rows:
-            async for row in rows:
-                self.users[row[0]] = UserRecord(*row)
-        async with self._db.execute(
-            "SELECT id, name, user_id, org, secret_hash, created_at, expires_at, revoked_at, "
-            "regions, limits, last_used_at FROM api_keys"
-        ) as rows:
-            async for row in rows:
-                regions = frozenset(json.loads(row[8])) if row[8] is not None else None
-                limits = msgspec.json.decode(row[9], type=KeyLimits)
-                self.keys[row[0]] = KeyRecord(
-                    row[0],
-                    row[1],
-                    row[2],
-                    row[3],
-                    bytes(row[4]),
-                    row[5],
-                    row[6],
-                    row[7],
-                    regions,
-                    limits,
-                    row[10],
-                )
+        orgs: dict[str, OrgRecord] = {}
+        for row in await self._db.fetch(_SELECT_ORGS):
+            orgs[row[0]] = _org_record(row)
+        users = {row[0]: UserRecord(*row) for row in await self._db.fetch(_SELECT_USERS)}
+        keys = {row[0]: _key_record(row) for row in await self._db.fetch(_SELECT_KEYS)}
+        self.orgs, self.users, self.keys = orgs, users, keys
+        self.region_spans = {}
         await self._load_region_spans()
 
     async def _load_region_spans(self) -> None:
         """The region history; a region without an open span (a database made before the
         history was kept) is taken as allowed since its org was created."""
-        async with self._db.execute(
-            "SELECT org, region, since, until FROM org_region_spans ORDER BY rowid"
-        ) as rows:
-            async for org, region, since, until in rows:
-                self.region_spans.setdefault(org, []).append(RegionSpan(region, since, until))
-        for record in self.orgs.values():
-            await self._open_spans(record.name, record.regions, record.created_at)
-        await self._db.commit()
+        for org, region, since, until in await self._db.fetch(
+            f"SELECT org, region, since, until FROM org_region_spans ORDER BY {self._db.rowid}"  # noqa: S608
+        ):
+            self.region_spans.setdefault(org, []).append(RegionSpan(region, since, until))
+        missing = [
+            record
+            for record in self.orgs.values()
+            if set(record.regions) - self._open_regions(record.name)
+        ]
+        if missing:
+            async with self._db.transaction() as tx:
+                for record in missing:
+                    await self._open_spans(tx, record.name, record.regions, record.created_at)
 
-    async def _open_spans(self, org: str, regions: Iterable[str], since: str) -> None:
+    def _open_regions(self, org: str) -> set[str]:
+        return {span.region for span in self.region_spans.get(org, []) if span.until is None}
+
+    async def _open_spans(
+        self, tx: Transaction, org: str, regions: Iterable[str], since: str
+    ) -> None:
         spans = self.region_spans.setdefault(org, [])
-        open_now = {span.region for span in spans if span.until is None}
-        for region in sorted(set(regions) - open_now):
-            await self._db.execute(
-                "INSERT INTO org_region_spans VALUES (?, ?, ?, NULL)", (org, region, since)
+        for region in sorted(set(regions) - self._open_regions(org)):
+            await tx.execute(
+                "INSERT INTO org_region_spans (org, region, since, until) VALUES (?, ?, ?, NULL)",
+                (org, region, since),
             )
             spans.append(RegionSpan(region, since, None))
 
-    async def _close_spans(self, org: str, regions: frozenset[str], until: str) -> None:
+    async def _close_spans(
+        self, tx: Transaction, org: str, regions: frozenset[str], until: str
+    ) -> None:
         """End the open spans of `org`'s regions not in `regions`."""
         spans = self.region_spans.setdefault(org, [])
         for index, span in enumerate(spans):
             if span.until is None and span.region not in regions:
-                await self._db.execute(
+                await tx.execute(
                     "UPDATE org_region_spans SET until = ? WHERE org = ? AND region = ? "
                     "AND until IS NULL",
                     (until, org, span.region),
@@ -322,28 +300,92 @@ class TenancyStore:
             for span in self.region_spans.get(org, [])
         )
 
+    # --- changes made by other processes sharing the store --------------------------------
+
+    def _announce(self, tx: Transaction, kind: str, name: str) -> None:
+        tx.notify(f"{self._origin} {kind} {name}")
+
+    def _heard(self, topic: str) -> None:
+        """Another process changed `kind name` (or, with RELOAD, maybe anything): reload it."""
+        if topic == RELOAD:
+            self._reload(self._reload_everything())
+            return
+        origin, _, rest = topic.partition(" ")
+        kind, _, name = rest.partition(" ")
+        if origin == self._origin or not name:
+            return
+        reload = {"org": self._reload_org, "user": self._reload_user, "key": self._reload_key}
+        action = reload.get(kind)
+        if action is not None:
+            self._reload(action(name))
+
+    def _reload(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._reloads.add(task)
+        task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[None]) -> None:
+        self._reloads.discard(task)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("reloading a policy change failed: %s", task.exception())
+            return
+        self._changed()
+
+    async def _reload_everything(self) -> None:
+        await self._load()
+
+    async def _reload_org(self, name: str) -> None:
+        row = await self._db.fetchone(_SELECT_ORGS + " WHERE o.name = ?", (name,))
+        spans = await self._db.fetch(
+            f"SELECT region, since, until FROM org_region_spans WHERE org = ? "  # noqa: S608
+            f"ORDER BY {self._db.rowid}",  # the rowid word is one of two fixed names
+            (name,),
+        )
+        if row is None:
+            self.orgs.pop(name, None)
+            return
+        self.orgs[name] = _org_record(row)
+        self.region_spans[name] = [RegionSpan(*span) for span in spans]
+
+    async def _reload_user(self, user_id: str) -> None:
+        row = await self._db.fetchone(_SELECT_USERS + " WHERE id = ?", (user_id,))
+        if row is not None:
+            user = UserRecord(*row)
+            self.users = {k: v for k, v in self.users.items() if v.email != user.email}
+            self.users[user.id] = user
+        for key_row in await self._db.fetch(_SELECT_KEYS + " WHERE user_id = ?", (user_id,)):
+            self.keys[key_row[0]] = _key_record(key_row)
+
+    async def _reload_key(self, key_id: str) -> None:
+        row = await self._db.fetchone(_SELECT_KEYS + " WHERE id = ?", (key_id,))
+        if row is not None:
+            self.keys[key_id] = _key_record(row)
+
     # --- audit --------------------------------------------------------------------------
 
     async def _audit(
-        self, event: str, actor: str, org: str | None, payload: dict[str, Any]
+        self,
+        tx: Transaction,
+        event: str,
+        actor: str,
+        org: str | None,
+        payload: dict[str, Any],
     ) -> None:
         """Record a management event before the change it describes is committed.
 
         With a sink, the event is durable in the audit log before the change commits, so a
-        crash can leave a recorded attempt but never an unrecorded change.
+        crash can leave a recorded attempt but never an unrecorded change (an event the sink
+        refuses raises, and the transaction is rolled back).
         """
         if self._sink is not None:
-            try:
-                await self._sink.record(event, actor, org, payload)
-            except BaseException:
-                await self._db.rollback()  # no change may commit without its event
-                raise
-            self._changed()
-            return
-        await self._db.execute(
-            "INSERT INTO audit_events (at, event, actor, org, payload) VALUES (?, ?, ?, ?, ?)",
-            (iso(self.clock()), event, actor, org, json.dumps(payload, sort_keys=True)),
-        )
+            await self._sink.record(event, actor, org, payload)
+        else:
+            await tx.execute(
+                "INSERT INTO audit_events (at, event, actor, org, payload) VALUES (?, ?, ?, ?, ?)",
+                (iso(self.clock()), event, actor, org, json.dumps(payload, sort_keys=True)),
+            )
         self._changed()
 
     def _changed(self) -> None:
@@ -355,19 +397,17 @@ class TenancyStore:
         """Return once every change already under way is committed and in memory.
 
         A change is announced (`_audit`) just before its transaction commits, and the
-        in-memory records change right after the commit. aiosqlite runs a connection's
-        operations in order and resolves them in order, so a query queued now completes
-        after that commit, and the change's own continuation runs before ours.
+        in-memory records change right after the commit, without awaiting anything more;
+        so once every transaction begun so far has ended, they are in memory too.
         """
-        async with self._db.execute("SELECT 1"):
-            pass
+        await self._db.settled()
 
     async def record_event(
         self, event: str, actor: str, org: str | None, payload: dict[str, Any]
     ) -> None:
         """Audit a management action taken outside the store (e.g. a model's pricing)."""
-        await self._audit(event, actor, org, payload)
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            await self._audit(tx, event, actor, org, payload)
 
     async def audit_events(self, org: str | None) -> list[AuditEvent]:
         if self._sink is not None:
@@ -377,13 +417,10 @@ class TenancyStore:
         if org is not None:
             query += " WHERE org = ?"
             args = (org,)
-        async with self._db.execute(query + " ORDER BY id", args) as rows:
-            return [
-                AuditEvent(
-                    id=r[0], at=r[1], event=r[2], actor=r[3], org=r[4], payload=json.loads(r[5])
-                )
-                async for r in rows
-            ]
+        return [
+            AuditEvent(id=r[0], at=r[1], event=r[2], actor=r[3], org=r[4], payload=json.loads(r[5]))
+            for r in await self._db.fetch(query + " ORDER BY id", args)
+        ]
 
     # --- orgs and users -----------------------------------------------------------------
 
@@ -391,19 +428,25 @@ class TenancyStore:
         """Create the system admin and its key on first start; returns the key once."""
         if any(user.role == "system_admin" for user in self.users.values()):
             return None
-        user = await self._insert_user("admin@local", "system_admin", None)
-        key_text, record = await self._insert_key(user, "bootstrap", None, None, KeyLimits())
-        await self._audit(
-            "system_admin_created", "system", None, {"user_id": user.id, "key_id": record.id}
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            user = await self._insert_user(tx, "admin@local", "system_admin", None)
+            key_text, record = await self._insert_key(
+                tx, user, "bootstrap", None, None, KeyLimits()
+            )
+            await self._audit(
+                tx,
+                "system_admin_created",
+                "system",
+                None,
+                {"user_id": user.id, "key_id": record.id},
+            )
+        self._keep_user(user)
+        self.keys[record.id] = record
         return key_text
 
     async def create_org(self, spec: OrgCreate, actor: str) -> Org:
         if spec.name in self.orgs:
-            raise InvalidRequestError(
-                f"Organization `{spec.name}` already exists.", code="org_exists", param="name"
-            )
+            raise _org_exists(spec.name)
         record = OrgRecord(
             spec.name,
             frozenset(spec.regions),
@@ -411,20 +454,23 @@ class TenancyStore:
             spec.logging_mode,
             iso(self.clock()),
         )
-        await self._db.execute(
-            "INSERT INTO orgs VALUES (?, ?, ?, ?, ?)",
-            (
-                record.name,
-                json.dumps(sorted(record.regions)),
-                record.budget_tokens,
-                record.logging_mode,
-                record.created_at,
-            ),
-        )
         try:
-            await self._open_spans(record.name, record.regions, record.created_at)
-            await self._audit("org_created", actor, spec.name, msgspec.to_builtins(spec))
-            await self._db.commit()
+            async with self._db.transaction() as tx:
+                inserted = await tx.execute(
+                    "INSERT INTO orgs VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (
+                        record.name,
+                        json.dumps(sorted(record.regions)),
+                        record.budget_tokens,
+                        record.logging_mode,
+                        record.created_at,
+                    ),
+                )
+                if inserted != 1:  # made through another router sharing the store
+                    raise _org_exists(spec.name)  # noqa: TRY301 - rolls the transaction back
+                await self._open_spans(tx, record.name, record.regions, record.created_at)
+                await self._audit(tx, "org_created", actor, spec.name, msgspec.to_builtins(spec))
+                self._announce(tx, "org", record.name)
         except BaseException:
             self.region_spans.pop(record.name, None)
             raise
@@ -441,24 +487,30 @@ class TenancyStore:
 
     async def set_budget(self, name: str, tokens: int | None, actor: str) -> OrgRecord:
         record = replace(self.org(name), budget_tokens=tokens)
-        await self._db.execute("UPDATE orgs SET budget_tokens = ? WHERE name = ?", (tokens, name))
-        await self._audit("budget_changed", actor, name, {"budget_tokens": tokens})
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            await tx.execute("UPDATE orgs SET budget_tokens = ? WHERE name = ?", (tokens, name))
+            await self._audit(tx, "budget_changed", actor, name, {"budget_tokens": tokens})
+            self._announce(tx, "org", name)
         self.orgs[name] = record
         return record
 
     async def set_key_limits(self, name: str, limits: KeyLimits, actor: str) -> OrgRecord:
         """The org's default key limits: what its members' new keys get, and at most."""
         record = replace(self.org(name), key_limits=limits)
-        await self._db.execute(
-            "INSERT INTO org_key_limits VALUES (?, ?) ON CONFLICT(org) DO UPDATE SET "
-            "limits = excluded.limits",
-            (name, msgspec.json.encode(limits)),
-        )
-        await self._audit(
-            "org_key_limits_changed", actor, name, {"limits": msgspec.to_builtins(limits)}
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO org_key_limits VALUES (?, ?) ON CONFLICT(org) DO UPDATE SET "
+                "limits = excluded.limits",
+                (name, _limits_text(limits)),
+            )
+            await self._audit(
+                tx,
+                "org_key_limits_changed",
+                actor,
+                name,
+                {"limits": msgspec.to_builtins(limits)},
+            )
+            self._announce(tx, "org", name)
         self.orgs[name] = record
         return record
 
@@ -466,45 +518,52 @@ class TenancyStore:
         """Change where an org's requests may run; its keys' own regions still narrow it."""
         record = replace(self.org(name), regions=frozenset(regions))
         text = json.dumps(sorted(record.regions))
-        await self._db.execute("UPDATE orgs SET regions = ? WHERE name = ?", (text, name))
         spans = list(self.region_spans.get(name, []))
         try:
-            now = iso(self.clock())
-            await self._close_spans(name, record.regions, now)
-            await self._open_spans(name, record.regions, now)
-            await self._audit(
-                "org_regions_changed", actor, name, {"regions": sorted(record.regions)}
-            )
-            await self._db.commit()
+            async with self._db.transaction() as tx:
+                await tx.execute("UPDATE orgs SET regions = ? WHERE name = ?", (text, name))
+                now = iso(self.clock())
+                await self._close_spans(tx, name, record.regions, now)
+                await self._open_spans(tx, name, record.regions, now)
+                await self._audit(
+                    tx, "org_regions_changed", actor, name, {"regions": sorted(record.regions)}
+                )
+                self._announce(tx, "org", name)
         except BaseException:
             self.region_spans[name] = spans  # the transaction is rolled back: so is the history
             raise
         self.orgs[name] = record
         return record
 
-    async def _insert_user(self, email: str, role: str, org: str | None) -> UserRecord:
+    async def _insert_user(
+        self, tx: Transaction, email: str, role: str, org: str | None
+    ) -> UserRecord:
         if any(u.email == email and u.removed_at is None for u in self.users.values()):
             raise InvalidRequestError(
                 f"A user with email {email} already exists.", code="user_exists", param="email"
             )
         user = UserRecord("usr_" + keylib.new_key()[1], email, role, org, iso(self.clock()))
-        await self._db.execute(
+        await tx.execute(
             "INSERT INTO users VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(email) DO UPDATE SET "
             "id = excluded.id, role = excluded.role, org = excluded.org, "
             "created_at = excluded.created_at, removed_at = NULL",
             (user.id, email, role, org, user.created_at),
         )
-        self.users = {k: v for k, v in self.users.items() if v.email != email}
-        self.users[user.id] = user
+        self._announce(tx, "user", user.id)
         return user
+
+    def _keep_user(self, user: UserRecord) -> None:
+        self.users = {k: v for k, v in self.users.items() if v.email != user.email}
+        self.users[user.id] = user
 
     async def add_user(self, email: str, role: str, org: str | None, actor: str) -> UserRecord:
         """Create a user directly (bootstrap and demo accounts; people join by invitation)."""
-        user = await self._insert_user(email, role, org)
-        await self._audit(
-            "user_created", actor, org, {"user_id": user.id, "email": email, "role": role}
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            user = await self._insert_user(tx, email, role, org)
+            await self._audit(
+                tx, "user_created", actor, org, {"user_id": user.id, "email": email, "role": role}
+            )
+        self._keep_user(user)
         return user
 
     def user(self, user_id: str) -> UserRecord:
@@ -520,58 +579,63 @@ class TenancyStore:
         token, token_hash = keylib.new_token()
         now = self.clock()
         expires = iso(now + INVITE_TTL)
-        await self._db.execute(
-            "INSERT INTO invites VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-            (token_hash, spec.email, spec.org or "", spec.role, actor, iso(now), expires),
-        )
-        await self._audit("user_invited", actor, spec.org, {"email": spec.email, "role": spec.role})
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO invites VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (token_hash, spec.email, spec.org or "", spec.role, actor, iso(now), expires),
+            )
+            await self._audit(
+                tx, "user_invited", actor, spec.org, {"email": spec.email, "role": spec.role}
+            )
         return Invite(
             token=token, email=spec.email, org=spec.org, role=spec.role, expires_at=expires
         )
 
     async def accept_invite(self, token: str, key_name: str) -> tuple[UserRecord, CreatedKey]:
         token_hash = keylib.hash_secret(token) if token.isascii() else b""
-        async with self._db.execute(
+        row = await self._db.fetchone(
             "SELECT email, org, role, expires_at, accepted_at FROM invites WHERE token_hash = ?",
             (token_hash,),
-        ) as rows:
-            row = await rows.fetchone()
+        )
         if row is None or row[4] is not None or row[3] <= iso(self.clock()):
-            raise AuthenticationError(
-                "This invitation token is unknown, already used or expired. Ask your "
-                "organization admin for a new invitation.",
-                code="invalid_invite",
-            )
+            raise _invalid_invite()
         email, role = row[0], row[2]
         org = row[1] or None  # none: the fleet-wide auditor
         key_limits = self.org(org).key_limits if org is not None else KeyLimits()
-        user = await self._insert_user(email, role, org)
-        await self._db.execute(
-            "UPDATE invites SET accepted_at = ? WHERE token_hash = ?",
-            (iso(self.clock()), token_hash),
-        )
-        key_text, record = await self._insert_key(user, key_name, None, None, key_limits)
-        await self._audit(
-            "user_joined", user.id, org, {"email": email, "role": role, "key_id": record.id}
-        )
-        await self._audit("key_created", user.id, org, {"key_id": record.id, "name": key_name})
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            # Taken once even when two routers sharing the store are handed it at once.
+            taken = await tx.execute(
+                "UPDATE invites SET accepted_at = ? WHERE token_hash = ? AND accepted_at IS NULL",
+                (iso(self.clock()), token_hash),
+            )
+            if taken != 1:
+                raise _invalid_invite()
+            user = await self._insert_user(tx, email, role, org)
+            key_text, record = await self._insert_key(tx, user, key_name, None, None, key_limits)
+            await self._audit(
+                tx, "user_joined", user.id, org, {"email": email, "role": role, "key_id": record.id}
+            )
+            await self._audit(
+                tx, "key_created", user.id, org, {"key_id": record.id, "name": key_name}
+            )
+        self._keep_user(user)
+        self.keys[record.id] = record
         return user, CreatedKey(key=key_text, info=key_view(record))
 
     async def remove_user(self, user_id: str, actor: str) -> UserRecord:
         user = self.user(user_id)
         now = iso(self.clock())
         removed = replace(user, removed_at=now)
-        await self._db.execute("UPDATE users SET removed_at = ? WHERE id = ?", (now, user_id))
-        await self._db.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
-            (now, user_id),
-        )
-        await self._audit(
-            "user_removed", actor, user.org, {"user_id": user_id, "email": user.email}
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            await tx.execute("UPDATE users SET removed_at = ? WHERE id = ?", (now, user_id))
+            await tx.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
+                (now, user_id),
+            )
+            await self._audit(
+                tx, "user_removed", actor, user.org, {"user_id": user_id, "email": user.email}
+            )
+            self._announce(tx, "user", user_id)
         self.users[user_id] = removed
         for key in [k for k in self.keys.values() if k.user_id == user_id and k.revoked_at is None]:
             self.keys[key.id] = replace(key, revoked_at=now)
@@ -579,8 +643,9 @@ class TenancyStore:
 
     # --- keys -----------------------------------------------------------------------------
 
-    async def _insert_key(
+    async def _insert_key(  # noqa: PLR0917 - one transaction's private helper
         self,
+        tx: Transaction,
         user: UserRecord,
         name: str,
         regions: Iterable[str] | None,
@@ -602,7 +667,7 @@ class TenancyStore:
             frozenset(regions) if regions is not None else None,
             limits,
         )
-        await self._db.execute(
+        await tx.execute(
             "INSERT INTO api_keys (id, name, user_id, org, secret_hash, created_at, expires_at, "
             "regions, limits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -614,10 +679,10 @@ class TenancyStore:
                 record.created_at,
                 expires,
                 json.dumps(sorted(record.regions)) if record.regions is not None else None,
-                msgspec.json.encode(limits),
+                _limits_text(limits),
             ),
         )
-        self.keys[record.id] = record
+        self._announce(tx, "key", record.id)
         return key_text, record
 
     async def create_key(self, user: UserRecord, spec: KeyCreate, actor: str) -> CreatedKey:
@@ -630,16 +695,18 @@ class TenancyStore:
                     code="invalid_value",
                     param="regions",
                 )
-        key_text, record = await self._insert_key(
-            user, spec.name, spec.regions, spec.expires_in_days, spec.limits or KeyLimits()
-        )
-        await self._audit(
-            "key_created",
-            actor,
-            record.org,
-            {"key_id": record.id, "name": spec.name, "regions": spec.regions},
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            key_text, record = await self._insert_key(
+                tx, user, spec.name, spec.regions, spec.expires_in_days, spec.limits or KeyLimits()
+            )
+            await self._audit(
+                tx,
+                "key_created",
+                actor,
+                record.org,
+                {"key_id": record.id, "name": spec.name, "regions": spec.regions},
+            )
+        self.keys[record.id] = record
         return CreatedKey(key=key_text, info=key_view(record))
 
     def key(self, key_id: str) -> KeyRecord:
@@ -652,26 +719,29 @@ class TenancyStore:
         record = self.key(key_id)
         if record.revoked_at is None:
             record = replace(record, revoked_at=iso(self.clock()))
-            await self._db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ?", (record.revoked_at, key_id)
-            )
-            await self._audit("key_revoked", actor, record.org, {"key_id": key_id})
-            await self._db.commit()
+            async with self._db.transaction() as tx:
+                await tx.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ?", (record.revoked_at, key_id)
+                )
+                await self._audit(tx, "key_revoked", actor, record.org, {"key_id": key_id})
+                self._announce(tx, "key", key_id)
             self.keys[key_id] = record
         return record
 
     async def set_limits(self, key_id: str, limits: KeyLimits, actor: str) -> KeyRecord:
         record = replace(self.key(key_id), limits=limits)
-        await self._db.execute(
-            "UPDATE api_keys SET limits = ? WHERE id = ?", (msgspec.json.encode(limits), key_id)
-        )
-        await self._audit(
-            "limits_changed",
-            actor,
-            record.org,
-            {"key_id": key_id, "limits": msgspec.to_builtins(limits)},
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "UPDATE api_keys SET limits = ? WHERE id = ?", (_limits_text(limits), key_id)
+            )
+            await self._audit(
+                tx,
+                "limits_changed",
+                actor,
+                record.org,
+                {"key_id": key_id, "limits": msgspec.to_builtins(limits)},
+            )
+            self._announce(tx, "key", key_id)
         self.keys[key_id] = record
         return record
 
@@ -700,31 +770,48 @@ class TenancyStore:
 
     # --- usage and budgets --------------------------------------------------------------------
 
-    async def _add_totals(self, totals: dict[tuple[str, str], int]) -> None:
-        await self._db.executemany(
+    @staticmethod
+    async def _add_totals(tx: Transaction, totals: dict[tuple[str, str], int]) -> None:
+        await tx.executemany(
             "INSERT INTO budget_usage VALUES (?, ?, ?) ON CONFLICT(org, month) "
-            "DO UPDATE SET used_tokens = used_tokens + excluded.used_tokens",
+            "DO UPDATE SET used_tokens = budget_usage.used_tokens + excluded.used_tokens",
             [(org, month, used) for (org, month), used in totals.items()],
         )
 
-    async def _set_mark(self, epoch: str, settled_through: int) -> None:
-        await self._db.execute(
-            "INSERT INTO journal_marks VALUES ('admissions', ?, ?) ON CONFLICT(name) "
+    @staticmethod
+    async def _set_mark(
+        tx: Transaction,
+        name: str,
+        epoch: str,
+        settled_through: int,  # noqa: PLR0917
+    ) -> None:
+        await tx.execute(
+            "INSERT INTO journal_marks VALUES (?, ?, ?) ON CONFLICT(name) "
             "DO UPDATE SET epoch = excluded.epoch, settled_through = excluded.settled_through",
-            (epoch, settled_through),
+            (name, epoch, settled_through),
         )
 
-    async def journal_mark(self, epoch: str) -> int:
-        """The last settle line of journal `epoch` already written here (0: none)."""
-        async with self._db.execute(
-            "SELECT settled_through FROM journal_marks WHERE name = 'admissions' AND epoch = ?",
-            (epoch,),
-        ) as rows:
-            row = await rows.fetchone()
+    @staticmethod
+    async def _landed(tx: Transaction, name: str, epoch: str, settled_through: int) -> bool:
+        row = await tx.fetchone(
+            "SELECT epoch, settled_through FROM journal_marks WHERE name = ?", (name,)
+        )
+        return row is not None and row[0] == epoch and int(row[1]) >= settled_through
+
+    async def journal_mark(self, epoch: str, name: str = "admissions") -> int:
+        """The last settle line of journal `name`'s `epoch` already written here (0: none)."""
+        row = await self._db.fetchone(
+            "SELECT settled_through FROM journal_marks WHERE name = ? AND epoch = ?",
+            (name, epoch),
+        )
         return int(row[0]) if row is not None else 0
 
     async def recover_usage(
-        self, recovered: list[Recovered], *, mark: tuple[str, int] | None
+        self,
+        recovered: list[Recovered],
+        *,
+        mark: tuple[str, int] | None,
+        journal: str = "admissions",
     ) -> None:
         """One transaction: the journal's outstanding requests, and the mark that closes it.
 
@@ -732,42 +819,41 @@ class TenancyStore:
         counted again.
         """
         totals: dict[tuple[str, str], int] = {}
-        for entry in recovered:
-            if entry.record is not None:
-                cursor = await self._db.execute(_INSERT_USAGE_ONCE, _usage_row(entry.record))
-                if cursor.rowcount != 1:
+        async with self._db.transaction() as tx:
+            for entry in recovered:
+                row = _usage_row(entry.record) if entry.record is not None else None
+                if row is not None and await tx.execute(_INSERT_USAGE_ONCE, row) != 1:
                     continue
-            slot = (entry.org, entry.month)
-            totals[slot] = totals.get(slot, 0) + entry.tokens
-        await self._add_totals(totals)
-        if mark is not None:
-            await self._set_mark(*mark)
-        await self._db.commit()
+                slot = (entry.org, entry.month)
+                totals[slot] = totals.get(slot, 0) + entry.tokens
+            await self._add_totals(tx, totals)
+            if mark is not None:
+                await self._set_mark(tx, journal, *mark)
 
     # --- budget shares leased to nodes (the offline edge) -------------------------------------
 
     async def edge_leases(self, month: str) -> list[EdgeLease]:
         """The shares leased for `month` (and later months)."""
-        async with self._db.execute(
+        rows = await self._db.fetch(
             "SELECT node, org, month, granted, used FROM edge_leases WHERE month >= ?", (month,)
-        ) as rows:
-            return [EdgeLease(r[0], r[1], r[2], r[3], r[4]) async for r in rows]
+        )
+        return [EdgeLease(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     async def leased(self, node: str, org: str, month: str) -> bool:
         """Whether `node` was ever granted a share of `org`'s budget for `month`."""
-        async with self._db.execute(
+        row = await self._db.fetchone(
             "SELECT 1 FROM edge_leases WHERE node = ? AND org = ? AND month = ? AND granted > 0",
             (node, org, month),
-        ) as rows:
-            return await rows.fetchone() is not None
+        )
+        return row is not None
 
     async def grant_edge_lease(self, node: str, org: str, month: str, tokens: int) -> None:
-        await self._db.execute(
-            "INSERT INTO edge_leases VALUES (?, ?, ?, ?, 0) ON CONFLICT(node, org, month) "
-            "DO UPDATE SET granted = granted + excluded.granted",
-            (node, org, month, tokens),
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO edge_leases VALUES (?, ?, ?, ?, 0) ON CONFLICT(node, org, month) "
+                "DO UPDATE SET granted = edge_leases.granted + excluded.granted",
+                (node, org, month, tokens),
+            )
 
     async def apply_edge_usage(self, node: str, entries: list[tuple[str, Recovered]]) -> set[str]:
         """One transaction: each (id, entry) a node reported and this store does not yet
@@ -776,42 +862,34 @@ class TenancyStore:
         Returns the ids applied now; an id seen before changes nothing, so a node may send
         the same rows again (it does after a lost answer or a crash) and each counts once.
         """
-        try:
-            applied = await self._apply_edge_usage(node, entries)
-        except BaseException:
-            await self._db.rollback()  # none of it, or a later commit would keep a part
-            raise
-        return applied
-
-    async def _apply_edge_usage(self, node: str, entries: list[tuple[str, Recovered]]) -> set[str]:
         applied: set[str] = set()
         totals: dict[tuple[str, str], int] = {}
-        for record_id, entry in entries:
-            cursor = await self._db.execute(
-                "INSERT OR IGNORE INTO edge_records VALUES (?, ?, ?)",
-                (record_id, node, entry.month),
+        async with self._db.transaction() as tx:
+            for record_id, entry in entries:
+                inserted = await tx.execute(
+                    "INSERT INTO edge_records VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    (record_id, node, entry.month),
+                )
+                if inserted != 1:
+                    continue
+                applied.add(record_id)
+                if entry.record is not None:
+                    await tx.execute(_INSERT_USAGE_ONCE, _usage_row(entry.record))
+                slot = (entry.org, entry.month)
+                totals[slot] = totals.get(slot, 0) + entry.tokens
+            await self._add_totals(tx, totals)
+            await tx.executemany(
+                "INSERT INTO edge_leases VALUES (?, ?, ?, 0, ?) ON CONFLICT(node, org, month) "
+                "DO UPDATE SET used = edge_leases.used + excluded.used",
+                [(node, org, month, used) for (org, month), used in totals.items()],
             )
-            if cursor.rowcount != 1:
-                continue
-            applied.add(record_id)
-            if entry.record is not None:
-                await self._db.execute(_INSERT_USAGE_ONCE, _usage_row(entry.record))
-            slot = (entry.org, entry.month)
-            totals[slot] = totals.get(slot, 0) + entry.tokens
-        await self._add_totals(totals)
-        await self._db.executemany(
-            "INSERT INTO edge_leases VALUES (?, ?, ?, 0, ?) ON CONFLICT(node, org, month) "
-            "DO UPDATE SET used = used + excluded.used",
-            [(node, org, month, used) for (org, month), used in totals.items()],
-        )
-        await self._db.commit()
         return applied
 
     async def month_usage(self, month: str) -> dict[str, int]:
-        async with self._db.execute(
+        rows = await self._db.fetch(
             "SELECT org, used_tokens FROM budget_usage WHERE month = ?", (month,)
-        ) as rows:
-            return {row[0]: row[1] async for row in rows}
+        )
+        return {row[0]: int(row[1]) for row in rows}
 
     async def write_usage(
         self,
@@ -820,24 +898,31 @@ class TenancyStore:
         last_used: dict[str, str],
         *,
         mark: tuple[str, int] | None = None,
+        journal: str = "admissions",
+        slices: Callable[[Transaction], Awaitable[None]] | None = None,
     ) -> None:
         """One transaction: usage rows, the months' budget counters, keys' last use, and
-        `mark`, the admission journal's (epoch, last settle line) these records cover.
+        `mark`, the admission journal's (epoch, last settle line) these records cover
+        (and, on a shared store, `slices`: the budget slices these tokens came out of).
 
         `totals` covers every settled request, including those of `zero`-logging orgs,
         which leave no per-request row.
         """
-        # A request id already present can only be a collision of random ids: it must not
-        # hold back the whole batch.
-        await self._db.executemany(_INSERT_USAGE_ONCE, [_usage_row(r) for r in records])
-        await self._add_totals(totals)
-        if mark is not None:
-            await self._set_mark(*mark)
-        await self._db.executemany(
-            "UPDATE api_keys SET last_used_at = ? WHERE id = ?",
-            [(at, kid) for kid, at in last_used.items()],
-        )
-        await self._db.commit()
+        async with self._db.transaction() as tx:
+            if mark is not None and await self._landed(tx, journal, *mark):
+                return  # an earlier try committed, and its answer was lost with the connection
+            # A request id already present can only be a collision of random ids (or a row
+            # recovered from the journal already): it must not hold back the whole batch.
+            await tx.executemany(_INSERT_USAGE_ONCE, [_usage_row(r) for r in records])
+            await self._add_totals(tx, totals)
+            if slices is not None:
+                await slices(tx)
+            if mark is not None:
+                await self._set_mark(tx, journal, *mark)
+            await tx.executemany(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ?",
+                [(at, kid) for kid, at in last_used.items()],
+            )
         for key_id, at in last_used.items():
             if key_id in self.keys:
                 self.keys[key_id] = replace(self.keys[key_id], last_used_at=at)
@@ -851,26 +936,25 @@ class TenancyStore:
         if org is not None:
             query += " WHERE org = ?"
             args = (org,)
-        async with self._db.execute(query + " ORDER BY id", args) as rows:
-            return [
-                UsageRecord(
-                    at=r[0],
-                    org=r[1],
-                    user_id=r[2],
-                    key_id=r[3],
-                    model=r[4],
-                    region=r[5],
-                    node=r[6],
-                    input_tokens=r[7],
-                    output_tokens=r[8],
-                    latency_ms=r[9],
-                    status=r[10],
-                    cost=r[11],
-                    request_id=r[12],
-                    cached_tokens=r[13],
-                )
-                async for r in rows
-            ]
+        return [
+            UsageRecord(
+                at=r[0],
+                org=r[1],
+                user_id=r[2],
+                key_id=r[3],
+                model=r[4],
+                region=r[5],
+                node=r[6],
+                input_tokens=r[7],
+                output_tokens=r[8],
+                latency_ms=r[9],
+                status=r[10],
+                cost=r[11],
+                request_id=r[12],
+                cached_tokens=r[13],
+            )
+            for r in await self._db.fetch(query + " ORDER BY id", args)
+        ]
 
     async def usage_report(
         self, by: str, org: str | None, since: str | None, until: str | None
@@ -891,22 +975,21 @@ class TenancyStore:
                 args.append(value)
         # `group` comes from the fixed map above and `where` from fixed clauses.
         query = (
-            f"SELECT {group}, count(*), sum(input_tokens), sum(output_tokens), sum(cost), "  # noqa: S608
-            "sum(cached_tokens) "
+            f"SELECT {group}, count(*), CAST(sum(input_tokens) AS BIGINT), "  # noqa: S608
+            "CAST(sum(output_tokens) AS BIGINT), sum(cost), CAST(sum(cached_tokens) AS BIGINT) "
             f"FROM usage WHERE {' AND '.join(where)} GROUP BY 1 ORDER BY 1"
         )
-        async with self._db.execute(query, args) as rows:
-            data = [
-                UsageRow(
-                    group=str(r[0]),
-                    requests=r[1],
-                    input_tokens=r[2],
-                    output_tokens=r[3],
-                    cost=round(r[4], 6),
-                    cached_tokens=r[5],
-                )
-                async for r in rows
-            ]
+        data = [
+            UsageRow(
+                group=str(r[0]),
+                requests=r[1],
+                input_tokens=r[2],
+                output_tokens=r[3],
+                cost=round(r[4], 6),
+                cached_tokens=r[5],
+            )
+            for r in await self._db.fetch(query, args)
+        ]
         total = UsageRow(
             group="total",
             requests=sum(r.requests for r in data),
@@ -916,6 +999,57 @@ class TenancyStore:
             cached_tokens=sum(r.cached_tokens for r in data),
         )
         return UsageReport(by=by, rows=data, total=total)
+
+
+_SELECT_ORGS = (
+    "SELECT o.name, o.regions, o.budget_tokens, o.logging_mode, o.created_at, l.limits "
+    "FROM orgs o LEFT JOIN org_key_limits l ON l.org = o.name"
+)
+_SELECT_USERS = "SELECT id, email, role, org, created_at, removed_at FROM users"
+_SELECT_KEYS = (
+    "SELECT id, name, user_id, org, secret_hash, created_at, expires_at, revoked_at, "
+    "regions, limits, last_used_at FROM api_keys"
+)
+
+
+def _org_record(row: tuple[Any, ...]) -> OrgRecord:
+    limits = msgspec.json.decode(row[5], type=KeyLimits) if row[5] is not None else KeyLimits()
+    return OrgRecord(row[0], frozenset(json.loads(row[1])), row[2], row[3], row[4], limits)
+
+
+def _key_record(row: tuple[Any, ...]) -> KeyRecord:
+    regions = frozenset(json.loads(row[8])) if row[8] is not None else None
+    return KeyRecord(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        bytes(row[4]),
+        row[5],
+        row[6],
+        row[7],
+        regions,
+        msgspec.json.decode(row[9], type=KeyLimits),
+        row[10],
+    )
+
+
+def _limits_text(limits: KeyLimits) -> str:
+    return msgspec.json.encode(limits).decode()
+
+
+def _org_exists(name: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Organization `{name}` already exists.", code="org_exists", param="name"
+    )
+
+
+def _invalid_invite() -> AuthenticationError:
+    return AuthenticationError(
+        "This invitation token is unknown, already used or expired. Ask your "
+        "organization admin for a new invitation.",
+        code="invalid_invite",
+    )
 
 
 def _check_invited_org(spec: InviteCreate) -> None:
@@ -972,9 +1106,9 @@ def key_view(record: KeyRecord) -> KeyInfo:
 
 
 _INSERT_USAGE_ONCE = (
-    "INSERT OR IGNORE INTO usage (at, org, user_id, key_id, model, region, node, input_tokens, "
+    "INSERT INTO usage (at, org, user_id, key_id, model, region, node, input_tokens, "
     "output_tokens, latency_ms, status, cost, request_id, cached_tokens) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 
 
@@ -995,24 +1129,3 @@ def _usage_row(r: UsageRecord) -> tuple[Any, ...]:
         r.request_id,
         r.cached_tokens,
     )
-
-
-async def _add_request_ids(db: aiosqlite.Connection) -> None:
-    """Usage rows name their request (databases made before they did gain the column)."""
-    async with db.execute("PRAGMA table_info(usage)") as rows:
-        columns = {row[1] async for row in rows}
-    if "request_id" not in columns:
-        await db.execute("ALTER TABLE usage ADD COLUMN request_id TEXT")
-    await db.execute(
-        "CREATE UNIQUE INDEX IF NOT EXISTS usage_request ON usage (request_id) "
-        "WHERE request_id IS NOT NULL"
-    )
-
-
-async def _add_cached_tokens(db: aiosqlite.Connection) -> None:
-    """Usage rows count the input tokens served from a prompt cache (databases made before
-    they did gain the column; their rows count none)."""
-    async with db.execute("PRAGMA table_info(usage)") as rows:
-        columns = {row[1] async for row in rows}
-    if "cached_tokens" not in columns:
-        await db.execute("ALTER TABLE usage ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0")

@@ -433,7 +433,7 @@ async def _forward(
     preference = None if pin is None else pinned_device_class(principal, pin)
     body = await read_body(request)
     routed = decode_request(body, _ROUTED)
-    call = _call(state, endpoint, body, routed, principal)  # admitted: settled exactly once
+    call = await _call(state, endpoint, body, routed, principal)  # admitted: settled exactly once
     call.preference = preference
     with state.forwarder.accounting(call):
         reserved = call.admission.reserved if call.admission is not None else 0
@@ -513,7 +513,7 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-def _call(
+async def _call(
     state: RouterState, endpoint: str, body: bytes, routed: _Routed, principal: Principal
 ) -> Call:
     regions = principal.regions or frozenset()
@@ -538,7 +538,7 @@ def _call(
     context = current_request()
     if context is not None:
         context.adopt(request_id)  # the id of its answer and of its logs, unless the client's
-    admission = state.tenancy.gate.admit(
+    admission = await state.tenancy.gate.admit_async(
         principal, estimate, request_id=request_id, model=routed.model
     )
     return Call(

@@ -87,6 +87,15 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
             help="Run the router's own canary every DURATION, e.g. 60s (overrides [canary]).",
         ),
     ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            help="The policy store: postgresql://user@host/db (shared by several routers; "
+            "its password from PGPASSFILE or ~/.pgpass) or a SQLite path (default policy.db "
+            "in the router's home).",
+        ),
+    ] = None,
     log_format: LogFormatOpt = None,
     otlp_endpoint: OtlpEndpointOpt = None,
     trace_sample_ratio: SampleRatioOpt = None,
@@ -103,6 +112,7 @@ def serve_command(  # noqa: PLR0917 - typer maps each option to a parameter
         "fleet_url": fleet_url,
         "tls_cert": tls_cert,
         "tls_key": tls_key,
+        "database": database,
     }
     try:
         settings = load_router_config(config, overrides)

@@ -74,6 +74,9 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     fleet_port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_FLEET_PORT
     fleet_url: Annotated[str, Meta(pattern=r"^https://[^\s/]+/?$")] | None = None
     data_dir: str | None = None
+    # The policy store (tenancy, usage, budgets, membership): a postgresql:// URL shared by
+    # several routers, or a SQLite path; default policy.db under the router's home.
+    database: str | None = None
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     # The largest appliance-image bundle `palisade fleet update` may upload (streamed to disk).
     max_bundle_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024**3

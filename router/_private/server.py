@@ -55,6 +55,7 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         node=config.router_id,
         audit=recorder,
         logging_floor=config.logging_floor,
+        database=config.database,
     )
     app, state = create_router_app(
         config, tenancy=tenancy, recorder=recorder, lab_secret=lab_secret, demo_regions=demo_regions

@@ -96,7 +96,7 @@ def _chat_route(node: Node, authenticate: Authenticator) -> HTTPRouteHandler:
                 vocabulary=_vocabulary(served.engine, body),
                 cache_scope=principal.org,
             )
-            generation, reply = _start_generation(node, ticket, prompt, params)
+            generation, reply = await _start_generation(node, ticket, prompt, params)
         return await _respond(request, node, ticket, body, generation, reply)
 
     return chat_completions
@@ -123,7 +123,7 @@ def _completion_route(node: Node, authenticate: Authenticator) -> HTTPRouteHandl
                 vocabulary=_vocabulary(served.engine, body),
                 cache_scope=principal.org,
             )
-            generation, reply = _start_generation(node, ticket, prompt, params)
+            generation, reply = await _start_generation(node, ticket, prompt, params)
         return await _respond(request, node, ticket, body, generation, reply)
 
     return completions
@@ -181,12 +181,12 @@ async def _respond(  # noqa: PLR0917 - one generation's whole context
     )
 
 
-def _start_generation(
+async def _start_generation(
     node: Node, ticket: Ticket, prompt: Prompt, params: SamplingParams
 ) -> tuple[Generation, Reply]:
     """Admit (limits, budget) and submit; the ledger accounts for it when it ends, and a
     stream that closes before its end (the client left) cancels it."""
-    node.ledger.admit(ticket, inference.admission_tokens(prompt, params))
+    await node.ledger.admit(ticket, inference.admission_tokens(prompt, params))
     generation = node.ledger.generate(ticket, prompt, params)
     headers = node.receipt(ticket.served) | {PROMPT_TOKENS_HEADER: str(prompt.total_size)}
     reply = Reply(ticket.record_id, ticket.served.id, headers | ticket.headers)
@@ -210,7 +210,7 @@ def _embedding_route(node: Node, authenticate: Authenticator) -> HTTPRouteHandle
                 for item, place in inputs
             ]
             # Byte-level tokenizers never make more tokens than bytes (+ BOS/EOS): a bound.
-            node.ledger.admit(ticket, sum(len(text.encode()) + 2 for text in texts))
+            await node.ledger.admit(ticket, sum(len(text.encode()) + 2 for text in texts))
         tokens, status = 0, "error"
         try:
             vectors, tokens = await served.engine.embed(texts)

@@ -64,7 +64,7 @@ def predict_routes(node: Node, principal: Provide) -> list[HTTPRouteHandler]:
                 body, predictor.signature(), model=served.id, max_elements=predictor.max_elements
             )
             wanted = requested_outputs(body, predictor.output_signature(), model=served.id)
-            node.ledger.admit(ticket, PREDICTION_ESTIMATE)
+            await node.ledger.admit(ticket, PREDICTION_ESTIMATE)
             outputs = await _run(node.ledger, ticket, predictor, inputs, wanted)
         keep = node.ledger.content_keeper(principal, ticket.record_id, await read_body(request))
         if keep is not None:
