@@ -10,10 +10,15 @@ export PALISADE_HOME ?= $(CURDIR)/var
 .PHONY: help setup system-deps model run run-monitored test check lint typecheck docs bench bench-guidellm clean \
 	image-deps appliance-image image-test vllm-lane
 # Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format),
-# and Prometheus and Alertmanager (the monitoring e2e test, promtool/amtool checks).
-SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin prometheus prometheus-alertmanager
+# Prometheus and Alertmanager (the monitoring e2e test, promtool/amtool checks), and PostgreSQL
+# and HAProxy (several routers on one database behind one address: router/_private/postgres.py,
+# haproxy.py).
+SYSTEM_PACKAGES := squashfs-tools fdisk grub-common cryptsetup-bin prometheus prometheus-alertmanager \
+	postgresql haproxy
 SYSTEM_COMMANDS := mksquashfs unsquashfs sfdisk grub-editenv veritysetup prometheus promtool \
-	prometheus-alertmanager amtool
+	prometheus-alertmanager amtool psql pg_config haproxy
+# PostgreSQL's server programs: Debian keeps them off PATH, in /usr/lib/postgresql/<version>/bin.
+POSTGRES_SERVER_COMMANDS := initdb pg_ctl postgres
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,8 +29,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-system-deps: ## Install the Debian packages Palisade's image tools and monitoring use (apt-get, as root)
+system-deps: ## Install the Debian packages Palisade's image tools, monitoring, PostgreSQL and HAProxy use (apt-get, as root)
 	@for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	for c in $(POSTGRES_SERVER_COMMANDS); do \
+		compgen -G "/usr/lib/postgresql/*/bin/$$c" >/dev/null || command -v $$c >/dev/null \
+			|| missing=1; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			--no-install-recommends $(SYSTEM_PACKAGES); \
