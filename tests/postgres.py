@@ -1,0 +1,36 @@
+"""A private PostgreSQL cluster for tests: the context manager `postgres_cluster` and the
+session fixture `postgres`, which tests/conftest.py (or a test module) may import:
+
+    from tests.postgres import postgres  # noqa: F401 - a fixture
+
+The cluster is a real one (router/_private/postgres.py: initdb, pg_ctl, 127.0.0.1 on a
+free port, SCRAM), made once in the session's temporary directory and stopped at its end.
+A test makes its own database with `postgres.create_database(name)`, which returns its URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from router._private.postgres import PostgresCluster
+
+
+@contextmanager
+def postgres_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """A new cluster, initialised and started; stopped (and its leftovers ended) on exit."""
+    cluster = PostgresCluster(tmp_path_factory.mktemp("postgres") / "cluster")
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    with postgres_cluster(tmp_path_factory) as cluster:
+        yield cluster
