@@ -17,7 +17,15 @@ from compliance import read_entries, verify_export
 from compliance._private.vault import ContentVault, load_or_create_content_key
 from federation import NodeIdentity
 from tests.conftest import MODEL
-from tests.federation.tenants import Admin, Member, admin_of, secured_appliance
+from tests.federation.tenants import (
+    BACKENDS,
+    Admin,
+    Member,
+    admin_of,
+    policy_database,
+    secured_appliance,
+)
+from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Appliance, model_toml, run_appliance, run_palisade, wait_for
 
 
@@ -31,9 +39,14 @@ class Node:
         return [json.loads(body) for body in read_entries(self.appliance.home / "audit.db")]
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    with secured_appliance(tmp_path_factory.mktemp("modes")) as appliance:
+@pytest.fixture(scope="module", params=BACKENDS)
+def node(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Node]:
+    """On each policy store: SQLite and PostgreSQL (usage rows and counters live there)."""
+    database = policy_database(request, request.param)
+    home = tmp_path_factory.mktemp(f"modes-{request.param}")
+    with secured_appliance(home, database=database) as appliance:
         admin = admin_of(appliance)
         members = {}
         for mode in ("zero", "metadata", "full"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from federation._private.database import open_database
+from federation._private.migrations import migrate
+from router._private.postgres import PostgresCluster
 from tests.support import Appliance, model_toml, run_appliance
 
 
@@ -84,8 +91,37 @@ def system_member(appliance: Appliance) -> Member:
 
 
 @contextmanager
-def secured_appliance(home: Path, region: str = "eu-west", **model: object) -> Iterator[Appliance]:
-    """An appliance with tenancy on (keys required), in `region`."""
-    config = f'region = "{region}"\n' + model_toml(**model)
+def secured_appliance(
+    home: Path, region: str = "eu-west", *, database: str | None = None, **model: object
+) -> Iterator[Appliance]:
+    """An appliance with tenancy on (keys required), in `region`, its policy store in
+    `database` (a migrated PostgreSQL database's URL) or in its own policy.db."""
+    config = f'region = "{region}"\n'
+    if database is not None:
+        config += f"database = {json.dumps(database)}\n"
+    config += model_toml(**model)
     with run_appliance(home, config) as running:
         yield running
+
+
+BACKENDS = ("sqlite", "postgresql")
+_databases = itertools.count()
+
+
+def policy_database(request: pytest.FixtureRequest, backend: str) -> str | None:
+    """For `postgresql`, a new migrated database in the session's cluster (its URL); for
+    `sqlite`, None (the server's own policy.db)."""
+    if backend == "sqlite":
+        return None
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    url = cluster.create_database(f"tenancy_{next(_databases)}")
+    asyncio.run(_migrate(url))
+    return url
+
+
+async def _migrate(url: str) -> None:
+    db = await open_database(url, Path())
+    try:
+        await migrate(db, now="2026-01-01T00:00:00+00:00")
+    finally:
+        await db.close()

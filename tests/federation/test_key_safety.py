@@ -9,15 +9,15 @@ for everywhere the appliance writes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
 import re
-import sqlite3
 import stat
 from collections.abc import Iterable, Iterator
-from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,8 +26,18 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from federation import read_toml
+from federation._private.database import open_database
 from tests.conftest import MODEL
-from tests.federation.tenants import Admin, Member, admin_of, secured_appliance
+from tests.federation.tenants import (
+    BACKENDS,
+    Admin,
+    Member,
+    admin_of,
+    policy_database,
+    secured_appliance,
+)
+from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Appliance, wait_for
 
 REGION = "eu-west"
@@ -106,9 +116,14 @@ class Tenants:
         return [self.admin.key, self.org_admin.key, self.user.key]
 
 
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
-    with secured_appliance(tmp_path_factory.mktemp("key-safety"), region=REGION) as running:
+@pytest.fixture(scope="module", params=BACKENDS)
+def secured(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Appliance]:
+    """On each policy store: SQLite and PostgreSQL."""
+    database = policy_database(request, request.param)
+    home = tmp_path_factory.mktemp(f"key-safety-{request.param}")
+    with secured_appliance(home, region=REGION, database=database) as running:
         yield running
 
 
@@ -497,23 +512,35 @@ def check_canary(secured: Appliance, http: httpx.Client, admin: Admin) -> None:
         assert part not in log, "part of the canary secret is in the appliance's output"
 
     files = {path: path.read_bytes() for path in secured.home.rglob("*") if path.is_file()}
-    assert secured.home / "policy.db" in files
+    database_url = read_toml(secured.home / "appliance.toml").get("database")
+    assert (secured.home / "policy.db" in files) == (database_url is None)
     for path, content in files.items():
         assert secret.encode() not in content, f"the canary secret is in {path}"
         assert secret.encode("utf-16-le") not in content, f"the canary secret is in {path}"
         assert spare_secret.encode() not in content, f"the spare key's secret is in {path}"
-    database = b"".join(c for p, c in files.items() if p.name.startswith("policy.db"))
-    assert key_id.encode() in database, "the canary key's row is missing from the database"
+    if database_url is None:
+        database = b"".join(c for p, c in files.items() if p.name.startswith("policy.db"))
+        assert key_id.encode() in database, "the canary key's row is missing from the database"
 
     # The row is there, revoked, holding only the hash of the secret.
-    uri = f"file:{secured.home / 'policy.db'}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True)) as db:
-        row = db.execute(
-            "SELECT secret_hash, revoked_at FROM api_keys WHERE id = ?", (key_id,)
-        ).fetchone()
+    row = asyncio.run(_key_row(database_url or str(secured.home / "policy.db"), key_id))
     assert row is not None
+    assert not any(secret in str(value) for value in row)
     assert bytes(row[0]) == hashlib.sha256(secret.encode()).digest()
     assert row[1] is not None
 
     admin_key = secured.home / "admin.key"
     assert stat.S_IMODE(admin_key.stat().st_mode) == 0o600
+
+
+async def _key_row(database: str, key_id: str) -> tuple[object, ...] | None:
+    """The key's row in the policy store, SQLite or PostgreSQL, every column."""
+    db = await open_database(database, Path())
+    try:
+        return await db.fetchone(
+            "SELECT secret_hash, revoked_at, id, name, user_id, org, created_at, expires_at, "
+            "regions, limits FROM api_keys WHERE id = ?",
+            (key_id,),
+        )
+    finally:
+        await db.close()

@@ -13,7 +13,16 @@ import openai
 import pytest
 
 from tests.conftest import MODEL
-from tests.federation.tenants import Admin, Member, admin_of, secured_appliance, system_member
+from tests.federation.tenants import (
+    BACKENDS,
+    Admin,
+    Member,
+    admin_of,
+    policy_database,
+    secured_appliance,
+    system_member,
+)
+from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Appliance, model_toml, run_palisade, wait_for
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say one word."}], "max_tokens": 2}
@@ -37,9 +46,14 @@ class World:
         return self.admin.member(org, role, next(_emails))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with secured_appliance(tmp_path_factory.mktemp("tenancy"), max_queue=128) as appliance:
+@pytest.fixture(scope="module", params=BACKENDS)
+def world(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[World]:
+    """The same tenancy, on each policy store: SQLite (the default) and PostgreSQL."""
+    database = policy_database(request, request.param)
+    home = tmp_path_factory.mktemp(f"tenancy-{request.param}")
+    with secured_appliance(home, max_queue=128, database=database) as appliance:
         admin = admin_of(appliance)
         admin.create_org("acme", ["eu-west"])
         admin.create_org("globex", ["eu-west", "us-east"])
