@@ -533,7 +533,7 @@ def check_canary(secured: Appliance, http: httpx.Client, admin: Admin) -> None:
     assert stat.S_IMODE(admin_key.stat().st_mode) == 0o600
 
 
-async def _key_row(database: str, key_id: str) -> tuple[object, ...] | None:
+async def _key_row(database: str, key_id: str) -> tuple[Any, ...] | None:
     """The key's row in the policy store, SQLite or PostgreSQL, every column."""
     db = await open_database(database, Path())
     try:
