@@ -42,7 +42,6 @@ from federation import (
     InvalidRequestError,
     ModelCard,
     ModelList,
-    NodeIdentity,
     NotFoundError,
     PeerIdentity,
     Performance,
@@ -76,6 +75,7 @@ from router._private.edge_routes import edge_routes
 from router._private.errors import RegionHeaderError
 from router._private.evidence_routes import evidence_routes
 from router._private.fleet import Fleet, Node
+from router._private.fleet_identity import fleet_identity
 from router._private.leases import EdgeLeases
 from router._private.metrics import RouterMetrics
 from router._private.policy_publisher import PolicyPublisher
@@ -85,6 +85,7 @@ from router._private.proxy import Call, Forwarder, with_usage
 from router._private.registry import NodeRegistry
 from router._private.rollout import RolloutBook, with_images
 from router._private.rollout_routes import rollout_routes
+from router._private.shared_members import SharedMembers
 from router._private.trust_routes import trust_routes
 
 if TYPE_CHECKING:
@@ -177,13 +178,23 @@ class RouterState:
         self.tls: RouterTLS | None = None
         self.fleet_url = f"https://{config.fleet_host}:{config.fleet_port}"
         self.demo_regions = demo_regions
-        self.identity = NodeIdentity.load_or_create(config.home())
+        # The key and name nodes know the router by: the fleet's, shared by the routers of
+        # one fleet directory (fleet_identity.py).
+        self.fleet_identity = fleet_identity(config)
+        self.identity = self.fleet_identity.identity
+        fleet_dir = config.fleet_path()
         # The fleet CA and the registry of tokens and enrolled nodes (trust_routes).
-        self.ca = FleetCA.load_or_create(config.home())
-        self.registry = NodeRegistry(config.home(), self.ca, self.identity, config.router_id)
+        self.ca = FleetCA.in_directory(fleet_dir)
+        self.registry = NodeRegistry(
+            config.home(),
+            self.ca,
+            self.identity,
+            self.fleet_identity.name,
+            fleet_dir=fleet_dir,
+        )
         self.revoked_serials |= self.registry.revoked_serials()
         # Image rollouts and the image each node runs (rollout_routes).
-        self.rollouts = RolloutBook(config.home())
+        self.rollouts = RolloutBook(config.home(), fleet_dir=fleet_dir)
         self.on_revoked.append(self.rollouts.revoked)
         self.fleet = Fleet(config.health)
         self.metrics = RouterMetrics(router_id=config.router_id, version=VERSION)
@@ -197,11 +208,17 @@ class RouterState:
         self.discovery = FleetPresence(config.discovery)
         # Signed policy snapshots for the appliances (fleet keys, revoked certificates).
         self.policy = PolicyPublisher(
-            tenancy, self.identity, home=config.home(), router_id=config.router_id
+            tenancy,
+            self.identity,
+            home=config.home(),
+            router_id=config.router_id,
+            fleet_dir=fleet_dir,
         )
         self.on_revoked.append(lambda _: self.policy.changed())
         # Budget shares leased to nodes for the offline edge (set up with the gate, at start).
         self._leases: EdgeLeases | None = None
+        # Membership shared with the other routers of a shared store (set up at start).
+        self.shared_members: SharedMembers | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[str] = set()
         self._probes: set[asyncio.Task[None]] = set()
@@ -211,6 +228,8 @@ class RouterState:
         if admin_key is not None:
             announce_admin_key(admin_key, self.tenancy.home)
         self.forwarder.gate = self.tenancy.gate
+        if self.tenancy.store.shared:
+            await self._share_members()
         self.metrics.watch_budgets(self.tenancy.gate.budget_use)
         self.metrics.watch_certificates(self._certificates())
         self._leases = EdgeLeases(self.tenancy.store, self.tenancy.gate, self.recorder)
@@ -227,6 +246,26 @@ class RouterState:
             _announce_demo(await self.tenancy.demo_key(self.demo_regions), self)
         if self.tls is not None:
             await self.discovery.start(self._advertisement(self.tls))
+
+    async def _share_members(self) -> None:
+        """Every router of the shared store knows every node (shared_members.py)."""
+        shared = SharedMembers(
+            self.tenancy.store.database,
+            self.fleet,
+            router_id=self.config.router_id,
+            public_url=lambda: self.url,
+            revoked=lambda serial: serial in self.revoked_serials,
+            joined=self._joined_elsewhere,
+        )
+        self.on_revoked.append(shared.forget)
+        self.shared_members = shared
+        await shared.start()
+
+    async def _joined_elsewhere(self, node: Node) -> None:
+        log.info(
+            "node %s joined from %s (%s), heard by another router", node.id, node.region, node.url
+        )
+        await self.tenancy.allow_canary([node.region])
 
     def _certificates(self) -> dict[str, Path]:
         """The certificates the router serves with, for their expiry metric."""
@@ -255,6 +294,8 @@ class RouterState:
     async def stop(self) -> None:
         await self.discovery.stop()
         await cancel_and_wait(*self._tasks, *self._probes)
+        if self.shared_members is not None:
+            await self.shared_members.stop()
         await self.forwarder.close()
         await self.policy.stop()
         await self.tenancy.close()
@@ -634,6 +675,8 @@ def _fleet_routes(state: RouterState) -> list[HTTPRouteHandler]:
             _check_claims(beat, identity)
         known = beat.node_id in state.fleet.nodes
         node = state.fleet.beat(beat, identity)
+        if state.shared_members is not None:
+            state.shared_members.heard(beat, identity.serial if identity is not None else 0)
         if not known:
             log.info("node %s joined from %s (%s)", node.id, node.region, node.url)
             await state.tenancy.allow_canary([node.region])  # canaries probe every region

@@ -1,10 +1,10 @@
 """The fleet CA: the router's certificate authority for node and router identities.
 
-Kept under the router's home: `fleet/ca.key` (Ed25519, 0600), `fleet/ca.pem` (self-signed,
-10 years), `fleet/fleet.id` (random `fleet-<8 hex>`, made with the CA). The CA writes every
-subject field and the region and device-class names itself; from a certificate request it
-takes only the public key and the host names asked for (see `federation.fleet_subject`,
-`federation.fleet_uris`).
+Kept in the fleet directory (`<home>/fleet` unless the router's `fleet_dir` names another):
+`ca.key` (Ed25519, 0600), `ca.pem` (self-signed, 10 years), `fleet.id` (random
+`fleet-<8 hex>`, made with the CA). The CA writes every subject field and the region and
+device-class names itself; from a certificate request it takes only the public key and the
+host names asked for (see `federation.fleet_subject`, `federation.fleet_uris`).
 """
 
 from __future__ import annotations
@@ -77,7 +77,14 @@ class FleetCA:
     def load_or_create(
         cls, home: Path, clock: Clock = time.time, sleep: Callable[[float], None] = time.sleep
     ) -> FleetCA:
-        directory = home / FLEET_DIR
+        """The CA of the fleet directory under `home` (made on first use)."""
+        return cls.in_directory(home / FLEET_DIR, clock, sleep)
+
+    @classmethod
+    def in_directory(
+        cls, directory: Path, clock: Clock = time.time, sleep: Callable[[float], None] = time.sleep
+    ) -> FleetCA:
+        """The CA kept in the fleet directory `directory` (made on first use)."""
         key_path, cert_path, id_path = (
             directory / "ca.key",
             directory / "ca.pem",

@@ -20,6 +20,7 @@ from federation import (
     convert_config,
     load_config,
 )
+from router._private.ca import FLEET_DIR
 
 DEFAULT_PORT = 8300
 DEFAULT_FLEET_PORT = 8301
@@ -74,6 +75,10 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     fleet_port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_FLEET_PORT
     fleet_url: Annotated[str, Meta(pattern=r"^https://[^\s/]+/?$")] | None = None
     data_dir: str | None = None
+    # The fleet identity directory (fleet CA, router certificate, enrollment registry,
+    # rollouts, policy state): `<home>/fleet` by default. Routers of one fleet on one host
+    # share one: the `fleet` directory of the router whose home holds it (fleet_identity.py).
+    fleet_dir: str | None = None
     # The policy store (tenancy, usage, budgets, membership): a postgresql:// URL shared by
     # several routers, or a SQLite path; default policy.db under the router's home.
     database: str | None = None
@@ -102,6 +107,9 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
 
     def home(self) -> Path:
         return Path(self.data_dir) if self.data_dir else palisade_home()
+
+    def fleet_path(self) -> Path:
+        return Path(self.fleet_dir) if self.fleet_dir else self.home() / FLEET_DIR
 
     def preference(self, model: str) -> list[DeviceClass]:
         return self.models.get(model, self.device_preference)

@@ -10,6 +10,11 @@ does a node that restarted (its heartbeat carries a new boot id). A node that re
 `_CRASH_LOOP_RESTARTS` times within `_CRASH_LOOP_WINDOW_S` is crash-looping: each further
 restart holds it out for longer (the circuit's back-off) before its probe.
 
+Routers sharing a store share membership (shared_members.py): a heartbeat another router
+heard is fed in with `heard_elsewhere`, as if received when that router got it, so a node
+heartbeating to one router is up on all of them; the policy of what such a beat changes is
+here, the database I/O there.
+
 Selection (`Fleet.pick`): residency filter (fail closed) → the most preferred device class
 that has a healthy candidate → power of two choices on expected latency, EWMA TTFT times (1
 + in-flight + queue). Time comes from an injected monotonic clock.
@@ -68,6 +73,8 @@ class Node:
     # The serial of the certificate it last heartbeat with (0 under the lab join secret).
     serial: int = 0
     restarts: int = 0
+    # The heartbeat sequence its figures are from (a shared one applies only when newer).
+    sequence: int = 0
     # The outage the node reported (unix s) and is still reconciling (the offline edge).
     offline_since: float | None = None
     # When the recent restarts were seen (within the crash-loop window).
@@ -138,8 +145,39 @@ class Fleet:
         if identity is not None:
             node.serial = identity.serial
         node.offline_since = heartbeat.offline_since
+        node.sequence = heartbeat.sequence
         self._refresh_prior(models)
         return node
+
+    def heard_elsewhere(self, heartbeat: Heartbeat, *, serial: int, age_s: float) -> Node | None:
+        """A heartbeat another router of the fleet heard `age_s` ago (shared membership);
+        the node as it is now, or None when the beat told nothing new.
+
+        It counts as if received then, if it is newer than the last beat heard here: a
+        node not known here joins, a known one stays up (its figures change only with a
+        newer sequence of the same process), a restart or a new URL is seen as one. An
+        older beat never brings back a node's previous process, and one older than the
+        down limit is ignored (the node is down everywhere by then)."""
+        now = self._clock()
+        if age_s > self._down_after_s():
+            return None
+        heard_at = now - max(age_s, 0.0)
+        node = self.nodes.get(heartbeat.node_id)
+        if node is not None and heard_at <= node.last_beat:
+            return None
+        if (
+            node is not None
+            and _same_process(node, heartbeat)
+            and heartbeat.sequence <= node.sequence
+        ):
+            node.last_beat, node.down = heard_at, False
+            return node
+        node = self.beat(heartbeat)
+        node.last_beat, node.serial = heard_at, serial
+        return node
+
+    def _down_after_s(self) -> float:
+        return self.health.heartbeat_interval_s * self.health.missed_beats_down
 
     def revoke(self, node_id: str) -> Node | None:
         """Drop a revoked node at once: no new requests, and those waiting on it or streaming
@@ -234,7 +272,7 @@ class Fleet:
     def sweep(self) -> list[Node]:
         """Mark nodes that missed their heartbeats down; returns the newly down ones."""
         now = self._clock()
-        limit = self.health.heartbeat_interval_s * self.health.missed_beats_down
+        limit = self._down_after_s()
         newly_down = []
         for node in self.nodes.values():
             if not node.down and now - node.last_beat > limit:
@@ -402,6 +440,10 @@ def normalised_url(url: str) -> str:
     scheme, sep, rest = url.rstrip("/").partition("://")
     host, slash, path = rest.partition("/")
     return f"{scheme.lower()}{sep}{host.lower()}{slash}{path}"
+
+
+def _same_process(node: Node, heartbeat: Heartbeat) -> bool:
+    return node.boot_id == heartbeat.boot_id and node.url == normalised_url(heartbeat.url)
 
 
 def _within(moments: list[float], now: float) -> list[float]:

@@ -40,12 +40,14 @@ from federation import (
     replace_private,
     sign_policy,
 )
+from router._private.ca import FLEET_DIR
 
 log = logging.getLogger("palisade.router.policy")
 
-STATE_FILE = Path("fleet") / "policy.state"
-CRL_FILE = Path("fleet") / "crl.pem"
-FLEET_ID_FILE = Path("fleet") / "fleet.id"
+# Under the router's home by default; in its fleet directory (`fleet_dir`) in any case.
+STATE_FILE = Path(FLEET_DIR) / "policy.state"
+CRL_FILE = Path(FLEET_DIR) / "crl.pem"
+FLEET_ID_FILE = Path(FLEET_DIR) / "fleet.id"
 MAX_WAIT_S = 30.0
 _CHECK_INTERVAL_S = 0.25
 
@@ -60,18 +62,20 @@ class PolicyPublisher:
         *,
         home: Path,
         router_id: str,
+        fleet_dir: Path | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         check_interval_s: float = _CHECK_INTERVAL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._tenancy = tenancy
         self._identity = identity
-        self._home = home
+        # The fleet directory: its CRL and fleet id, and the version state its routers share.
+        self._fleet_dir = fleet_dir or home / FLEET_DIR
         self._router_id = router_id
         self._grace_s = grace_s
         self._check_interval_s = check_interval_s
         self._clock = clock
-        self.version, self._digest = _read_state(home / STATE_FILE)
+        self.version, self._digest = _read_state(self._fleet_dir / STATE_FILE.name)
         self.blob = b""
         self.revoked_serials: frozenset[int] = frozenset()
         self._published = asyncio.Event()
@@ -125,7 +129,7 @@ class PolicyPublisher:
 
     def _sources(self) -> tuple[int, tuple[int, int] | None]:
         try:
-            stat = (self._home / CRL_FILE).stat()
+            stat = (self._fleet_dir / CRL_FILE.name).stat()
             crl: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
             crl = None
@@ -166,7 +170,7 @@ class PolicyPublisher:
         """On disk before anyone sees it, so a restart never reuses a version for new
         content; written and synced off the event loop (tens of milliseconds here)."""
         state = json.dumps({"version": version, "digest": digest}).encode()
-        await asyncio.to_thread(replace_private, self._home / STATE_FILE, state)
+        await asyncio.to_thread(replace_private, self._fleet_dir / STATE_FILE.name, state)
         self.version, self._digest = version, digest
         return msgspec.structs.replace(snapshot, version=version)
 
@@ -223,11 +227,11 @@ class PolicyPublisher:
             )
             for key in sorted(store.keys.values(), key=lambda key: key.id)
         ]
-        crl_pem = _read_text(self._home / CRL_FILE)
+        crl_pem = _read_text(self._fleet_dir / CRL_FILE.name)
         return PolicySnapshot(
             version=version,
             issued_at=self._clock(),
-            fleet_id=_read_text(self._home / FLEET_ID_FILE).strip(),
+            fleet_id=_read_text(self._fleet_dir / FLEET_ID_FILE.name).strip(),
             router_id=self._router_id,
             orgs=orgs,
             keys=keys,

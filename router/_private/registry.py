@@ -173,9 +173,12 @@ class NodeRegistry:
         identity: NodeIdentity,
         router_id: str,
         clock: Clock = time.time,
+        *,
+        fleet_dir: Path | None = None,
     ) -> None:
-        self.path = private_database(home / FLEET_DIR / REGISTRY_FILE)
-        self.crl_path = home / FLEET_DIR / CRL_FILE
+        directory = fleet_dir or home / FLEET_DIR
+        self.path = private_database(directory / REGISTRY_FILE)
+        self.crl_path = directory / CRL_FILE
         self.ca = ca
         self.identity = identity
         self.router_id = router_id

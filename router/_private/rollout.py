@@ -190,9 +190,12 @@ _IMAGE = msgspec.json.Decoder(NodeImage)
 class RolloutBook:
     """Rollouts and node images, persisted; every change is one `BEGIN IMMEDIATE`."""
 
-    def __init__(self, home: Path, clock: Clock = time.time) -> None:
-        self.path = private_database(home / FLEET_DIR / ROLLOUTS_FILE)
-        self.updates = home / FLEET_DIR / UPDATES_DIR
+    def __init__(
+        self, home: Path, clock: Clock = time.time, *, fleet_dir: Path | None = None
+    ) -> None:
+        directory = fleet_dir or home / FLEET_DIR
+        self.path = private_database(directory / ROLLOUTS_FILE)
+        self.updates = directory / UPDATES_DIR
         self._clock = clock
         with connection(self.path) as db:
             db.execute("PRAGMA journal_mode=WAL")

@@ -61,7 +61,7 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         config, tenancy=tenancy, recorder=recorder, lab_secret=lab_secret, demo_regions=demo_regions
     )
     state.registry.current_crl()  # an empty CRL at first: checking client certificates needs one
-    tls = router_tls(config, state.identity)
+    tls = router_tls(config, state.fleet_identity)
     use_tls(state, tls)
     state.url = url_of(public, "https" if tls.public is not None else "http")
     state.fleet_url = config.fleet_url.rstrip("/") if config.fleet_url else url_of(fleet, "https")

@@ -1,12 +1,13 @@
 """The router's TLS material: its fleet certificate, the contexts of its two listeners and
 of its connections to nodes, and the CRL they all honour.
 
-The fleet listener presents `fleet/router.pem` (issued by the router's own fleet CA for its
-`node.key`) and asks every client for a certificate: optional at the TLS level (enrollment
-and the CA download come without one), required by every fleet route that a node calls
-(`app.certified_node`). A presented certificate must chain to the fleet CA and not be on
-the CRL, or the handshake fails. The router reaches nodes with the same certificate as a
-client certificate, checking theirs against the CA, the CRL and the node id's DNS name.
+The fleet listener presents `fleet/router.pem` (issued by the fleet CA for the fleet's
+router key, `fleet_identity`) and asks every client for a certificate: optional at the TLS
+level (enrollment and the CA download come without one), required by every fleet route
+that a node calls (`app.certified_node`). A presented certificate must chain to the fleet
+CA and not be on the CRL, or the handshake fails. The router reaches nodes with the same
+certificate as a client certificate, checking theirs against the CA, the CRL and the node
+id's DNS name.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ from federation import (
     server_context,
     write_private,
 )
-from router._private.ca import FLEET_DIR, FleetCA
+from router._private.ca import FleetCA
 from router._private.config import RouterConfig
+from router._private.fleet_identity import ROUTER_CERT, FleetIdentity
 
 log = logging.getLogger("palisade.router")
 
-ROUTER_CERT = "router.pem"
 CRL_FILE = "crl.pem"
 
 
@@ -66,18 +67,19 @@ class RouterTLS:
         self.drop_revoked(crl_serials(self.crl_path))
 
 
-def router_tls(config: RouterConfig, identity: NodeIdentity) -> RouterTLS:
+def router_tls(config: RouterConfig, fleet: FleetIdentity) -> RouterTLS:
     """Load the fleet CA, make sure the router's fleet certificate is current, and build
-    the contexts (`fleet/crl.pem` must exist: `NodeRegistry.current_crl` makes it)."""
-    home = config.home()
-    ca = FleetCA.load_or_create(home)
-    directory = home / FLEET_DIR
+    the contexts (`fleet/crl.pem` must exist: `NodeRegistry.current_crl` makes it). The
+    certificate and key are the fleet's (`fleet_identity`): shared by the routers of a fleet
+    directory."""
+    directory = config.fleet_path()
+    ca = FleetCA.in_directory(directory)
     cert_path, crl_path = directory / ROUTER_CERT, directory / CRL_FILE
-    _ensure_router_certificate(ca, identity, config, cert_path)
+    _ensure_router_certificate(ca, fleet, config, cert_path)
     if not crl_path.exists():
         raise ConfigError(f"{crl_path} is missing: the registry writes it before serving.")
     ca_path = directory / "ca.pem"
-    key_path = home / "node.key"
+    key_path = fleet.key_path
     return RouterTLS(
         ca=ca,
         ca_path=ca_path,
@@ -111,14 +113,14 @@ def public_context(config: RouterConfig) -> ssl.SSLContext | None:
 
 
 def _ensure_router_certificate(
-    ca: FleetCA, identity: NodeIdentity, config: RouterConfig, path: Path
+    ca: FleetCA, fleet: FleetIdentity, config: RouterConfig, path: Path
 ) -> None:
-    """Issue `fleet/router.pem` when missing, for another router id or key or host, or
+    """Issue `fleet/router.pem` when missing, for another router name or key or host, or
     with less than a third of its lifetime left."""
     hosts = _fleet_hosts(config)
-    if _current(path, identity, config.router_id, hosts):
+    if _current(path, fleet.identity, fleet.name, hosts):
         return
-    cert = ca.issue_router(identity, config.router_id, hosts)
+    cert = ca.issue_router(fleet.identity, fleet.name, hosts)
     write_private(path, cert.public_bytes(serialization.Encoding.PEM).decode("ascii"))
     log.info("issued the router's fleet certificate for %s", ", ".join(hosts))
 
