@@ -212,7 +212,7 @@ def _restarts(node: dict[str, Any]) -> str:
 
 
 @fleet_cli.command("up")
-def up_command(
+def up_command(  # noqa: PLR0917 - typer maps each option to a parameter
     regions: Annotated[
         str, typer.Option(help="Comma-separated regions; one appliance is started in each.")
     ] = "eu-west,us-east",
@@ -228,12 +228,34 @@ def up_command(
             "alerts to `palisade alerts tail` (9095); free ports with --port 0.",
         ),
     ] = False,
+    routers: Annotated[
+        int,
+        typer.Option(
+            "--routers",
+            help="How many routers, behind HAProxy on --port (and its fleet port); more than "
+            "one needs --database postgresql.",
+        ),
+    ] = 1,
+    database: Annotated[
+        str,
+        typer.Option(
+            "--database",
+            help="The routers' policy store: sqlite (the router's policy.db) or postgresql "
+            "(a private cluster under $PALISADE_HOME/postgres, migrated before they start).",
+        ),
+    ] = "sqlite",
 ) -> None:
     """Run a local fleet: the router plus one appliance per region on the default model."""
     logging.basicConfig(level=logging.WARNING)
     try:
         code = run_local_fleet(
-            palisade_home(), check_regions(regions), port, model, with_prometheus=with_prometheus
+            palisade_home(),
+            check_regions(regions),
+            port,
+            model,
+            with_prometheus=with_prometheus,
+            routers=routers,
+            database=database,
         )
     except PalisadeError as exc:
         raise fail(str(exc)) from None

@@ -12,6 +12,18 @@ is up, a process that exits is started again after a back-off (1 s, doubling to 
 1 s again after a minute up), and the exit is reported with its code or signal and the
 tail of the process's log.
 
+With `--routers N --database postgresql` (issue 18), several routers serve one fleet: a
+private PostgreSQL cluster under $PALISADE_HOME/postgres (`PostgresCluster`; the routers'
+password in the 0600 passfile there, PGPASSFILE, never on a command line), migrated with
+`palisade db migrate`, then routers `router-1`…`router-N` with homes under
+$PALISADE_HOME/routers/ (router-1 first: it bootstraps the admin key and the demo org),
+each with its `router.toml` naming the shared store and router-1's fleet directory
+(`fleet_dir`: one CA, one router certificate, one registry, see fleet_identity.py), and
+HAProxy (`Haproxy`, TCP passthrough, so mTLS stays end to end) on the public port and on
+the fleet port, the URLs printed and told to nodes. Routers share membership through the
+store (shared_members.py), so any of them serves any request. `--routers 1` with SQLite
+(the default) is the single router above.
+
 With `--with-prometheus`, Debian's Prometheus and Alertmanager run beside it, on 127.0.0.1,
 with configs, data and logs under $PALISADE_HOME/monitoring/: Prometheus scrapes the router
 and, through it, every node (discovered from the router), with a key of the monitor user
@@ -23,6 +35,7 @@ there (0600, never printed); Alertmanager posts alerts to the webhook
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -36,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from urllib.parse import unquote, urlsplit
 
 import httpx
 from cryptography import x509
@@ -57,6 +71,7 @@ from federation import (
 )
 from router._private.alerts import DEFAULT_ALERTS_PORT
 from router._private.ca import FLEET_DIR, FleetCA
+from router._private.haproxy import Backend, Haproxy, HealthCheck
 from router._private.monitoring import (
     ALERTMANAGER,
     PROMETHEUS,
@@ -68,11 +83,20 @@ from router._private.monitoring import (
     start_prometheus,
     write_configs,
 )
+from router._private.postgres import PostgresCluster
 from router._private.prometheus_routes import MONITOR_KEYS_PATH, SD_PATH
 
 _LISTENING = re.compile(r"listening on (?P<url>https?://\S+)")
 _FLEET_LISTENING = re.compile(r"fleet \(mTLS\) on (?P<url>https://[^\s,]+)")
 ROUTER_ID = "router"
+# `--routers N --database postgresql`: router homes, the PostgreSQL cluster and HAProxy's
+# directory under $PALISADE_HOME, the routers' database and its password file.
+ROUTERS_DIR = "routers"
+POSTGRES_DIR = "postgres"
+HAPROXY_DIR = "haproxy"
+DATABASE = "palisade"
+PASSFILE = "pgpass"
+MAX_ROUTERS = 16
 # The router's HTTPS certificate for its public listener (issued by the fleet CA), and the
 # names a client on this machine may reach it by.
 PUBLIC_CERT = "public.pem"
@@ -127,15 +151,27 @@ class _MonitoringUrls:
 
 
 def run_local_fleet(
-    home: Path, regions: list[str], port: int, model: str, *, with_prometheus: bool = False
+    home: Path,
+    regions: list[str],
+    port: int,
+    model: str,
+    *,
+    with_prometheus: bool = False,
+    routers: int = 1,
+    database: str = "sqlite",
 ) -> int:
+    shared = _check_shape(routers, database)
     for binary in (PROMETHEUS, ALERTMANAGER) if with_prometheus else ():
         command(binary)  # before anything starts: says to run `make system-deps`
     private_dir(home)
     # Always certificates: the lab switch for plain-HTTP fleets never reaches this fleet.
     env = {k: v for k, v in os.environ.items() if k != JOIN_SECRET_ENV}
     env |= {"PYTHONUNBUFFERED": "1"}
-    ca_path, public_cert = public_certificate(home)
+    owner = home / ROUTERS_DIR / f"{ROUTER_ID}-1" if shared else home
+    ca_path, public_cert = public_certificate(owner)
+    ca = FleetCA.load_or_create(owner)
+    if shared:
+        ca_path = _ca_copy(home, ca)
     children: list[_Child] = []
     stopping = threading.Event()
 
@@ -146,36 +182,171 @@ def run_local_fleet(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with contextlib.ExitStack() as stack:
-        stack.callback(_stop_all, children)
-        router, urls = _start_router(home, port, regions, public_cert, env)
-        children.append(router)
         client = httpx.Client(verify=ssl.create_default_context(cafile=ca_path), timeout=10)
         stack.callback(client.close)
-        _wait_router(client, urls.public, router, stopping)
-        admin_key = _secret_file(home, "admin.key")
+        if shared:
+            urls = _start_shared(stack, home, port, regions, routers, env, children, client)
+        else:
+            stack.callback(_stop_all, children)
+            router, urls = _start_router(home, port, regions, public_cert, env)
+            children.append(router)
+            _wait_router(client, urls.public, router, stopping)
+        admin_key = _secret_file(owner, "admin.key")
         for region in regions:
             if stopping.is_set():
                 return 0
-            _enroll(client, home, f"{region}-1", region, urls=urls, admin_key=admin_key, env=env)
+            _enroll(
+                client, home, f"{region}-1", region, urls=urls, admin_key=admin_key, env=env, ca=ca
+            )
         children.extend(
             _start_appliance(home, f"{region}-1", region, urls.fleet, env) for region in regions
         )
         _wait_joined(client, urls.public, admin_key, children, stopping)
         if stopping.is_set():
             return 0
-        nodes = [child.name for child in children if child is not router]
+        nodes = [child.name for child in children if child.log is not None]
         monitoring = None
         if with_prometheus:
             scrape_key = _scrape_key(client, home, urls.public, admin_key)
             started, monitoring = _start_monitoring(home, port, urls.public, ca_path, scrape_key)
             children.extend(started)
             _wait_monitoring(client, started, monitoring, stopping)
-        demo_key = shown_secret(_secret_file(home, "demo.key"), home / "demo.key")
+        demo_key = shown_secret(_secret_file(owner, "demo.key"), owner / "demo.key")
         _announce(urls.public, demo_key, model, regions, nodes, ca_path=ca_path, then=monitoring)
         while not stopping.wait(0.5):
             for child in children:
                 _tend(child, time.monotonic())
         return 0
+
+
+def _ca_copy(home: Path, ca: FleetCA) -> Path:
+    """The fleet CA certificate at $PALISADE_HOME/fleet/ca.pem too, where client commands
+    (`palisade fleet status --url`) look for it, as beside a lone router: the certificate
+    only, its key stays in router-1's fleet directory."""
+    path = home / FLEET_DIR / "ca.pem"
+    write_private(path, ca.pem)
+    return path
+
+
+def _check_shape(routers: int, database: str) -> bool:
+    """Whether the routers share a PostgreSQL store (several routers need one)."""
+    if database not in ("sqlite", "postgresql"):
+        raise ConfigError(f"--database {database!r}: give sqlite or postgresql.")
+    if routers < 1 or routers > MAX_ROUTERS:
+        raise ConfigError(f"--routers {routers}: give 1 to {MAX_ROUTERS}.")
+    if routers > 1 and database != "postgresql":
+        raise ConfigError(
+            f"--routers {routers} needs --database postgresql: routers share one policy store."
+        )
+    return database == "postgresql"
+
+
+def _start_shared(  # noqa: PLR0917 - the fleet's parts, each used once
+    stack: contextlib.ExitStack,
+    home: Path,
+    port: int,
+    regions: list[str],
+    routers: int,
+    env: dict[str, str],
+    children: list[_Child],
+    client: httpx.Client,
+) -> _RouterUrls:
+    """PostgreSQL, its schema, `routers` routers sharing router-1's fleet directory, and
+    HAProxy in front of their public and fleet listeners; the URLs are HAProxy's."""
+    url, passfile = _start_postgres(stack, home)
+    env = env | {"PGPASSFILE": str(passfile)}
+    _run_migrate(home, url, env)
+    stack.callback(_stop_all, children)  # before PostgreSQL stops: they use it to the end
+    public_port = port or free_port()
+    fleet_port = port + 1 if port else free_port()
+    fleet_url = f"https://127.0.0.1:{fleet_port}"
+    owner = home / ROUTERS_DIR / f"{ROUTER_ID}-1"
+    cert = owner / FLEET_DIR / PUBLIC_CERT
+    direct: list[_RouterUrls] = []
+    for number in range(1, routers + 1):
+        name = f"{ROUTER_ID}-{number}"
+        router_home = home / ROUTERS_DIR / name
+        private_dir(router_home)
+        config = _router_config(router_home, name, url, fleet_url, owner / FLEET_DIR)
+        extra: tuple[str, ...] = ("--config", str(config))
+        if number == 1:  # it bootstraps the admin key and the demo org
+            extra += ("--demo-regions", ",".join(regions))
+        # Its fleet port chosen here: it prints the fleet URL nodes are told, HAProxy's.
+        own_fleet_port = free_port()
+        child, urls = _start_router(
+            router_home, port, regions, cert, env, name=name, ports=(0, own_fleet_port), extra=extra
+        )
+        children.append(child)
+        _wait_router(client, urls.public, child, threading.Event())
+        direct.append(_RouterUrls(urls.public, f"https://127.0.0.1:{own_fleet_port}"))
+    ca_file = owner / FLEET_DIR / "ca.pem"
+    public = _haproxy(home / HAPROXY_DIR / "public", direct, public_port, HealthCheck(ca_file))
+    stack.callback(public.stop)
+    fleet = _haproxy(home / HAPROXY_DIR / "fleet", direct, fleet_port, None)
+    stack.callback(fleet.stop)
+    _say(
+        f"HAProxy on {public.url} (routers' public listeners) and {fleet_url} (their fleet "
+        f"listeners), in front of {', '.join(f'{ROUTER_ID}-{n}' for n in range(1, routers + 1))}.\n"
+    )
+    return _RouterUrls(public=public.url, fleet=fleet_url)
+
+
+def _start_postgres(stack: contextlib.ExitStack, home: Path) -> tuple[str, Path]:
+    """The cluster under $PALISADE_HOME/postgres, started; the routers' database URL (no
+    password in it) and the 0600 passfile the password is read from (PGPASSFILE)."""
+    cluster = PostgresCluster(home / POSTGRES_DIR)
+    cluster.init()
+    stack.callback(cluster.stop)
+    cluster.start()
+    with_password = urlsplit(cluster.create_database(DATABASE))
+    password = unquote(with_password.password or "")
+    passfile = home / POSTGRES_DIR / PASSFILE
+    write_private(passfile, f"127.0.0.1:{cluster.port}:{DATABASE}:{DATABASE}:{password}\n")
+    return f"postgresql://{DATABASE}@127.0.0.1:{cluster.port}/{DATABASE}", passfile
+
+
+def _run_migrate(home: Path, url: str, env: dict[str, str]) -> None:
+    result = subprocess.run(  # noqa: S603 - our own CLI, arguments built here
+        _palisade("db", "migrate", "--database", url),
+        capture_output=True,
+        text=True,
+        env=env | {"PALISADE_HOME": str(home)},
+        timeout=_ENROLL_TIMEOUT_S,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise LocalFleetError(f"`palisade db migrate` failed: {result.stderr or result.stdout}")
+    _say(result.stdout)
+
+
+def _router_config(home: Path, name: str, url: str, fleet_url: str, fleet_dir: Path) -> Path:
+    """`router.toml` in the router's home: its id, the shared store and fleet directory."""
+    path = home / "router.toml"
+    lines = [
+        f"router_id = {json.dumps(name)}",
+        f"database = {json.dumps(url)}",
+        f"fleet_url = {json.dumps(fleet_url)}",
+        f"fleet_dir = {json.dumps(str(fleet_dir))}",
+    ]
+    write_private(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _haproxy(
+    directory: Path, routers: list[_RouterUrls], port: int, health: HealthCheck | None
+) -> Haproxy:
+    """HAProxy on `port` before the routers' public listeners (`health` set) or fleet ones."""
+    backends = [
+        Backend(
+            f"{ROUTER_ID}-{number}",
+            "127.0.0.1",
+            _port_of(urls.public if health is not None else urls.fleet),
+        )
+        for number, urls in enumerate(routers, start=1)
+    ]
+    proxy = Haproxy(directory, backends, port=port, health=health)
+    proxy.start()
+    return proxy
 
 
 def public_certificate(home: Path) -> tuple[Path, Path]:
@@ -236,19 +407,33 @@ def _palisade(*args: str) -> list[str]:
 
 
 def _start_router(
-    home: Path, port: int, regions: list[str], cert: Path, env: dict[str, str]
+    home: Path,
+    port: int,
+    regions: list[str],
+    cert: Path,
+    env: dict[str, str],
+    *,
+    name: str = ROUTER_ID,
+    ports: tuple[int, int] | None = None,
+    extra: tuple[str, ...] | None = None,
 ) -> tuple[_Child, _RouterUrls]:
     # The fleet listener on the next port (8301 beside 8300), or a free one beside a free one.
-    ports = (port, port + 1 if port else 0)
-    process, urls, found = _spawn_router(home, ports, regions, cert, env)
-    child = _Child("router", process, None)
+    ports = ports or (port, port + 1 if port else 0)
+    if extra is None:
+        extra = (
+            "--demo-regions", ",".join(regions),
+            "--discovery",  # zeroconf on 127.0.0.1 only: `fleet node list` shows nodes seen
+        )  # fmt: skip
+    process, urls, found = _spawn_router(home, ports, cert, env, extra)
+    child = _Child(name, process, None)
     found.wait(_START_TIMEOUT_S)
     if len(urls) < 2:
         _stop_all([child])
-        raise LocalFleetError("the router did not start; its output is above.")
+        raise LocalFleetError(f"{name} did not start; its output is above.")
     # Started again on the ports it got, so the appliances find it at the same URLs.
-    bound = (_port_of(urls[0]), _port_of(urls[1]))
-    child.respawn = lambda: _spawn_router(home, bound, regions, cert, env)[0]
+    # (A fleet port given is the one bound: the URL printed may be another's, HAProxy's.)
+    bound = (_port_of(urls[0]), ports[1] or _port_of(urls[1]))
+    child.respawn = lambda: _spawn_router(home, bound, cert, env, extra)[0]
     return child, _RouterUrls(public=urls[0], fleet=urls[1])
 
 
@@ -257,15 +442,19 @@ def _port_of(url: str) -> int:
 
 
 def _spawn_router(
-    home: Path, ports: tuple[int, int], regions: list[str], cert: Path, env: dict[str, str]
+    home: Path,
+    ports: tuple[int, int],
+    cert: Path,
+    env: dict[str, str],
+    extra: tuple[str, ...],
 ) -> tuple[subprocess.Popen[str], list[str], threading.Event]:
     """The router process, its output relayed here; `urls` gets its public URL, then its
-    fleet URL, then `found` is set."""
+    fleet URL, then `found` is set. Its key is the fleet's (its own unless `extra` names
+    another router's fleet directory in a config)."""
+    key = cert.parent.parent / "node.key"
     command = _palisade(
         "router", "serve", "--port", str(ports[0]), "--fleet-port", str(ports[1]),
-        "--tls-cert", str(cert), "--tls-key", str(home / "node.key"),
-        "--demo-regions", ",".join(regions),
-        "--discovery",  # zeroconf on 127.0.0.1 only: `fleet node list` shows nodes seen
+        "--tls-cert", str(cert), "--tls-key", str(key), *extra,
     )  # fmt: skip
     process = subprocess.Popen(  # noqa: S603 - our own CLI, arguments built here
         command,
@@ -312,6 +501,7 @@ def _enroll(
     urls: _RouterUrls,
     admin_key: str,
     env: dict[str, str],
+    ca: FleetCA,
 ) -> None:
     """Enroll `node` as an operator would: a one-time token bound to it (admin API), then
     `palisade node init` and `palisade node enroll` in its state directory. Their output
@@ -319,7 +509,6 @@ def _enroll(
     certificate is still valid, is left as it is (it renews its certificate itself)."""
     node_home = _node_home(home, node)
     credentials = NodeCredentials.load(node_home)
-    ca = FleetCA.load_or_create(home)
     if _enrolled_with(credentials, ca):
         _say(f"{node}: already enrolled in {region} (fleet {ca.fleet_id}), not enrolled again.\n")
         return
