@@ -57,6 +57,12 @@ _GRANT = (
     "RETURNING granted"
 )
 _EXPIRE = f"DELETE FROM budget_slices WHERE org = ? AND month = ? AND expires_at < {_NOW}"  # noqa: S608
+_BOOKS = (
+    "SELECT coalesce((SELECT used_tokens FROM budget_usage WHERE org = ? AND month = ?), 0), "
+    "coalesce(sum(granted) FILTER (WHERE holder = ?), 0), "
+    "coalesce(sum(granted) FILTER (WHERE holder <> ?), 0) "
+    "FROM budget_slices WHERE org = ? AND month = ?"
+)
 _RENEW = f"UPDATE budget_slices SET expires_at = {_NOW} + ? WHERE holder = ?"  # noqa: S608
 
 
@@ -176,16 +182,10 @@ class BudgetSlices:
         async with self._db.transaction() as tx:
             await tx.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"{org}/{month}",))
             await tx.execute(_EXPIRE, (org, month))
-            used_row = await tx.fetchone(
-                "SELECT used_tokens FROM budget_usage WHERE org = ? AND month = ?", (org, month)
-            )
-            used = int(used_row[0]) if used_row is not None else 0
-            rows = await tx.fetch(
-                "SELECT holder, granted FROM budget_slices WHERE org = ? AND month = ?",
-                (org, month),
-            )
-            mine = sum(int(g) for h, g in rows if h == self.holder)
-            others = sum(int(g) for h, g in rows if h != self.holder)
+            # One statement, so one snapshot: a usage flush moves tokens from a slice into
+            # used_tokens, and two reads could see the slice after it and used before it.
+            row = await tx.fetchone(_BOOKS, (org, month, self.holder, self.holder, org, month))
+            used, mine, others = (int(value) for value in row) if row is not None else (0, 0, 0)
             free = max(0, limit - used - others - mine)
             grant = min(free, lacking + min(headroom, math.floor(free * SHARE)))
             granted = await tx.fetchone(_GRANT, (org, month, self.holder, grant, self.lease_s))
