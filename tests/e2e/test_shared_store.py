@@ -1,0 +1,140 @@
+"""Issue 18's acceptance: three real routers on one PostgreSQL store keep budgets, keys and
+usage right together (tests/e2e/routers.py).
+
+Each router is its own small fleet with a member fronting a stand-in that answers at once;
+the store is a fresh database in the session's cluster, migrated by `palisade db migrate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from router._private.postgres import PostgresCluster
+from tests.e2e.fleet import UPSTREAM_MODEL
+from tests.e2e.routers import Routers, running_routers, shared_store
+from tests.postgres import postgres  # noqa: F401 - a fixture
+
+MAX_TOKENS = 4
+BODY = json.dumps(
+    {
+        "model": UPSTREAM_MODEL,
+        "messages": [{"role": "user", "content": "one two three"}],
+        "max_tokens": MAX_TOKENS,
+    }
+).encode()
+# What the router reserves for BODY: its bytes plus max_tokens (`router/_private/app.py`).
+ESTIMATE = len(BODY) + MAX_TOKENS
+_orgs = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def routers(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+) -> Iterator[Routers]:
+    root = tmp_path_factory.mktemp("shared-store")
+    store = shared_store(postgres, root, "shared_store_e2e")
+    with running_routers(root, store) as running:
+        yield running
+
+
+def new_org(routers: Routers, budget: int | None = None) -> tuple[str, str]:
+    name = f"org{next(_orgs)}"
+    return name, routers.org(name, budget)
+
+
+def chat(url: str, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        content=BODY,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+
+
+def usage_rows(routers: Routers, org: str) -> list[Any]:
+    return routers.store.query(
+        "SELECT request_id, input_tokens + output_tokens, status FROM usage WHERE org = $1", org
+    )
+
+
+def wait_rows(routers: Routers, org: str, count: int, timeout: float = 20.0) -> list[Any]:
+    """The org's usage rows once there are `count` (every router flushes every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while len(rows := usage_rows(routers, org)) < count:
+        assert time.monotonic() < deadline, f"{len(rows)} usage rows of {count}"
+    return rows
+
+
+def known_everywhere(urls: list[str], key: str, timeout: float = 10.0) -> None:
+    """Every router has heard of `key` (it reloads a change another router announced)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {key}"}) as client:
+        for url in urls:
+            while client.get(f"{url}/v1/models").status_code != 200:
+                assert time.monotonic() < deadline, f"{url} never heard of the key"
+
+
+# --- 1. a budget holds across routers -------------------------------------------------------
+
+
+def tokens_per_request(routers: Routers) -> int:
+    """What one BODY request is charged (the stand-in's count), measured on an unbudgeted org."""
+    org, key = new_org(routers)
+    answered = chat(routers.routers[0].url, key)
+    assert answered.status_code == 200, answered.text
+    (row,) = wait_rows(routers, org, 1)
+    charged: int = row[1]
+    assert 0 < charged <= ESTIMATE
+    return charged
+
+
+async def _burst(urls: list[str], key: str, each: int) -> list[httpx.Response]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    limits = httpx.Limits(max_connections=each)
+    clients = [httpx.AsyncClient(base_url=url, limits=limits, timeout=60) for url in urls]
+    try:
+        sends = [
+            client.post("/v1/chat/completions", content=BODY, headers=headers)
+            for client in clients
+            for _ in range(each)
+        ]
+        return list(await asyncio.gather(*sends))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+def test_a_budget_holds_across_three_routers(
+    routers: Routers, record_property: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    charged = tokens_per_request(routers)
+    # Ten fit, an eleventh never: even with the first nine settled, it would need ESTIMATE.
+    budget = 9 * charged + ESTIMATE
+    urls = [router.url for router in routers.routers]
+    admitted_counts = []
+    for _ in range(20):
+        org, key = new_org(routers, budget)
+        known_everywhere(urls, key)
+        answers = asyncio.run(_burst(urls, key, 50))
+        admitted = [a for a in answers if a.status_code == 200]
+        refused = [a for a in answers if a.status_code != 200]
+        assert {a.status_code for a in refused} <= {429}, {a.text for a in refused}
+        assert {a.json()["error"]["code"] for a in refused} <= {"budget_exceeded"}
+        assert 1 <= len(admitted) <= 10
+        wait_rows(routers, org, len(admitted))
+        report = routers.admin.ok("GET", "/admin/v1/usage", org=org)["total"]
+        assert report["requests"] == len(admitted)
+        assert report["input_tokens"] + report["output_tokens"] <= budget
+        admitted_counts.append(len(admitted))
+    record_property("admitted_counts", admitted_counts)
+    with capsys.disabled():  # the figures the lead reports
+        print(f"\nbudget of {budget} tokens, 150 requests a round: admitted {admitted_counts}")  # noqa: T201
