@@ -27,6 +27,7 @@ from federation._private.assertion import (
     AssertionSigner,
     AssertionVerifier,
 )
+from federation._private.database import Database, Transaction
 from federation._private.decoding import (
     convert_config,
     decode_request,
@@ -125,6 +126,8 @@ from federation._private.join import (
     verify_fleet_message,
 )
 from federation._private.journal import Journal, LeaseBook, boot_id, journal_epoch
+from federation._private.migrations import LATEST as SCHEMA_VERSION
+from federation._private.migrations import check_target
 from federation._private.node_state import NODE_FILE, NodeCredentials, NodeState
 from federation._private.openai_wire import (
     ENCODER,
@@ -273,6 +276,7 @@ __all__ = [
     "REGION_HEADER",
     "REPLY_DECODER",
     "REQUEST_ID_HEADER",
+    "SCHEMA_VERSION",
     "SERVICE_TYPE",
     "SIGNATURE_HEADER",
     "TOKEN_BUCKETS",
@@ -312,6 +316,7 @@ __all__ = [
     "ConfigError",
     "ConnectionLostError",
     "CreatedKey",
+    "Database",
     "Datatype",
     "DeviceClass",
     "DiscoveredNode",
@@ -410,6 +415,7 @@ __all__ = [
     "TraceParent",
     "TracesConfig",
     "Tracing",
+    "Transaction",
     "UnreachedError",
     "UpdateOffer",
     "Usage",
@@ -427,6 +433,7 @@ __all__ = [
     "budget_cli",
     "cached_count",
     "cancel_and_wait",
+    "check_target",
     "child_span",
     "client_context",
     "client_gone_response",

@@ -189,7 +189,12 @@ class BudgetSlices:
             free = max(0, limit - used - others - mine)
             grant = min(free, lacking + min(headroom, math.floor(free * SHARE)))
             granted = await tx.fetchone(_GRANT, (org, month, self.holder, grant, self.lease_s))
-        self._slices[slot].granted = int(granted[0]) if granted is not None else mine + grant
+        # Added to what this router holds now, not set to what the database returned: a
+        # flush of this router that committed after this transaction took its tokens out
+        # of the slice, and has already taken them out here too. Never above the database's
+        # figure (it is lower if the slice had expired and was dropped meanwhile).
+        held = self._slices[slot]
+        held.granted = min(held.granted + grant, int(granted[0]) if granted else grant)
         self._deadline = max(self._deadline, started + self.lease_s * _DEADLINE)
         self.top_ups += 1
 

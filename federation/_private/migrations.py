@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from federation._private.database import Database, StoreError, Transaction
+from federation._private.database import Database, StoreError, Transaction, open_database
 
 # Any fixed number: the key of the advisory lock `migrate` holds on PostgreSQL.
 _LOCK = 0x70A115AD
@@ -187,18 +188,22 @@ CREATE TABLE IF NOT EXISTS palisade_schema (
 async def schema_version(db: Database) -> int:
     """The highest migration applied (0: none, or a database made before versions)."""
     async with db.transaction() as tx:
+        await _lock(db, tx)  # CREATE TABLE IF NOT EXISTS races with itself on PostgreSQL
         await tx.execute(_VERSIONS)
         row = await tx.fetchone("SELECT max(version) FROM palisade_schema")
     return int(row[0]) if row is not None and row[0] is not None else 0
 
 
 async def migrate(db: Database, *, now: str) -> list[Migration]:
-    """Apply the migrations `db` lacks, in order; the ones applied."""
+    """Apply the migrations `db` lacks, in order; the ones applied. A database a newer
+    release migrated is refused, not touched."""
+    version = await schema_version(db)
+    if version > LATEST:
+        raise _ahead(db, version)
     applied: list[Migration] = []
     for migration in MIGRATIONS:
         async with db.transaction() as tx:
-            if db.dialect == "postgresql":
-                await tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK,))
+            await _lock(db, tx)
             await tx.execute(_VERSIONS)
             row = await tx.fetchone(
                 "SELECT 1 FROM palisade_schema WHERE version = ?", (migration.version,)
@@ -217,18 +222,43 @@ async def migrate(db: Database, *, now: str) -> list[Migration]:
     return applied
 
 
+async def check_target(target: str | None, home: Path) -> None:
+    """Before a server starts: refuse the store `target` names if its schema is ahead of
+    this code, or (shared) behind it; a SQLite store behind is migrated when it opens."""
+    db = await open_database(target, home)
+    try:
+        if db.shared:
+            await check_schema(db)
+        else:
+            version = await schema_version(db)
+            if version > LATEST:
+                raise _ahead(db, version)
+    finally:
+        await db.close()
+
+
 async def check_schema(db: Database) -> None:
     """Refuse a database this code cannot safely use: ahead of it, or (shared) behind it."""
     version = await schema_version(db)
     if version > LATEST:
-        raise StoreError(
-            f"The policy database {db.location} is at schema version {version}; this "
-            f"Palisade knows versions up to {LATEST}. Upgrade Palisade to use it.",
-            code="schema_ahead",
-        )
+        raise _ahead(db, version)
     if version < LATEST:
         raise StoreError(
             f"The policy database {db.location} is at schema version {version}, behind "
             f"this Palisade's {LATEST}. Run `palisade db migrate --database …` first.",
             code="schema_behind",
         )
+
+
+def _ahead(db: Database, version: int) -> StoreError:
+    return StoreError(
+        f"The policy database {db.location} is at schema version {version}; this "
+        f"Palisade knows versions up to {LATEST}. Upgrade Palisade to use it.",
+        code="schema_ahead",
+    )
+
+
+async def _lock(db: Database, tx: Transaction) -> None:
+    """On PostgreSQL, one schema change at a time (until this transaction ends)."""
+    if db.dialect == "postgresql":
+        await tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK,))

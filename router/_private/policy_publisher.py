@@ -103,7 +103,7 @@ class PolicyPublisher:
         self._published.set()
         if self._task is not None:
             await self._task
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RuntimeError):  # RuntimeError: never started
             self._tenancy.store.on_change.remove(self.changed)
 
     def changed(self) -> None:

@@ -8,15 +8,18 @@ fleet listener asks for one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
 from compliance import Recorder
 from federation import (
     Listener,
+    StoreError,
     Tenancy,
     announce_lab_secret,
     bind_socket,
+    check_target,
     join_secret,
     make_server,
     observed,
@@ -41,6 +44,11 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         announce_lab_secret("router")
     home = config.home()
     private_dir(home)
+    try:
+        asyncio.run(check_target(config.database, home))
+    except StoreError as exc:
+        log.error("%s", exc.message)  # noqa: TRY400 - the message says it all
+        return 1
     public = bind_socket(config.host, config.port)
     fleet = bind_socket(config.fleet_host, config.fleet_port)
     recorder = Recorder(

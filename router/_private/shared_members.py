@@ -28,8 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from federation import Heartbeat, StoreError, cancel_and_wait
-from federation._private.database import Database
+from federation import Database, Heartbeat, StoreError, cancel_and_wait
 from router._private.fleet import Fleet, Node
 
 log = logging.getLogger("palisade.router")
