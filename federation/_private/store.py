@@ -783,7 +783,7 @@ class TenancyStore:
         tx: Transaction,
         name: str,
         epoch: str,
-        settled_through: int,  # noqa: PLR0917
+        settled_through: int,
     ) -> None:
         await tx.execute(
             "INSERT INTO journal_marks VALUES (?, ?, ?) ON CONFLICT(name) "

@@ -46,7 +46,7 @@ def node(
     """On each policy store: SQLite and PostgreSQL (usage rows and counters live there)."""
     database = policy_database(request, request.param)
     home = tmp_path_factory.mktemp(f"modes-{request.param}")
-    with secured_appliance(home, database=database) as appliance:
+    with secured_appliance(home, "eu-west", database) as appliance:
         admin = admin_of(appliance)
         members = {}
         for mode in ("zero", "metadata", "full"):

@@ -92,7 +92,7 @@ def system_member(appliance: Appliance) -> Member:
 
 @contextmanager
 def secured_appliance(
-    home: Path, region: str = "eu-west", *, database: str | None = None, **model: object
+    home: Path, region: str = "eu-west", database: str | None = None, /, **model: object
 ) -> Iterator[Appliance]:
     """An appliance with tenancy on (keys required), in `region`, its policy store in
     `database` (a migrated PostgreSQL database's URL) or in its own policy.db."""

@@ -123,7 +123,7 @@ def secured(
     """On each policy store: SQLite and PostgreSQL."""
     database = policy_database(request, request.param)
     home = tmp_path_factory.mktemp(f"key-safety-{request.param}")
-    with secured_appliance(home, region=REGION, database=database) as running:
+    with secured_appliance(home, REGION, database) as running:
         yield running
 
 

@@ -53,7 +53,7 @@ def world(
     """The same tenancy, on each policy store: SQLite (the default) and PostgreSQL."""
     database = policy_database(request, request.param)
     home = tmp_path_factory.mktemp(f"tenancy-{request.param}")
-    with secured_appliance(home, max_queue=128, database=database) as appliance:
+    with secured_appliance(home, "eu-west", database, max_queue=128) as appliance:
         admin = admin_of(appliance)
         admin.create_org("acme", ["eu-west"])
         admin.create_org("globex", ["eu-west", "us-east"])
