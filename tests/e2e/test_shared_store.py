@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import statistics
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ import pytest
 from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL
 from tests.e2e.routers import Routers, running_routers, shared_store
+from tests.federation.tenants import Admin
 from tests.postgres import postgres  # noqa: F401 - a fixture
 
 MAX_TOKENS = 4
@@ -138,3 +141,54 @@ def test_a_budget_holds_across_three_routers(
     record_property("admitted_counts", admitted_counts)
     with capsys.disabled():  # the figures the lead reports
         print(f"\nbudget of {budget} tokens, 150 requests a round: admitted {admitted_counts}")  # noqa: T201
+
+
+# --- 2. a revoked key is refused everywhere within a second ----------------------------------
+
+REVOCATION_TRIALS = 50
+
+
+def refused_after(url: str, key: str, since: float, timeout: float = 10.0) -> float:
+    """Seconds from `since` until `url` refuses `key` as revoked (polled without pause)."""
+    deadline = since + timeout
+    with httpx.Client(timeout=10, headers={"Authorization": f"Bearer {key}"}) as client:
+        while (answer := client.get(f"{url}/v1/models")).status_code != 401:
+            assert answer.status_code == 200, answer.text
+            assert time.monotonic() < deadline, f"{url} still accepts a revoked key"
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+        return time.monotonic() - since
+
+
+def revocation_latencies(routers: Routers, owner: Admin, others: list[str]) -> list[float]:
+    """One trial: a key made through router 1, known to the others, revoked through router
+    1; how long each other router took to refuse it (from the revoke call's answer)."""
+    made = owner.ok("POST", "/admin/v1/keys", {"name": "revocable"})
+    key, key_id = made["key"], made["info"]["id"]
+    known_everywhere(others, key)
+    owner.ok("DELETE", f"/admin/v1/keys/{key_id}")
+    revoked_at = time.monotonic()
+    with ThreadPoolExecutor(len(others)) as pool:
+        return list(pool.map(lambda url: refused_after(url, key, revoked_at), others))
+
+
+def test_a_key_revoked_on_one_router_is_refused_by_the_others_within_a_second(
+    routers: Routers, record_property: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, admin_key = new_org(routers)
+    owner = Admin(routers.routers[0].url, admin_key)
+    others = [router.url for router in routers.routers[1:]]
+    latencies: list[float] = []
+    for _ in range(REVOCATION_TRIALS):
+        latencies += revocation_latencies(routers, owner, others)
+    assert len(latencies) == REVOCATION_TRIALS * len(others)
+    median = statistics.median(latencies)
+    p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
+    record_property("revocation_median_s", median)
+    record_property("revocation_p99_s", p99)
+    with capsys.disabled():  # the figures the lead reports
+        print(  # noqa: T201
+            f"\nrevocation seen by routers 2 and 3, {len(latencies)} samples: "
+            f"median {median * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+            f"max {max(latencies) * 1000:.1f} ms"
+        )
+    assert p99 < 1.0
