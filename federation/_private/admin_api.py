@@ -20,6 +20,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath, Parameter
 
 from federation._private import admin_wire as wire
+from federation._private.budget_slices import LEASE_S
 from federation._private.decoding import decode_request
 from federation._private.errors import (
     AuthenticationError,
@@ -91,9 +92,11 @@ class Tenancy:
         audit: AuditSink | None = None,
         logging_floor: str = "full",
         database: str | None = None,
+        budget_lease_s: float = LEASE_S,
     ) -> None:
         self.home = home
         self.database = database  # a PostgreSQL URL or SQLite path; None: policy.db here
+        self.budget_lease_s = budget_lease_s  # of a budget slice, on a shared store
         self.region = region
         self.node = node
         self.logging_floor = logging_floor
@@ -121,7 +124,9 @@ class Tenancy:
         self._store = await TenancyStore.open(
             self.home / "policy.db", database=self.database, sink=self._audit
         )
-        self._gate = Gate(self._store, region=self.region, node=self.node)
+        self._gate = Gate(
+            self._store, region=self.region, node=self.node, budget_lease_s=self.budget_lease_s
+        )
         await self._gate.start()
         return await self._bootstrap()
 

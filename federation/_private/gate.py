@@ -30,7 +30,7 @@ from datetime import datetime
 import msgspec
 
 from federation._private.admin_wire import KeyLimits, UsageRecord
-from federation._private.budget_slices import BudgetSlices, budget_exceeded
+from federation._private.budget_slices import LEASE_S, BudgetSlices, budget_exceeded
 from federation._private.errors import RateLimitError, ServiceUnavailableError
 from federation._private.journal import Journal, LeaseBook, boot_id, journal_epoch
 from federation._private.principal import Principal
@@ -170,7 +170,13 @@ class _Batch:
 
 class Gate:
     def __init__(
-        self, store: TenancyStore, *, region: str, node: str, monotonic: Monotonic = time.monotonic
+        self,
+        store: TenancyStore,
+        *,
+        region: str,
+        node: str,
+        monotonic: Monotonic = time.monotonic,
+        budget_lease_s: float = LEASE_S,
     ) -> None:
         self._store = store
         self._region = region
@@ -190,7 +196,9 @@ class Gate:
         home = store.path.parent
         # Each router sharing a store keeps its own journal and mark in it.
         self._mark_name = f"admissions/{node}" if store.shared else "admissions"
-        self.slices = BudgetSlices(store.database, node) if store.shared else None
+        self.slices = (
+            BudgetSlices(store.database, node, lease_s=budget_lease_s) if store.shared else None
+        )
         self._journal = Journal(home / "admissions.journal")
         self._leases = LeaseBook(home / "budget.leases")
         self._epoch = ""

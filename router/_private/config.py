@@ -82,6 +82,11 @@ class RouterConfig(Struct, forbid_unknown_fields=True, kw_only=True):
     # The policy store (tenancy, usage, budgets, membership): a postgresql:// URL shared by
     # several routers, or a SQLite path; default policy.db under the router's home.
     database: str | None = None
+    # On a shared (PostgreSQL) store: how long a router's slice of an org's budget outlives
+    # its last renewal (renewed every fifth of it). A router that dies holds its slices this
+    # long before another may spend them; one cut off from the database stops admitting
+    # budgeted requests after 80 % of it.
+    budget_lease_s: Annotated[float, Meta(ge=1, le=300)] = 15.0
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     # The largest appliance-image bundle `palisade fleet update` may upload (streamed to disk).
     max_bundle_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024**3

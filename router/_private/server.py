@@ -64,6 +64,7 @@ def serve(config: RouterConfig, *, demo_regions: list[str] | None = None) -> int
         audit=recorder,
         logging_floor=config.logging_floor,
         database=config.database,
+        budget_lease_s=config.budget_lease_s,
     )
     app, state = create_router_app(
         config, tenancy=tenancy, recorder=recorder, lab_secret=lab_secret, demo_regions=demo_regions
