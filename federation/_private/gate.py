@@ -13,6 +13,18 @@ room, then admits as `admit` does. Usage is written in batches, each with the jo
 it covers; a batch whose transaction may or may not have committed (the database went away
 at the commit) is retried alone, and skipped if its mark shows it landed: nothing is
 counted twice.
+
+Per-key rate limits on a shared store: each router enforces its share of a key's limits,
+the configured rates and burst divided by `rate_share()`, the number of live routers
+sharing the store (the router refreshes it from the `routers` table about twice a second,
+never on the admission path), while the load balancer spreads a key's requests evenly:
+n routers each admitting 1/n of the rate admit the key's rate together. When the count
+changes, a key's buckets are rebuilt at its next admission keeping how full they were,
+not refilled: a router dying or joining must not hand out a fresh burst (a count that
+flaps would otherwise hand out one per flap). A request whose tokens exceed this router's
+share of `tokens_per_minute` but fit the key's whole limit is admitted once the share's
+bucket is full, leaving it in debt: the average rate still holds. The `x-ratelimit-*`
+headers show this router's share. With one router (`rate_share() == 1`) nothing changes.
 """
 
 from __future__ import annotations
@@ -47,25 +59,36 @@ INTERRUPTED = "interrupted"
 
 
 class TokenBucket:
-    """`capacity` units, refilled continuously at `per_minute` units a minute."""
+    """`capacity` units, refilled continuously at `per_minute` units a minute.
 
-    __slots__ = ("capacity", "level", "per_second", "updated")
+    `most` is the largest amount one take may ask for (default `capacity`): a larger one
+    waits for a full bucket and leaves it in debt (a router's share of a key's tokens).
+    """
 
-    def __init__(self, capacity: int, per_minute: int, now: float) -> None:
+    __slots__ = ("capacity", "level", "most", "per_second", "updated")
+
+    def __init__(
+        self, capacity: float, per_minute: float, now: float, most: float | None = None
+    ) -> None:
         self.capacity = capacity
         self.per_second = per_minute / 60.0
         self.level = float(capacity)
         self.updated = now
+        self.most = capacity if most is None else most
 
     def refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self.updated) * self.per_second)
         self.updated = now
 
+    def needs(self, amount: int) -> float:
+        """The level a take of `amount` waits for."""
+        return min(amount, self.capacity)
+
     def wait_for(self, amount: int) -> float:
-        """Seconds until `amount` units are available (inf if it never fits)."""
-        if amount > self.capacity:
+        """Seconds until `amount` units may be taken (inf if it never fits)."""
+        if amount > self.most:
             return math.inf
-        return max(0.0, (amount - self.level) / self.per_second)
+        return max(0.0, (self.needs(amount) - self.level) / self.per_second)
 
     def until_full(self) -> float:
         return (self.capacity - self.level) / self.per_second
@@ -78,15 +101,27 @@ class KeyBuckets:
     limits: KeyLimits
     requests: TokenBucket | None
     tokens: TokenBucket | None
+    share: int = 1  # routers enforcing the key's limits together (see the module's doc)
 
     @classmethod
-    def of(cls, limits: KeyLimits, now: float) -> KeyBuckets:
+    def of(cls, limits: KeyLimits, now: float, share: int = 1) -> KeyBuckets:
+        """Buckets for this router's share of the key's limits, full."""
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
-        return cls(
-            limits,
-            TokenBucket(limits.burst or rpm, rpm, now) if rpm else None,
-            TokenBucket(tpm, tpm, now) if tpm else None,
-        )
+        requests = tokens = None
+        if rpm:  # a burst split n ways is still at least one request
+            requests = TokenBucket(max(1.0, (limits.burst or rpm) / share), rpm / share, now)
+        if tpm:
+            tokens = TokenBucket(tpm / share, tpm / share, now, most=tpm)
+        return cls(limits, requests, tokens, share)
+
+    def reshared(self, share: int, now: float) -> KeyBuckets:
+        """The same limits split `share` ways, each bucket as full as it is now."""
+        fresh = KeyBuckets.of(self.limits, now, share)
+        for old, new in ((self.requests, fresh.requests), (self.tokens, fresh.tokens)):
+            if old is not None and new is not None:
+                old.refill(now)
+                new.level = old.level / old.capacity * new.capacity
+        return fresh
 
     def check(self, now: float, estimate: int) -> None:
         """Refill, then raise 429 unless one request and `estimate` tokens fit."""
@@ -208,6 +243,9 @@ class Gate:
         # The router's seam for the offline edge: tokens its nodes hold in leased shares
         # count as reserved here, so this gate and every node together stay in budget.
         self.held_by_leases: Held = lambda _org, _month: 0
+        # The router's seam for a shared store: how many routers enforce each key's rate
+        # limits together (each enforces its share). Read at every admission: keep it cheap.
+        self.rate_share: Callable[[], int] = lambda: 1
 
     async def start(self) -> None:
         """Settle what a killed predecessor left in the journal, then start a new one."""
@@ -311,10 +349,14 @@ class Gate:
     def _buckets_for(self, key_id: str | None) -> KeyBuckets:
         record = self._store.keys.get(key_id) if key_id else None
         limits = record.limits if record is not None else KeyLimits()
+        share = max(1, self.rate_share())
         current = self._buckets.get(key_id or "")
-        if current is not None and current.limits == limits:
+        if current is not None and current.limits == limits and current.share == share:
             return current
-        fresh = KeyBuckets.of(limits, self._monotonic())
+        if current is not None and current.limits == limits:
+            fresh = current.reshared(share, self._monotonic())
+        else:
+            fresh = KeyBuckets.of(limits, self._monotonic(), share)
         self._buckets[key_id or ""] = fresh
         return fresh
 
@@ -594,7 +636,7 @@ def check_rate(buckets: KeyBuckets, estimate: int) -> None:
             f"for this key. Retry in {math.ceil(wait)} s.",
             retry_after=max(1, math.ceil(wait)),
         )
-    if buckets.tokens is not None and buckets.tokens.level < estimate:
+    if buckets.tokens is not None and buckets.tokens.level < buckets.tokens.needs(estimate):
         wait = buckets.tokens.wait_for(estimate)
         if math.isinf(wait):
             raise RateLimitError(
@@ -618,7 +660,7 @@ def rate_headers(buckets: KeyBuckets) -> dict[str, str]:
         ("tokens", buckets.tokens, buckets.limits.tokens_per_minute),
     ):
         if bucket is not None and limit is not None:
-            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-limit-{kind}"] = str(max(1, limit // buckets.share))
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
             headers[f"x-ratelimit-reset-{kind}"] = _reset(bucket.until_full())
     return headers
