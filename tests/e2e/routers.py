@@ -142,31 +142,43 @@ class Routers:
 
 
 @contextmanager
-def running_routers(root: Path, store: SharedStore, count: int = 3) -> Iterator[Routers]:
+def running_routers(
+    root: Path, store: SharedStore, count: int = 3, *, config: str = "", ttft_ms: float = 0
+) -> Iterator[Routers]:
     """`count` routers on `store`, started one after the other, each with one member
-    (`node-N` in REGION, fronting a stand-in that answers at once); all joined."""
+    (`node-N` in REGION, fronting a stand-in that answers after `ttft_ms`); all joined.
+    `config` is more of every router's router.toml."""
     with contextlib.ExitStack() as stack, _environment(PASSFILE_ENV, str(store.passfile)):
         routers = Routers(store, [], stack)
         for n in range(1, count + 1):
             first = routers.routers[0].home if routers.routers else None
-            routers.routers.append(_start_router(stack, root / f"r{n}", n, store, first))
+            setup = _Setup(store, config, ttft_ms)
+            routers.routers.append(_start_router(stack, root / f"r{n}", n, setup, first))
         for n, router in enumerate(routers.routers, start=1):
             router.fleet.wait_joined(f"node-{n}", timeout=120)
         yield routers
 
 
+@dataclass(frozen=True)
+class _Setup:
+    store: SharedStore
+    config: str
+    ttft_ms: float
+
+
 def _start_router(
-    stack: contextlib.ExitStack, root: Path, n: int, store: SharedStore, first: Path | None
+    stack: contextlib.ExitStack, root: Path, n: int, setup: _Setup, first: Path | None
 ) -> Router:
     """Router n; after the first, it gets the first one's admin key (the store's one
     bootstrap key), which its fleet's helpers (`Fleet.admin`: tokens, status) read."""
-    config = write_config(root / "router", f'router_id = "router-{n}"\n', "router.toml")
+    text = f'router_id = "router-{n}"\n{setup.config}'
+    config = write_config(root / "router", text, "router.toml")
     ports = ["--port", str(free_port("127.0.0.1")), "--fleet-port", str(free_port("127.0.0.1"))]
-    args = (*config, "--database", store.url, *ports)
+    args = (*config, "--database", setup.store.url, *ports)
     fleet = stack.enter_context(running_fleet(root, *args))
     if first is not None:
         write_private(fleet.router.home / "admin.key", (first / "admin.key").read_text())
-    standin = fleet.standin(f"standin-{n}", tokens=4)
+    standin = fleet.standin(f"standin-{n}", tokens=4, ttft_ms=setup.ttft_ms)
     fleet.start_member(f"node-{n}", REGION, upstream_toml(standin, "gpu"))
     return Router(fleet, args)
 
