@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import sqlite3
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -256,10 +257,36 @@ class RouterState:
             public_url=lambda: self.url,
             revoked=lambda serial: serial in self.revoked_serials,
             joined=self._joined_elsewhere,
+            revocations=self._revoked_elsewhere,
         )
         self.on_revoked.append(shared.forget)
         self.shared_members = shared
         await shared.start()
+
+    async def _revoked_elsewhere(self) -> None:
+        """Certificates another router of this fleet directory revoked (the registry is
+        shared; this router's CRL contexts, fleet and open connections are its own): each
+        revoked node goes through the hooks a revocation here runs; a monitor's certificate
+        only reloads the CRL."""
+        try:
+            serials = await asyncio.to_thread(self.registry.revoked_serials)
+            new = serials - self.revoked_serials
+            nodes = await asyncio.to_thread(self.registry.nodes) if new else []
+        except sqlite3.Error as exc:  # busy with a write of another router: the next sync
+            log.debug("the fleet registry could not be read for revocations: %s", exc)
+            return
+        if not new:
+            return
+        self.revoked_serials |= new
+        revoked = [node.node_id for node in nodes if node.revoked_at and int(node.serial) in new]
+        for node_id in revoked:
+            log.warning("node %s was revoked through another router of the fleet", node_id)
+            for hook in self.on_revoked:
+                hook(node_id)
+        if not revoked:
+            if self.tls is not None:
+                self.tls.reload_crl()
+            self.policy.changed()
 
     async def _joined_elsewhere(self, node: Node) -> None:
         log.info(

@@ -14,6 +14,12 @@ Each router also writes itself into `routers` (id, public URL, seen_at) every
 `ROUTER_BEAT_S` and removes itself at stop; `live_routers` lists those seen within
 `ROUTER_LIVE_S`, for whatever needs every router (the fleet's audit export).
 
+Routers sharing a fleet directory share its enrollment registry, but each holds its own
+copy of the CRL in its TLS contexts and its own fleet: a revocation through one router
+must reach the others. So with each sync the router also runs `revocations` (the
+router's check of the shared registry for certificates revoked elsewhere: `RouterState`),
+and a node revoked through any router is dropped by every router within about `SYNC_S`.
+
 Only the database I/O is here; `RouterState` starts it when the tenancy store is shared.
 A failing database is logged once per outage and retried: membership then runs on the
 heartbeats this router hears itself, as a lone router would.
@@ -88,6 +94,7 @@ class SharedMembers:
         public_url: Callable[[], str],
         revoked: Callable[[int], bool],
         joined: Callable[[Node], Awaitable[None]],
+        revocations: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._db = db
         self._fleet = fleet
@@ -95,6 +102,7 @@ class SharedMembers:
         self._public_url = public_url
         self._revoked = revoked
         self._joined = joined
+        self._revocations = revocations
         self._heard: dict[str, bytes] = {}
         self._forget: set[str] = set()
         self._since = 0.0
@@ -117,6 +125,8 @@ class SharedMembers:
             asyncio.create_task(self._every(SYNC_S, self.sync)),
             asyncio.create_task(self._every(ROUTER_BEAT_S, self.announce)),
         ]
+        if self._revocations is not None:
+            self._tasks.append(asyncio.create_task(self._every(SYNC_S, self._revocations)))
 
     async def stop(self) -> None:
         await cancel_and_wait(*self._tasks)
