@@ -24,10 +24,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.bench import audit, batching, chain, engine, guidellm, multiturn, router
+from tests.bench import audit, batching, chain, engine, guidellm, multiturn, router, scaleout
 from tests.support import REPO
 
-BENCHMARKS = ("engine", "audit", "router", "chain", "batching", "multiturn", "guidellm")
+BENCHMARKS = (
+    "engine",
+    "audit",
+    "router",
+    "scaleout",
+    "chain",
+    "batching",
+    "multiturn",
+    "guidellm",
+)
 ENGINE_REPEATS = 15
 
 
@@ -358,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit.run(out_dir=args.out, baseline=args.baseline)
         elif name == "router":
             router.run(out_dir=args.out, settings=router_settings(args))
+        elif name == "scaleout":
+            scaleout.run(out_dir=args.out, settings=router_settings(args))
         elif name == "chain":
             chain.run(
                 out_dir=args.out,
