@@ -238,8 +238,8 @@ def audit_verify(
         typer.Option(
             "--node-key",
             show_default=False,
-            help="For a fleet evidence set: a node's key as NODE=KEY (64 hex digits or @FILE); "
-            "repeat for each node.",
+            help="For a fleet evidence set: a node's key as NODE=KEY (64 hex digits or @FILE), "
+            "or another router's as ROUTER_ID=KEY; repeat for each.",
         ),
     ] = None,
     as_json: JsonFlag = False,

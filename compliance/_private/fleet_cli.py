@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,42 @@ _SHOWN = 50  # differences printed (--json lists them all)
 
 
 def export_fleet(target: Target, org: str, out: Path) -> None:
-    """The router's export of `org`, then each node's it names, through the router."""
+    """The router's export of `org`, every other live router's (routers sharing its store),
+    then each node's they name: all through the router asked."""
     router = _download(target, "/admin/v1/audit/export", org, "router")
+    routers = [
+        _download(
+            target, f"/admin/v1/fleet/routers/{quote(other, safe='')}/audit/export", org, other
+        )
+        for other in _other_routers(target, org)
+    ]
+    exports = [other.export for other in routers]
     nodes = [
         _download(target, f"/admin/v1/fleet/nodes/{quote(node, safe='')}/audit/export", org, node)
-        for node in nodes_to_collect(router.export, org)
+        for node in nodes_to_collect(router.export, org, *exports)
     ]
-    data = build_set(org, router, nodes)
+    data = build_set(org, router, nodes, routers)
     with _replacing(out) as sink:
         sink.write(data)
     names = ", ".join(node.source for node in nodes) or "none"
+    also = "".join(f", router {other.source}'s" for other in routers)
     typer.echo(
         f"Wrote fleet evidence set {out} ({_size(len(data))}) for org {org}: the router's "
-        f"export and {len(nodes)} node exports ({names}). Check it offline with `palisade "
-        f"audit verify {out} --trusted-key <router key> --node-key <node>=<key> …`."
+        f"export{also} and {len(nodes)} node exports ({names}). Check it offline with "
+        f"`palisade audit verify {out} --trusted-key <router key> --node-key <node or "
+        "router>=<key> …`."
     )
+
+
+def _other_routers(target: Target, org: str) -> list[str]:
+    """The ids of the other live routers sharing the asked router's store (none alone)."""
+    with _get(target, "/admin/v1/fleet/routers", {"org": org}) as response:
+        listing = json.loads(response.read())
+    return [
+        str(item["router_id"])
+        for item in listing["data"]
+        if item["router_id"] != listing["router_id"]
+    ]
 
 
 def _download(target: Target, path: str, org: str, source: str) -> Collected:
@@ -89,6 +111,10 @@ def _summary(
     if report.router is not None:
         lines.append(_export_line("router", report.router, pinned=router_pinned))
     lines += [
+        _export_line(router, result, pinned=router in keys)
+        for router, result in report.routers.items()
+    ]
+    lines += [
         _export_line(node, result, pinned=node in keys) for node, result in report.nodes.items()
     ]
     lines += [
@@ -128,6 +154,9 @@ def _as_json(
         "ok": report.ok,
         "org": report.org,
         "router": export(report.router, router_pinned) if report.router is not None else None,
+        "routers": {
+            router: export(result, router in keys) for router, result in report.routers.items()
+        },
         "nodes": {node: export(result, node in keys) for node, result in report.nodes.items()},
         "routed": report.routed,
         "local": report.local,

@@ -14,9 +14,19 @@ every export alone (`verify_export`) and then the two sides against each other:
   or came from a local key, or from a fleet key N admitted itself;
 - a request no node served carries `NOT_ROUTED` as its region and node.
 
+Several routers sharing one store (and one fleet directory) each keep their own log,
+signed by their own key. Their set (format `palisade-fleet-evidence/2`) holds, besides the
+export of the router that was asked (`router`), every other live router's export of the
+org (`routers`, each under its router id). `verify_set` then checks each router's export
+alone, that each is a different router's log (its `origin` is its source, no router twice),
+and that each router request is in exactly one router's log once; the nodes' rows are
+compared against every router's rows together (a node serves whichever router sent it the
+request). A set of one router keeps format /1, as before.
+
 Every difference is named, not only the first. A node row for a router request that settled
-after the router's export was taken (within `SETTLE_S` of it) is counted as in flight, not
-as a difference: collect again to compare it.
+after the router's export was taken (within `SETTLE_S` of it; of the earliest router export,
+with several routers) is counted as in flight, not as a difference: collect again to compare
+it.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from compliance._private.export import Report, verify_export
 from federation import FLEET_POLICY_VIA, INTERRUPTED, NOT_ROUTED
 
 FLEET_FORMAT = "palisade-fleet-evidence/1"
+ROUTERS_FORMAT = "palisade-fleet-evidence/2"  # with the exports of the other routers
 # How long after a node wrote a request's row the router may still be writing its own.
 SETTLE_S = 2.0
 _ROUTER = "the router's export"
@@ -41,7 +52,8 @@ Row = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Collected:
-    """One export as downloaded: whose log it is (`router`, or a node id) and when."""
+    """One export as downloaded: whose log it is (`router` for the router asked, another
+    router's id, or a node id) and when."""
 
     source: str
     collected_at: str  # ISO 8601, the collector's clock when the export arrived
@@ -58,6 +70,7 @@ class FleetReport:
 
     org: str = ""
     router: Report | None = None
+    routers: dict[str, Report] = field(default_factory=dict)  # the other routers', by id
     nodes: dict[str, Report] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -73,14 +86,23 @@ class FleetReport:
 # --- building ----------------------------------------------------------------------------------
 
 
-def build_set(org: str, router: Collected, nodes: Iterable[Collected]) -> bytes:
-    """The set file: each export's bytes kept as they are (as text: exports are UTF-8)."""
-    document = {
-        "format": FLEET_FORMAT,
+def build_set(
+    org: str,
+    router: Collected,
+    nodes: Iterable[Collected],
+    routers: Iterable[Collected] = (),
+) -> bytes:
+    """The set file: each export's bytes kept as they are (as text: exports are UTF-8).
+    `routers`: the other routers' exports (sources: their router ids), if any."""
+    others = sorted(routers, key=lambda item: item.source)
+    document: dict[str, Any] = {
+        "format": ROUTERS_FORMAT if others else FLEET_FORMAT,
         "org": org,
         "router": _item(router),
-        "nodes": [_item(node) for node in sorted(nodes, key=lambda item: item.source)],
     }
+    if others:
+        document["routers"] = [_item(other) for other in others]
+    document["nodes"] = [_item(node) for node in sorted(nodes, key=lambda item: item.source)]
     return json.dumps(document, ensure_ascii=False, indent=1).encode() + b"\n"
 
 
@@ -92,10 +114,11 @@ def _item(collected: Collected) -> dict[str, str]:
     }
 
 
-def nodes_to_collect(router_export: bytes, org: str) -> list[str]:
-    """The nodes the router's rows for `org` name: the ones that served and the ones tried."""
+def nodes_to_collect(router_export: bytes, org: str, *others: bytes) -> list[str]:
+    """The nodes the routers' rows for `org` name: the ones that served and the ones tried."""
     named: set[str] = set()
-    for row in request_rows(router_export, org):
+    rows = [row for export in (router_export, *others) for row in request_rows(export, org)]
+    for row in rows:
         named.update(str(node) for node in row.get("tried") or [])
         if row.get("node") not in {None, NOT_ROUTED}:
             named.add(str(row["node"]))
@@ -138,21 +161,39 @@ def is_fleet_set(data: bytes) -> bool:
         parsed = json.loads(data)
     except ValueError:
         return False
-    return isinstance(parsed, dict) and parsed.get("format") == FLEET_FORMAT
+    return isinstance(parsed, dict) and parsed.get("format") in {FLEET_FORMAT, ROUTERS_FORMAT}
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSet:
+    """A set file read: the org, the asked router's export, the other routers', the nodes'."""
+
+    org: str
+    router: Collected
+    routers: list[Collected]
+    nodes: list[Collected]
 
 
 def read_set(data: bytes) -> tuple[str, Collected, list[Collected]]:
     """The org, the router's export and the nodes' exports of a set file."""
+    read = read_fleet_set(data)
+    return read.org, read.router, read.nodes
+
+
+def read_fleet_set(data: bytes) -> FleetSet:
+    """A set file of either format (/1 holds no other routers)."""
     try:
         parsed = json.loads(data)
         org = parsed["org"]
         router = _collected(parsed["router"])
+        routers = [_collected(item) for item in parsed.get("routers") or []]
         nodes = [_collected(item) for item in parsed["nodes"]]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FleetSetError(f"the fleet evidence set is malformed ({exc!r})") from None
-    if parsed.get("format") != FLEET_FORMAT or not isinstance(org, str):
-        raise FleetSetError(f"not a fleet evidence set (format {FLEET_FORMAT} expected)")
-    return org, router, nodes
+    expected = ROUTERS_FORMAT if routers else FLEET_FORMAT
+    if parsed.get("format") != expected or not isinstance(org, str):
+        raise FleetSetError(f"not a fleet evidence set (format {expected} expected)")
+    return FleetSet(org, router, routers, nodes)
 
 
 def _collected(item: Mapping[str, Any]) -> Collected:
@@ -169,19 +210,22 @@ def verify_set(
     node_keys: Mapping[str, bytes] | None = None,
     settle_s: float = SETTLE_S,
 ) -> FleetReport:
-    """Check a set: each export alone, then the router's rows against the nodes'. Never
-    raises for bad content; the report names every difference. A node row the router's log
-    lacks counts as in flight if written less than `settle_s` before the router's export
-    was taken, or after."""
+    """Check a set: each export alone, then the routers' rows against the nodes'. Never
+    raises for bad content; the report names every difference. `node_keys` pins keys by
+    source: node ids, and the other routers' ids. A node row no router's log holds counts
+    as in flight if written less than `settle_s` before the earliest router export was
+    taken, or after."""
     report = FleetReport()
     try:
-        org, router, nodes = read_set(data)
+        fleet = read_fleet_set(data)
     except FleetSetError as exc:
         report.problems.append(str(exc))
         return report
+    org, router, nodes = fleet.org, fleet.router, fleet.nodes
     report.org = org
     report.router, router_rows = _checked(report, _ROUTER, router, org, router_key)
     keys = dict(node_keys or {})
+    router_rows = _other_routers(report, fleet, keys, router_rows)
     held: dict[str, list[Row]] = {}
     for node in nodes:
         if node.source in held:
@@ -194,24 +238,66 @@ def verify_set(
     report.notes += [
         f"a key was given for node {node}, whose export is not in the set" for node in keys
     ]
-    unpinned = sorted(set(report.nodes) - set(node_keys or {}))
+    unpinned = sorted((set(report.nodes) | set(report.routers)) - set(node_keys or {}))
     if unpinned:
         report.notes.append(
             f"no pinned key for {', '.join(unpinned)}: the key in each of their exports was "
             "trusted as is (pin them with --node-key NODE=KEY)"
         )
-    taken = _instant(router.collected_at)
+    times = [_instant(item.collected_at) for item in [router, *fleet.routers]]
+    taken = min((moment for moment in times if moment is not None), default=None)
     cutoff = taken - timedelta(seconds=settle_s) if taken is not None else None
     _compare(report, router_rows, held, cutoff)
     return report
 
 
+def _other_routers(
+    report: FleetReport, fleet: FleetSet, keys: dict[str, bytes], asked_rows: list[Row]
+) -> list[Row]:
+    """Each other router's export checked alone and as a different router's log; every
+    router's request rows together, each request in one router's log once."""
+    origins = Counter([str(_document(fleet.router.export).get("origin"))])
+    rows = {_ROUTER: asked_rows}
+    for other in fleet.routers:
+        name = f"router {other.source}'s export"
+        if other.source in report.routers:
+            report.problems.append(f"{name} is in the set twice")
+            continue
+        report.routers[other.source], rows[name] = _checked(
+            report, other.source, other, fleet.org, keys.pop(other.source, None), name=name
+        )
+        origins[str(_document(other.export).get("origin"))] += 1
+    report.problems += [
+        f"the set holds {count} exports of router {origin}'s log"
+        for origin, count in sorted(origins.items())
+        if count > 1
+    ]
+    holders: dict[str, list[str]] = {}
+    for name, found in rows.items():
+        for row in found:
+            holders.setdefault(str(row.get("id")), []).append(name)
+    report.problems += [
+        f"router request {request} is held {len(names)} times ({', '.join(names)})"
+        for request, names in sorted(holders.items())
+        if len(names) > 1
+    ]
+    return [row for found in rows.values() for row in found]
+
+
 def _checked(
-    report: FleetReport, source: str, collected: Collected, org: str, key: bytes | None
+    report: FleetReport,
+    source: str,
+    collected: Collected,
+    org: str,
+    key: bytes | None,
+    *,
+    name: str | None = None,
 ) -> tuple[Report, list[Row]]:
     """Verify one export alone; its request rows for `org`, read even when it fails, so
-    that the comparison names what was removed or changed."""
-    name = source if source == _ROUTER else f"node {source}'s export"
+    that the comparison names what was removed or changed. Its `origin` must be `source`
+    (except the asked router's, whose source is `router`)."""
+    if name is None:
+        name = source if source == _ROUTER else f"node {source}'s export"
     result = verify_export(collected.export, trusted_key=key)
     if not result.ok:
         report.problems.append(f"{name}: {result.problem}")
