@@ -321,3 +321,85 @@ def test_a_request_the_router_stopped_during_is_a_note_not_a_difference(tmp_path
     report = verified(data, keys)
     assert report.ok, report.problems
     assert any("route-000000000000000000000001 was interrupted" in n for n in report.notes)
+
+
+# --- several routers sharing a store: each its own log, one set ---------------------------------
+
+
+def router_export(home: Path, origin: str, rows: list[dict[str, object]]) -> tuple[bytes, bytes]:
+    """Another router's signed export of ORG's rows, and its key."""
+    identity = NodeIdentity.load_or_create(home / origin)
+    db = home / origin / "audit.db"
+    log = AuditLog(db, identity, origin=origin)
+    for row in rows:
+        log.append({"kind": "request", **row})
+    log.close()
+    return build_export(db, identity, origin=origin, scope=Scope(org=ORG)), identity.public_key
+
+
+def two_router_set(
+    tmp_path: Path, second_rows: Callable[[list[dict[str, object]]], list[dict[str, object]]]
+) -> tuple[bytes, dict[str, bytes]]:
+    """Router-1's fleet plus router-2, which sent one request to node-a (the node's row
+    for it is in node-a's export); `second_rows` may change router-2's rows first."""
+    fleet = three_node_fleet()
+    sent = record("route-000000000000000000000201", "node-a")
+    fleet.nodes["node-a"].append(node_row(sent, "node-a", via="router-2").row())
+    data, keys = fleet.evidence(tmp_path)
+    export, key = router_export(tmp_path, "router-2", second_rows([sent.row()]))
+    document = json.loads(data)
+    nodes = [
+        Collected(i["source"], i["collected_at"], i["export"].encode()) for i in document["nodes"]
+    ]
+    router = Collected("router", LATER, document["router"]["export"].encode())
+    return build_set(ORG, router, nodes, [Collected("router-2", LATER, export)]), keys | {
+        "router-2": key
+    }
+
+
+def verified_routers(data: bytes, keys: dict[str, bytes]) -> FleetReport:
+    pinned = {name: keys[name] for name in [*REGIONS, "router-2"]}
+    return verify_set(data, router_key=keys["router"], node_keys=pinned)
+
+
+def test_a_set_of_two_routers_logs_verifies_as_one(tmp_path: Path) -> None:
+    data, keys = two_router_set(tmp_path, lambda rows: rows)
+    assert json.loads(data)["format"] == "palisade-fleet-evidence/2"
+    report = verified_routers(data, keys)
+    assert report.problems == []
+    assert set(report.routers) == {"router-2"}
+    assert report.routed == 6  # router-1's five and router-2's one
+    # Without router-2's log, node-a's row for its request is unexplained.
+    alone = verify_set(three_node_fleet().evidence(tmp_path / "alone")[0])
+    assert alone.ok
+    document = json.loads(data)
+    del document["routers"]
+    document["format"] = "palisade-fleet-evidence/1"
+    problems = verified(json.dumps(document).encode(), keys).problems
+    assert problems == [
+        "node node-a's row chatcmpl-000201-node-a claims router request "
+        "route-000000000000000000000201, which the router's log does not hold"
+    ]
+
+
+def test_a_request_in_two_routers_logs_is_named(tmp_path: Path) -> None:
+    request = "route-000000000000000000000001"  # router-1's, claimed by router-2 as well
+    data, keys = two_router_set(tmp_path, lambda rows: [*rows, record(request, "node-a").row()])
+    problems = verified_routers(data, keys).problems
+    assert (
+        f"router request {request} is held 2 times (the router's export, router router-2's export)"
+    ) in problems
+
+
+def test_a_set_with_other_routers_labelled_format_1_is_refused(tmp_path: Path) -> None:
+    data, keys = two_router_set(tmp_path, lambda rows: rows)
+    document = json.loads(data)
+    document["format"] = "palisade-fleet-evidence/1"
+    problems = verified_routers(json.dumps(document).encode(), keys).problems
+    assert problems == ["not a fleet evidence set (format palisade-fleet-evidence/2 expected)"]
+
+
+def test_the_nodes_to_collect_include_those_other_routers_named(tmp_path: Path) -> None:
+    first, _ = router_export(tmp_path, "router-1", [record("r1", "node-a").row()])
+    second, _ = router_export(tmp_path, "router-2", [record("r2", "node-c").row()])
+    assert nodes_to_collect(first, ORG, second) == ["node-a", "node-c"]
