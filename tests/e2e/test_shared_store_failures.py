@@ -75,6 +75,7 @@ class Sent:
     """One attempt: its status (None: the connection failed) and x-request-id."""
 
     started: float
+    ended: float
     status: int | None
     request_id: str | None
     detail: str = ""
@@ -91,9 +92,10 @@ def attempt(client: httpx.Client, key: str) -> Sent:
     try:
         answer = client.post("/v1/chat/completions", content=BODY, headers=headers)
     except httpx.TransportError as exc:
-        return Sent(started, None, None, type(exc).__name__)
+        return Sent(started, time.monotonic(), None, None, type(exc).__name__)
     detail = "" if answer.status_code == 200 else answer.text
-    return Sent(started, answer.status_code, answer.headers.get("x-request-id"), detail)
+    request_id = answer.headers.get("x-request-id")
+    return Sent(started, time.monotonic(), answer.status_code, request_id, detail)
 
 
 class Load:
@@ -244,3 +246,71 @@ def test_a_router_killed_under_load_loses_no_usage_and_its_slices_return(
         record_property(name, value)
     with capsys.disabled():  # the figures the lead reports
         print(f"\nrouter 2 SIGKILLed under load: {figures}")  # noqa: T201
+
+
+# --- 2. PostgreSQL restarted under load ----------------------------------------------------
+
+
+def served_between(load: Load, start: float, end: float) -> list[Sent]:
+    """Requests sent after `start` and answered 200 before `end`."""
+    return [s for s in load.sent if s.status == 200 and s.started > start and s.ended < end]
+
+
+def test_routers_serve_through_a_database_restart_and_count_it_once(
+    routers: Routers,
+    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+    tmp_path_factory: pytest.TempPathFactory,
+    record_property: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Load through HAProxy on a budgeted org whose slices have room; PostgreSQL is stopped
+    (a fast shutdown) and started again. While it is down the routers keep answering from
+    their slices (at least one 200 sent and answered in the outage); afterwards the usage
+    written meanwhile lands (a row for every 200, none twice) and used_tokens is the sum of
+    the org's rows. Requests refused in the outage are 503 store_unavailable (no slice room
+    left, or none renewed for 80 % of the lease)."""
+    proxy = routers.haproxy(tmp_path_factory.mktemp("haproxy"))
+    org, key = budgeted_org(routers)
+    try:
+        with Load(f"http://127.0.0.1:{proxy.port}", key) as load:
+            wait_for(lambda: len(usage_rows(routers, org)) >= 5 * CLIENTS, timeout=20)
+            stopping = time.monotonic()
+            postgres.stop()
+            stopped = time.monotonic()
+            wait_for(lambda: served_between(load, stopped, time.monotonic()), timeout=5)
+            starting = time.monotonic()
+            postgres.start()
+            started = time.monotonic()
+            wait_for(lambda: len(served_between(load, started, time.monotonic())) >= 30, timeout=30)
+    finally:
+        postgres.start()  # shared by the session's other tests: leave it running
+    sent = list(load.sent)
+    during = served_between(load, stopped, starting)
+    refused = [s.final for s in sent if s.final.status != 200]
+    codes = Counter(
+        json.loads(s.detail)["error"]["code"] if s.status else s.detail for s in refused
+    )
+    assert set(codes) <= {"store_unavailable"}, codes
+    assert all(stopping < s.started < started for s in refused)
+
+    served = [s.final.request_id for s in sent if s.final.status == 200]
+    ids = {rid for rid in served if rid is not None}
+    assert len(ids) == len(served)
+    rows = wait_for(lambda: rows_cover(routers, org, ids), timeout=30)
+    assert [rid for rid, n in Counter(row[0] for row in rows).items() if n != 1] == []
+    assert {row[0] for row in rows} == ids  # nobody was interrupted: no row without an answer
+    wait_for(lambda: books_balance(routers, org), timeout=10)
+    figures = {
+        "requests": len(sent),
+        "answered_200": len(served),
+        "served_in_outage": len(during),
+        "served_from_stop_to_start": len(served_between(load, stopping, started)),
+        "refused_in_outage": dict(codes),
+        "stop_s": round(stopped - stopping, 3),
+        "outage_s": round(started - stopping, 3),
+        "used_tokens": used_tokens(routers, org),
+    }
+    for name, value in figures.items():
+        record_property(name, value)
+    with capsys.disabled():  # the figures the lead reports
+        print(f"\nPostgreSQL restarted under load: {figures}")  # noqa: T201
