@@ -1,5 +1,6 @@
 """Every way out of an admitted request settles it exactly once, at the router and on an
-appliance: the reservation comes back and one usage record holds the right counts.
+appliance: the reservation comes back and one usage record holds the right counts. The
+router's store is SQLite, then PostgreSQL (budgets admitted against its slices there).
 
 A real router and real appliances: three front stand-in upstreams (whose `/control`
 injects errors and latency), one runs the default llama.cpp model. Each test uses its own
@@ -8,6 +9,9 @@ org, so its budget and usage records are its own.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -20,8 +24,11 @@ import pytest
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from appliance import DEFAULT_MODEL_ID
+from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, llama_toml, running_fleet, upstream_toml
-from tests.federation.tenants import Admin, admin_of
+from tests.e2e.routers import PASSFILE_ENV, shared_store
+from tests.federation.tenants import BACKENDS, Admin, admin_of
+from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Server, wait_for
 
 PROMPT = "one two three"  # the stand-in counts 3 prompt tokens
@@ -34,10 +41,21 @@ LLAMA_MESSAGES: list[ChatCompletionMessageParam] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("metering")
-    with running_fleet(root) as running:
+@pytest.fixture(scope="module", params=BACKENDS)
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Fleet]:
+    """The same fleet with the router's store on SQLite and on PostgreSQL (its password in a
+    passfile named by PGPASSFILE, which the router inherits)."""
+    root = tmp_path_factory.mktemp(f"metering-{request.param}")
+    with contextlib.ExitStack() as stack:
+        router_args: tuple[str, ...] = ()
+        if request.param == "postgresql":
+            cluster: PostgresCluster = request.getfixturevalue("postgres")
+            store = shared_store(cluster, root, f"metering_{next(_databases)}")
+            stack.enter_context(_environment(PASSFILE_ENV, str(store.passfile)))
+            router_args = ("--database", store.url)
+        running = stack.enter_context(running_fleet(root, *router_args))
         steady = running.standin("steady", tokens=8)
         narrow = running.standin("narrow", tokens=40, token_ms=100)
         doomed = running.standin("doomed", tokens=400, token_ms=50)
@@ -50,6 +68,22 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         running.start_member("cpu-1", "eu-central", llama_toml(device_class="cpu"))
         running.wait_joined("eu-1", "no-1", "us-1", "cpu-1", timeout=180)
         yield running
+
+
+_databases = itertools.count()
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 _OPEN: list[openai.OpenAI] = []
