@@ -262,6 +262,8 @@ class RouterState:
         self.on_revoked.append(shared.forget)
         self.shared_members = shared
         await shared.start()
+        # Each router enforces its share of every key's rate limits (gate.py).
+        self.tenancy.gate.rate_share = shared.routers_sharing
 
     async def _revoked_elsewhere(self) -> None:
         """Certificates another router of this fleet directory revoked (the registry is

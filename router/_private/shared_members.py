@@ -14,6 +14,12 @@ Each router also writes itself into `routers` (id, public URL, seen_at) every
 `ROUTER_BEAT_S` and removes itself at stop; `live_routers` lists those seen within
 `ROUTER_LIVE_S`, for whatever needs every router (the fleet's audit export).
 
+With each of those beats it also counts the routers seen within `SHARE_LIVE_S` (three
+beats), itself included: `routers_sharing`, the share the gate divides each key's rate
+limits by (federation/_private/gate.py). A router SIGKILLed stops counting within
+`SHARE_LIVE_S` plus a beat, about 2 s; one stopped removes its row, so at once. A router
+whose own beats fail keeps its last count.
+
 Routers sharing a fleet directory share its enrollment registry, but each holds its own
 copy of the CRL in its TLS contexts and its own fleet: a revocation through one router
 must reach the others. So with each sync the router also runs `revocations` (the
@@ -40,7 +46,8 @@ from router._private.fleet import Fleet, Node
 log = logging.getLogger("palisade.router")
 
 SYNC_S = 0.5
-ROUTER_BEAT_S = 1.0
+ROUTER_BEAT_S = 0.5
+SHARE_LIVE_S = 1.5
 ROUTER_LIVE_S = 5.0
 # Rows are read from a little before the newest one already read: a row whose transaction
 # committed after a later one was read is still seen (feeding one twice changes nothing).
@@ -67,6 +74,10 @@ _LIVE = """
 SELECT id, public_url FROM routers
 WHERE seen_at > CAST(extract(epoch from clock_timestamp()) AS DOUBLE PRECISION) - ?
 ORDER BY id
+"""
+_SHARING = """
+SELECT count(*) FROM routers
+WHERE seen_at > CAST(extract(epoch from clock_timestamp()) AS DOUBLE PRECISION) - ?
 """
 
 
@@ -108,6 +119,7 @@ class SharedMembers:
         self._since = 0.0
         self._failing = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._sharing = 1
 
     def heard(self, heartbeat: Heartbeat, serial: int) -> None:
         """A heartbeat this router received: written at the next sync (the newest only)."""
@@ -121,6 +133,7 @@ class SharedMembers:
         self._forget.add(node_id)
 
     async def start(self) -> None:
+        await self._attempt(self.announce)  # this router's share before it serves
         self._tasks = [
             asyncio.create_task(self._every(SYNC_S, self.sync)),
             asyncio.create_task(self._every(ROUTER_BEAT_S, self.announce)),
@@ -152,8 +165,15 @@ class SharedMembers:
             await self._feed(node, bytes(blob), float(age_s))
 
     async def announce(self) -> None:
+        """This router is alive; how many are (`routers_sharing`)."""
         async with self._db.transaction() as tx:
             await tx.execute(_ROUTER, (self._router_id, self._public_url()))
+            row = await tx.fetchone(_SHARING, (SHARE_LIVE_S,))
+        self._sharing = max(1, int(row[0])) if row is not None else 1
+
+    def routers_sharing(self) -> int:
+        """Live routers sharing the store, this one included, as of the last beat."""
+        return self._sharing
 
     async def _write(self, heard: dict[str, bytes], forget: set[str]) -> None:
         if not heard and not forget:
@@ -179,12 +199,15 @@ class SharedMembers:
 
     async def _every(self, period_s: float, step: Callable[[], Awaitable[None]]) -> None:
         while True:
-            try:
-                await step()
-                self._note(ok=True, reason="")
-            except StoreError as exc:
-                self._note(ok=False, reason=str(exc))
+            await self._attempt(step)
             await asyncio.sleep(period_s)
+
+    async def _attempt(self, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+            self._note(ok=True, reason="")
+        except StoreError as exc:
+            self._note(ok=False, reason=str(exc))
 
     def _note(self, *, ok: bool, reason: str) -> None:
         """One warning per outage, not one per sync."""
