@@ -40,6 +40,7 @@ BODY = json.dumps(
         "max_tokens": 4,
     }
 ).encode()
+RECONNECT_S = 1.0
 _orgs = itertools.count()
 
 
@@ -251,6 +252,12 @@ def test_a_router_killed_under_load_loses_no_usage_and_its_slices_return(
 # --- 2. PostgreSQL restarted under load ----------------------------------------------------
 
 
+def router_errors(routers: Routers) -> list[str]:
+    """The routers' log lines naming an error (what a failed assertion shows)."""
+    lines = (line for r in routers.routers for line in r.server.log_text().splitlines())
+    return [line for line in lines if "Error" in line or "Traceback" in line][-40:]
+
+
 def served_between(load: Load, start: float, end: float) -> list[Sent]:
     """Requests sent after `start` and answered 200 before `end`."""
     return [s for s in load.sent if s.status == 200 and s.started > start and s.ended < end]
@@ -290,8 +297,10 @@ def test_routers_serve_through_a_database_restart_and_count_it_once(
     codes = Counter(
         json.loads(s.detail)["error"]["code"] if s.status else s.detail for s in refused
     )
-    assert set(codes) <= {"store_unavailable"}, codes
-    assert all(stopping < s.started < started for s in refused)
+    assert set(codes) <= {"store_unavailable"}, (codes, router_errors(routers))
+    # A router's pooled connections broke with the server: it may refuse until it reconnects.
+    outside = [s for s in refused if not stopping < s.started < started + RECONNECT_S]
+    assert [(round(s.started - stopping, 3), s.detail) for s in outside] == []
 
     served = [s.final.request_id for s in sent if s.final.status == 200]
     ids = {rid for rid in served if rid is not None}
@@ -308,6 +317,7 @@ def test_routers_serve_through_a_database_restart_and_count_it_once(
         "refused_in_outage": dict(codes),
         "stop_s": round(stopped - stopping, 3),
         "outage_s": round(started - stopping, 3),
+        "refused_after_start": sum(1 for s in refused if s.started > started),
         "used_tokens": used_tokens(routers, org),
     }
     for name, value in figures.items():
