@@ -433,7 +433,7 @@ def _driver() -> ModuleType:
 def _failures() -> tuple[type[BaseException], ...]:
     """What the driver raises when the database or the connection to it fails."""
     asyncpg = _driver()
-    return (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+    return (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 def _reason(exc: BaseException) -> str:

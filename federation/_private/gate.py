@@ -43,6 +43,7 @@ import msgspec
 
 from federation._private.admin_wire import KeyLimits, UsageRecord
 from federation._private.budget_slices import LEASE_S, BudgetSlices, budget_exceeded
+from federation._private.database import StoreError
 from federation._private.errors import RateLimitError, ServiceUnavailableError
 from federation._private.journal import Journal, LeaseBook, boot_id, journal_epoch
 from federation._private.principal import Principal
@@ -53,6 +54,7 @@ Monotonic = Callable[[], float]
 Held = Callable[[str, str], int]  # (org, month) -> tokens held by nodes' budget-share leases
 _FLUSH_SECONDS = 0.2
 _FLUSH_BATCH = 256
+_REFRESH_ROUNDS = 10  # flush rounds between two reads of a shared store's used tokens (2 s)
 _ROTATE_BYTES = 4 * 1024 * 1024  # the journal is rewritten with only what is open past this
 REQUEST_ID_HEADER = "x-request-id"
 INTERRUPTED = "interrupted"
@@ -617,11 +619,33 @@ class Gate:
             found.append(Recovered(usage, org, month, target - used, INTERRUPTED))
         return found
 
+    async def refresh_used(self) -> None:
+        """On a shared store, the month's used tokens as the database holds them (every
+        router's written usage) plus this router's not yet written: what budget reports and
+        the budget-use gauge show. Admission never reads them there (slices do)."""
+        month = month_of(self._store.clock())
+        # Counted before the read: a batch written meanwhile is then counted twice until
+        # the next refresh, never missed.
+        pending: dict[tuple[str, str], int] = dict(self._totals)
+        for batch in self._batches:
+            for slot, tokens in batch.totals.items():
+                pending[slot] = pending.get(slot, 0) + tokens
+        written = await self._store.month_usage(month)
+        for org in set(written) | {org for org, m in pending if m == month}:
+            self._used[(org, month)] = written.get(org, 0) + pending.get((org, month), 0)
+
     async def _flush_forever(self) -> None:
+        rounds = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), _FLUSH_SECONDS)
             self._wakeup.clear()
+            rounds += 1
+            if self.slices is not None and rounds % _REFRESH_ROUNDS == 0:
+                try:
+                    await self.refresh_used()
+                except StoreError as exc:
+                    log.warning("could not read the month's usage: %s", exc)
             try:
                 await self.flush()
             except Exception:

@@ -24,6 +24,7 @@ from tests.e2e.fleet import UPSTREAM_MODEL
 from tests.e2e.routers import Routers, running_routers, shared_store
 from tests.federation.tenants import Admin
 from tests.postgres import postgres  # noqa: F401 - a fixture
+from tests.support import wait_for
 
 MAX_TOKENS = 4
 BODY = json.dumps(
@@ -138,9 +139,22 @@ def test_a_budget_holds_across_three_routers(
         assert report["requests"] == len(admitted)
         assert report["input_tokens"] + report["output_tokens"] <= budget
         admitted_counts.append(len(admitted))
+    # Every router reports the org's use as the store holds it, whichever router served it.
+    used: int = report["input_tokens"] + report["output_tokens"]
+    for url in urls:
+
+        def agrees(url: str = url) -> bool:
+            return _used_tokens(url, routers.admin.key, org) == used
+
+        wait_for(agrees, timeout=10)
     record_property("admitted_counts", admitted_counts)
     with capsys.disabled():  # the figures the lead reports
         print(f"\nbudget of {budget} tokens, 150 requests a round: admitted {admitted_counts}")  # noqa: T201
+
+
+def _used_tokens(url: str, admin_key: str, org: str) -> int:
+    used: int = Admin(url, admin_key).ok("GET", f"/admin/v1/orgs/{org}/budget")["used_tokens"]
+    return used
 
 
 # --- 2. a revoked key is refused everywhere within a second ----------------------------------
