@@ -7,7 +7,7 @@ STAMP := $(VENV)/.palisade-installed
 export PALISADE_HOME ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup system-deps model run run-monitored test check lint typecheck docs bench bench-guidellm clean \
+.PHONY: help setup system-deps model run run-monitored run-scaled test check lint typecheck docs bench bench-guidellm clean \
 	image-deps appliance-image image-test vllm-lane
 # Debian tools the image code runs (squashfs, GPT, GRUB's environment block, dm-verity format),
 # Prometheus and Alertmanager (the monitoring e2e test, promtool/amtool checks), and PostgreSQL
@@ -50,6 +50,9 @@ run: model ## Start a local fleet (router + appliances in eu-west and us-east), 
 
 run-monitored: model system-deps ## The local fleet with Prometheus (:9090) and Alertmanager (:9093); alerts to :9095
 	$(BIN)/palisade fleet up --with-prometheus
+
+run-scaled: model system-deps ## The local fleet with 3 routers on a private PostgreSQL behind HAProxy
+	$(BIN)/palisade fleet up --routers 3 --database postgresql
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .
