@@ -101,6 +101,8 @@ class Database(Protocol):
     async def close(self) -> None: ...
 
 
+# The listening connection's application_name (pg_stat_activity shows it).
+LISTENER_NAME = "palisade-policy-listener"
 # Passed to a listener when announcements may have been lost: reload everything.
 RELOAD = "*"
 
@@ -367,7 +369,11 @@ class PostgresDatabase:
         while True:
             lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             try:
-                connection = await _driver().connect(self._url, timeout=_CONNECT_TIMEOUT_S)
+                connection = await _driver().connect(
+                    self._url,
+                    timeout=_CONNECT_TIMEOUT_S,
+                    server_settings={"application_name": LISTENER_NAME},
+                )
             except _failures() as exc:
                 log.warning("cannot listen for policy changes yet: %s", _reason(exc))
                 if first:

@@ -12,10 +12,12 @@ revoked through one router is refused by every other within a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -192,6 +194,8 @@ class TenancyStore:
         # Who announces this process's changes, so that it does not reload its own.
         self._origin = os.urandom(6).hex()
         self._reloads: set[asyncio.Task[None]] = set()
+        self._reloading = asyncio.Lock()
+        self._writes = 0  # this process's transactions ended so far
 
     @property
     def database(self) -> Database:
@@ -238,31 +242,45 @@ class TenancyStore:
         return self._db.shared
 
     async def _load(self) -> None:
-        orgs: dict[str, OrgRecord] = {}
-        for row in await self._db.fetch(_SELECT_ORGS):
-            orgs[row[0]] = _org_record(row)
+        (await self._read_everything())()
+        await self._open_missing_spans()
+
+    async def _read_everything(self) -> Callable[[], None]:
+        orgs = {row[0]: _org_record(row) for row in await self._db.fetch(_SELECT_ORGS)}
         users = {row[0]: UserRecord(*row) for row in await self._db.fetch(_SELECT_USERS)}
         keys = {row[0]: _key_record(row) for row in await self._db.fetch(_SELECT_KEYS)}
-        self.orgs, self.users, self.keys = orgs, users, keys
-        self.region_spans = {}
-        await self._load_region_spans()
-
-    async def _load_region_spans(self) -> None:
-        """The region history; a region without an open span (a database made before the
-        history was kept) is taken as allowed since its org was created."""
+        spans: dict[str, list[RegionSpan]] = {}
         for org, region, since, until in await self._db.fetch(
             f"SELECT org, region, since, until FROM org_region_spans ORDER BY {self._db.rowid}"  # noqa: S608
         ):
-            self.region_spans.setdefault(org, []).append(RegionSpan(region, since, until))
+            spans.setdefault(org, []).append(RegionSpan(region, since, until))
+
+        def apply() -> None:
+            self.orgs, self.users, self.keys, self.region_spans = orgs, users, keys, spans
+
+        return apply
+
+    async def _open_missing_spans(self) -> None:
+        """A region without an open span (a database made before the history was kept) is
+        taken as allowed since its org was created."""
         missing = [
             record
             for record in self.orgs.values()
             if set(record.regions) - self._open_regions(record.name)
         ]
         if missing:
-            async with self._db.transaction() as tx:
+            async with self._transaction() as tx:
                 for record in missing:
                     await self._open_spans(tx, record.name, record.regions, record.created_at)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Transaction]:
+        """A transaction of this process's; counted when it ends (see `_reload`)."""
+        try:
+            async with self._db.transaction() as tx:
+                yield tx
+        finally:
+            self._writes += 1
 
     def _open_regions(self, org: str) -> set[str]:
         return {span.region for span in self.region_spans.get(org, []) if span.until is None}
@@ -308,21 +326,33 @@ class TenancyStore:
     def _heard(self, topic: str) -> None:
         """Another process changed `kind name` (or, with RELOAD, maybe anything): reload it."""
         if topic == RELOAD:
-            self._reload(self._reload_everything())
+            self._reload(self._read_everything)
             return
         origin, _, rest = topic.partition(" ")
         kind, _, name = rest.partition(" ")
         if origin == self._origin or not name:
             return
-        reload = {"org": self._reload_org, "user": self._reload_user, "key": self._reload_key}
-        action = reload.get(kind)
-        if action is not None:
-            self._reload(action(name))
+        readers = {"org": self._read_org, "user": self._read_user, "key": self._read_key}
+        read = readers.get(kind)
+        if read is not None:
+            self._reload(functools.partial(read, name))
 
-    def _reload(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+    def _reload(self, read: Callable[[], Awaitable[Callable[[], None]]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_in_turn(read))
         self._reloads.add(task)
         task.add_done_callback(self._reloaded)
+
+    async def _reload_in_turn(self, read: Callable[[], Awaitable[Callable[[], None]]]) -> None:
+        """Reloads run one at a time, in the order heard, so an older read never lands after
+        a newer one; and a read that a transaction of this process's ended during is read
+        again, so it cannot put back what that transaction had just changed in memory."""
+        async with self._reloading:
+            while True:
+                writes = self._writes
+                apply = await read()
+                if writes == self._writes:
+                    apply()
+                    return
 
     def _reloaded(self, task: asyncio.Task[None]) -> None:
         self._reloads.discard(task)
@@ -333,35 +363,43 @@ class TenancyStore:
             return
         self._changed()
 
-    async def _reload_everything(self) -> None:
-        await self._load()
-
-    async def _reload_org(self, name: str) -> None:
+    async def _read_org(self, name: str) -> Callable[[], None]:
         row = await self._db.fetchone(_SELECT_ORGS + " WHERE o.name = ?", (name,))
         spans = await self._db.fetch(
             f"SELECT region, since, until FROM org_region_spans WHERE org = ? "  # noqa: S608
             f"ORDER BY {self._db.rowid}",  # the rowid word is one of two fixed names
             (name,),
         )
-        if row is None:
-            self.orgs.pop(name, None)
-            return
-        self.orgs[name] = _org_record(row)
-        self.region_spans[name] = [RegionSpan(*span) for span in spans]
 
-    async def _reload_user(self, user_id: str) -> None:
+        def apply() -> None:
+            if row is None:
+                self.orgs.pop(name, None)
+                return
+            self.orgs[name] = _org_record(row)
+            self.region_spans[name] = [RegionSpan(*span) for span in spans]
+
+        return apply
+
+    async def _read_user(self, user_id: str) -> Callable[[], None]:
         row = await self._db.fetchone(_SELECT_USERS + " WHERE id = ?", (user_id,))
-        if row is not None:
-            user = UserRecord(*row)
-            self.users = {k: v for k, v in self.users.items() if v.email != user.email}
-            self.users[user.id] = user
-        for key_row in await self._db.fetch(_SELECT_KEYS + " WHERE user_id = ?", (user_id,)):
-            self.keys[key_row[0]] = _key_record(key_row)
+        keys = await self._db.fetch(_SELECT_KEYS + " WHERE user_id = ?", (user_id,))
 
-    async def _reload_key(self, key_id: str) -> None:
+        def apply() -> None:
+            if row is not None:
+                self._keep_user(UserRecord(*row))
+            for key_row in keys:
+                self.keys[key_row[0]] = _key_record(key_row)
+
+        return apply
+
+    async def _read_key(self, key_id: str) -> Callable[[], None]:
         row = await self._db.fetchone(_SELECT_KEYS + " WHERE id = ?", (key_id,))
-        if row is not None:
-            self.keys[key_id] = _key_record(row)
+
+        def apply() -> None:
+            if row is not None:
+                self.keys[key_id] = _key_record(row)
+
+        return apply
 
     # --- audit --------------------------------------------------------------------------
 
@@ -406,7 +444,7 @@ class TenancyStore:
         self, event: str, actor: str, org: str | None, payload: dict[str, Any]
     ) -> None:
         """Audit a management action taken outside the store (e.g. a model's pricing)."""
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             await self._audit(tx, event, actor, org, payload)
 
     async def audit_events(self, org: str | None) -> list[AuditEvent]:
@@ -428,7 +466,7 @@ class TenancyStore:
         """Create the system admin and its key on first start; returns the key once."""
         if any(user.role == "system_admin" for user in self.users.values()):
             return None
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             user = await self._insert_user(tx, "admin@local", "system_admin", None)
             key_text, record = await self._insert_key(
                 tx, user, "bootstrap", None, None, KeyLimits()
@@ -455,7 +493,7 @@ class TenancyStore:
             iso(self.clock()),
         )
         try:
-            async with self._db.transaction() as tx:
+            async with self._transaction() as tx:
                 inserted = await tx.execute(
                     "INSERT INTO orgs VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                     (
@@ -487,7 +525,7 @@ class TenancyStore:
 
     async def set_budget(self, name: str, tokens: int | None, actor: str) -> OrgRecord:
         record = replace(self.org(name), budget_tokens=tokens)
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             await tx.execute("UPDATE orgs SET budget_tokens = ? WHERE name = ?", (tokens, name))
             await self._audit(tx, "budget_changed", actor, name, {"budget_tokens": tokens})
             self._announce(tx, "org", name)
@@ -497,7 +535,7 @@ class TenancyStore:
     async def set_key_limits(self, name: str, limits: KeyLimits, actor: str) -> OrgRecord:
         """The org's default key limits: what its members' new keys get, and at most."""
         record = replace(self.org(name), key_limits=limits)
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             await tx.execute(
                 "INSERT INTO org_key_limits VALUES (?, ?) ON CONFLICT(org) DO UPDATE SET "
                 "limits = excluded.limits",
@@ -520,7 +558,7 @@ class TenancyStore:
         text = json.dumps(sorted(record.regions))
         spans = list(self.region_spans.get(name, []))
         try:
-            async with self._db.transaction() as tx:
+            async with self._transaction() as tx:
                 await tx.execute("UPDATE orgs SET regions = ? WHERE name = ?", (text, name))
                 now = iso(self.clock())
                 await self._close_spans(tx, name, record.regions, now)
@@ -558,7 +596,7 @@ class TenancyStore:
 
     async def add_user(self, email: str, role: str, org: str | None, actor: str) -> UserRecord:
         """Create a user directly (bootstrap and demo accounts; people join by invitation)."""
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             user = await self._insert_user(tx, email, role, org)
             await self._audit(
                 tx, "user_created", actor, org, {"user_id": user.id, "email": email, "role": role}
@@ -579,7 +617,7 @@ class TenancyStore:
         token, token_hash = keylib.new_token()
         now = self.clock()
         expires = iso(now + INVITE_TTL)
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             await tx.execute(
                 "INSERT INTO invites VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
                 (token_hash, spec.email, spec.org or "", spec.role, actor, iso(now), expires),
@@ -602,7 +640,7 @@ class TenancyStore:
         email, role = row[0], row[2]
         org = row[1] or None  # none: the fleet-wide auditor
         key_limits = self.org(org).key_limits if org is not None else KeyLimits()
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             # Taken once even when two routers sharing the store are handed it at once.
             taken = await tx.execute(
                 "UPDATE invites SET accepted_at = ? WHERE token_hash = ? AND accepted_at IS NULL",
@@ -626,7 +664,7 @@ class TenancyStore:
         user = self.user(user_id)
         now = iso(self.clock())
         removed = replace(user, removed_at=now)
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             await tx.execute("UPDATE users SET removed_at = ? WHERE id = ?", (now, user_id))
             await tx.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL",
@@ -695,7 +733,7 @@ class TenancyStore:
                     code="invalid_value",
                     param="regions",
                 )
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             key_text, record = await self._insert_key(
                 tx, user, spec.name, spec.regions, spec.expires_in_days, spec.limits or KeyLimits()
             )
@@ -719,7 +757,7 @@ class TenancyStore:
         record = self.key(key_id)
         if record.revoked_at is None:
             record = replace(record, revoked_at=iso(self.clock()))
-            async with self._db.transaction() as tx:
+            async with self._transaction() as tx:
                 await tx.execute(
                     "UPDATE api_keys SET revoked_at = ? WHERE id = ?", (record.revoked_at, key_id)
                 )
@@ -730,7 +768,7 @@ class TenancyStore:
 
     async def set_limits(self, key_id: str, limits: KeyLimits, actor: str) -> KeyRecord:
         record = replace(self.key(key_id), limits=limits)
-        async with self._db.transaction() as tx:
+        async with self._transaction() as tx:
             await tx.execute(
                 "UPDATE api_keys SET limits = ? WHERE id = ?", (_limits_text(limits), key_id)
             )
@@ -819,7 +857,7 @@ class TenancyStore:
         counted again.
         """
         totals: dict[tuple[str, str], int] = {}
-        async with self._db.transaction() as tx:
+        async with self._db.transaction() as tx:  # usage: no org, user or key changes
             for entry in recovered:
                 row = _usage_row(entry.record) if entry.record is not None else None
                 if row is not None and await tx.execute(_INSERT_USAGE_ONCE, row) != 1:
@@ -848,7 +886,7 @@ class TenancyStore:
         return row is not None
 
     async def grant_edge_lease(self, node: str, org: str, month: str, tokens: int) -> None:
-        async with self._db.transaction() as tx:
+        async with self._db.transaction() as tx:  # usage: no org, user or key changes
             await tx.execute(
                 "INSERT INTO edge_leases VALUES (?, ?, ?, ?, 0) ON CONFLICT(node, org, month) "
                 "DO UPDATE SET granted = edge_leases.granted + excluded.granted",
@@ -864,7 +902,7 @@ class TenancyStore:
         """
         applied: set[str] = set()
         totals: dict[tuple[str, str], int] = {}
-        async with self._db.transaction() as tx:
+        async with self._db.transaction() as tx:  # usage: no org, user or key changes
             for record_id, entry in entries:
                 inserted = await tx.execute(
                     "INSERT INTO edge_records VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
@@ -908,7 +946,7 @@ class TenancyStore:
         `totals` covers every settled request, including those of `zero`-logging orgs,
         which leave no per-request row.
         """
-        async with self._db.transaction() as tx:
+        async with self._db.transaction() as tx:  # usage: no org, user or key changes
             if mark is not None and await self._landed(tx, journal, *mark):
                 return  # an earlier try committed, and its answer was lost with the connection
             # A request id already present can only be a collision of random ids (or a row
