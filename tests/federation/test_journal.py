@@ -33,6 +33,8 @@ from federation import (
 )
 from federation._private import gate as gate_module
 from federation._private.admin_wire import OrgCreate
+from tests.federation.tenants import BACKENDS, policy_database
+from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 
 ORG = "acme"
 BUDGET = 1600
@@ -43,8 +45,17 @@ def run(body: Callable[[], Coroutine[None, None, None]]) -> None:
     asyncio.run(body())
 
 
-async def open_gate(home: Path, *, budget: int | None = BUDGET) -> tuple[TenancyStore, Gate]:
-    store = await TenancyStore.open(home / "policy.db")
+@pytest.fixture(params=BACKENDS)
+def database(request: pytest.FixtureRequest) -> str | None:
+    """The policy store: None for SQLite (policy.db beside the journal), else a migrated
+    PostgreSQL database's URL (the journal still lives in the server's home)."""
+    return policy_database(request, request.param)
+
+
+async def open_gate(
+    home: Path, *, budget: int | None = BUDGET, database: str | None = None
+) -> tuple[TenancyStore, Gate]:
+    store = await TenancyStore.open(home / "policy.db", database=database)
     if ORG not in store.orgs:
         await store.create_org(
             OrgCreate(name=ORG, regions=["eu-west"], budget_tokens=budget), "system"
@@ -58,6 +69,8 @@ async def crash(store: TenancyStore, gate: Gate) -> None:
     """What SIGKILL leaves: the journal and policy.db, nothing held in memory."""
     if gate._flusher is not None:
         gate._flusher.cancel()
+    if gate.slices is not None and gate.slices._renewer is not None:
+        gate.slices._renewer.cancel()  # its slices stay in the database, as a dead one's do
     gate._journal.close()
     await store.close()
 
@@ -75,20 +88,20 @@ def by_request(records: list[UsageRecord]) -> dict[str, int]:
 
 
 def test_a_crash_settles_in_flight_requests_at_their_reservation_exactly_once(
-    tmp_path: Path,
+    tmp_path: Path, database: str | None
 ) -> None:
     async def body() -> None:
-        store, gate = await open_gate(tmp_path)
-        flushed = gate.admit(PRINCIPAL, 100, model="m")
-        unflushed = gate.admit(PRINCIPAL, 100, model="m")
-        in_flight = gate.admit(PRINCIPAL, 300, model="m")
+        store, gate = await open_gate(tmp_path, database=database)
+        flushed = await gate.admit_async(PRINCIPAL, 100, model="m")
+        unflushed = await gate.admit_async(PRINCIPAL, 100, model="m")
+        in_flight = await gate.admit_async(PRINCIPAL, 300, model="m")
         assert in_flight.headers[REQUEST_ID_HEADER] == in_flight.id
         settle(gate, flushed, 40)
         await gate.flush()
         settle(gate, unflushed, 60)  # in memory only when the process dies
         await crash(store, gate)
 
-        store, gate = await open_gate(tmp_path)
+        store, gate = await open_gate(tmp_path, database=database)
         records = await store.usage_records(ORG)
         assert by_request(records) == {flushed.id: 1, unflushed.id: 1, in_flight.id: 1}
         statuses = {r.request_id: (r.status, r.input_tokens) for r in records}
@@ -98,7 +111,7 @@ def test_a_crash_settles_in_flight_requests_at_their_reservation_exactly_once(
         assert (await store.month_usage(gate.budget_state(ORG)[0]))[ORG] == 400
 
         await crash(store, gate)  # nothing new: a second recovery adds nothing
-        store, gate = await open_gate(tmp_path)
+        store, gate = await open_gate(tmp_path, database=database)
         assert by_request(await store.usage_records(ORG)) == by_request(records)
         assert gate.budget_state(ORG)[1] == 400
         await gate.stop()
@@ -107,22 +120,24 @@ def test_a_crash_settles_in_flight_requests_at_their_reservation_exactly_once(
     run(body)
 
 
-def test_recovering_the_same_journal_twice_counts_nothing_twice(tmp_path: Path) -> None:
+def test_recovering_the_same_journal_twice_counts_nothing_twice(
+    tmp_path: Path, database: str | None
+) -> None:
     """A crash after recovery committed, before it replaced the journal."""
 
     async def body() -> None:
-        store, gate = await open_gate(tmp_path, budget=None)
-        gate.admit(PRINCIPAL, 70, model="m")
+        store, gate = await open_gate(tmp_path, budget=None, database=database)
+        await gate.admit_async(PRINCIPAL, 70, model="m")
         zero = Principal(org=ORG, user="usr_2", logging_mode="zero")
-        settle(gate, gate.admit(zero, 50), 20)  # zero logging: counters only, no row
+        settle(gate, await gate.admit_async(zero, 50), 20)  # zero logging: counters only, no row
         await crash(store, gate)
         journal = (tmp_path / "admissions.journal").read_bytes()
 
-        store, gate = await open_gate(tmp_path, budget=None)
+        store, gate = await open_gate(tmp_path, budget=None, database=database)
         await crash(store, gate)
         (tmp_path / "admissions.journal").write_bytes(journal)
 
-        store, gate = await open_gate(tmp_path, budget=None)
+        store, gate = await open_gate(tmp_path, budget=None, database=database)
         assert gate.budget_state(ORG)[1] == 70 + 20
         assert [r.status for r in await store.usage_records(ORG)] == [INTERRUPTED]
         await gate.stop()
@@ -131,10 +146,10 @@ def test_recovering_the_same_journal_twice_counts_nothing_twice(tmp_path: Path) 
     run(body)
 
 
-def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
+def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path, database: str | None) -> None:
     async def body() -> None:
-        store, gate = await open_gate(tmp_path)
-        settle(gate, gate.admit(PRINCIPAL, 100, model="m"), 30)
+        store, gate = await open_gate(tmp_path, database=database)
+        settle(gate, await gate.admit_async(PRINCIPAL, 100, model="m"), 30)
         await gate.stop()
         await store.close()
         lines = Journal(tmp_path / "admissions.journal").read()
@@ -142,7 +157,7 @@ def test_a_clean_stop_leaves_nothing_to_recover(tmp_path: Path) -> None:
         assert len(lines) == 1
         assert json.loads(lines[0])["clean"] is True
 
-        store, gate = await open_gate(tmp_path)
+        store, gate = await open_gate(tmp_path, database=database)
         assert gate.budget_state(ORG)[1] == 30
         assert len(await store.usage_records(ORG)) == 1
         await gate.stop()
