@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -98,11 +99,18 @@ class Database(Protocol):
         """Return once every transaction already begun has ended."""
         ...
 
+    async def heard_up_to_now(self) -> None:
+        """Return once the listener has been handed every announcement committed before
+        this call (nothing to wait for where there is no other process)."""
+        ...
+
     async def close(self) -> None: ...
 
 
 # The listening connection's application_name (pg_stat_activity shows it).
 LISTENER_NAME = "palisade-policy-listener"
+# A payload starting so is a process's own marker (`heard_up_to_now`), never a change.
+_MARKER = "marker:"
 # Passed to a listener when announcements may have been lost: reload everything.
 RELOAD = "*"
 
@@ -235,6 +243,9 @@ class SqliteDatabase:
         async with self._turn:
             pass
 
+    async def heard_up_to_now(self) -> None:
+        """Only this process writes a SQLite store."""
+
     async def close(self) -> None:
         await self._db.close()
 
@@ -309,6 +320,7 @@ class PostgresDatabase:
         self._statements = _Statements({})
         self._open: set[asyncio.Future[None]] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._markers: dict[str, asyncio.Future[None]] = {}
 
     @classmethod
     async def connect(cls, url: str) -> PostgresDatabase:
@@ -385,7 +397,8 @@ class PostgresDatabase:
             try:
                 connection.add_termination_listener(functools.partial(_lost, lost))
                 await connection.add_listener(
-                    CHANNEL, lambda _c, _pid, _channel, payload: callback(payload)
+                    CHANNEL,
+                    lambda _c, _pid, _channel, payload: self._hear(payload, callback),
                 )
                 if first:
                     ready.set_result(None)
@@ -404,6 +417,30 @@ class PostgresDatabase:
         pending = list(self._open)
         if pending:
             await asyncio.gather(*pending)
+
+    async def heard_up_to_now(self) -> None:
+        """A marker of our own through the channel: PostgreSQL delivers notifications in
+        commit order, so once the listener hears it, it has heard everything before it."""
+        marker = f"{_MARKER}{os.urandom(8).hex()}"
+        heard: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._markers[marker] = heard
+        try:
+            await self._pool.execute("SELECT pg_notify($1, $2)", CHANNEL, marker)
+            await asyncio.wait_for(heard, _CONNECT_TIMEOUT_S)
+        except _failures() as exc:  # TimeoutError is an OSError
+            raise StoreError(
+                f"The policy database's announcements are not arriving: {_reason(exc)}."
+            ) from exc
+        finally:
+            self._markers.pop(marker, None)
+
+    def _hear(self, payload: str, callback: Callable[[str], None]) -> None:
+        if payload.startswith(_MARKER):
+            marker = self._markers.get(payload)
+            if marker is not None and not marker.done():
+                marker.set_result(None)
+            return  # another process's marker: not an announcement
+        callback(payload)
 
     async def close(self) -> None:
         if self._listener is not None:

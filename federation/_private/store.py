@@ -440,6 +440,15 @@ class TenancyStore:
         """
         await self._db.settled()
 
+    async def caught_up(self) -> None:
+        """Return once every change committed by any process before this call is in this
+        process's memory: its own are (`settled`), and others' were heard and reloaded."""
+        await self.settled()
+        await self._db.heard_up_to_now()
+        pending = list(self._reloads)  # started for what was heard before the marker
+        if pending:
+            await asyncio.wait(pending)
+
     async def record_event(
         self, event: str, actor: str, org: str | None, payload: dict[str, Any]
     ) -> None:

@@ -7,7 +7,9 @@ a long poll. The version goes up only when what the snapshot grants changes (its
 `content_digest`), never for a new issue time or budget spent, and it is kept in
 `fleet/policy.state` with that digest, so it never goes back across restarts (an appliance
 refuses a lower version). A router that lost that file catches up with the highest version
-an appliance reports (`catch_up`).
+an appliance reports (`catch_up`). Routers sharing a store and a fleet directory number
+their snapshots together, under the directory's policy lock
+(`_rebuild_with_the_others`): one version, one content, whichever router an appliance asks.
 
 A change is noticed three ways: the tenancy store announces every management change
 (`TenancyStore.on_change`), whoever revokes a node certificate may call `changed()`, and a
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +142,9 @@ class PolicyPublisher:
     async def rebuild(self) -> bool:
         """Build the snapshot; publish it under a new version if it grants anything new.
         Returns whether a new version was published."""
+        if self._tenancy.store.shared:
+            async with self._building:
+                return await self._rebuild_with_the_others()
         async with self._building:
             self._seen = self._sources()
             snapshot = self.build(self.version)
@@ -148,6 +155,34 @@ class PolicyPublisher:
                 snapshot = await self._persist(snapshot, self.version + 1, digest)
             self._publish(snapshot)
             return True
+
+    async def _rebuild_with_the_others(self) -> bool:
+        """Routers sharing a store and this fleet directory number snapshots together.
+
+        Each builds while holding the directory's policy lock, after catching up with every
+        change committed before it took the lock (`TenancyStore.caught_up`), so a snapshot
+        published later never grants from older state than one published before it: a
+        higher version never holds older content. Content already on file keeps its version.
+        """
+        path = self._fleet_dir / STATE_FILE.name
+        lock = await asyncio.to_thread(_lock, path.with_name(path.name + ".lock"))
+        try:
+            await self._tenancy.store.caught_up()
+            self._seen = self._sources()
+            version, on_file = _read_state(path)
+            snapshot = self.build(version)
+            # Which router signed it is not what it grants: equal grants, one version.
+            digest = content_digest(msgspec.structs.replace(snapshot, router_id=""))
+            if digest != on_file:
+                snapshot = await self._persist(snapshot, max(version, self.version) + 1, digest)
+            elif (version, digest) == (self.version, self._digest) and self.blob:
+                return False
+            else:
+                self.version, self._digest = version, digest
+            self._publish(snapshot)
+            return True
+        finally:
+            await asyncio.to_thread(_unlock, lock)
 
     async def catch_up(self, version: int) -> None:
         """An appliance holds `version`, above ours (this router lost `policy.state`):
@@ -251,6 +286,24 @@ def _revoked_serials(crl_pem: str) -> list[int]:
         log.exception("the fleet CRL is not readable; publishing no revoked serials")
         return []
     return sorted(revoked.serial_number for revoked in crl)
+
+
+def _lock(path: Path) -> int:
+    """Hold `path`'s exclusive lock (made 0600 if missing); blocks until it is free."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _read_text(path: Path) -> str:

@@ -5,20 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from federation import NodeIdentity, PolicySnapshot, Principal, Tenancy, verify_policy
+from federation import (
+    NodeIdentity,
+    PolicySnapshot,
+    Principal,
+    Tenancy,
+    content_digest,
+    verify_policy,
+)
 from federation._private.admin_wire import KeyCreate, OrgCreate
+from federation._private.database import open_database
+from federation._private.migrations import migrate
 from router._private.policy_publisher import CRL_FILE, FLEET_ID_FILE, STATE_FILE, PolicyPublisher
+from router._private.postgres import PostgresCluster
+from tests.postgres import postgres  # noqa: F401 - the cluster
 
 GRACE_S = 3600.0
 
@@ -266,5 +279,84 @@ def test_long_polls_end_when_the_server_starts_shutting_down(tmp_path: Path) -> 
             assert await asyncio.wait_for(waiter, 5) is None
             assert time.monotonic() - started < 1.0  # within a check interval, not 25 s
             assert await publisher.wait_newer(publisher.version, 25) is None  # and later ones
+
+    run(body)
+
+
+# --- routers sharing a store and a fleet directory ------------------------------------------
+
+
+async def _shared_database(cluster: PostgresCluster) -> str:
+    url = cluster.create_database(f"publishing_{next(_databases)}")
+    db = await open_database(url, Path())
+    try:
+        await migrate(db, now="2026-12-02T00:00:00.000+00:00")
+    finally:
+        await db.close()
+    return url
+
+
+_databases = itertools.count()
+
+
+def test_routers_sharing_a_store_give_one_content_one_version(
+    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    """Two publishers on one store and one fleet directory, changes made through either,
+    rebuilt at random moments and at once: whatever each publishes, a version never names
+    two contents, and a later version never holds fewer keys than an earlier one."""
+
+    async def body() -> None:
+        url = await _shared_database(postgres)
+        fleet_dir = tmp_path / "fleet"
+        fleet_dir.mkdir()
+        identity = NodeIdentity.load_or_create(tmp_path)
+        tenancies = [
+            Tenancy(tmp_path / f"r{n}", region="global", node=f"router-{n}", database=url)
+            for n in (1, 2)
+        ]
+        for tenancy in tenancies:
+            tenancy.home.mkdir()
+            await tenancy.start()
+        publishers = [
+            PolicyPublisher(
+                tenancy,
+                identity,
+                home=tenancy.home,
+                router_id=f"router-{n}",
+                fleet_dir=fleet_dir,
+                grace_s=GRACE_S,
+            )
+            for n, tenancy in enumerate(tenancies, start=1)
+        ]
+        seen: dict[int, set[str]] = {}
+        sizes: dict[int, int] = {}
+
+        async def publish(publisher: PolicyPublisher) -> None:
+            await publisher.rebuild()
+            snapshot = verify_policy(identity.public_key, publisher.blob)
+            granted = msgspec.structs.replace(snapshot, router_id="")
+            seen.setdefault(snapshot.version, set()).add(content_digest(granted))
+            sizes[snapshot.version] = len(snapshot.keys)
+
+        try:
+            for publisher in publishers:
+                await publisher.start()
+            for round_ in range(12):
+                await add_member(tenancies[round_ % 2])
+                await asyncio.gather(*(publish(p) for p in publishers))
+            for publisher in publishers:
+                await publish(publisher)
+        finally:
+            for publisher in publishers:
+                await publisher.stop()
+            for tenancy in tenancies:
+                await tenancy.close()
+        assert all(len(digests) == 1 for digests in seen.values()), seen
+        versions = sorted(sizes)
+        assert [sizes[v] for v in versions] == sorted(sizes[v] for v in versions)
+        assert publishers[0].version == publishers[1].version
+        assert sizes[versions[-1]] == 12 + 1  # every key made, the bootstrap admin's too
 
     run(body)
