@@ -20,13 +20,16 @@ tenant's would.
 Phases: concurrency 1 (interleaved chunks, several repeats; p50 per target, the added p50
 against `direct` in the same repeat, medians across repeats) for `direct`, `router_sqlite`
 and `router_pg`; then saturation (a closed loop of many workers) for every target, with the
-CPU time the router processes used during it (from /proc, user + system), per request.
+CPU time the router processes used during it (from /proc, user + system), per request; then
+an open loop at a fixed rate below one router's saturation through each HAProxy, with the
+same accounting: the cost of a request when one router and three carry the same load.
 
 On a machine with fewer cores than routers, three routers cannot run faster than one: the
 load generator, the stand-in, HAProxy and the routers share the cores. What scales is the
 CPU time a request costs, summed over the router processes: if three routers cost no more
 per request than one, they scale with cores. Targets (informational, never asserted):
-added p50 on PostgreSQL at most 1.2 x SQLite's; router CPU per request with three at most 1.1 x one's.
+added p50 on PostgreSQL at most 1.2 x SQLite's; router CPU per request with three at most
+1.1 x one's.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ BUDGET_TOKENS = 10**12
 PG_ADDED_P50_RATIO = 1.2
 CPU_PER_REQUEST_RATIO = 1.1
 ROUTERS = 3
+# Below one router's saturation here (about 1,600 req/s), for CPU per request at equal load.
+FIXED_RATE = 800.0
 
 
 @dataclass
@@ -203,6 +208,30 @@ def _saturation(
     return stats
 
 
+def _fixed_rate(
+    bench: Bench, target: str, routers: Sequence[_Router], rate: float
+) -> dict[str, Any]:
+    """An open loop at `rate` requests/s for open_seconds, with the routers' CPU seconds:
+    the cost of a request when one router and three carry the same load (at saturation a
+    lone router batches more per event-loop turn than three sharing two cores)."""
+    bench.settle()
+    bench.rewarm(target, workers=16)
+    pids = [router.server.process.pid for router in routers]
+    before = _ticks(pids)
+    result = bench.load.call(
+        op="open", target=target, rate=rate, seconds=bench.settings.open_seconds
+    )
+    cpu = (_ticks(pids) - before) / os.sysconf("SC_CLK_TCK")
+    stats = latency_stats(result) | {"rate": rate, "router_cpu_s": cpu}
+    stats["router_cpu_ms_per_request"] = cpu * 1000 / stats["ok"] if stats["ok"] else None
+    print(
+        f"  {rate:g}/s, {target}: p50 {_ms(stats['p50_ms'])} ms, router CPU "
+        f"{_ms(stats['router_cpu_ms_per_request'])} ms/request, {stats['errors']} errors",
+        flush=True,
+    )
+    return stats
+
+
 def _added_p50(repeats: list[dict[str, dict[str, Any]]], target: str) -> float | None:
     added = [
         stats[target]["p50_ms"] - stats["direct"]["p50_ms"]
@@ -217,7 +246,9 @@ def _ratio(top: float | None, bottom: float | None) -> float | None:
 
 
 def summarize(
-    repeats: list[dict[str, dict[str, Any]]], saturation: dict[str, dict[str, Any]]
+    repeats: list[dict[str, dict[str, Any]]],
+    saturation: dict[str, dict[str, Any]],
+    fixed: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     c1 = {
         target: {
@@ -240,6 +271,10 @@ def summarize(
         "three_vs_one_saturation": _ratio(
             saturation["haproxy_3"]["achieved_per_s"], saturation["haproxy_1"]["achieved_per_s"]
         ),
+        "three_vs_one_cpu_per_request_at_fixed_rate": _ratio(
+            fixed["haproxy_3"]["router_cpu_ms_per_request"],
+            fixed["haproxy_1"]["router_cpu_ms_per_request"],
+        ),
     }
     targets = [
         {
@@ -254,8 +289,22 @@ def summarize(
             "goal": f"<= {CPU_PER_REQUEST_RATIO}",
             "met": _at_most(ratios["three_vs_one_cpu_per_request"], CPU_PER_REQUEST_RATIO),
         },
+        {
+            "name": f"the same at {FIXED_RATE:g} req/s",
+            "value": ratios["three_vs_one_cpu_per_request_at_fixed_rate"],
+            "goal": f"<= {CPU_PER_REQUEST_RATIO}",
+            "met": _at_most(
+                ratios["three_vs_one_cpu_per_request_at_fixed_rate"], CPU_PER_REQUEST_RATIO
+            ),
+        },
     ]
-    return {"concurrency_1": c1, "saturation": saturation, "ratios": ratios, "targets": targets}
+    return {
+        "concurrency_1": c1,
+        "saturation": saturation,
+        "fixed_rate": fixed,
+        "ratios": ratios,
+        "targets": targets,
+    }
 
 
 def _at_most(value: float | None, limit: float) -> bool | None:
@@ -274,6 +323,13 @@ def print_table(summary: dict[str, Any], settings: Settings) -> None:
     print(f"\n  Saturation, closed loop, {settings.workers} workers")
     print(f"  {'target':<15}{'req/s':>9}{'p50 ms':>9}{'router CPU ms/req':>19}{'errors':>8}")
     for target, row in summary["saturation"].items():
+        print(
+            f"  {target:<15}{row['achieved_per_s']:>9,.0f}{_ms(row['p50_ms']):>9}"
+            f"{_ms(row['router_cpu_ms_per_request']):>19}{row['errors']:>8}"
+        )
+    print(f"\n  Open loop at {FIXED_RATE:g} req/s, {settings.open_seconds:g} s")
+    print(f"  {'target':<15}{'req/s':>9}{'p50 ms':>9}{'router CPU ms/req':>19}{'errors':>8}")
+    for target, row in summary["fixed_rate"].items():
         print(
             f"  {target:<15}{row['achieved_per_s']:>9,.0f}{_ms(row['p50_ms']):>9}"
             f"{_ms(row['router_cpu_ms_per_request']):>19}{row['errors']:>8}"
@@ -362,7 +418,11 @@ def run(*, out_dir: Path, settings: Settings | None = None) -> dict[str, Any]:
             "haproxy_1": _saturation(bench, "haproxy_1", shared[:1], one),
             "haproxy_3": _saturation(bench, "haproxy_3", shared, three),
         }
-        summary = summarize(repeats, saturation)
+        fixed = {
+            "haproxy_1": _fixed_rate(bench, "haproxy_1", shared[:1], FIXED_RATE),
+            "haproxy_3": _fixed_rate(bench, "haproxy_3", shared, FIXED_RATE),
+        }
+        summary = summarize(repeats, saturation, fixed)
         summary["contention"] = watch.report()
     print_table(summary, settings)
     report = {
