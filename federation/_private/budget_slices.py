@@ -19,7 +19,8 @@ a second shrinks back to what is still in flight, freeing the rest for other rou
 
 A slice lives `lease_s` seconds after its holder last renewed it (by the database's clock:
 routers' clocks may differ). The slices of a router that died are dropped by the next
-top-up of that org after they expire, so their tokens return within the lease time. A
+top-up of that org or the next renewal of any live router (every fifth of the lease) after
+they expire, so their tokens return within the lease time and a renewal interval. A
 router that cannot reach the database keeps admitting within its slices until its own
 deadline (80 % of the lease after its last renewal) and then refuses budgeted requests
 (503 `store_unavailable`) rather than risk an overshoot.
@@ -63,6 +64,7 @@ _BOOKS = (
     "coalesce(sum(granted) FILTER (WHERE holder <> ?), 0) "
     "FROM budget_slices WHERE org = ? AND month = ?"
 )
+_EXPIRE_ALL = f"DELETE FROM budget_slices WHERE expires_at < {_NOW}"  # noqa: S608
 _RENEW = f"UPDATE budget_slices SET expires_at = {_NOW} + ? WHERE holder = ?"  # noqa: S608
 
 
@@ -253,6 +255,9 @@ class BudgetSlices:
                     (keep, org, month, self.holder, was),
                 )
             await tx.execute(_RENEW, (self.lease_s, self.holder))
+            # Any router's expired slices, whatever the load: a dead router's tokens return
+            # within the lease (and a renewal interval), not only at the next top-up.
+            await tx.execute(_EXPIRE_ALL)
         self._deadline = started + self.lease_s * _DEADLINE
 
 

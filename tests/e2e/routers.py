@@ -120,12 +120,15 @@ class Routers:
         process.wait(timeout=10)
 
     def restart(self, index: int) -> Server:
-        """Start a killed router again on its ports and home; wait until it is ready."""
+        """Start a killed router again on its ports and home; wait until it is ready and
+        its own member has heartbeated to it again (in this harness no other router can
+        reach that member: each router is its own fleet, so until then it has no node)."""
         router = self.routers[index]
         server = start_server("router", router.home, *router.args)
         self.stack.callback(server.stop)
         router.restarted = server
         server.wait_ready(60)
+        router.fleet.wait_state("up", *router.fleet.members, timeout=30, ready=True)
         return server
 
     def haproxy(self, directory: Path) -> Haproxy:
@@ -148,7 +151,7 @@ def running_routers(
     """`count` routers on `store`, started one after the other, each with one member
     (`node-N` in REGION, fronting a stand-in that answers after `ttft_ms`); all joined.
     `config` is more of every router's router.toml."""
-    with contextlib.ExitStack() as stack, _environment(PASSFILE_ENV, str(store.passfile)):
+    with contextlib.ExitStack() as stack, passing(store):
         routers = Routers(store, [], stack)
         for n in range(1, count + 1):
             first = routers.routers[0].home if routers.routers else None
@@ -184,13 +187,15 @@ def _start_router(
 
 
 @contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(name)
-    os.environ[name] = value
+def passing(store: SharedStore) -> Iterator[None]:
+    """Meanwhile, the servers this process starts find the store's password through
+    PGPASSFILE (inherited from this process's environment)."""
+    previous = os.environ.get(PASSFILE_ENV)
+    os.environ[PASSFILE_ENV] = str(store.passfile)
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(name, None)
+            os.environ.pop(PASSFILE_ENV, None)
         else:
-            os.environ[name] = previous
+            os.environ[PASSFILE_ENV] = previous

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +25,7 @@ from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from appliance import DEFAULT_MODEL_ID
 from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, llama_toml, running_fleet, upstream_toml
-from tests.e2e.routers import PASSFILE_ENV, shared_store
+from tests.e2e.routers import passing, shared_store
 from tests.federation.tenants import BACKENDS, Admin, admin_of
 from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Server, wait_for
@@ -53,7 +52,7 @@ def fleet(
         if request.param == "postgresql":
             cluster: PostgresCluster = request.getfixturevalue("postgres")
             store = shared_store(cluster, root, f"metering_{next(_databases)}")
-            stack.enter_context(_environment(PASSFILE_ENV, str(store.passfile)))
+            stack.enter_context(passing(store))
             router_args = ("--database", store.url)
         running = stack.enter_context(running_fleet(root, *router_args))
         steady = running.standin("steady", tokens=8)
@@ -71,19 +70,6 @@ def fleet(
 
 
 _databases = itertools.count()
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 _OPEN: list[openai.OpenAI] = []

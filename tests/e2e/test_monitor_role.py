@@ -141,6 +141,7 @@ def test_a_monitor_key_reads_the_metrics_and_nothing_else(
             "node_id": "eu-1",
             "rollout_id": "rollout-1",
             "request_id": "req-1",
+            "router_id": "router",
         }
         answers: dict[Route, httpx.Response] = {
             (method, path, query): monitor.call(
