@@ -22,7 +22,7 @@ from pathlib import Path
 from federation import write_private
 from router._private.monitoring import free_port
 from tests.e2e.fleet import Fleet, running_fleet, upstream_toml
-from tests.e2e.routers import PASSFILE_ENV, REGION, SharedStore, _environment
+from tests.e2e.routers import REGION, SharedStore, passing
 from tests.support import start_server, write_config
 
 
@@ -60,7 +60,7 @@ def _router_args(home: Path, n: int, store: SharedStore, fleet_dir: Path | None)
 def shared_fleet(root: Path, store: SharedStore, count: int = 3) -> Iterator[SharedFleet]:
     """`count` routers of one fleet on `store`, each with its member joined (seen `up` by
     every router)."""
-    with contextlib.ExitStack() as stack, _environment(PASSFILE_ENV, str(store.passfile)):
+    with contextlib.ExitStack() as stack, passing(store):
         first_home = root / "r1" / "router"
         first = stack.enter_context(
             running_fleet(root / "r1", *_router_args(first_home, 1, store, None))
