@@ -10,11 +10,15 @@ A test makes its own database with `postgres.create_database(name)`, which retur
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
+from federation._private.database import open_database
+from federation._private.migrations import migrate
 from router._private.postgres import PostgresCluster
 
 
@@ -34,3 +38,17 @@ def postgres_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postg
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
     with postgres_cluster(tmp_path_factory) as cluster:
         yield cluster
+
+
+_databases = itertools.count()
+
+
+async def migrated_database(cluster: PostgresCluster, prefix: str) -> str:
+    """A new database in `cluster` (`<prefix>_<n>`), migrated to this code's schema; its URL."""
+    url = cluster.create_database(f"{prefix}_{next(_databases)}")
+    db = await open_database(url, Path())
+    try:
+        await migrate(db, now="2026-12-02T00:00:00.000+00:00")
+    finally:
+        await db.close()
+    return url

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import ssl
 from collections.abc import Iterator
@@ -15,9 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from federation._private.database import open_database
-from federation._private.migrations import migrate
 from router._private.postgres import PostgresCluster
+from tests.postgres import migrated_database
 from tests.support import Appliance, model_toml, run_appliance
 
 
@@ -105,7 +103,6 @@ def secured_appliance(
 
 
 BACKENDS = ("sqlite", "postgresql")
-_databases = itertools.count()
 
 
 def policy_database(request: pytest.FixtureRequest, backend: str) -> str | None:
@@ -114,14 +111,4 @@ def policy_database(request: pytest.FixtureRequest, backend: str) -> str | None:
     if backend == "sqlite":
         return None
     cluster: PostgresCluster = request.getfixturevalue("postgres")
-    url = cluster.create_database(f"tenancy_{next(_databases)}")
-    asyncio.run(_migrate(url))
-    return url
-
-
-async def _migrate(url: str) -> None:
-    db = await open_database(url, Path())
-    try:
-        await migrate(db, now="2026-01-01T00:00:00+00:00")
-    finally:
-        await db.close()
+    return asyncio.run(migrated_database(cluster, "tenancy"))

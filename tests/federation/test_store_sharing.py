@@ -5,9 +5,9 @@ reloads everything, so a change it did not hear is not missed."""
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -15,12 +15,10 @@ import pytest
 
 from federation import AuthenticationError, TenancyStore
 from federation._private.admin_wire import KeyCreate, OrgCreate
-from federation._private.database import LISTENER_NAME, open_database
-from federation._private.migrations import migrate
+from federation._private.database import LISTENER_NAME
 from router._private.postgres import PostgresCluster
-from tests.postgres import postgres  # noqa: F401 - the cluster
+from tests.postgres import migrated_database, postgres  # noqa: F401 - the cluster
 
-_names = (f"sharing_{n}" for n in itertools.count())
 DEADLINE_S = 5.0
 
 
@@ -41,14 +39,20 @@ def _refuses(store: TenancyStore, key: str) -> bool:
     return False
 
 
-async def _database(cluster: PostgresCluster) -> str:
-    url = cluster.create_database(next(_names))
-    db = await open_database(url, Path())
+@contextlib.asynccontextmanager
+async def two_stores(
+    cluster: PostgresCluster, home: Path
+) -> AsyncIterator[tuple[str, TenancyStore, TenancyStore]]:
+    """Two stores on one new PostgreSQL database (its URL first), as two routers hold them."""
+    url = await migrated_database(cluster, "sharing")
+    stores = [
+        await TenancyStore.open(home / name / "policy.db", database=url) for name in ("one", "two")
+    ]
     try:
-        await migrate(db, now="2026-12-02T00:00:00.000+00:00")
+        yield url, stores[0], stores[1]
     finally:
-        await db.close()
-    return url
+        for store in stores:
+            await store.close()
 
 
 def test_a_change_through_one_store_reaches_the_other(
@@ -56,10 +60,7 @@ def test_a_change_through_one_store_reaches_the_other(
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        url = await _database(postgres)
-        one = await TenancyStore.open(tmp_path / "one" / "policy.db", database=url)
-        two = await TenancyStore.open(tmp_path / "two" / "policy.db", database=url)
-        try:
+        async with two_stores(postgres, tmp_path) as (_, one, two):
             await one.create_org(OrgCreate(name="acme", regions=["eu-west"]), "system")
             user = await one.add_user("ada@acme.eu", "org_admin", "acme", "system")
             created = await one.create_key(user, KeyCreate(name="k"), "system")
@@ -69,9 +70,6 @@ def test_a_change_through_one_store_reaches_the_other(
             await one.revoke_key(created.info.id, "system")
             took = await _until(lambda: _refuses(two, created.key), "revocation not heard")
             assert took < 1.0
-        finally:
-            await one.close()
-            await two.close()
 
     asyncio.run(body())
 
@@ -81,10 +79,7 @@ def test_a_listener_that_lost_its_connection_reloads_what_it_missed(
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
-        url = await _database(postgres)
-        one = await TenancyStore.open(tmp_path / "one" / "policy.db", database=url)
-        two = await TenancyStore.open(tmp_path / "two" / "policy.db", database=url)
-        try:
+        async with two_stores(postgres, tmp_path) as (url, one, two):
             await one.create_org(OrgCreate(name="acme", regions=["eu-west"]), "system")
             await _until(lambda: "acme" in two.orgs, "org not heard")
             connection = await asyncpg.connect(url)
@@ -105,9 +100,6 @@ def test_a_listener_that_lost_its_connection_reloads_what_it_missed(
             # And the reconnected listener hears announcements again.
             await one.set_budget("acme", 99, "system")
             await _until(lambda: two.orgs["acme"].budget_tokens == 99, "not heard again")
-        finally:
-            await one.close()
-            await two.close()
 
     asyncio.run(body())
 
@@ -122,7 +114,7 @@ def test_a_store_ignores_announcements_about_what_it_does_not_know(
     real: it changes nothing and breaks nothing."""
 
     async def body() -> None:
-        url = await _database(postgres)
+        url = await migrated_database(postgres, "sharing")
         store = await TenancyStore.open(tmp_path / "policy.db", database=url)
         try:
             await store.create_org(OrgCreate(name="acme", regions=["eu-west"]), "system")

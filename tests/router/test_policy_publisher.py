@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -27,11 +26,9 @@ from federation import (
     verify_policy,
 )
 from federation._private.admin_wire import KeyCreate, OrgCreate
-from federation._private.database import open_database
-from federation._private.migrations import migrate
 from router._private.policy_publisher import CRL_FILE, FLEET_ID_FILE, STATE_FILE, PolicyPublisher
 from router._private.postgres import PostgresCluster
-from tests.postgres import postgres  # noqa: F401 - the cluster
+from tests.postgres import migrated_database, postgres  # noqa: F401 - the cluster
 
 GRACE_S = 3600.0
 
@@ -286,19 +283,6 @@ def test_long_polls_end_when_the_server_starts_shutting_down(tmp_path: Path) -> 
 # --- routers sharing a store and a fleet directory ------------------------------------------
 
 
-async def _shared_database(cluster: PostgresCluster) -> str:
-    url = cluster.create_database(f"publishing_{next(_databases)}")
-    db = await open_database(url, Path())
-    try:
-        await migrate(db, now="2026-12-02T00:00:00.000+00:00")
-    finally:
-        await db.close()
-    return url
-
-
-_databases = itertools.count()
-
-
 def test_routers_sharing_a_store_give_one_content_one_version(
     postgres: PostgresCluster,  # noqa: F811 - the fixture
     tmp_path: Path,
@@ -308,7 +292,7 @@ def test_routers_sharing_a_store_give_one_content_one_version(
     two contents, and a later version never holds fewer keys than an earlier one."""
 
     async def body() -> None:
-        url = await _shared_database(postgres)
+        url = await migrated_database(postgres, "publishing")
         fleet_dir = tmp_path / "fleet"
         fleet_dir.mkdir()
         identity = NodeIdentity.load_or_create(tmp_path)
