@@ -39,3 +39,8 @@ def test_scaleout_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
         assert row["router_cpu_ms_per_request"] is not None, (target, row)
     assert summary["concurrency_1"]["router_pg"]["added_p50_ms"] is not None
     assert summary["ratios"]["three_vs_one_cpu_per_request"] is not None
+    assert set(summary["fixed_rate"]) == {"haproxy_1_third", "haproxy_1", "haproxy_3"}
+    for row in summary["fixed_rate"].values():
+        assert len(row["rounds"]) == 3, row
+        assert row["ok"] > 0, row
+    assert summary["ratios"]["three_vs_one_cpu_per_request_at_equal_router_load"] is not None
