@@ -1,4 +1,5 @@
-"""Shared fixtures: one real appliance process for the whole session, and its clients."""
+"""Shared fixtures: one real appliance process for the whole session, and its clients; and
+the session's one PostgreSQL cluster (`postgres`, from tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import httpx
 import openai
 import pytest
 
+from tests.postgres import postgres
 from tests.support import Appliance, model_toml, run_appliance
+
+# Registered here, for every test module: a module that imported the fixture itself would get
+# a cluster of its own (a fixture is instantiated once per place it is defined), 4-10 s each.
+__all__ = ["postgres"]
 
 MODEL = "smollm2-135m-instruct"
 

@@ -1,7 +1,7 @@
 """A private PostgreSQL cluster for tests: the context manager `postgres_cluster` and the
-session fixture `postgres`, which tests/conftest.py (or a test module) may import:
-
-    from tests.postgres import postgres  # noqa: F401 - a fixture
+session fixture `postgres`, which tests/conftest.py registers for every test. Do not import the
+fixture into a test module: pytest would make that module a cluster of its own (a fixture is
+instantiated once per module that defines it, whatever its scope).
 
 The cluster is a real one (router/_private/postgres.py: initdb, pg_ctl, 127.0.0.1 on a
 free port, SCRAM), made once in the session's temporary directory and stopped at its end.

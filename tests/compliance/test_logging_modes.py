@@ -25,7 +25,6 @@ from tests.federation.tenants import (
     policy_database,
     secured_appliance,
 )
-from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Appliance, model_toml, run_appliance, run_palisade, wait_for
 
 

@@ -25,7 +25,6 @@ from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, served_by
 from tests.e2e.routers import REGION, shared_store
 from tests.e2e.shared_fleet import SharedFleet, shared_fleet
-from tests.postgres import postgres  # noqa: F401 - a fixture
 from tests.support import run_palisade, wait_for
 
 ORG = "acme"
@@ -69,7 +68,7 @@ def ask(url: str, key: str) -> httpx.Response:
 @pytest.fixture(scope="module")
 def fleet(
     tmp_path_factory: pytest.TempPathFactory,
-    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+    postgres: PostgresCluster,
 ) -> Iterator[SharedFleet]:
     root = tmp_path_factory.mktemp("fleet-routers")
     store = shared_store(postgres, root, "fleet_routers_e2e")

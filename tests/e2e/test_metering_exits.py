@@ -27,7 +27,6 @@ from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL, Fleet, llama_toml, running_fleet, upstream_toml
 from tests.e2e.routers import passing, shared_store
 from tests.federation.tenants import BACKENDS, Admin, admin_of
-from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Server, wait_for
 
 PROMPT = "one two three"  # the stand-in counts 3 prompt tokens

@@ -25,7 +25,6 @@ import pytest
 from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL
 from tests.e2e.routers import REGION, Routers, running_routers, shared_store
-from tests.postgres import postgres  # noqa: F401 - a fixture
 
 RATE_PER_MINUTE = 600  # 10 a second for the key, over every router together
 BURST = 6  # 2 a router: the first window, left out of the measure
@@ -45,7 +44,7 @@ _orgs = itertools.count()
 @pytest.fixture(scope="module")
 def routers(
     tmp_path_factory: pytest.TempPathFactory,
-    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+    postgres: PostgresCluster,
 ) -> Iterator[Routers]:
     root = tmp_path_factory.mktemp("rate-limits")
     store = shared_store(postgres, root, "rate_limits_e2e")

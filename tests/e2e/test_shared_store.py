@@ -23,7 +23,6 @@ from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL
 from tests.e2e.routers import Routers, running_routers, shared_store
 from tests.federation.tenants import Admin
-from tests.postgres import postgres  # noqa: F401 - a fixture
 from tests.support import wait_for
 
 MAX_TOKENS = 4
@@ -42,7 +41,7 @@ _orgs = itertools.count()
 @pytest.fixture(scope="module")
 def routers(
     tmp_path_factory: pytest.TempPathFactory,
-    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+    postgres: PostgresCluster,
 ) -> Iterator[Routers]:
     root = tmp_path_factory.mktemp("shared-store")
     store = shared_store(postgres, root, "shared_store_e2e")

@@ -26,7 +26,6 @@ from router._private.haproxy import Haproxy
 from router._private.postgres import PostgresCluster
 from tests.e2e.fleet import UPSTREAM_MODEL
 from tests.e2e.routers import Routers, running_routers, shared_store
-from tests.postgres import postgres  # noqa: F401 - a fixture
 from tests.support import wait_for
 
 LEASE_S = 3.0
@@ -47,7 +46,7 @@ _orgs = itertools.count()
 @pytest.fixture(scope="module")
 def routers(
     tmp_path_factory: pytest.TempPathFactory,
-    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+    postgres: PostgresCluster,
 ) -> Iterator[Routers]:
     root = tmp_path_factory.mktemp("shared-store-failures")
     store = shared_store(postgres, root, "shared_store_failures")
@@ -265,7 +264,7 @@ def served_between(load: Load, start: float, end: float) -> list[Sent]:
 
 def test_routers_serve_through_a_database_restart_and_count_it_once(
     routers: Routers,
-    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+    postgres: PostgresCluster,
     tmp_path_factory: pytest.TempPathFactory,
     record_property: Any,
     capsys: pytest.CaptureFixture[str],

@@ -34,7 +34,6 @@ from federation import (
 from federation._private import gate as gate_module
 from federation._private.admin_wire import OrgCreate
 from tests.federation.tenants import BACKENDS, policy_database
-from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 
 ORG = "acme"
 BUDGET = 1600

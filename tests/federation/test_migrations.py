@@ -19,7 +19,6 @@ from federation import StoreError, TenancyStore
 from federation._private.database import open_database
 from federation._private.migrations import LATEST, MIGRATIONS, migrate, schema_version
 from router._private.postgres import PostgresCluster
-from tests.postgres import postgres  # noqa: F401 - the cluster
 from tests.support import run_palisade
 
 _names = (f"migrations_{n}" for n in itertools.count())
@@ -110,7 +109,7 @@ def test_a_server_refuses_a_sqlite_store_from_a_newer_release(tmp_path: Path) ->
 
 
 def test_postgresql_is_migrated_by_the_operator_not_by_a_router(
-    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    postgres: PostgresCluster,
     tmp_path: Path,
 ) -> None:
     url = _fresh_database(postgres)
@@ -146,7 +145,7 @@ def test_postgresql_is_migrated_by_the_operator_not_by_a_router(
 
 
 def test_two_migrations_at_once_apply_each_step_once(
-    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    postgres: PostgresCluster,
 ) -> None:
     url = _fresh_database(postgres)
 
@@ -165,7 +164,7 @@ def test_two_migrations_at_once_apply_each_step_once(
 
 
 def test_a_router_refuses_a_postgresql_store_from_a_newer_release(
-    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    postgres: PostgresCluster,
     tmp_path: Path,
 ) -> None:
     url = _fresh_database(postgres)

@@ -17,7 +17,7 @@ from federation import AuthenticationError, TenancyStore
 from federation._private.admin_wire import KeyCreate, OrgCreate
 from federation._private.database import LISTENER_NAME
 from router._private.postgres import PostgresCluster
-from tests.postgres import migrated_database, postgres  # noqa: F401 - the cluster
+from tests.postgres import migrated_database
 
 DEADLINE_S = 5.0
 
@@ -56,7 +56,7 @@ async def two_stores(
 
 
 def test_a_change_through_one_store_reaches_the_other(
-    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    postgres: PostgresCluster,
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
@@ -75,7 +75,7 @@ def test_a_change_through_one_store_reaches_the_other(
 
 
 def test_a_listener_that_lost_its_connection_reloads_what_it_missed(
-    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    postgres: PostgresCluster,
     tmp_path: Path,
 ) -> None:
     async def body() -> None:
@@ -106,7 +106,7 @@ def test_a_listener_that_lost_its_connection_reloads_what_it_missed(
 
 @pytest.mark.parametrize("kind", ["org", "user", "key"])
 def test_a_store_ignores_announcements_about_what_it_does_not_know(
-    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    postgres: PostgresCluster,
     tmp_path: Path,
     kind: str,
 ) -> None:

@@ -22,7 +22,6 @@ from tests.federation.tenants import (
     secured_appliance,
     system_member,
 )
-from tests.postgres import postgres  # noqa: F401 - the cluster, for the PostgreSQL store
 from tests.support import Appliance, model_toml, run_palisade, wait_for
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say one word."}], "max_tokens": 2}

@@ -28,7 +28,7 @@ from federation import (
 from federation._private.admin_wire import KeyCreate, OrgCreate
 from router._private.policy_publisher import CRL_FILE, FLEET_ID_FILE, STATE_FILE, PolicyPublisher
 from router._private.postgres import PostgresCluster
-from tests.postgres import migrated_database, postgres  # noqa: F401 - the cluster
+from tests.postgres import migrated_database
 
 GRACE_S = 3600.0
 
@@ -284,7 +284,7 @@ def test_long_polls_end_when_the_server_starts_shutting_down(tmp_path: Path) -> 
 
 
 def test_routers_sharing_a_store_give_one_content_one_version(
-    postgres: PostgresCluster,  # noqa: F811 - the fixture
+    postgres: PostgresCluster,
     tmp_path: Path,
 ) -> None:
     """Two publishers on one store and one fleet directory, changes made through either,

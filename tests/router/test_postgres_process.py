@@ -19,10 +19,8 @@ import asyncpg
 import pytest
 
 from router._private.postgres import PostgresCluster, PostgresError, server_bin_dir
-from tests.postgres import postgres, postgres_cluster
+from tests.postgres import postgres_cluster
 from tests.support import wait_for
-
-__all__ = ["postgres"]  # the session fixture, imported to be used here
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ from router import Fleet, HealthConfig
 from router._private.fleet import Node
 from router._private.postgres import PostgresCluster
 from router._private.shared_members import SHARE_LIVE_S, SharedMembers
-from tests.postgres import postgres  # noqa: F401 - a fixture
 
 
 async def _joined(_node: Node) -> None:
@@ -40,7 +39,7 @@ async def age(db: Database, router_id: str, seconds: float) -> None:
 
 def test_live_routers_are_counted_and_dead_or_stopped_ones_drop_out(
     tmp_path: Path,
-    postgres: PostgresCluster,  # noqa: F811 - the fixture imported above
+    postgres: PostgresCluster,
 ) -> None:
     async def body() -> None:
         db = await open_database(postgres.create_database("routers_sharing"), tmp_path)
