@@ -7,38 +7,30 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
-import sys
 from contextlib import closing
 from pathlib import Path
 
 from compliance import AuditLog, Scope, build_export, read_entries, verify_export
 from federation import NodeIdentity
-from tests.support import REPO
+from tests.compliance.writer import start_writer
 
 ROUNDS = int(os.environ.get("PALISADE_CRASH_ROUNDS", "100"))
 
 
 def run_and_kill(db: Path, rng: random.Random) -> int:
     """Start a writer, kill it after a random number of acknowledgements; the last acked index."""
-    writer = subprocess.Popen(
-        [sys.executable, "-m", "tests.compliance.writer", str(db)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    assert writer.stdout is not None
+    writer = start_writer(db)
     last = -1
     for _ in range(rng.randint(1, 40)):
-        line = writer.stdout.readline()
+        line = writer.lines.readline()
         assert line, "the writer exited before it was killed"
         last = int(line)
-    writer.send_signal(signal.SIGKILL)
-    writer.wait(timeout=30)
-    for line in writer.stdout.read().splitlines():  # acknowledged before the kill landed
+    writer.process.kill()
+    writer.process.join(timeout=30)
+    for line in writer.lines.read().splitlines():  # acknowledged before the kill landed
         last = max(last, int(line))
-    writer.stdout.close()
-    assert writer.returncode == -signal.SIGKILL
+    writer.lines.close()
+    assert writer.process.exitcode == -signal.SIGKILL
     return last
 
 
