@@ -16,7 +16,7 @@ def test_scaleout_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
         [
             sys.executable, "-m", "tests.bench", "--only", "scaleout",
             "--repeats", "1", "--requests", "40", "--warmup-requests", "10",
-            "--saturation-seconds", "0.5", "--open-seconds", "0.5", "--workers", "4",
+            "--saturation-seconds", "0.2", "--open-seconds", "0.2", "--workers", "4",
             "--quiet-wait", "0",
             "--out", str(tmp_path),
         ],
