@@ -4,8 +4,8 @@ One real appliance process with tenancy on, asked with a tenant key through the 
 SDK: a scripted model whose answers report cached prompt tokens (`cached_tokens`), one that
 reports none, and the `openai` engine in front of the stand-in upstream reporting its own
 `prompt_tokens_details.cached_tokens`, as vLLM and OpenAI do. All three have a cached-input
-price. The migration of a policy database made before usage rows counted cached tokens
-runs in-process.
+price. The appliance runs on each policy store (SQLite, PostgreSQL). The migration of a
+SQLite policy database made before usage rows counted cached tokens runs in-process.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from openai.types import CompletionUsage
 
 from federation import Pricing, TenancyStore
-from tests.federation.tenants import Admin, admin_of
+from tests.federation.tenants import BACKENDS, Admin, admin_of, policy_database
 from tests.standin import RunningStandin, run_standin
 from tests.support import Appliance, run_appliance, run_palisade, wait_for
 
@@ -54,12 +54,18 @@ def standin() -> Iterator[RunningStandin]:
         yield running
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=BACKENDS)
 def appliance(
-    standin: RunningStandin, tmp_path_factory: pytest.TempPathFactory
+    standin: RunningStandin,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Appliance]:
-    home: Path = tmp_path_factory.mktemp("cached-usage-home")
-    config = 'node_id = "cached-1"\nregion = "eu-west"\n\n' + "\n".join(
+    database = policy_database(request, request.param)
+    home: Path = tmp_path_factory.mktemp(f"cached-usage-{request.param}")
+    config = 'node_id = "cached-1"\nregion = "eu-west"\n'
+    if database is not None:
+        config += f"database = {json.dumps(database)}\n"
+    config += "\n" + "\n".join(
         [
             _model(CACHED, engine="scripted", cached_tokens=CACHED_TOKENS, replies=["a b c"]),
             _model(UNCACHED, engine="scripted", replies=["a b c"]),

@@ -8,6 +8,7 @@ them 403.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from federation import USER_ROLES, Action, Tenancy, allowed
 from federation._private import policy
 from router._private.app import create_router_app
 from router._private.config import load_router_config
-from tests.federation.tenants import Admin, Member, admin_of
+from tests.federation.tenants import BACKENDS, Admin, Member, admin_of, policy_database
 from tests.support import Appliance, run_appliance, run_palisade, start_server
 
 ORG, OTHER, MODEL = "acme", "globex", "echo"
@@ -121,9 +122,14 @@ class Tenants:
         return self.admin.as_member(self.members[name])
 
 
-@pytest.fixture(scope="module")
-def tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
-    with run_appliance(tmp_path_factory.mktemp("auditors"), CONFIG) as appliance:
+@pytest.fixture(scope="module", params=BACKENDS)
+def tenants(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Tenants]:
+    """The auditors' world on an appliance, on each policy store (SQLite, PostgreSQL)."""
+    database = policy_database(request, request.param)
+    config = CONFIG if database is None else f"database = {json.dumps(database)}\n{CONFIG}"
+    with run_appliance(tmp_path_factory.mktemp(f"auditors-{request.param}"), config) as appliance:
         admin = admin_of(appliance)
         for org in (ORG, OTHER):
             admin.ok("POST", "/admin/v1/orgs", {"name": org, "regions": ["eu-west"]})
@@ -272,9 +278,14 @@ def test_an_auditor_gets_403_on_every_write_route(
     assert tenants.as_("org_user").call("GET", "/admin/v1/keys").status_code == 200
 
 
-@pytest.fixture(scope="module")
-def router_tenants(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenants]:
-    router = start_server("router", tmp_path_factory.mktemp("router"))
+@pytest.fixture(scope="module", params=BACKENDS)
+def router_tenants(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Tenants]:
+    """The auditors on a router, on each policy store (SQLite, PostgreSQL)."""
+    database = policy_database(request, request.param)
+    extra = () if database is None else ("--database", database)
+    router = start_server("router", tmp_path_factory.mktemp(f"router-{request.param}"), *extra)
     try:
         router.wait_ready(60)
         admin = admin_of(router)

@@ -1,5 +1,6 @@
 """A key with an expiry authenticates until that moment and never after (the store reads
-its clock only for keys that expire); a key without one is unaffected by time."""
+its clock only for keys that expire); a key without one is unaffected by time. On both
+stores: SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from federation import AuthenticationError
 from federation._private.admin_wire import KeyCreate
 from federation._private.store import TenancyStore
+from tests.federation.tenants import BACKENDS, policy_database
 
 
 class Clock:
@@ -20,11 +24,11 @@ class Clock:
         return self.now
 
 
-async def _expiry_outcomes(path: Path) -> list[str | None]:
+async def _expiry_outcomes(path: Path, database: str | None) -> list[str | None]:
     """How the expiring key and the lasting one fare: before the expiry, one millisecond
     before it, at it, and a year later."""
     clock = Clock()
-    store = await TenancyStore.open(path, clock=clock)
+    store = await TenancyStore.open(path, database=database, clock=clock)
     try:
         lasting = await store.bootstrap_admin()
         assert lasting is not None
@@ -55,7 +59,11 @@ def _refusal(store: TenancyStore, key: str) -> str | None:
     return None
 
 
-def test_a_key_expires_at_its_moment_and_a_key_without_expiry_never(tmp_path: Path) -> None:
-    outcomes = asyncio.run(_expiry_outcomes(tmp_path / "policy.db"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_key_expires_at_its_moment_and_a_key_without_expiry_never(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    database = policy_database(request, backend)
+    outcomes = asyncio.run(_expiry_outcomes(tmp_path / "policy.db", database))
     refused = "invalid_api_key"
     assert outcomes == [None, None, None, None, refused, None, refused, None]
