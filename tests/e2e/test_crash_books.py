@@ -41,9 +41,10 @@ ROUNDS = int(os.environ.get("PALISADE_CRASH_ROUNDS", "25"))
 STREAMS = 6
 MAX_TOKENS = 24
 # About two thirds of what the rounds ask for, so the limit is reached with streams in
-# flight. The router reserves more per request (the body's bytes plus max_tokens).
+# flight. The router reserves more per request (the body's bytes plus max_tokens); at 480
+# a round, seed 596856 used 11,766 of 12,000 tokens and never met the limit.
 APPLIANCE_BUDGET = 120 * ROUNDS
-ROUTER_BUDGET = 480 * ROUNDS
+ROUTER_BUDGET = 400 * ROUNDS
 ORG = "crashco"
 SEED = int(os.environ.get("PALISADE_CRASH_SEED", str(time.time_ns() % 1_000_000)))
 

@@ -124,7 +124,9 @@ async def _generate(engine: OpenAIUpstreamEngine) -> tuple[str, Finish | None]:
     prompt = await engine.prepare_chat([{"role": "user", "content": "hello there"}])
     generation = engine.submit(prompt, SamplingParams(max_tokens=3))
     text = "".join([piece async for piece in generation.stream()])
-    engine.close()
+    engine.close()  # on its own loop it starts closing; let that finish before the loop ends,
+    # or asyncio.run cancels it and the upstream connection is left to the collector
+    await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not asyncio.current_task()))
     return text, generation.finish
 
 
