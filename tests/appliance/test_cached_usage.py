@@ -22,7 +22,7 @@ import pytest
 from openai.types import CompletionUsage
 
 from federation import Pricing, TenancyStore
-from tests.federation.tenants import BACKENDS, Admin, admin_of, policy_database
+from tests.federation.tenants import BACKENDS, Admin, admin_of, database_toml, policy_database
 from tests.standin import RunningStandin, run_standin
 from tests.support import Appliance, run_appliance, run_palisade, wait_for
 
@@ -62,9 +62,7 @@ def appliance(
 ) -> Iterator[Appliance]:
     database = policy_database(request, request.param)
     home: Path = tmp_path_factory.mktemp(f"cached-usage-{request.param}")
-    config = 'node_id = "cached-1"\nregion = "eu-west"\n'
-    if database is not None:
-        config += f"database = {json.dumps(database)}\n"
+    config = 'node_id = "cached-1"\nregion = "eu-west"\n' + database_toml(database)
     config += "\n" + "\n".join(
         [
             _model(CACHED, engine="scripted", cached_tokens=CACHED_TOKENS, replies=["a b c"]),

@@ -94,12 +94,15 @@ def secured_appliance(
 ) -> Iterator[Appliance]:
     """An appliance with tenancy on (keys required), in `region`, its policy store in
     `database` (a migrated PostgreSQL database's URL) or in its own policy.db."""
-    config = f'region = "{region}"\n'
-    if database is not None:
-        config += f"database = {json.dumps(database)}\n"
-    config += model_toml(**model)
+    config = f'region = "{region}"\n' + database_toml(database) + model_toml(**model)
     with run_appliance(home, config) as running:
         yield running
+
+
+def database_toml(database: str | None) -> str:
+    """The top-level config line that puts a server's policy store in `database` (a
+    PostgreSQL URL); nothing for its own policy.db."""
+    return "" if database is None else f"database = {json.dumps(database)}\n"
 
 
 BACKENDS = ("sqlite", "postgresql")

@@ -8,7 +8,6 @@ them 403.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Iterator
@@ -27,7 +26,14 @@ from federation import USER_ROLES, Action, Tenancy, allowed
 from federation._private import policy
 from router._private.app import create_router_app
 from router._private.config import load_router_config
-from tests.federation.tenants import BACKENDS, Admin, Member, admin_of, policy_database
+from tests.federation.tenants import (
+    BACKENDS,
+    Admin,
+    Member,
+    admin_of,
+    database_toml,
+    policy_database,
+)
 from tests.support import Appliance, run_appliance, run_palisade, start_server
 
 ORG, OTHER, MODEL = "acme", "globex", "echo"
@@ -128,7 +134,7 @@ def tenants(
 ) -> Iterator[Tenants]:
     """The auditors' world on an appliance, on each policy store (SQLite, PostgreSQL)."""
     database = policy_database(request, request.param)
-    config = CONFIG if database is None else f"database = {json.dumps(database)}\n{CONFIG}"
+    config = database_toml(database) + CONFIG
     with run_appliance(tmp_path_factory.mktemp(f"auditors-{request.param}"), config) as appliance:
         admin = admin_of(appliance)
         for org in (ORG, OTHER):
