@@ -141,6 +141,9 @@ class _Child:
 class _RouterUrls:
     public: str  # https://…: the OpenAI and admin APIs
     fleet: str  # https://…: where nodes enroll and heartbeat (mTLS)
+    # Each router's own public URL behind a load balancer (empty for a lone router): a
+    # client of `public` may land on any of them, so each must know every node.
+    behind: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def run_local_fleet(
         children.extend(
             _start_appliance(home, f"{region}-1", region, urls.fleet, env) for region in regions
         )
-        _wait_joined(client, urls.public, admin_key, children, stopping)
+        _wait_joined(client, urls.behind or (urls.public,), admin_key, children, stopping)
         if stopping.is_set():
             return 0
         nodes = [child.name for child in children if child.log is not None]
@@ -288,7 +291,7 @@ def _start_shared(  # noqa: PLR0917 - the fleet's parts, each used once
         f"HAProxy on {public.url} (routers' public listeners) and {fleet_url} (their fleet "
         f"listeners), in front of {', '.join(f'{ROUTER_ID}-{n}' for n in range(1, routers + 1))}.\n"
     )
-    return _RouterUrls(public=public.url, fleet=fleet_url)
+    return _RouterUrls(public.url, fleet_url, tuple(router.public for router in direct))
 
 
 def _start_postgres(stack: contextlib.ExitStack, home: Path) -> tuple[str, Path]:
@@ -639,11 +642,13 @@ def _say(text: str) -> None:
 
 def _wait_joined(
     client: httpx.Client,
-    url: str,
+    routers: tuple[str, ...],
     admin_key: str,
     children: list[_Child],
     stopping: threading.Event,
 ) -> None:
+    """Until every router in `routers` (public URLs) sees every appliance up and ready:
+    behind HAProxy the printed curl may land on any of them."""
     expected = {child.name for child in children if child.log is not None}
     sys.stdout.write(f"Waiting for {len(expected)} appliances to load and join…\n")
     sys.stdout.flush()
@@ -652,19 +657,26 @@ def _wait_joined(
     while not stopping.is_set():
         if dead := next((c for c in children if c.process.poll() is not None), None):
             raise LocalFleetError(_died(dead))
-        try:
-            nodes = client.get(f"{url}/federation/v1/fleet", headers=headers, timeout=5).json()
-            ready = {n["node_id"] for n in nodes["nodes"] if n["state"] == "up" and n["ready"]}
-        except (httpx.HTTPError, ValueError, KeyError):
-            ready = set()
-        if expected <= ready:
+        missing: set[str] = set()
+        for url in routers:
+            missing |= expected - _ready_nodes(client, url, headers)
+        if not missing:
             return
         if time.monotonic() > deadline:
             raise LocalFleetError(
-                f"appliances {sorted(expected - ready)} did not join within "
+                f"appliances {sorted(missing)} did not join within "
                 f"{_START_TIMEOUT_S:.0f} s; see their logs under fleet/."
             )
         stopping.wait(0.25)
+
+
+def _ready_nodes(client: httpx.Client, url: str, headers: dict[str, str]) -> set[str]:
+    """The nodes the router at `url` sees up and ready (none while it cannot say)."""
+    try:
+        nodes = client.get(f"{url}/federation/v1/fleet", headers=headers, timeout=5).json()
+        return {n["node_id"] for n in nodes["nodes"] if n["state"] == "up" and n["ready"]}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return set()
 
 
 def _died(child: _Child) -> str:
